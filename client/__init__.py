@@ -1,0 +1,1 @@
+"""The site side: the ClientApp and the local trainer."""

@@ -1,0 +1,217 @@
+"""The Flower ClientApp: what runs at a hospital site for each message from the coordinator.
+
+``train``: check the base-model fingerprint, load the global shared state, train locally on the
+site's own rows, evaluate, and reply with ``delta = local - global`` over the shared parameters
+plus metrics. ``evaluate``: score the global state on the site's held-out rows and reply with
+metrics and a score histogram by label (for the pooled AUC), never individual predictions.
+
+A failure at the site becomes a reply with status ``error`` and a short reason free of local
+detail (no paths, no rows); the detail goes to the site's own log.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.client.trainer import Encoded, encode, evaluate, train_local
+from fedpeft.common import keys
+from fedpeft.common.codec import State, from_array_record, to_array_record, to_numpy, to_torch
+from fedpeft.common.config import RunConfig
+from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
+from fedpeft.common.errors import DataError, FedpeftError, ModelError
+from fedpeft.common.methods import build_method, load_shared_state, shared_state
+from fedpeft.common.metrics import Evaluation
+from fedpeft.common.model import (
+    load_base_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+    resolve_model_path,
+)
+
+log = logging.getLogger("fedpeft.client")
+
+
+@dataclass
+class SiteSession:
+    """What a site keeps between messages in one process: its rows, tokenized, and the model."""
+
+    site: str
+    train: Encoded
+    val: Encoded
+    test: Encoded
+    base: torch.nn.Module
+    fingerprint: str
+    device: torch.device
+
+
+# One process may serve many messages (simulation keeps its actors); loading the model and
+# tokenizing the site's rows once per process is what keeps a round cheap.
+_SESSIONS: dict[tuple[str, str], SiteSession] = {}
+
+
+def _site_data(cfg: RunConfig, node_config: dict[str, Any]) -> SiteData:
+    if keys.NODE_DATA_PATH in node_config:
+        path = Path(str(node_config[keys.NODE_DATA_PATH]))
+        return load_site_file(path, cfg.data, name=str(node_config.get(keys.NODE_SITE) or path.stem))
+    if keys.PARTITION_ID in node_config:
+        sites = load_sites(cfg.data)
+        pid = int(node_config[keys.PARTITION_ID])
+        if pid >= len(sites):
+            raise DataError(f"virtual site {pid} has no data: the data set has {len(sites)} sites")
+        return sites[pid]
+    raise DataError(f"node config names no data: set {keys.NODE_DATA_PATH!r}")
+
+
+def site_session(cfg: RunConfig, node_config: dict[str, Any]) -> SiteSession:
+    """The cached session for this site and config, built on first use."""
+    node_key = repr(sorted((str(k), str(v)) for k, v in node_config.items()))
+    cfg_key = repr((cfg.model, cfg.data, cfg.seed, cfg.train.val_fraction, cfg.train.dropout, cfg.device))
+    cache_key = (node_key, cfg_key)
+    if cache_key in _SESSIONS:
+        return _SESSIONS[cache_key]
+    site = _site_data(cfg, node_config)
+    split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
+    tokenizer = load_tokenizer(cfg.model)
+    rows = {
+        part: encode(tokenizer, *site.subset(getattr(split, part)), cfg.model.max_length)
+        for part in ("train", "val", "test")
+    }
+    device = resolve_device(cfg.device)
+    session = SiteSession(
+        site=site.name,
+        base=load_base_model(cfg.model, cfg.train.dropout, cfg.seed).to(device),
+        fingerprint=model_fingerprint(resolve_model_path(cfg.model)),
+        device=device,
+        **rows,
+    )
+    if site.skipped_rows:
+        log.warning("site %s: skipped %d bad rows", site.name, site.skipped_rows)
+    _SESSIONS.clear()  # one live session per process keeps memory flat
+    _SESSIONS[cache_key] = session
+    return session
+
+
+def site_seed(seed: int, rnd: int, site: str) -> int:
+    """Per site and round, stable across processes (``hash()`` is salted per process)."""
+    return (seed * 1_000_003 + rnd * 10_007 + zlib.crc32(site.encode())) % (2**31)
+
+
+def _model_with(session: SiteSession, cfg: RunConfig, state: State) -> torch.nn.Module:
+    model = build_method(cfg.method, copy.deepcopy(session.base))
+    load_shared_state(model, to_torch(state))
+    return model.to(session.device)
+
+
+def _metrics(ev: Evaluation) -> dict[str, float]:
+    return {
+        keys.N_TEST: ev.n,
+        keys.LOSS: ev.loss,
+        keys.AUC: ev.auc,
+        keys.AUPRC: ev.auprc,
+        keys.ACCURACY: ev.accuracy,
+        keys.BRIER: ev.brier,
+    }
+
+
+def handle_train(cfg: RunConfig, rnd: int, fingerprint: str, global_state: State,
+                 session: SiteSession) -> tuple[State, dict[str, float]]:
+    """Local training from the global state; returns the delta and the reply metrics."""
+    if fingerprint != session.fingerprint:
+        raise ModelError("base-model fingerprint mismatch: this site holds a different model")
+    model = _model_with(session, cfg, global_state)
+    result = train_local(
+        model, session.train, session.val, cfg.train, cfg.train.local_epochs, session.device,
+        site_seed(cfg.seed, rnd, session.site),
+    )
+    local = to_numpy(shared_state(model))
+    delta = {name: (local[name] - global_state[name]).astype(np.float32) for name in global_state}
+    metrics = _metrics(evaluate(model, session.test, session.device))
+    metrics.update({
+        keys.N_TRAIN: len(session.train),
+        keys.TRAIN_SECONDS: result.seconds,
+        keys.STEPS: result.steps,
+        keys.EPOCHS_RUN: result.epochs_run,
+        "seconds-per-step": result.seconds_per_step,
+    })
+    return delta, metrics
+
+
+def handle_evaluate(cfg: RunConfig, global_state: State, session: SiteSession) -> Evaluation:
+    return evaluate(_model_with(session, cfg, global_state), session.test, session.device)
+
+
+def _reply(msg: Any, site: str, error: str | None = None, arrays: State | None = None,
+           metrics: dict[str, float] | None = None, ev: Evaluation | None = None) -> Any:
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    content = RecordDict({
+        keys.CONFIG: ConfigRecord({
+            keys.SITE: site, keys.STATUS: "error" if error else "ok", keys.ERROR: error or "",
+        }),
+    })
+    if arrays is not None:
+        content[keys.ARRAYS] = to_array_record(arrays)
+    if metrics is not None:
+        content[keys.METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
+    if ev is not None:
+        content[keys.HISTOGRAM] = MetricRecord(
+            {keys.HIST_POS: list(ev.hist_pos), keys.HIST_NEG: list(ev.hist_neg)}
+        )
+    return Message(content, reply_to=msg)
+
+
+def _handle(msg: Any, context: Any, kind: str) -> Any:
+    node_config = dict(context.node_config)
+    site = str(node_config.get(keys.NODE_SITE, f"partition-{node_config.get(keys.PARTITION_ID)}"))
+    try:
+        info = msg.content[keys.CONFIG]
+        cfg = RunConfig.from_json(str(info[keys.RUN_CONFIG_JSON]))
+        rnd = int(info[keys.ROUND])
+        state = from_array_record(msg.content[keys.ARRAYS])
+        session = site_session(cfg, node_config)
+        site = session.site
+        if kind == "train":
+            delta, metrics = handle_train(
+                cfg, rnd, str(info[keys.MODEL_FINGERPRINT]), state, session
+            )
+            log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
+            return _reply(msg, site, arrays=delta, metrics=metrics)
+        ev = handle_evaluate(cfg, state, session)
+        return _reply(msg, site, metrics=_metrics(ev), ev=ev)
+    except FedpeftError as exc:
+        log.error("site %s: %s", site, exc)
+        # The coordinator sees the kind of failure, not local detail (paths, rows).
+        public = str(exc) if isinstance(exc, ModelError) else "site data or config failed its checks"
+        return _reply(msg, site, error=f"{exc.__class__.__name__}: {public}")
+    except Exception:
+        log.exception("site %s: %s failed", site, kind)
+        return _reply(msg, site, error="internal error at the site (see the site's log)")
+
+
+def build_client_app() -> Any:
+    from flwr.clientapp import ClientApp
+
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Any, context: Any) -> Any:
+        return _handle(msg, context, "train")
+
+    @client.evaluate()
+    def evaluate_(msg: Any, context: Any) -> Any:
+        return _handle(msg, context, "evaluate")
+
+    return client
+
+
+#: Entry point for Flower (``clientapp = "fedpeft.client.app:app"``).
+app = build_client_app()

@@ -1,0 +1,143 @@
+"""Local training and evaluation of a PEFT model on one site's rows.
+
+AdamW over the shared parameters only, gradient clipping, early stopping on a validation split
+(the best epoch's state is kept), bf16 autocast on CUDA, deterministic under a seed on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.common.config import TrainConfig
+from fedpeft.common.methods import load_shared_state, shared_state
+from fedpeft.common.metrics import Evaluation, evaluate_scores
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenized rows (unpadded id lists) with their labels."""
+
+    ids: tuple[tuple[int, ...], ...]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs_run: int
+    steps: int
+    best_val_loss: float
+    seconds: float
+    seconds_per_step: float
+
+
+def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
+    out = tokenizer(texts, truncation=True, max_length=max_length)
+    return Encoded(tuple(tuple(x) for x in out["input_ids"]), np.asarray(labels, dtype=np.int64))
+
+
+def _batch(rows: Encoded, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    width = max(len(rows.ids[i]) for i in idx)
+    ids = torch.zeros((len(idx), width), dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for j, i in enumerate(idx):
+        seq = rows.ids[i]
+        ids[j, : len(seq)] = torch.tensor(seq)
+        mask[j, : len(seq)] = 1
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": torch.as_tensor(rows.labels[idx]).to(device),
+    }
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def predict(
+    model: torch.nn.Module, rows: Encoded, device: torch.device, batch_size: int = 64
+) -> tuple[np.ndarray, float]:
+    """Probabilities of the positive class and the mean cross-entropy loss."""
+    model.eval()
+    scores, total_loss = [], 0.0
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(rows)))
+            batch = _batch(rows, idx, device)
+            with _autocast(device):
+                out = model(**batch)
+            logits = out.logits.float()
+            total_loss += float(torch.nn.functional.cross_entropy(
+                logits, batch["labels"], reduction="sum"
+            ))
+            scores.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
+    return np.concatenate(scores), total_loss / max(len(rows), 1)
+
+
+def evaluate(
+    model: torch.nn.Module, rows: Encoded, device: torch.device, batch_size: int = 64
+) -> Evaluation:
+    scores, loss = predict(model, rows, device, batch_size)
+    return evaluate_scores(rows.labels, scores, loss)
+
+
+def train_local(
+    model: torch.nn.Module,
+    train: Encoded,
+    val: Encoded,
+    cfg: TrainConfig,
+    epochs: int,
+    device: torch.device,
+    seed: int,
+) -> TrainResult:
+    """Train the model's shared parameters for up to ``epochs`` epochs; keep the best on ``val``."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_loss, best_state, stale, steps, epochs_run = float("inf"), None, 0, 0, 0
+    started = time.perf_counter()
+    train_seconds = 0.0
+    for _epoch in range(epochs):
+        model.train()
+        order = rng.permutation(len(train))
+        epoch_started = time.perf_counter()
+        for start in range(0, len(order), cfg.batch_size):
+            batch = _batch(train, order[start : start + cfg.batch_size], device)
+            with _autocast(device):
+                loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            steps += 1
+        train_seconds += time.perf_counter() - epoch_started
+        epochs_run += 1
+        _, val_loss = predict(model, val, device)
+        if val_loss < best_loss:
+            best_loss, best_state, stale = val_loss, shared_state(model), 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    if best_state is not None:
+        load_shared_state(model, best_state)
+    return TrainResult(
+        epochs_run=epochs_run,
+        steps=steps,
+        best_val_loss=best_loss,
+        seconds=time.perf_counter() - started,
+        seconds_per_step=train_seconds / max(steps, 1),
+    )

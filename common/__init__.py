@@ -1,0 +1,1 @@
+"""What the coordinator and the sites both need: config, model, PEFT methods, data, metrics."""

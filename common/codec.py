@@ -1,0 +1,49 @@
+"""Shared state as data: name -> fp32 array maps, to and from Flower records and bytes.
+
+Parameters always travel by name with their shapes, never as ordered lists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+State = dict[str, np.ndarray]
+
+
+def to_numpy(state: dict[str, torch.Tensor]) -> State:
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+
+
+def to_torch(state: State) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+def to_array_record(state: State) -> object:
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sorted(state.items())})
+
+
+def from_array_record(record: object) -> State:
+    """Arrays of a Flower ArrayRecord, by name. Raises ValueError on undecodable arrays."""
+    from flwr.app import ArrayRecord
+
+    assert isinstance(record, ArrayRecord)
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def record_nbytes(state: State) -> int:
+    """Bytes of the arrays' payload (what a site uploads, before framing)."""
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def state_to_bytes(state: State) -> bytes:
+    """Serialize with safetensors (no pickle)."""
+    return st_save({k: np.ascontiguousarray(v) for k, v in state.items()})
+
+
+def state_from_bytes(data: bytes) -> State:
+    return dict(st_load(data))

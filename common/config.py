@@ -1,0 +1,237 @@
+"""Run configuration: frozen dataclasses, loaded from TOML, validated once at the entry point.
+
+A run config is data. It is built once (file values, then CLI overrides, in :func:`load_config`),
+validated with every problem reported together, and then passed down unchanged. It travels to
+sites as JSON inside the train message, so both sides always train with the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from fedpeft.common.errors import ConfigError
+
+BENCHMARKS = ("heart", "pima")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The frozen base model every site shares."""
+
+    #: A local Hugging Face model directory or hub id; empty = the packaged all-MiniLM-L6-v2.
+    name_or_path: str = ""
+    #: Notes longer than this many tokens are truncated.
+    max_length: int = 128
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adaptation: A·B added to the chosen linear modules."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("query", "value")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Which PEFT method trains, with its own hyperparameters."""
+
+    name: str = "lora"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at a site (and for the alone / centralized baselines)."""
+
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    #: Dropout inside the base model's layers (hidden and attention) during training.
+    dropout: float = 0.1
+    #: Global-norm gradient clipping; 0 disables it.
+    grad_clip: float = 1.0
+    #: Fraction of a site's training rows held out for early stopping.
+    val_fraction: float = 0.15
+    #: Epochs without a better validation loss before a local run stops (the best state is kept).
+    patience: int = 2
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The round loop at the coordinator."""
+
+    rounds: int = 6
+    #: Sites sampled for training each round; 0 = every site.
+    sites_per_round: int = 0
+    #: A round with fewer valid updates than this keeps the previous global state.
+    min_sites: int = 1
+    #: Seconds the coordinator waits for replies in one round.
+    round_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where site records come from and how they are split."""
+
+    #: ``heart``, ``pima``, or a folder with one data file per site (CSV, JSONL or Parquet).
+    dataset: str = "heart"
+    text_column: str = "text"
+    label_column: str = "label"
+    #: Optional column with ``train`` / ``test`` per row; otherwise a stratified split is drawn.
+    split_column: str = "split"
+    test_fraction: float = 0.3
+    #: Skip (and count) bad rows instead of failing on the first one.
+    skip_bad_rows: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs."""
+
+    seed: int = 0
+    #: ``auto`` picks CUDA when present, else CPU.
+    device: str = "auto"
+    #: SQLAlchemy URL of the run store.
+    db: str = "sqlite:///fedpeft.db"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return build_config(json.loads(text))
+
+
+# -- building and validation -------------------------------------------------------------------
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            problems.append(f"{prefix}{key}: unknown setting")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value, hint, where = values[f.name], hints[f.name], f"{prefix}{f.name}"
+        if is_dataclass(hint):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a table of settings")
+                continue
+            kwargs[f.name] = _build(hint, value, where + ".", problems)  # type: ignore[arg-type]
+        else:
+            converted = _convert(value, hint, where, problems)
+            if converted is not None:
+                kwargs[f.name] = converted
+    return cls(**kwargs)
+
+
+def _convert(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    if get_origin(hint) is tuple:
+        item = get_args(hint)[0]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, item) for v in value):
+            problems.append(f"{where}: expected a list of {item.__name__}")
+            return None
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        problems.append(f"{where}: expected true or false, got {value!r}")
+        return None
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        problems.append(f"{where}: expected {hint.__name__}, got {value!r}")
+        return None
+    return value
+
+
+def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(cfg.device in DEVICES, f"device: must be one of {', '.join(DEVICES)}")
+    need(bool(cfg.db), "db: must be a SQLAlchemy URL")
+    need(cfg.model.max_length >= 8, "model.max_length: must be at least 8")
+    need(cfg.method.lora.r >= 1, "method.lora.r: must be at least 1")
+    need(cfg.method.lora.alpha >= 1, "method.lora.alpha: must be at least 1")
+    need(0 <= cfg.method.lora.dropout < 1, "method.lora.dropout: must be in [0, 1)")
+    need(len(cfg.method.lora.target_modules) > 0, "method.lora.target_modules: must not be empty")
+    t = cfg.train
+    need(t.local_epochs >= 1, "train.local_epochs: must be at least 1")
+    need(t.batch_size >= 1, "train.batch_size: must be at least 1")
+    need(t.lr > 0, "train.lr: must be positive")
+    need(t.weight_decay >= 0, "train.weight_decay: must not be negative")
+    need(0 <= t.dropout < 1, "train.dropout: must be in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip: must not be negative (0 disables clipping)")
+    need(0 < t.val_fraction < 0.5, "train.val_fraction: must be in (0, 0.5)")
+    need(t.patience >= 1, "train.patience: must be at least 1")
+    f = cfg.federation
+    need(f.rounds >= 1, "federation.rounds: must be at least 1")
+    need(f.sites_per_round >= 0, "federation.sites_per_round: must be 0 (all) or more")
+    need(f.min_sites >= 1, "federation.min_sites: must be at least 1")
+    need(
+        f.sites_per_round == 0 or f.min_sites <= f.sites_per_round,
+        "federation.min_sites: must not exceed federation.sites_per_round",
+    )
+    need(f.round_timeout_s > 0, "federation.round_timeout_s: must be positive")
+    need(0 < cfg.data.test_fraction < 1, "data.test_fraction: must be in (0, 1)")
+    need(
+        cfg.data.dataset in BENCHMARKS or Path(cfg.data.dataset).is_dir(),
+        f"data.dataset: {cfg.data.dataset!r} is neither a benchmark "
+        f"({', '.join(BENCHMARKS)}) nor an existing folder",
+    )
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from nested values; report every problem at once."""
+    problems: list[str] = []
+    cfg = _build(RunConfig, values, "", problems)
+    if not problems:
+        _check_ranges(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    node = values
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a run config: defaults, then the TOML file, then ``overrides`` (dotted keys).
+
+    Overrides set to ``None`` are ignored, so CLI flags that were not given change nothing.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(values, dotted, value)
+    return build_config(values)

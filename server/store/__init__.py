@@ -1,0 +1,20 @@
+"""The run store: runs, rounds, per-site results, global states and baselines."""
+
+from fedpeft.server.store.base import (
+    BaselineResult,
+    RoundResult,
+    RunInfo,
+    RunStore,
+    SiteResult,
+)
+from fedpeft.server.store.sql import SqlRunStore, open_store
+
+__all__ = [
+    "BaselineResult",
+    "RoundResult",
+    "RunInfo",
+    "RunStore",
+    "SiteResult",
+    "SqlRunStore",
+    "open_store",
+]

@@ -1,0 +1,291 @@
+"""The federated round loop at the coordinator.
+
+One round: send the global shared state to the sampled sites, collect their deltas, validate
+each one on its own (a bad reply is rejected for that site in that round and recorded; the
+round goes on), aggregate the valid ones with FedAvg, apply, ask every site to evaluate the new
+global state, pool the AUC from their histograms, and write the round to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from fedpeft.common import keys
+from fedpeft.common.codec import (
+    State,
+    from_array_record,
+    record_nbytes,
+    state_to_bytes,
+    to_array_record,
+)
+from fedpeft.common.config import RunConfig
+from fedpeft.common.errors import DeltaRejected
+from fedpeft.common.metrics import pooled_auc
+from fedpeft.server import validation
+from fedpeft.server.aggregation import apply_delta, fedavg
+from fedpeft.server.store import RoundResult, RunStore, SiteResult
+
+log = logging.getLogger("fedpeft.server")
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Reply:
+    """One site's answer to one message, decoded, or the reason it could not be used."""
+
+    node_id: int
+    site: str
+    status: str = "ok"  # ok | rejected | failed
+    reason: str | None = None
+    delta: State | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    histogram: tuple[list[int], list[int]] | None = None
+    bytes_up: int = 0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _finite_mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float | None:
+    v = np.asarray(list(values), dtype=np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(list(weights), dtype=np.float64)
+    ok = np.isfinite(v)
+    return float(np.average(v[ok], weights=w[ok])) if ok.any() and w[ok].sum() > 0 else None
+
+
+class FederatedRun:
+    """Runs the rounds of one federated run over a Flower ``Grid`` and records them."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        store: RunStore,
+        run_id: int,
+        initial_state: State,
+        fingerprint: str,
+        progress: Progress | None = None,
+    ):
+        self.cfg = cfg
+        self.store = store
+        self.run_id = run_id
+        self.state = initial_state
+        self.fingerprint = fingerprint
+        self.progress = progress or log.info
+        self.site_names: dict[int, str] = {}
+        self.rng = np.random.default_rng(cfg.seed)
+
+    # -- the round loop ------------------------------------------------------------------------
+
+    def start(self, grid: object) -> State:
+        """Run every round; return the final global state."""
+        fed = self.cfg.federation
+        nodes = self._wait_for_nodes(grid)
+        for rnd in range(1, fed.rounds + 1):
+            started, t0 = _now(), time.perf_counter()
+            nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
+            sampled = self._sample(nodes)
+            self.progress(f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)")
+            replies = self._send(grid, "train", sampled, rnd)
+            valid = [r for r in replies if r.status == "ok"]
+            applied = len(valid) >= fed.min_sites
+            if applied:
+                ordered = sorted(valid, key=lambda r: r.site)
+                delta = fedavg([(r.delta, int(r.metrics[keys.N_TRAIN])) for r in ordered])  # type: ignore[misc]
+                self.state = apply_delta(self.state, delta)
+            else:
+                self.progress(
+                    f"round {rnd}: {len(valid)} valid update(s), fewer than min_sites="
+                    f"{fed.min_sites}; the global state stays as it was"
+                )
+            evaluations = self._send(grid, "evaluate", nodes, rnd)
+            result = self._round_result(rnd, started, t0, replies, evaluations, applied)
+            self.store.add_round(
+                self.run_id,
+                result,
+                self._site_rows(rnd, replies, "train") + self._site_rows(rnd, evaluations, "evaluate"),
+                state_to_bytes(self.state),
+            )
+            self._report(result, replies, evaluations)
+        return self.state
+
+    # -- messaging -------------------------------------------------------------------------------
+
+    def _wait_for_nodes(self, grid: object) -> list[int]:
+        deadline = time.monotonic() + self.cfg.federation.round_timeout_s
+        while True:
+            nodes = sorted(grid.get_node_ids())  # type: ignore[attr-defined]
+            if len(nodes) >= self.cfg.federation.min_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} site(s) connected within "
+                    f"{self.cfg.federation.round_timeout_s:.0f} s; min_sites="
+                    f"{self.cfg.federation.min_sites}"
+                )
+            time.sleep(1.0)
+
+    def _sample(self, nodes: list[int]) -> list[int]:
+        k = self.cfg.federation.sites_per_round
+        if k == 0 or k >= len(nodes):
+            return list(nodes)
+        return sorted(int(n) for n in self.rng.choice(nodes, size=k, replace=False))
+
+    def _send(self, grid: object, kind: str, nodes: list[int], rnd: int) -> list[Reply]:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        config = ConfigRecord(
+            {
+                keys.RUN_CONFIG_JSON: self.cfg.to_json(),
+                keys.RUN_ID: self.run_id,
+                keys.ROUND: rnd,
+                keys.MODEL_FINGERPRINT: self.fingerprint,
+            }
+        )
+        messages = [
+            Message(
+                RecordDict({keys.ARRAYS: to_array_record(self.state), keys.CONFIG: config}),
+                dst_node_id=node,
+                message_type=kind,
+                group_id=str(rnd),
+            )
+            for node in nodes
+        ]
+        received = grid.send_and_receive(  # type: ignore[attr-defined]
+            messages, timeout=self.cfg.federation.round_timeout_s
+        )
+        replies = {}
+        for msg in received:
+            reply = self._decode(msg, kind)
+            replies[reply.node_id] = reply
+        for node in nodes:
+            if node not in replies:
+                replies[node] = Reply(
+                    node, self._name(node), "failed", f"{validation.NO_REPLY}: no reply within "
+                    f"{self.cfg.federation.round_timeout_s:.0f} s"
+                )
+        return [replies[n] for n in nodes]
+
+    def _name(self, node: int) -> str:
+        return self.site_names.get(node, f"node-{node}")
+
+    def _decode(self, msg: object, kind: str) -> Reply:
+        node = int(msg.metadata.src_node_id)  # type: ignore[attr-defined]
+        if msg.has_error():  # type: ignore[attr-defined]
+            err = msg.error  # type: ignore[attr-defined]
+            return Reply(node, self._name(node), "failed", f"{validation.SITE_ERROR}: {err.reason}")
+        content = msg.content  # type: ignore[attr-defined]
+        try:
+            info = content[keys.CONFIG]
+            site = str(info[keys.SITE])
+            self.site_names[node] = site
+            if info[keys.STATUS] != "ok":
+                return Reply(
+                    node, site, "failed", f"{validation.SITE_ERROR}: {info.get(keys.ERROR, '')}"
+                )
+            metrics = {k: float(v) for k, v in content[keys.METRICS].items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            return Reply(node, self._name(node), "rejected", f"{validation.MALFORMED}: {exc!r}")
+        reply = Reply(node, site, metrics=metrics)
+        if kind == "evaluate":
+            try:
+                hist = content[keys.HISTOGRAM]
+                reply.histogram = (list(hist[keys.HIST_POS]), list(hist[keys.HIST_NEG]))
+            except KeyError as exc:
+                reply.status, reply.reason = "rejected", f"{validation.MALFORMED}: {exc!r}"
+            return reply
+        try:
+            delta = from_array_record(content[keys.ARRAYS])
+            reply.bytes_up = record_nbytes(delta)
+            validation.validate_delta(delta, self.state, metrics.get(keys.N_TRAIN, 0.0))
+            reply.delta = delta
+        except DeltaRejected as exc:
+            reply.status, reply.reason = "rejected", str(exc)
+        except (KeyError, TypeError, ValueError) as exc:
+            reply.status, reply.reason = "rejected", f"{validation.MALFORMED}: {exc!r}"
+        return reply
+
+    # -- recording -------------------------------------------------------------------------------
+
+    def _round_result(
+        self,
+        rnd: int,
+        started: datetime,
+        t0: float,
+        replies: list[Reply],
+        evaluations: list[Reply],
+        applied: bool,
+    ) -> RoundResult:
+        ok = [e for e in evaluations if e.status == "ok"]
+        histograms = [e.histogram for e in ok if e.histogram is not None]
+        return RoundResult(
+            round=rnd,
+            started_at=started,
+            finished_at=_now(),
+            seconds=time.perf_counter() - t0,
+            pooled_auc=pooled_auc(histograms) if histograms else None,
+            macro_auc=_finite_mean(e.metrics.get(keys.AUC, float("nan")) for e in ok),
+            loss=_finite_mean(
+                (e.metrics.get(keys.LOSS, float("nan")) for e in ok),
+                (e.metrics.get(keys.N_TEST, 0.0) for e in ok),
+            ),
+            accepted=sum(r.status == "ok" for r in replies),
+            rejected=sum(r.status != "ok" for r in replies),
+            applied=applied,
+        )
+
+    def _site_rows(self, rnd: int, replies: list[Reply], phase: str) -> list[SiteResult]:
+        down = record_nbytes(self.state)
+        rows = []
+        for r in replies:
+            m = r.metrics
+            n_key = keys.N_TRAIN if phase == "train" else keys.N_TEST
+            rows.append(
+                SiteResult(
+                    round=rnd,
+                    site=r.site,
+                    phase=phase,
+                    status=r.status,
+                    reason=r.reason,
+                    n=int(m[n_key]) if n_key in m else None,
+                    loss=m.get(keys.LOSS),
+                    auc=m.get(keys.AUC),
+                    auprc=m.get(keys.AUPRC),
+                    accuracy=m.get(keys.ACCURACY),
+                    brier=m.get(keys.BRIER),
+                    bytes_up=r.bytes_up,
+                    bytes_down=down,
+                    seconds=m.get(keys.TRAIN_SECONDS),
+                    extra={
+                        k: v
+                        for k, v in m.items()
+                        if k in (keys.STEPS, keys.EPOCHS_RUN, keys.N_TEST, "seconds-per-step")
+                    },
+                )
+            )
+        return rows
+
+    def _report(self, result: RoundResult, replies: list[Reply], evaluations: list[Reply]) -> None:
+        def fmt(x: float | None) -> str:
+            return "  n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+        sites = ", ".join(
+            f"{e.site} {fmt(e.metrics.get(keys.AUC))} (n={int(e.metrics.get(keys.N_TEST, 0))})"
+            for e in sorted(evaluations, key=lambda e: e.site)
+            if e.status == "ok"
+        )
+        self.progress(
+            f"round {result.round}: pooled AUC {fmt(result.pooled_auc)}, macro AUC "
+            f"{fmt(result.macro_auc)}, {result.accepted} update(s) accepted, {result.rejected} "
+            f"rejected, {result.seconds:.1f} s | {sites}"
+        )
+        for r in replies + evaluations:
+            if r.status != "ok":
+                self.progress(f"round {result.round}: {r.site} {r.status}: {r.reason}")
