@@ -53,9 +53,10 @@ class SiteSession:
     device: torch.device
 
 
-# One process may serve many messages (simulation keeps its actors); loading the model and
-# tokenizing the site's rows once per process is what keeps a round cheap.
+# One process may serve many messages (simulation keeps its actors, each serving any site);
+# loading the model and tokenizing a site's rows once per process keeps a round cheap.
 _SESSIONS: dict[tuple[str, str], SiteSession] = {}
+_MAX_SESSIONS = 8  # ~100 MB each with the default model
 
 
 def _site_data(cfg: RunConfig, node_config: dict[str, Any]) -> SiteData:
@@ -95,7 +96,8 @@ def site_session(cfg: RunConfig, node_config: dict[str, Any]) -> SiteSession:
     )
     if site.skipped_rows:
         log.warning("site %s: skipped %d bad rows", site.name, site.skipped_rows)
-    _SESSIONS.clear()  # one live session per process keeps memory flat
+    if len(_SESSIONS) >= _MAX_SESSIONS:
+        _SESSIONS.pop(next(iter(_SESSIONS)))  # oldest first
     _SESSIONS[cache_key] = session
     return session
 

@@ -5,10 +5,15 @@ Parameters always travel by name with their shapes, never as ordered lists.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
 
 State = dict[str, np.ndarray]
 
@@ -21,17 +26,18 @@ def to_torch(state: State) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
 
 
-def to_array_record(state: State) -> object:
+def to_array_record(state: State) -> ArrayRecord:
     from flwr.app import Array, ArrayRecord
 
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sorted(state.items())})
 
 
 def from_array_record(record: object) -> State:
-    """Arrays of a Flower ArrayRecord, by name. Raises ValueError on undecodable arrays."""
+    """Arrays of a Flower ArrayRecord, by name. Raises ValueError on anything else."""
     from flwr.app import ArrayRecord
 
-    assert isinstance(record, ArrayRecord)
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"expected an ArrayRecord, got {type(record).__name__}")
     return {name: array.numpy() for name, array in record.items()}
 
 

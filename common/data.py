@@ -157,24 +157,17 @@ def split_site(site: SiteData, seed: int, test_fraction: float, val_fraction: fl
     A split column in the site file fixes train/test; validation always comes from train.
     Raises :class:`DataError` when the test rows hold a single class (no AUC is defined).
     """
-    from sklearn.model_selection import train_test_split
-
     idx = np.arange(len(site))
     labels = site.labels
+    where = site.source or site.name
     if site.split is not None:
         is_test = np.asarray([s == "test" for s in site.split])
         train_idx, test_idx = idx[~is_test], idx[is_test]
     else:
-        train_idx, test_idx = train_test_split(
-            idx, test_size=test_fraction, random_state=seed, stratify=_strata(labels)
-        )
-    train_idx, val_idx = train_test_split(
-        np.sort(train_idx),
-        test_size=val_fraction,
-        random_state=seed,
-        stratify=_strata(labels[np.sort(train_idx)]),
-    )
-    where = site.source or site.name
+        train_idx, test_idx = _two_way(idx, labels, test_fraction, seed)
+    if len(train_idx) < 4:
+        raise DataError(f"{where}: site {site.name!r} has {len(train_idx)} training rows; need 4+")
+    train_idx, val_idx = _two_way(np.sort(train_idx), labels, val_fraction, seed)
     if len(test_idx) == 0 or len(set(labels[test_idx].tolist())) < 2:
         raise DataError(
             f"{where}: the test split of site {site.name!r} holds a single class "
@@ -185,10 +178,19 @@ def split_site(site: SiteData, seed: int, test_fraction: float, val_fraction: fl
     return SiteSplit(np.sort(train_idx), np.sort(val_idx), np.sort(np.asarray(test_idx)))
 
 
-def _strata(labels: np.ndarray) -> np.ndarray | None:
-    # Stratify only when each class has at least two rows; otherwise sklearn refuses.
-    counts = np.bincount(labels, minlength=2)
-    return labels if counts.min() >= 2 else None
+def _two_way(
+    idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``idx`` in two, stratified by label when the class counts allow it."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        first, second = train_test_split(
+            idx, test_size=fraction, random_state=seed, stratify=labels[idx]
+        )
+    except ValueError:  # too few rows of a class to stratify: plain random split
+        first, second = train_test_split(idx, test_size=fraction, random_state=seed)
+    return np.asarray(first), np.asarray(second)
 
 
 # -- shipped benchmarks ------------------------------------------------------------------------

@@ -8,6 +8,7 @@ of it. Every base weight stays frozen and bit-identical.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,7 +105,10 @@ def _lora(cfg: MethodConfig, base: torch.nn.Module) -> torch.nn.Module:
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
     )
-    return get_peft_model(base, peft_cfg)
+    with warnings.catch_warnings():
+        # transformers 5 deprecates is_gradient_checkpointing, which peft still calls.
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(base, peft_cfg)
 
 
 def build_model(

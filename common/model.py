@@ -89,10 +89,12 @@ def load_base_model(cfg: ModelConfig, dropout: float, seed: int) -> torch.nn.Mod
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
     except OSError as exc:
         raise ModelError(f"cannot load the model weights from {path}: {exc}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     return model

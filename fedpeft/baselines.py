@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,10 +76,6 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     ]
 
 
-def _run_task_star(args: tuple[RunConfig, BaselineTask]) -> list[BaselineOutcome]:
-    return run_task(*args)
-
-
 def run_baselines(
     cfg: RunConfig, workers: int = 2, progress: Callable[[str], None] = print
 ) -> list[BaselineOutcome]:
@@ -87,9 +84,13 @@ def run_baselines(
     # Largest first, so the centralized model does not start last and leave a core idle.
     tasks = [BaselineTask("centralized", names)] + [BaselineTask("alone", (n,)) for n in names]
     outcomes: list[BaselineOutcome] = []
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(tasks))) as pool:
-        for result in pool.imap_unordered(_run_task_star, [(cfg, t) for t in tasks]):
+    # A process pool that fails loudly (BrokenProcessPool) if a worker dies, instead of hanging.
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        futures = [pool.submit(run_task, cfg, t) for t in tasks]
+        for future in as_completed(futures):
+            result = future.result()
             outcomes.extend(result)
             first = result[0]
             what = first.site if first.kind == "alone" else "all sites"

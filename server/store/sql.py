@@ -97,7 +97,7 @@ class SqlRunStore(RunStore):
             upgrade_schema(engine)
         except SQLAlchemyError as exc:
             raise StoreError(
-                f"cannot open store {_safe_url(url)}: {exc.__class__.__name__}: {exc.orig or exc}"
+                f"cannot open store {_safe_url(url)}: {exc.__class__.__name__}: {getattr(exc, 'orig', None) or exc}"
             ) from None
 
     @contextmanager

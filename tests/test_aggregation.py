@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedpeft.common.errors import DeltaRejected
+from fedpeft.server.aggregation import apply_delta, fedavg
+from fedpeft.server.validation import validate_delta
+
+
+def _state(value: float) -> dict[str, np.ndarray]:
+    return {"a": np.full((2, 3), value, np.float32), "b": np.full(4, value, np.float32)}
+
+
+def test_fedavg_weights_by_examples() -> None:
+    out = fedavg([(_state(1.0), 30), (_state(4.0), 10)])
+    assert np.allclose(out["a"], 1.75) and np.allclose(out["b"], 1.75)
+    assert out["a"].dtype == np.float32 and out["a"].shape == (2, 3)
+
+
+def test_fedavg_of_one_is_identity_and_refuses_empty() -> None:
+    delta = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    assert np.array_equal(fedavg([(delta, 5)])["a"], delta["a"])
+    with pytest.raises(ValueError):
+        fedavg([])
+    with pytest.raises(ValueError):
+        fedavg([(delta, 0)])
+
+
+def test_apply_delta() -> None:
+    out = apply_delta(_state(1.0), _state(0.5))
+    assert np.allclose(out["a"], 1.5)
+
+
+@pytest.mark.parametrize(
+    ("delta", "reason"),
+    [
+        ({"a": np.zeros((2, 3), np.float32)}, "names"),
+        ({**_state(0.0), "c": np.zeros(1, np.float32)}, "names"),
+        ({"a": np.zeros((3, 2), np.float32), "b": np.zeros(4, np.float32)}, "shape"),
+        ({"a": np.zeros((2, 3), np.float64), "b": np.zeros(4, np.float32)}, "dtype"),
+        ({"a": np.full((2, 3), np.nan, np.float32), "b": np.zeros(4, np.float32)}, "non-finite"),
+        ({"a": np.full((2, 3), np.inf, np.float32), "b": np.zeros(4, np.float32)}, "non-finite"),
+    ],
+)
+def test_validation_rejects_with_reason(delta: dict[str, np.ndarray], reason: str) -> None:
+    with pytest.raises(DeltaRejected) as info:
+        validate_delta(delta, _state(0.0), 10)
+    assert info.value.reason == reason
+
+
+def test_validation_example_count_and_norm() -> None:
+    with pytest.raises(DeltaRejected) as info:
+        validate_delta(_state(0.0), _state(0.0), 0)
+    assert info.value.reason == "examples"
+    with pytest.raises(DeltaRejected) as info:
+        validate_delta(_state(1.0), _state(0.0), 3, max_norm=1.0)
+    assert info.value.reason == "norm"
+    validate_delta(_state(0.1), _state(0.0), 3, max_norm=1.0)  # within the bound

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from fedpeft.cli import main
+from fedpeft.server.store import BaselineResult, RoundResult, SiteResult, open_store
+
+
+def _fedpeft(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedpeft", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_answers() -> None:
+    out = _fedpeft("simulate", "--help")
+    assert out.returncode == 0
+    for flag in ("--dataset", "--method", "--rounds", "--sites-per-round", "--local-epochs",
+                 "--seed", "--db", "--device", "--no-baselines"):
+        assert flag in out.stdout
+    assert "report" in _fedpeft("--help").stdout
+
+
+def test_bad_config_is_a_clear_error_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "run.toml"
+    bad.write_text("[federation]\nrounds = 0\n[train]\nlr = -1\n")
+    out = _fedpeft("simulate", "--config", str(bad), "--db", f"sqlite:///{tmp_path}/x.db")
+    assert out.returncode == 2
+    assert "federation.rounds" in out.stderr and "train.lr" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_dataset_folder_fails_before_training(tmp_path: Path) -> None:
+    (tmp_path / "site.csv").write_text("text,label\nfine,1\n,0\n")
+    out = _fedpeft("simulate", "--dataset", str(tmp_path), "--db", f"sqlite:///{tmp_path}/x.db")
+    assert out.returncode == 2
+    assert "site.csv: row 2: field 'text' is empty" in out.stderr
+
+
+def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    store = open_store(db)
+    run_id = store.create_run(config_json="{}", dataset="heart", method="lora", model_name="m",
+                              model_fingerprint="f", trainable_params=100, total_params=10_000,
+                              seed=0)
+    t = datetime(2026, 1, 1)
+    store.add_round(run_id, RoundResult(1, t, t, 1.0, 0.81, 0.8, 0.5, 1, 1, True), [
+        SiteResult(1, "A", "train", "ok", n=30, bytes_up=400),
+        SiteResult(1, "B", "train", "rejected", reason="non-finite: x", bytes_up=400),
+        SiteResult(1, "A", "evaluate", "ok", n=10, auc=0.9),
+        SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.7),
+    ], b"s")
+    store.add_baselines(run_id, [BaselineResult("alone", "A", 30, 10, 0.6, 1.0),
+                                 BaselineResult("alone", "B", 20, 12, 0.5, 1.0),
+                                 BaselineResult("centralized", "A", 50, 10, 0.95, 1.0),
+                                 BaselineResult("centralized", "B", 50, 12, 0.75, 1.0)])
+    store.finish_run(run_id, status="finished", wall_seconds=3.0)
+    store.close()
+    assert main(["report", "--db", db, "--plot", str(tmp_path / "auc.png")]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("|")}
+    assert "0.600" in lines["A"] and "0.900" in lines["A"] and "0.950" in lines["A"]
+    assert "0.800" in lines["macro (mean of sites)"]  # (0.9 + 0.7) / 2
+    assert "0.550" in lines["macro (mean of sites)"]  # alone (0.6 + 0.5) / 2
+    assert "4.00 % of the full model" in out  # 400 bytes of 10,000 params x 4 bytes
+    assert "round 1 train B: rejected (non-finite: x)" in out
+    assert (tmp_path / "auc.png").stat().st_size > 1000
+
+
+def test_report_on_an_empty_store_is_a_clear_error(tmp_path: Path) -> None:
+    out = _fedpeft("report", "--db", f"sqlite:///{tmp_path / 'e.db'}")
+    assert out.returncode == 2 and "holds no runs" in out.stderr

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.errors import ConfigError
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_config()
+    assert cfg.method.name == "lora"
+    assert cfg.data.dataset == "heart"
+    assert cfg.federation.rounds >= 1
+
+
+def test_toml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('seed = 3\n[federation]\nrounds = 4\n[train]\nlr = 1\n')
+    cfg = load_config(path, {"federation.rounds": 2, "train.batch_size": None})
+    assert cfg.seed == 3
+    assert cfg.federation.rounds == 2  # the flag wins
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 16  # None = flag not given
+
+
+def test_every_problem_is_reported_together(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[federation]\nrounds = "many"\nbogus = 1\n[train]\nbatch_size = true\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert "federation.rounds" in text
+    assert "federation.bogus: unknown setting" in text
+    assert "train.batch_size" in text
+    assert len(info.value.problems) == 3
+
+
+def test_range_checks() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"federation.rounds": 0, "train.lr": -1.0, "data.dataset": "nope"})
+    assert len(info.value.problems) == 3
+    assert "data.dataset" in str(info.value)
+
+
+def test_missing_and_broken_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_json_round_trip_is_exact() -> None:
+    cfg = load_config(overrides={"seed": 7, "method.lora.target_modules": ["query"]})
+    again = RunConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert again.method.lora.target_modules == ("query",)

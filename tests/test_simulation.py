@@ -1,0 +1,96 @@
+"""Real Flower simulations (Ray engine) of the real ServerApp and ClientApp on real records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedpeft.common.codec import state_from_bytes
+from fedpeft.common.config import load_config
+from fedpeft.common.data import heart_sites
+from fedpeft.server.store import open_store
+from fedpeft.simulate import run_simulation
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def two_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real hospitals, 60 records each, as a folder of site files."""
+    folder = tmp_path_factory.mktemp("sites")
+    for site, name in zip(heart_sites()[:2], ("a-cleveland", "b-hungary"), strict=True):
+        rng = np.random.default_rng(0)
+        idx = rng.choice(len(site), 60, replace=False)
+        pd.DataFrame({"text": [site.texts[i] for i in idx], "label": site.labels[idx]}).to_csv(
+            folder / f"{name}.csv", index=False
+        )
+    return folder
+
+
+def _config(folder: Path, db: str, rounds: int = 2) -> object:
+    return load_config(overrides={
+        "data.dataset": str(folder), "db": db, "federation.rounds": rounds,
+        "model.max_length": 64, "train.batch_size": 16, "seed": 1, "device": "cpu",
+    })
+
+
+def test_two_sites_two_rounds_fill_the_store(two_sites: Path, tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    lines: list[str] = []
+    result = run_simulation(_config(two_sites, db), cpus=2, progress=lines.append)  # type: ignore[arg-type]
+    store = open_store(db)
+    run = store.get_run(result.run_id)
+    assert run.status == "finished" and run.method == "lora"
+    assert run.model_fingerprint.startswith("sha256:")
+    assert run.trainable_params == 74_498 and run.total_params > 22_000_000
+    rounds = store.rounds(run.id)
+    assert [r.round for r in rounds] == [1, 2]
+    assert all(r.accepted == 2 and r.rejected == 0 and r.applied for r in rounds)
+    assert all(r.pooled_auc is not None and 0.0 <= r.pooled_auc <= 1.0 for r in rounds)
+    results = store.site_results(run.id)
+    assert len(results) == 8  # 2 rounds x 2 sites x (train, evaluate)
+    for r in results:
+        assert r.site in ("a-cleveland", "b-hungary") and r.status == "ok"
+        assert r.n is not None and r.n > 0
+        assert r.auc is not None and 0.0 <= r.auc <= 1.0
+    train = [r for r in results if r.phase == "train"]
+    assert all(r.bytes_up == 74_498 * 4 for r in train)  # only the shared state travels
+    # The stored global state moved between rounds and has the method's names and shapes.
+    (_, s1), (_, s2) = store.global_state(run.id, 1), store.global_state(run.id, 2)
+    a, b = state_from_bytes(s1), state_from_bytes(s2)
+    assert sum(v.size for v in a.values()) == 74_498
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    assert any("round 2: pooled AUC" in line for line in lines)
+    store.close()
+
+
+@pytest.mark.parametrize(("fault", "reason"), [("nan", "non-finite"), ("shape", "shape")])
+def test_a_bad_site_is_rejected_and_the_run_goes_on(
+    two_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, reason: str
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # Ray workers import the faulty app from here
+    monkeypatch.setenv("FEDPEFT_TEST_FAULT", fault)
+    monkeypatch.syspath_prepend(str(TESTS))
+    import faulty_site
+
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    result = run_simulation(
+        _config(two_sites, db, rounds=1), client_app=faulty_site.app, cpus=2,  # type: ignore[arg-type]
+        progress=lambda _: None,
+    )
+    store = open_store(db)
+    assert store.get_run(result.run_id).status == "finished"
+    (rnd,) = store.rounds(result.run_id)
+    assert rnd.accepted == 1 and rnd.rejected == 1 and rnd.applied
+    train = {r.site: r for r in store.site_results(result.run_id) if r.phase == "train"}
+    assert train["a-cleveland"].status == "ok"
+    assert train["b-hungary"].status == "rejected"
+    assert train["b-hungary"].reason is not None and train["b-hungary"].reason.startswith(reason)
+    # The bad site still evaluates the (good) global model.
+    evals = [r for r in store.site_results(result.run_id) if r.phase == "evaluate"]
+    assert {r.site for r in evals if r.status == "ok"} == {"a-cleveland", "b-hungary"}
+    store.close()

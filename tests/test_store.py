@@ -1,0 +1,135 @@
+"""One suite, every back end: in-memory SQLite, a SQLite file and PostgreSQL (when CI sets
+FEDPEFT_TEST_POSTGRES_URL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from fedpeft.common.errors import StoreError
+from fedpeft.server.store import BaselineResult, RoundResult, RunStore, SiteResult, open_store
+
+T0 = datetime(2026, 11, 27, 12, 0, 0)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[RunStore]:
+    if store_url.startswith("postgresql"):
+        engine = create_engine(store_url)
+        with engine.begin() as conn:  # a clean schema for every test
+            conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+def _run(store: RunStore, seed: int = 0) -> int:
+    return store.create_run(
+        config_json='{"seed": 0}', dataset="heart", method="lora", model_name="m",
+        model_fingerprint="sha256:abc", trainable_params=10, total_params=1000, seed=seed,
+    )
+
+
+def _round(n: int, pooled: float = 0.8) -> RoundResult:
+    return RoundResult(n, T0, T0, 1.5, pooled, 0.75, 0.4, accepted=2, rejected=1, applied=True)
+
+
+def _sites(n: int) -> list[SiteResult]:
+    return [
+        SiteResult(n, "A", "train", "ok", n=10, loss=0.3, auc=0.9, bytes_up=400, bytes_down=400,
+                   extra={"steps": 3.0}),
+        SiteResult(n, "B", "train", "rejected", reason="shape: x", bytes_up=400),
+        SiteResult(n, "A", "evaluate", "ok", n=5, auc=float("nan"), loss=0.2),
+    ]
+
+
+def test_run_lifecycle(store: RunStore) -> None:
+    run_id = _run(store)
+    info = store.get_run(run_id)
+    assert info.status == "running" and info.method == "lora" and info.total_params == 1000
+    store.finish_run(run_id, status="finished", wall_seconds=12.5)
+    info = store.get_run()
+    assert info.id == run_id and info.status == "finished" and info.wall_seconds == 12.5
+    assert info.finished_at is not None
+
+
+def test_rounds_sites_and_state(store: RunStore) -> None:
+    run_id = _run(store)
+    for n in (1, 2):
+        store.add_round(run_id, _round(n, 0.8 + n / 100), _sites(n), state=bytes([n]) * 100)
+    rounds = store.rounds(run_id)
+    assert [r.round for r in rounds] == [1, 2]
+    assert rounds[1].pooled_auc == pytest.approx(0.82) and rounds[1].applied is True
+    sites = store.site_results(run_id)
+    assert len(sites) == 6
+    rejected = [s for s in sites if s.status == "rejected"]
+    assert [(s.round, s.site, s.reason) for s in rejected] == [(1, "B", "shape: x"), (2, "B", "shape: x")]
+    ev = [s for s in sites if s.phase == "evaluate"][0]
+    assert ev.auc is None  # NaN is stored as "undefined"
+    assert [s for s in sites if s.site == "A" and s.phase == "train"][0].extra == {"steps": 3.0}
+    assert store.global_state(run_id) == (2, bytes([2]) * 100)
+    assert store.global_state(run_id, 1) == (1, bytes([1]) * 100)
+
+
+def test_round_is_atomic(store: RunStore) -> None:
+    run_id = _run(store)
+    store.add_round(run_id, _round(1), _sites(1), state=b"x")
+    with pytest.raises(StoreError):
+        store.add_round(run_id, _round(1), _sites(1), state=b"y")  # same round twice
+    assert len(store.site_results(run_id)) == 3  # nothing of the failed write remains
+    assert store.global_state(run_id) == (1, b"x")
+
+
+def test_baselines(store: RunStore) -> None:
+    run_id = _run(store)
+    store.add_baselines(run_id, [
+        BaselineResult("alone", "A", 10, 5, 0.7, 3.0),
+        BaselineResult("centralized", "A", 30, 5, float("nan"), 9.0),
+    ])
+    got = store.baselines(run_id)
+    assert [(b.kind, b.site, b.auc) for b in got] == [("alone", "A", 0.7), ("centralized", "A", None)]
+
+
+def test_missing_things_are_store_errors(store: RunStore) -> None:
+    with pytest.raises(StoreError, match="holds no runs"):
+        store.get_run()
+    with pytest.raises(StoreError, match="no run 99"):
+        store.get_run(99)
+    run_id = _run(store)
+    with pytest.raises(StoreError, match="no stored global state"):
+        store.global_state(run_id)
+
+
+def test_runs_are_listed_in_order(store: RunStore) -> None:
+    ids = [_run(store, seed) for seed in range(3)]
+    assert [r.id for r in store.list_runs()] == ids
+    assert [r.seed for r in store.list_runs()] == [0, 1, 2]
+
+
+def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> None:
+    engine = create_engine(store_url) if store_url != "sqlite://" else store.engine  # type: ignore[attr-defined]
+    tables = set(inspect(engine).get_table_names())
+    assert {"runs", "rounds", "site_results", "global_states", "baselines", "alembic_version"} <= tables
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+
+
+def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    first = open_store(url)
+    run_id = _run(first)
+    first.close()
+    second = open_store(url)
+    assert second.get_run(run_id).dataset == "heart"
+    second.close()
+
+
+def test_bad_url_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(StoreError, match="cannot"):
+        open_store("nosuchdb://x")
+    with pytest.raises(StoreError, match="cannot open store"):
+        open_store(f"sqlite:///{tmp_path}/missing-dir/x.db")
