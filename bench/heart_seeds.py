@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 
-from fedpeft.report import summarize
 from fedpeft.server.store import open_store
+
+from fedpeft.report import summarize
 
 
 def main() -> int:
@@ -30,8 +31,19 @@ def main() -> int:
     rows = []
     for seed in args.seeds:
         started = time.perf_counter()
-        cmd = [sys.executable, "-m", "fedpeft", "simulate", "--seed", str(seed), "--db", args.db,
-               "--plot", f"bench-heart-seed{seed}.png", *args.extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedpeft",
+            "simulate",
+            "--seed",
+            str(seed),
+            "--db",
+            args.db,
+            "--plot",
+            f"bench-heart-seed{seed}.png",
+            *args.extra,
+        ]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True)
         wall = time.perf_counter() - started
@@ -39,23 +51,41 @@ def main() -> int:
         s = summarize(store)
         store.close()
         up = statistics.mean(s.bytes_up_per_round.values())
-        rows.append((seed, s.macro("alone"), s.macro("federated"), s.macro("centralized"),
-                     s.pooled_federated, up, 100 * up / s.full_model_bytes, wall))
+        rows.append(
+            (
+                seed,
+                s.macro("alone"),
+                s.macro("federated"),
+                s.macro("centralized"),
+                s.pooled_federated,
+                up,
+                100 * up / s.full_model_bytes,
+                wall,
+            )
+        )
     print()
-    print("| seed | alone macro AUC | federated macro AUC | centralized macro AUC | federated pooled "
-          "AUC | bytes up / site / round | % of full fp32 model | wall s |")
+    print(
+        "| seed | alone macro AUC | federated macro AUC | centralized macro AUC | federated pooled "
+        "AUC | bytes up / site / round | % of full fp32 model | wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:,.0f} | "
-              f"{r[6]:.2f} % | {r[7]:.0f} |")
+        print(
+            f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:,.0f} | "
+            f"{r[6]:.2f} % | {r[7]:.0f} |"
+        )
 
     def mean(i: int) -> float:
         return statistics.mean(r[i] for r in rows)
 
-    print(f"| mean | {mean(1):.3f} | {mean(2):.3f} | {mean(3):.3f} | {mean(4):.3f} | "
-          f"{mean(5):,.0f} | {mean(6):.2f} % | {mean(7):.0f} |")
-    print(f"\nfederated - alone: {mean(2) - mean(1):+.3f}; federated - centralized: "
-          f"{mean(2) - mean(3):+.3f}")
+    print(
+        f"| mean | {mean(1):.3f} | {mean(2):.3f} | {mean(3):.3f} | {mean(4):.3f} | "
+        f"{mean(5):,.0f} | {mean(6):.2f} % | {mean(7):.0f} |"
+    )
+    print(
+        f"\nfederated - alone: {mean(2) - mean(1):+.3f}; federated - centralized: "
+        f"{mean(2) - mean(3):+.3f}"
+    )
     return 0
 
 

@@ -20,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from fedpeft.client.trainer import Encoded, encode, evaluate, train_local
 from fedpeft.common import keys
 from fedpeft.common.codec import State, from_array_record, to_array_record, to_numpy, to_torch
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
-from fedpeft.common.errors import DataError, FedpeftError, ModelError
+from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation
 from fedpeft.common.model import (
@@ -62,7 +61,9 @@ _MAX_SESSIONS = 8  # ~100 MB each with the default model
 def _site_data(cfg: RunConfig, node_config: dict[str, Any]) -> SiteData:
     if keys.NODE_DATA_PATH in node_config:
         path = Path(str(node_config[keys.NODE_DATA_PATH]))
-        return load_site_file(path, cfg.data, name=str(node_config.get(keys.NODE_SITE) or path.stem))
+        return load_site_file(
+            path, cfg.data, name=str(node_config.get(keys.NODE_SITE) or path.stem)
+        )
     if keys.PARTITION_ID in node_config:
         sites = load_sites(cfg.data)
         pid = int(node_config[keys.PARTITION_ID])
@@ -75,7 +76,9 @@ def _site_data(cfg: RunConfig, node_config: dict[str, Any]) -> SiteData:
 def site_session(cfg: RunConfig, node_config: dict[str, Any]) -> SiteSession:
     """The cached session for this site and config, built on first use."""
     node_key = repr(sorted((str(k), str(v)) for k, v in node_config.items()))
-    cfg_key = repr((cfg.model, cfg.data, cfg.seed, cfg.train.val_fraction, cfg.train.dropout, cfg.device))
+    cfg_key = repr(
+        (cfg.model, cfg.data, cfg.seed, cfg.train.val_fraction, cfg.train.dropout, cfg.device)
+    )
     cache_key = (node_key, cfg_key)
     if cache_key in _SESSIONS:
         return _SESSIONS[cache_key]
@@ -124,26 +127,37 @@ def _metrics(ev: Evaluation) -> dict[str, float]:
     }
 
 
-def handle_train(cfg: RunConfig, rnd: int, fingerprint: str, global_state: State,
-                 session: SiteSession) -> tuple[State, dict[str, float]]:
+def handle_train(
+    cfg: RunConfig, rnd: int, fingerprint: str, global_state: State, session: SiteSession
+) -> tuple[State, dict[str, float]]:
     """Local training from the global state; returns the delta and the reply metrics."""
     if fingerprint != session.fingerprint:
-        raise ModelError("base-model fingerprint mismatch: this site holds a different model")
+        raise FingerprintMismatch(
+            f"base-model fingerprint mismatch: the run uses {fingerprint[:19]}..., this site "
+            f"holds {session.fingerprint[:19]}..."
+        )
     model = _model_with(session, cfg, global_state)
     result = train_local(
-        model, session.train, session.val, cfg.train, cfg.train.local_epochs, session.device,
+        model,
+        session.train,
+        session.val,
+        cfg.train,
+        cfg.train.local_epochs,
+        session.device,
         site_seed(cfg.seed, rnd, session.site),
     )
     local = to_numpy(shared_state(model))
     delta = {name: (local[name] - global_state[name]).astype(np.float32) for name in global_state}
     metrics = _metrics(evaluate(model, session.test, session.device))
-    metrics.update({
-        keys.N_TRAIN: len(session.train),
-        keys.TRAIN_SECONDS: result.seconds,
-        keys.STEPS: result.steps,
-        keys.EPOCHS_RUN: result.epochs_run,
-        "seconds-per-step": result.seconds_per_step,
-    })
+    metrics.update(
+        {
+            keys.N_TRAIN: len(session.train),
+            keys.TRAIN_SECONDS: result.seconds,
+            keys.STEPS: result.steps,
+            keys.EPOCHS_RUN: result.epochs_run,
+            "seconds-per-step": result.seconds_per_step,
+        }
+    )
     return delta, metrics
 
 
@@ -151,15 +165,27 @@ def handle_evaluate(cfg: RunConfig, global_state: State, session: SiteSession) -
     return evaluate(_model_with(session, cfg, global_state), session.test, session.device)
 
 
-def _reply(msg: Any, site: str, error: str | None = None, arrays: State | None = None,
-           metrics: dict[str, float] | None = None, ev: Evaluation | None = None) -> Any:
+def _reply(
+    msg: Any,
+    site: str,
+    error: str | None = None,
+    arrays: State | None = None,
+    metrics: dict[str, float] | None = None,
+    ev: Evaluation | None = None,
+) -> Any:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    content = RecordDict({
-        keys.CONFIG: ConfigRecord({
-            keys.SITE: site, keys.STATUS: "error" if error else "ok", keys.ERROR: error or "",
-        }),
-    })
+    content = RecordDict(
+        {
+            keys.CONFIG: ConfigRecord(
+                {
+                    keys.SITE: site,
+                    keys.STATUS: "error" if error else "ok",
+                    keys.ERROR: error or "",
+                }
+            ),
+        }
+    )
     if arrays is not None:
         content[keys.ARRAYS] = to_array_record(arrays)
     if metrics is not None:
@@ -192,7 +218,7 @@ def _handle(msg: Any, context: Any, kind: str) -> Any:
     except FedpeftError as exc:
         log.error("site %s: %s", site, exc)
         # The coordinator sees the kind of failure, not local detail (paths, rows).
-        public = str(exc) if isinstance(exc, ModelError) else "site data or config failed its checks"
+        public = str(exc) if isinstance(exc, FingerprintMismatch) else "failed its checks"
         return _reply(msg, site, error=f"{exc.__class__.__name__}: {public}")
     except Exception:
         log.exception("site %s: %s failed", site, kind)

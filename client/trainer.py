@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from fedpeft.common.config import TrainConfig
 from fedpeft.common.methods import load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation, evaluate_scores
@@ -78,9 +77,9 @@ def predict(
             with _autocast(device):
                 out = model(**batch)
             logits = out.logits.float()
-            total_loss += float(torch.nn.functional.cross_entropy(
-                logits, batch["labels"], reduction="sum"
-            ))
+            total_loss += float(
+                torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+            )
             scores.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
     return np.concatenate(scores), total_loss / max(len(rows), 1)
 

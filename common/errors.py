@@ -23,6 +23,10 @@ class ModelError(FedpeftError):
     """The base model cannot be loaded, or its fingerprint does not match the run's."""
 
 
+class FingerprintMismatch(ModelError):
+    """A site's base model differs from the run's: it must not train on it."""
+
+
 class StoreError(FedpeftError):
     """The run store failed; wraps the database error without leaking its connection string."""
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from fedpeft.common.config import ModelConfig
 from fedpeft.common.errors import ModelError
 

@@ -69,8 +69,12 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     n_train = len(union("train"))
     return [
         BaselineOutcome(
-            task.kind, s, n_train, len(parts[s]["test"]),
-            evaluate(model, parts[s]["test"], device).auc, seconds,
+            task.kind,
+            s,
+            n_train,
+            len(parts[s]["test"]),
+            evaluate(model, parts[s]["test"], device).auc,
+            seconds,
         )
         for s in task.sites
     ]

@@ -25,6 +25,7 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -79,8 +80,9 @@ def parser() -> argparse.ArgumentParser:
     )
     _add_run_options(sim)
     sim.add_argument("--no-baselines", action="store_true", help="skip alone/centralized training")
-    sim.add_argument("--plot", type=Path, default=None,
-                     help="PNG of AUC per round (default fedpeft-run-ID.png)")
+    sim.add_argument(
+        "--plot", type=Path, default=None, help="PNG of AUC per round (default fedpeft-run-ID.png)"
+    )
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
 
@@ -101,9 +103,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = load_config(args.config, _overrides(args))
     sites = "all" if cfg.federation.sites_per_round == 0 else cfg.federation.sites_per_round
-    _say(f"fedpeft simulate: dataset {cfg.data.dataset}, method {cfg.method.name}, "
-         f"{cfg.federation.rounds} rounds x {cfg.train.local_epochs} local epoch(s), "
-         f"sites per round {sites}, seed {cfg.seed}, store {cfg.db}")
+    _say(
+        f"fedpeft simulate: dataset {cfg.data.dataset}, method {cfg.method.name}, "
+        f"{cfg.federation.rounds} rounds x {cfg.train.local_epochs} local epoch(s), "
+        f"sites per round {sites}, seed {cfg.seed}, store {cfg.db}"
+    )
     result = run_simulation(cfg, cpus=args.cpus, progress=_say, verbose=args.verbose)
     _say(f"federated run {result.run_id} done in {result.seconds:.0f} s")
     if not args.no_baselines:
@@ -129,8 +133,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         if args.list:
             for run in store.list_runs():
-                print(f"{run.id}\t{run.created_at:%Y-%m-%d %H:%M}\t{run.status}\t{run.method}\t"
-                      f"{run.dataset}")
+                print(
+                    f"{run.id}\t{run.created_at:%Y-%m-%d %H:%M}\t{run.status}\t{run.method}\t"
+                    f"{run.dataset}"
+                )
             return 0
         summary = summarize(store, args.run)
         print(render_table(summary))

@@ -97,12 +97,24 @@ def _f(x: float | None) -> str:
 def render_table(s: Summary) -> str:
     header = ("site", "n train / n test", "alone AUC", "federated AUC", "centralized AUC")
     body = [
-        (r.site, f"{r.n_train or '?'} / {r.n_test or '?'}", _f(r.alone), _f(r.federated),
-         _f(r.centralized))
+        (
+            r.site,
+            f"{r.n_train or '?'} / {r.n_test or '?'}",
+            _f(r.alone),
+            _f(r.federated),
+            _f(r.centralized),
+        )
         for r in s.rows
     ]
-    body.append(("macro (mean of sites)", "", _f(s.macro("alone")), _f(s.macro("federated")),
-                 _f(s.macro("centralized"))))
+    body.append(
+        (
+            "macro (mean of sites)",
+            "",
+            _f(s.macro("alone")),
+            _f(s.macro("federated")),
+            _f(s.macro("centralized")),
+        )
+    )
     body.append(("pooled (all test rows)", "", "", _f(s.pooled_federated), ""))
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
 
@@ -142,7 +154,9 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for site in sorted({r.site for r in results}):
         points = [(r.round, r.auc) for r in results if r.site == site]
-        ax.plot(*zip(*points, strict=True), marker="o", linewidth=1.2, label=site)
+        n = next((r.n for r in results if r.site == site and r.n is not None), None)
+        label = f"{site} (n={n})" if n is not None else site
+        ax.plot(*zip(*points, strict=True), marker="o", linewidth=1.2, label=label)
     pooled = [(r.round, r.pooled_auc) for r in rounds if r.pooled_auc is not None]
     if pooled:
         ax.plot(*zip(*pooled, strict=True), color="black", linewidth=2.5, label="pooled")

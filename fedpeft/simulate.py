@@ -57,14 +57,20 @@ def run_simulation(
     resources: dict[str, float] = {"num_cpus": 1, "num_gpus": (1 / len(sites)) if use_gpu else 0}
     backend = {
         "client_resources": resources,
-        "init_args": {"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0, "include_dashboard": False},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": 1 if use_gpu else 0,
+            "include_dashboard": False,
+        },
     }
     handle = RunHandle()
     started = time.perf_counter()
     flower_log = logging.getLogger("flwr")
     level = flower_log.level
     if not verbose:
-        flower_log.setLevel(logging.WARNING)
+        # Flower 1.39 marks run_simulation deprecated in favour of `flwr run`, which needs an
+        # app directory and a SuperLink; fedpeft drives the same engine in-process on purpose.
+        flower_log.setLevel(logging.ERROR)
     try:
         flwr_run_simulation(
             server_app=build_server_app(cfg, progress, handle),
@@ -90,7 +96,10 @@ def record_baselines(cfg: RunConfig, run_id: int, progress: Callable[[str], None
     try:
         store.add_baselines(
             run_id,
-            [BaselineResult(o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds) for o in outcomes],
+            [
+                BaselineResult(o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds)
+                for o in outcomes
+            ],
         )
     finally:
         store.close()

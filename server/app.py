@@ -69,7 +69,9 @@ def run_federation(
         except BaseException as exc:
             handle.error = f"{exc.__class__.__name__}: {exc}"
             store.finish_run(
-                run_id, status="failed", error=handle.error,
+                run_id,
+                status="failed",
+                error=handle.error,
                 wall_seconds=time.perf_counter() - started,
             )
             raise

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
-
 from fedpeft.common import keys
 from fedpeft.common.codec import (
     State,
@@ -110,7 +109,8 @@ class FederatedRun:
             self.store.add_round(
                 self.run_id,
                 result,
-                self._site_rows(rnd, replies, "train") + self._site_rows(rnd, evaluations, "evaluate"),
+                self._site_rows(rnd, replies, "train")
+                + self._site_rows(rnd, evaluations, "evaluate"),
                 state_to_bytes(self.state),
             )
             self._report(result, replies, evaluations)
@@ -168,8 +168,11 @@ class FederatedRun:
         for node in nodes:
             if node not in replies:
                 replies[node] = Reply(
-                    node, self._name(node), "failed", f"{validation.NO_REPLY}: no reply within "
-                    f"{self.cfg.federation.round_timeout_s:.0f} s"
+                    node,
+                    self._name(node),
+                    "failed",
+                    f"{validation.NO_REPLY}: no reply within "
+                    f"{self.cfg.federation.round_timeout_s:.0f} s",
                 )
         return [replies[n] for n in nodes]
 

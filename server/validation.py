@@ -7,7 +7,6 @@ that site and round; the round goes on without it.
 from __future__ import annotations
 
 import numpy as np
-
 from fedpeft.common.codec import State
 from fedpeft.common.errors import DeltaRejected
 
@@ -35,8 +34,9 @@ def validate_delta(
     extra = sorted(set(delta) - set(reference))
     if missing or extra:
         raise DeltaRejected(
-            NAMES, f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected "
-            f"(e.g. {extra[:1]})"
+            NAMES,
+            f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected "
+            f"(e.g. {extra[:1]})",
         )
     for name, ref in reference.items():
         value = delta[name]
@@ -49,6 +49,8 @@ def validate_delta(
     if not (n_examples >= 1 and float(n_examples).is_integer()):
         raise DeltaRejected(EXAMPLES, f"example count {n_examples!r}")
     if max_norm is not None:
-        norm = float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values())))
+        norm = float(
+            np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
+        )
         if norm > max_norm:
             raise DeltaRejected(NORM, f"update norm {norm:.3g} above bound {max_norm:.3g}")

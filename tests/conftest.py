@@ -15,7 +15,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 TESTS = Path(__file__).parent
 
 
-
 @pytest.fixture(params=["sqlite-memory", "sqlite-file", "postgres"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Every store test runs against each back end; PostgreSQL when CI provides it."""

@@ -10,11 +10,10 @@ import os
 from typing import Any
 
 import numpy as np
-from flwr.app import Array
-from flwr.clientapp import ClientApp
-
 from fedpeft.client.app import _handle
 from fedpeft.common import keys
+from flwr.app import Array
+from flwr.clientapp import ClientApp
 
 #: How site 1 corrupts its delta: "nan" (non-finite values) or "shape" (a wrong shape).
 FAULT_ENV = "FEDPEFT_TEST_FAULT"
@@ -30,7 +29,9 @@ def train(msg: Any, context: Any) -> Any:
         name = sorted(arrays.keys())[0]
         value = arrays[name].numpy()
         fault = os.environ.get(FAULT_ENV, "nan")
-        bad = np.full_like(value, np.nan) if fault == "nan" else np.zeros(value.size + 1, np.float32)
+        bad = (
+            np.full_like(value, np.nan) if fault == "nan" else np.zeros(value.size + 1, np.float32)
+        )
         arrays[name] = Array(bad)
     return reply
 

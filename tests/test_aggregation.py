@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fedpeft.common.errors import DeltaRejected
 from fedpeft.server.aggregation import apply_delta, fedavg
 from fedpeft.server.validation import validate_delta

@@ -6,9 +6,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from fedpeft.server.store import BaselineResult, RoundResult, SiteResult, open_store
 
 from fedpeft.cli import main
-from fedpeft.server.store import BaselineResult, RoundResult, SiteResult, open_store
 
 
 def _fedpeft(*args: str) -> subprocess.CompletedProcess[str]:
@@ -20,8 +20,17 @@ def _fedpeft(*args: str) -> subprocess.CompletedProcess[str]:
 def test_help_answers() -> None:
     out = _fedpeft("simulate", "--help")
     assert out.returncode == 0
-    for flag in ("--dataset", "--method", "--rounds", "--sites-per-round", "--local-epochs",
-                 "--seed", "--db", "--device", "--no-baselines"):
+    for flag in (
+        "--dataset",
+        "--method",
+        "--rounds",
+        "--sites-per-round",
+        "--local-epochs",
+        "--seed",
+        "--db",
+        "--device",
+        "--no-baselines",
+    ):
         assert flag in out.stdout
     assert "report" in _fedpeft("--help").stdout
 
@@ -45,20 +54,37 @@ def test_bad_dataset_folder_fails_before_training(tmp_path: Path) -> None:
 def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = f"sqlite:///{tmp_path / 'r.db'}"
     store = open_store(db)
-    run_id = store.create_run(config_json="{}", dataset="heart", method="lora", model_name="m",
-                              model_fingerprint="f", trainable_params=100, total_params=10_000,
-                              seed=0)
+    run_id = store.create_run(
+        config_json="{}",
+        dataset="heart",
+        method="lora",
+        model_name="m",
+        model_fingerprint="f",
+        trainable_params=100,
+        total_params=10_000,
+        seed=0,
+    )
     t = datetime(2026, 1, 1)
-    store.add_round(run_id, RoundResult(1, t, t, 1.0, 0.81, 0.8, 0.5, 1, 1, True), [
-        SiteResult(1, "A", "train", "ok", n=30, bytes_up=400),
-        SiteResult(1, "B", "train", "rejected", reason="non-finite: x", bytes_up=400),
-        SiteResult(1, "A", "evaluate", "ok", n=10, auc=0.9),
-        SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.7),
-    ], b"s")
-    store.add_baselines(run_id, [BaselineResult("alone", "A", 30, 10, 0.6, 1.0),
-                                 BaselineResult("alone", "B", 20, 12, 0.5, 1.0),
-                                 BaselineResult("centralized", "A", 50, 10, 0.95, 1.0),
-                                 BaselineResult("centralized", "B", 50, 12, 0.75, 1.0)])
+    store.add_round(
+        run_id,
+        RoundResult(1, t, t, 1.0, 0.81, 0.8, 0.5, 1, 1, True),
+        [
+            SiteResult(1, "A", "train", "ok", n=30, bytes_up=400),
+            SiteResult(1, "B", "train", "rejected", reason="non-finite: x", bytes_up=400),
+            SiteResult(1, "A", "evaluate", "ok", n=10, auc=0.9),
+            SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.7),
+        ],
+        b"s",
+    )
+    store.add_baselines(
+        run_id,
+        [
+            BaselineResult("alone", "A", 30, 10, 0.6, 1.0),
+            BaselineResult("alone", "B", 20, 12, 0.5, 1.0),
+            BaselineResult("centralized", "A", 50, 10, 0.95, 1.0),
+            BaselineResult("centralized", "B", 50, 12, 0.75, 1.0),
+        ],
+    )
     store.finish_run(run_id, status="finished", wall_seconds=3.0)
     store.close()
     assert main(["report", "--db", db, "--plot", str(tmp_path / "auc.png")]) == 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.errors import ConfigError
 
@@ -17,7 +16,7 @@ def test_defaults_are_valid() -> None:
 
 def test_toml_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text('seed = 3\n[federation]\nrounds = 4\n[train]\nlr = 1\n')
+    path.write_text("seed = 3\n[federation]\nrounds = 4\n[train]\nlr = 1\n")
     cfg = load_config(path, {"federation.rounds": 2, "train.batch_size": None})
     assert cfg.seed == 3
     assert cfg.federation.rounds == 2  # the flag wins

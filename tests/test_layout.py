@@ -21,11 +21,14 @@ def _imports(folder: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize(("folder", "forbidden"), [
-    ("server", ("fedpeft.client", "fedpeft.cli")),
-    ("client", ("fedpeft.server", "fedpeft.cli")),
-    ("common", ("fedpeft.server", "fedpeft.client", "fedpeft.cli")),
-])
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("server", ("fedpeft.client", "fedpeft.cli")),
+        ("client", ("fedpeft.server", "fedpeft.cli")),
+        ("common", ("fedpeft.server", "fedpeft.client", "fedpeft.cli")),
+    ],
+)
 def test_dependencies_point_one_way(folder: str, forbidden: tuple[str, ...]) -> None:
     bad = {m for m in _imports(folder) if m.startswith(forbidden)}
     assert not bad, f"{folder}/ imports {sorted(bad)}"

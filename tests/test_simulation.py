@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from fedpeft.common.codec import state_from_bytes
 from fedpeft.common.config import load_config
 from fedpeft.common.data import heart_sites
 from fedpeft.server.store import open_store
+
 from fedpeft.simulate import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -32,10 +32,17 @@ def two_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(folder: Path, db: str, rounds: int = 2) -> object:
-    return load_config(overrides={
-        "data.dataset": str(folder), "db": db, "federation.rounds": rounds,
-        "model.max_length": 64, "train.batch_size": 16, "seed": 1, "device": "cpu",
-    })
+    return load_config(
+        overrides={
+            "data.dataset": str(folder),
+            "db": db,
+            "federation.rounds": rounds,
+            "model.max_length": 64,
+            "train.batch_size": 16,
+            "seed": 1,
+            "device": "cpu",
+        }
+    )
 
 
 def test_two_sites_two_rounds_fill_the_store(two_sites: Path, tmp_path: Path) -> None:
@@ -79,7 +86,9 @@ def test_a_bad_site_is_rejected_and_the_run_goes_on(
 
     db = f"sqlite:///{tmp_path / 'run.db'}"
     result = run_simulation(
-        _config(two_sites, db, rounds=1), client_app=faulty_site.app, cpus=2,  # type: ignore[arg-type]
+        _config(two_sites, db, rounds=1),
+        client_app=faulty_site.app,
+        cpus=2,  # type: ignore[arg-type]
         progress=lambda _: None,
     )
     store = open_store(db)

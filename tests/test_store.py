@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
-
 from fedpeft.common.errors import StoreError
 from fedpeft.server.store import BaselineResult, RoundResult, RunStore, SiteResult, open_store
+from sqlalchemy import create_engine, inspect, text
 
 T0 = datetime(2026, 11, 27, 12, 0, 0)
 
@@ -29,8 +28,14 @@ def store(store_url: str) -> Iterator[RunStore]:
 
 def _run(store: RunStore, seed: int = 0) -> int:
     return store.create_run(
-        config_json='{"seed": 0}', dataset="heart", method="lora", model_name="m",
-        model_fingerprint="sha256:abc", trainable_params=10, total_params=1000, seed=seed,
+        config_json='{"seed": 0}',
+        dataset="heart",
+        method="lora",
+        model_name="m",
+        model_fingerprint="sha256:abc",
+        trainable_params=10,
+        total_params=1000,
+        seed=seed,
     )
 
 
@@ -40,8 +45,18 @@ def _round(n: int, pooled: float = 0.8) -> RoundResult:
 
 def _sites(n: int) -> list[SiteResult]:
     return [
-        SiteResult(n, "A", "train", "ok", n=10, loss=0.3, auc=0.9, bytes_up=400, bytes_down=400,
-                   extra={"steps": 3.0}),
+        SiteResult(
+            n,
+            "A",
+            "train",
+            "ok",
+            n=10,
+            loss=0.3,
+            auc=0.9,
+            bytes_up=400,
+            bytes_down=400,
+            extra={"steps": 3.0},
+        ),
         SiteResult(n, "B", "train", "rejected", reason="shape: x", bytes_up=400),
         SiteResult(n, "A", "evaluate", "ok", n=5, auc=float("nan"), loss=0.2),
     ]
@@ -67,7 +82,10 @@ def test_rounds_sites_and_state(store: RunStore) -> None:
     sites = store.site_results(run_id)
     assert len(sites) == 6
     rejected = [s for s in sites if s.status == "rejected"]
-    assert [(s.round, s.site, s.reason) for s in rejected] == [(1, "B", "shape: x"), (2, "B", "shape: x")]
+    assert [(s.round, s.site, s.reason) for s in rejected] == [
+        (1, "B", "shape: x"),
+        (2, "B", "shape: x"),
+    ]
     ev = [s for s in sites if s.phase == "evaluate"][0]
     assert ev.auc is None  # NaN is stored as "undefined"
     assert [s for s in sites if s.site == "A" and s.phase == "train"][0].extra == {"steps": 3.0}
@@ -86,12 +104,18 @@ def test_round_is_atomic(store: RunStore) -> None:
 
 def test_baselines(store: RunStore) -> None:
     run_id = _run(store)
-    store.add_baselines(run_id, [
-        BaselineResult("alone", "A", 10, 5, 0.7, 3.0),
-        BaselineResult("centralized", "A", 30, 5, float("nan"), 9.0),
-    ])
+    store.add_baselines(
+        run_id,
+        [
+            BaselineResult("alone", "A", 10, 5, 0.7, 3.0),
+            BaselineResult("centralized", "A", 30, 5, float("nan"), 9.0),
+        ],
+    )
     got = store.baselines(run_id)
-    assert [(b.kind, b.site, b.auc) for b in got] == [("alone", "A", 0.7), ("centralized", "A", None)]
+    assert [(b.kind, b.site, b.auc) for b in got] == [
+        ("alone", "A", 0.7),
+        ("centralized", "A", None),
+    ]
 
 
 def test_missing_things_are_store_errors(store: RunStore) -> None:
@@ -113,7 +137,14 @@ def test_runs_are_listed_in_order(store: RunStore) -> None:
 def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> None:
     engine = create_engine(store_url) if store_url != "sqlite://" else store.engine  # type: ignore[attr-defined]
     tables = set(inspect(engine).get_table_names())
-    assert {"runs", "rounds", "site_results", "global_states", "baselines", "alembic_version"} <= tables
+    assert {
+        "runs",
+        "rounds",
+        "site_results",
+        "global_states",
+        "baselines",
+        "alembic_version",
+    } <= tables
     with engine.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
 

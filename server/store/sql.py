@@ -15,12 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
-
 from fedpeft.common.errors import StoreError
 from fedpeft.server.store.base import (
     BaselineResult,
@@ -36,6 +30,11 @@ from fedpeft.server.store.models import (
     RunRow,
     SiteResultRow,
 )
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -96,8 +95,9 @@ class SqlRunStore(RunStore):
         try:
             upgrade_schema(engine)
         except SQLAlchemyError as exc:
+            cause = getattr(exc, "orig", None) or exc
             raise StoreError(
-                f"cannot open store {_safe_url(url)}: {exc.__class__.__name__}: {getattr(exc, 'orig', None) or exc}"
+                f"cannot open store {_safe_url(url)}: {exc.__class__.__name__}: {cause}"
             ) from None
 
     @contextmanager

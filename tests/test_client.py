@@ -1,0 +1,108 @@
+"""The ClientApp's message handling, called directly with real Flower messages (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from fedpeft.client.app import _handle
+from fedpeft.common import keys
+from fedpeft.common.codec import from_array_record, to_array_record, to_numpy
+from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.methods import build_model, shared_state
+from fedpeft.common.model import model_fingerprint, resolve_model_path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+
+def _site_file(folder: Path, rows: int = 40, bad_row: bool = False) -> Path:
+    texts = [
+        f"{50 + i % 20} y male. bp {120 + i}. {'asymptomatic' if i % 2 else 'no pain'}."
+        for i in range(rows)
+    ]
+    if bad_row:
+        texts[5] = " "
+    path = folder / "site-x.csv"
+    pd.DataFrame({"text": texts, "label": [i % 2 for i in range(rows)]}).to_csv(path, index=False)
+    return path
+
+
+def _message(cfg: RunConfig, fingerprint: str, kind: str = "train") -> Message:
+    state = to_numpy(shared_state(build_model(cfg.model, cfg.method, 0.0, cfg.seed)))
+    config = ConfigRecord(
+        {
+            keys.RUN_CONFIG_JSON: cfg.to_json(),
+            keys.RUN_ID: 1,
+            keys.ROUND: 1,
+            keys.MODEL_FINGERPRINT: fingerprint,
+        }
+    )
+    content = RecordDict({keys.ARRAYS: to_array_record(state), keys.CONFIG: config})
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def _context(path: Path) -> Context:
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={keys.NODE_DATA_PATH: str(path), keys.NODE_SITE: "site-x"},
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    """Flower stamps messages with the identity of the process's task; set one, as
+    Flower's own in-process simulation does."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> RunConfig:
+    return load_config(
+        overrides={"data.dataset": str(tmp_path), "model.max_length": 32, "device": "cpu"}
+    )
+
+
+def test_train_replies_with_a_delta_of_the_shared_state(tmp_path: Path, cfg: RunConfig) -> None:
+    path = _site_file(tmp_path)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    reply = _handle(_message(cfg, fp), _context(path), "train")
+    info = reply.content[keys.CONFIG]
+    assert info[keys.STATUS] == "ok" and info[keys.SITE] == "site-x"
+    delta = from_array_record(reply.content[keys.ARRAYS])
+    assert sum(v.size for v in delta.values()) == 74_498
+    assert any(abs(v).max() > 0 for v in delta.values())
+    metrics = reply.content[keys.METRICS]
+    assert metrics[keys.N_TRAIN] > 0 and 0.0 <= metrics[keys.AUC] <= 1.0
+
+
+def test_evaluate_replies_with_a_histogram_not_predictions(tmp_path: Path, cfg: RunConfig) -> None:
+    path = _site_file(tmp_path)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    reply = _handle(_message(cfg, fp, "evaluate"), _context(path), "evaluate")
+    hist = reply.content[keys.HISTOGRAM]
+    n_test = int(reply.content[keys.METRICS][keys.N_TEST])
+    assert sum(hist[keys.HIST_POS]) + sum(hist[keys.HIST_NEG]) == n_test
+    assert keys.ARRAYS not in reply.content
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path: Path, cfg: RunConfig) -> None:
+    path = _site_file(tmp_path)
+    reply = _handle(_message(cfg, "sha256:" + "0" * 64), _context(path), "train")
+    info = reply.content[keys.CONFIG]
+    assert info[keys.STATUS] == "error"
+    assert "fingerprint mismatch" in info[keys.ERROR]
+    assert keys.ARRAYS not in reply.content
+
+
+def test_bad_site_data_reply_carries_no_local_detail(tmp_path: Path, cfg: RunConfig) -> None:
+    path = _site_file(tmp_path, bad_row=True)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    reply = _handle(_message(cfg, fp), _context(path), "train")
+    error = reply.content[keys.CONFIG][keys.ERROR]
+    assert error.startswith("DataError")
+    assert str(tmp_path) not in error and "site-x.csv" not in error and "row" not in error
