@@ -41,6 +41,18 @@ def from_array_record(record: object) -> State:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def message_nbytes(message: object) -> int:
+    """Bytes of a Flower message as it travels: every object of its tree, serialized.
+
+    Flower 1.39 ships a message as a tree of content-addressed objects (the message, its
+    records, each array); this adds up their serialized sizes, framing and names included.
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    objects = get_all_nested_objects(message)  # type: ignore[arg-type]
+    return int(sum(len(obj.deflate()) for obj in objects.values()))
+
+
 def record_nbytes(state: State) -> int:
     """Bytes of the arrays' payload (what a site uploads, before framing)."""
     return int(sum(v.nbytes for v in state.values()))

@@ -19,7 +19,7 @@ from fedpeft.common import keys
 from fedpeft.common.codec import (
     State,
     from_array_record,
-    record_nbytes,
+    message_nbytes,
     state_to_bytes,
     to_array_record,
 )
@@ -46,7 +46,8 @@ class Reply:
     delta: State | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     histogram: tuple[list[int], list[int]] | None = None
-    bytes_up: int = 0
+    bytes_up: int = 0  # the whole reply as serialized by Flower
+    bytes_down: int = 0  # the whole message sent to the site
 
 
 def _now() -> datetime:
@@ -161,9 +162,12 @@ class FederatedRun:
         received = grid.send_and_receive(  # type: ignore[attr-defined]
             messages, timeout=self.cfg.federation.round_timeout_s
         )
+        sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}
         replies = {}
         for msg in received:
             reply = self._decode(msg, kind)
+            reply.bytes_up = message_nbytes(msg)
+            reply.bytes_down = sent.get(reply.node_id, 0)
             replies[reply.node_id] = reply
         for node in nodes:
             if node not in replies:
@@ -206,7 +210,6 @@ class FederatedRun:
             return reply
         try:
             delta = from_array_record(content[keys.ARRAYS])
-            reply.bytes_up = record_nbytes(delta)
             validation.validate_delta(delta, self.state, metrics.get(keys.N_TRAIN, 0.0))
             reply.delta = delta
         except DeltaRejected as exc:
@@ -245,7 +248,6 @@ class FederatedRun:
         )
 
     def _site_rows(self, rnd: int, replies: list[Reply], phase: str) -> list[SiteResult]:
-        down = record_nbytes(self.state)
         rows = []
         for r in replies:
             m = r.metrics
@@ -264,7 +266,7 @@ class FederatedRun:
                     accuracy=m.get(keys.ACCURACY),
                     brier=m.get(keys.BRIER),
                     bytes_up=r.bytes_up,
-                    bytes_down=down,
+                    bytes_down=r.bytes_down,
                     seconds=m.get(keys.TRAIN_SECONDS),
                     extra={
                         k: v
