@@ -93,7 +93,7 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "0.600" in lines["A"] and "0.900" in lines["A"] and "0.950" in lines["A"]
     assert "0.800" in lines["macro (mean of sites)"]  # (0.9 + 0.7) / 2
     assert "0.550" in lines["macro (mean of sites)"]  # alone (0.6 + 0.5) / 2
-    assert "4.00 % of the full model" in out  # 400 bytes of 10,000 params x 4 bytes
+    assert "1.00 % of the full model" in out  # 400 bytes of 10,000 params x 4 bytes
     assert "round 1 train B: rejected (non-finite: x)" in out
     assert (tmp_path / "auc.png").stat().st_size > 1000
 
