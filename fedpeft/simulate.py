@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import load_sites, split_site
 from fedpeft.common.errors import FedpeftError
+from fedpeft.common.model import resolve_device
 from fedpeft.server.app import RunHandle, build_server_app
 from fedpeft.server.store import BaselineResult, open_store
 
@@ -53,7 +54,7 @@ def run_simulation(
 
     sites = check_sites(cfg)
     cpus = cpus or os.cpu_count() or 1
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and _cuda())
+    use_gpu = resolve_device(cfg.device).type == "cuda"  # fails here, clearly, without CUDA
     resources: dict[str, float] = {"num_cpus": 1, "num_gpus": (1 / len(sites)) if use_gpu else 0}
     backend = {
         "client_resources": resources,
@@ -103,9 +104,3 @@ def record_baselines(cfg: RunConfig, run_id: int, progress: Callable[[str], None
         )
     finally:
         store.close()
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -101,3 +101,13 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_report_on_an_empty_store_is_a_clear_error(tmp_path: Path) -> None:
     out = _fedpeft("report", "--db", f"sqlite:///{tmp_path / 'e.db'}")
     assert out.returncode == 2 and "holds no runs" in out.stderr
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    out = _fedpeft("simulate", "--device", "cuda", "--db", f"sqlite:///{tmp_path}/x.db")
+    assert out.returncode == 2
+    assert "no CUDA device is available" in out.stderr
