@@ -54,7 +54,7 @@ class TrainConfig:
 
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.01
     #: Dropout inside the base model's layers (hidden and attention) during training.
     dropout: float = 0.1
