@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedpeft.client.trainer import Encoded, encode, evaluate, train_local
+from fedpeft.client.trainer import Encoded, encode, evaluate, predict, train_local
 from fedpeft.common import keys
 from fedpeft.common.codec import State, from_array_record, to_array_record, to_numpy, to_torch
 from fedpeft.common.config import RunConfig
@@ -161,8 +161,15 @@ def handle_train(
     return delta, metrics
 
 
-def handle_evaluate(cfg: RunConfig, global_state: State, session: SiteSession) -> Evaluation:
-    return evaluate(_model_with(session, cfg, global_state), session.test, session.device)
+def handle_evaluate(
+    cfg: RunConfig, global_state: State, session: SiteSession
+) -> tuple[Evaluation, dict[str, float]]:
+    """The global state on the test rows (reported) and its loss on the validation rows (for
+    choosing the round, as early stopping does in local training)."""
+    model = _model_with(session, cfg, global_state)
+    test = evaluate(model, session.test, session.device)
+    _, val_loss = predict(model, session.val, session.device)
+    return test, {**_metrics(test), keys.VAL_LOSS: val_loss, keys.N_VAL: len(session.val)}
 
 
 def _reply(
@@ -213,8 +220,8 @@ def _handle(msg: Any, context: Any, kind: str) -> Any:
             )
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             return _reply(msg, site, arrays=delta, metrics=metrics)
-        ev = handle_evaluate(cfg, state, session)
-        return _reply(msg, site, metrics=_metrics(ev), ev=ev)
+        ev, metrics = handle_evaluate(cfg, state, session)
+        return _reply(msg, site, metrics=metrics, ev=ev)
     except FedpeftError as exc:
         log.error("site %s: %s", site, exc)
         # The coordinator sees the kind of failure, not local detail (paths, rows).

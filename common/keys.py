@@ -27,6 +27,8 @@ ERROR: Final = "error"
 # MetricRecord keys, site -> server.
 N_TRAIN: Final = "n-train"
 N_TEST: Final = "n-test"
+N_VAL: Final = "n-val"
+VAL_LOSS: Final = "val-loss"  # of the global state on the site's validation rows
 LOSS: Final = "loss"
 AUC: Final = "auc"
 AUPRC: Final = "auprc"

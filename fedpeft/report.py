@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.server.store import RunStore
+from fedpeft.server.strategy import select_round
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class SiteRow:
 class Summary:
     run_id: int
     status: str
+    selected_round: int | None
     method: str
     trainable: int
     total: int
@@ -45,8 +47,8 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
     run = store.get_run(run_id)
     rounds = store.rounds(run.id)
     results = store.site_results(run.id)
-    last = max((r.round for r in rounds), default=0)
-    evals = {r.site: r for r in results if r.phase == "evaluate" and r.round == last}
+    chosen = select_round(rounds)
+    evals = {r.site: r for r in results if r.phase == "evaluate" and r.round == chosen}
     trains = [r for r in results if r.phase == "train"]
     n_train = {r.site: r.n for r in trains if r.n is not None}
     baselines = {(b.kind, b.site): b for b in store.baselines(run.id)}
@@ -73,12 +75,13 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
     return Summary(
         run_id=run.id,
         status=run.status,
+        selected_round=chosen,
         method=run.method,
         trainable=run.trainable_params,
         total=run.total_params,
         rounds=len(rounds),
         rows=rows,
-        pooled_federated=rounds[-1].pooled_auc if rounds else None,
+        pooled_federated=next((r.pooled_auc for r in rounds if r.round == chosen), None),
         bytes_up_per_round={s: sum(v) / len(v) for s, v in uploads.items()},
         full_model_bytes=run.total_params * 4,
         rejections=[
@@ -127,6 +130,10 @@ def render_table(s: Summary) -> str:
     out.append(
         f"run {s.run_id} ({s.status}): method {s.method}, {s.rounds} rounds, {s.trainable:,} of "
         f"{s.total:,} parameters shared ({100 * s.trainable / s.total:.2f} %)"
+    )
+    out.append(
+        f"federated AUC = the global state of round {s.selected_round}, the lowest loss on the "
+        "sites' validation rows (alone and centralized keep their best epoch the same way)"
     )
     full = s.full_model_bytes
     for site, b in sorted(s.bytes_up_per_round.items()):

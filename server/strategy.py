@@ -34,6 +34,9 @@ log = logging.getLogger("fedpeft.server")
 
 Progress = Callable[[str], None]
 
+#: Reply metrics kept in a site result's ``extra`` column.
+EXTRA_METRICS = (keys.STEPS, keys.EPOCHS_RUN, keys.VAL_LOSS, keys.N_VAL, "seconds-per-step")
+
 
 @dataclass
 class Reply:
@@ -59,6 +62,16 @@ def _finite_mean(values: Iterable[float], weights: Iterable[float] | None = None
     w = np.ones_like(v) if weights is None else np.asarray(list(weights), dtype=np.float64)
     ok = np.isfinite(v)
     return float(np.average(v[ok], weights=w[ok])) if ok.any() and w[ok].sum() > 0 else None
+
+
+def select_round(rounds: list[RoundResult]) -> int | None:
+    """The round whose global state the run delivers: the lowest validation loss across sites
+    (the federated form of the early stopping that local training does); the last round when
+    no round has one. Ties go to the earlier round."""
+    scored = [r for r in rounds if r.val_loss is not None and np.isfinite(r.val_loss)]
+    if scored:
+        return min(scored, key=lambda r: (r.val_loss, r.round)).round
+    return rounds[-1].round if rounds else None
 
 
 class FederatedRun:
@@ -88,6 +101,7 @@ class FederatedRun:
         """Run every round; return the final global state."""
         fed = self.cfg.federation
         nodes = self._wait_for_nodes(grid)
+        history: list[RoundResult] = []
         for rnd in range(1, fed.rounds + 1):
             started, t0 = _now(), time.perf_counter()
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
@@ -115,6 +129,11 @@ class FederatedRun:
                 state_to_bytes(self.state),
             )
             self._report(result, replies, evaluations)
+            history.append(result)
+        chosen = select_round(history)
+        self.progress(
+            f"selected the global state of round {chosen} (lowest validation loss across sites)"
+        )
         return self.state
 
     # -- messaging -------------------------------------------------------------------------------
@@ -242,6 +261,10 @@ class FederatedRun:
                 (e.metrics.get(keys.LOSS, float("nan")) for e in ok),
                 (e.metrics.get(keys.N_TEST, 0.0) for e in ok),
             ),
+            val_loss=_finite_mean(
+                (e.metrics.get(keys.VAL_LOSS, float("nan")) for e in ok),
+                (e.metrics.get(keys.N_VAL, 0.0) for e in ok),
+            ),
             accepted=sum(r.status == "ok" for r in replies),
             rejected=sum(r.status != "ok" for r in replies),
             applied=applied,
@@ -268,11 +291,7 @@ class FederatedRun:
                     bytes_up=r.bytes_up,
                     bytes_down=r.bytes_down,
                     seconds=m.get(keys.TRAIN_SECONDS),
-                    extra={
-                        k: v
-                        for k, v in m.items()
-                        if k in (keys.STEPS, keys.EPOCHS_RUN, keys.N_TEST, "seconds-per-step")
-                    },
+                    extra={k: v for k, v in m.items() if k in EXTRA_METRICS},
                 )
             )
         return rows

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 import numpy as np
 import pytest
 from fedpeft.common.errors import DeltaRejected
 from fedpeft.server.aggregation import apply_delta, fedavg
+from fedpeft.server.store import RoundResult
+from fedpeft.server.strategy import select_round
 from fedpeft.server.validation import validate_delta
 
 
@@ -46,6 +50,17 @@ def test_validation_rejects_with_reason(delta: dict[str, np.ndarray], reason: st
     with pytest.raises(DeltaRejected) as info:
         validate_delta(delta, _state(0.0), 10)
     assert info.value.reason == reason
+
+
+def test_select_round_takes_lowest_validation_loss() -> None:
+    def rnd(n: int, val: float | None) -> RoundResult:
+        t = datetime(2026, 1, 1)
+        return RoundResult(n, t, t, 1.0, None, None, None, 1, 0, True, val_loss=val)
+
+    assert select_round([rnd(1, 0.5), rnd(2, 0.3), rnd(3, 0.4)]) == 2
+    assert select_round([rnd(1, 0.3), rnd(2, 0.3)]) == 1  # ties: the earlier round
+    assert select_round([rnd(1, None), rnd(2, None)]) == 2  # nothing to choose by: the last
+    assert select_round([]) is None
 
 
 def test_validation_example_count_and_norm() -> None:

@@ -67,7 +67,7 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     t = datetime(2026, 1, 1)
     store.add_round(
         run_id,
-        RoundResult(1, t, t, 1.0, 0.81, 0.8, 0.5, 1, 1, True),
+        RoundResult(1, t, t, 1.0, 0.81, 0.8, 0.5, 1, 1, True, val_loss=0.4),
         [
             SiteResult(1, "A", "train", "ok", n=30, bytes_up=400),
             SiteResult(1, "B", "train", "rejected", reason="non-finite: x", bytes_up=400),
@@ -75,6 +75,16 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
             SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.7),
         ],
         b"s",
+    )
+    # A later round with a higher validation loss: the report must show round 1's state.
+    store.add_round(
+        run_id,
+        RoundResult(2, t, t, 1.0, 0.5, 0.5, 0.9, 2, 0, True, val_loss=0.9),
+        [
+            SiteResult(2, "A", "evaluate", "ok", n=10, auc=0.4),
+            SiteResult(2, "B", "evaluate", "ok", n=12, auc=0.6),
+        ],
+        b"t",
     )
     store.add_baselines(
         run_id,
@@ -95,6 +105,8 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "0.550" in lines["macro (mean of sites)"]  # alone (0.6 + 0.5) / 2
     assert "1.00 % of the full model" in out  # 400 bytes of 10,000 params x 4 bytes
     assert "round 1 train B: rejected (non-finite: x)" in out
+    assert "global state of round 1, the lowest loss" in out
+    assert "0.810" in lines["pooled (all test rows)"]
     assert (tmp_path / "auc.png").stat().st_size > 1000
 
 

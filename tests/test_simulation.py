@@ -58,6 +58,7 @@ def test_two_sites_two_rounds_fill_the_store(two_sites: Path, tmp_path: Path) ->
     assert [r.round for r in rounds] == [1, 2]
     assert all(r.accepted == 2 and r.rejected == 0 and r.applied for r in rounds)
     assert all(r.pooled_auc is not None and 0.0 <= r.pooled_auc <= 1.0 for r in rounds)
+    assert all(r.val_loss is not None and r.val_loss > 0 for r in rounds)
     results = store.site_results(run.id)
     assert len(results) == 8  # 2 rounds x 2 sites x (train, evaluate)
     for r in results:

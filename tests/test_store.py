@@ -40,7 +40,9 @@ def _run(store: RunStore, seed: int = 0) -> int:
 
 
 def _round(n: int, pooled: float = 0.8) -> RoundResult:
-    return RoundResult(n, T0, T0, 1.5, pooled, 0.75, 0.4, accepted=2, rejected=1, applied=True)
+    return RoundResult(
+        n, T0, T0, 1.5, pooled, 0.75, 0.4, accepted=2, rejected=1, applied=True, val_loss=0.5 / n
+    )
 
 
 def _sites(n: int) -> list[SiteResult]:
@@ -79,6 +81,7 @@ def test_rounds_sites_and_state(store: RunStore) -> None:
     rounds = store.rounds(run_id)
     assert [r.round for r in rounds] == [1, 2]
     assert rounds[1].pooled_auc == pytest.approx(0.82) and rounds[1].applied is True
+    assert rounds[1].val_loss == pytest.approx(0.25)
     sites = store.site_results(run_id)
     assert len(sites) == 6
     rejected = [s for s in sites if s.status == "rejected"]
@@ -146,7 +149,7 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]

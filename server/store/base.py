@@ -45,6 +45,8 @@ class RoundResult:
     accepted: int
     rejected: int
     applied: bool
+    #: Loss of the global state after this round on the sites' validation rows, weighted by n.
+    val_loss: float | None = None
 
 
 @dataclass(frozen=True)

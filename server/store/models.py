@@ -57,6 +57,7 @@ class RoundRow(Base):
     accepted: Mapped[int] = mapped_column(Integer)
     rejected: Mapped[int] = mapped_column(Integer)
     applied: Mapped[int] = mapped_column(Integer)  # 1 when the aggregate became the new global
+    val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)  # migration 0002
 
 
 class SiteResultRow(Base):

@@ -172,6 +172,7 @@ class SqlRunStore(RunStore):
                     accepted=result.accepted,
                     rejected=result.rejected,
                     applied=int(result.applied),
+                    val_loss=_finite(result.val_loss),
                 )
             )
             for site in sites:
