@@ -45,7 +45,8 @@ def message_nbytes(message: object) -> int:
     """Bytes of a Flower message as it travels: every object of its tree, serialized.
 
     Flower 1.39 ships a message as a tree of content-addressed objects (the message, its
-    records, each array); this adds up their serialized sizes, framing and names included.
+    records, each array in chunks); this adds up their serialized sizes, framing and names
+    included. Objects are keyed by content, so identical chunks count once, as Flower sends them.
     """
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
