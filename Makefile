@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	MYPY=$(BIN)/mypy tools/typecheck
+	MYPY=$(abspath $(BIN))/mypy tools/typecheck
 
 pytest: install
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/pytest
