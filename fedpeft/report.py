@@ -158,7 +158,7 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
 
     rounds = store.rounds(run_id)
     results = [r for r in store.site_results(run_id) if r.phase == "evaluate" and r.auc is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     for site in sorted({r.site for r in results}):
         points = [(r.round, r.auc) for r in results if r.site == site]
         n = next((r.n for r in results if r.site == site and r.n is not None), None)
@@ -167,11 +167,17 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
     pooled = [(r.round, r.pooled_auc) for r in rounds if r.pooled_auc is not None]
     if pooled:
         ax.plot(*zip(*pooled, strict=True), color="black", linewidth=2.5, label="pooled")
+    chosen = select_round(rounds)
+    if chosen is not None:
+        ax.axvline(
+            chosen, color="grey", linestyle="--", linewidth=1, label=f"chosen (round {chosen})"
+        )
+    ax.set_xticks([r.round for r in rounds])
     ax.set_xlabel("round")
     ax.set_ylabel("AUC of the global model (site test rows)")
     ax.set_title(f"fedpeft run {run_id}: AUC per round")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
