@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedpeft.client.trainer import Encoded, encode, evaluate, predict, train_local
+from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
 from fedpeft.common.codec import State, from_array_record, to_array_record, to_numpy, to_torch
 from fedpeft.common.config import RunConfig
@@ -85,10 +85,7 @@ def site_session(cfg: RunConfig, node_config: dict[str, Any]) -> SiteSession:
     site = _site_data(cfg, node_config)
     split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
     tokenizer = load_tokenizer(cfg.model)
-    rows = {
-        part: encode(tokenizer, *site.subset(getattr(split, part)), cfg.model.max_length)
-        for part in ("train", "val", "test")
-    }
+    rows = encode_site(tokenizer, site, split, cfg.model.max_length)
     device = resolve_device(cfg.device)
     session = SiteSession(
         site=site.name,

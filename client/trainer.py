@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from fedpeft.common.config import TrainConfig
+from fedpeft.common.data import SiteData, SiteSplit
 from fedpeft.common.methods import load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation, evaluate_scores
 
@@ -41,6 +42,16 @@ class TrainResult:
 def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
     out = tokenizer(texts, truncation=True, max_length=max_length)
     return Encoded(tuple(tuple(x) for x in out["input_ids"]), np.asarray(labels, dtype=np.int64))
+
+
+def encode_site(
+    tokenizer: Any, site: SiteData, split: SiteSplit, max_length: int
+) -> dict[str, Encoded]:
+    """A site's train, val and test rows, tokenized."""
+    return {
+        part: encode(tokenizer, *site.subset(getattr(split, part)), max_length)
+        for part in ("train", "val", "test")
+    }
 
 
 def _batch(rows: Encoded, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     """Train one baseline model and evaluate it on the test rows of each site it covers."""
     import torch
 
-    from fedpeft.client.trainer import Encoded, encode, evaluate, train_local
+    from fedpeft.client.trainer import Encoded, encode_site, evaluate, train_local
     from fedpeft.common.methods import build_model
     from fedpeft.common.model import load_tokenizer, resolve_device
 
@@ -52,10 +52,7 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
         if site.name not in task.sites:
             continue
         split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
-        parts[site.name] = {
-            part: encode(tokenizer, *site.subset(getattr(split, part)), cfg.model.max_length)
-            for part in ("train", "val", "test")
-        }
+        parts[site.name] = encode_site(tokenizer, site, split, cfg.model.max_length)
 
     def union(part: str) -> Encoded:
         rows = [parts[s][part] for s in task.sites]
