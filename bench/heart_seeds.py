@@ -16,9 +16,8 @@ import subprocess
 import sys
 import time
 
-from fedpeft.server.store import open_store
-
 from fedpeft.report import summarize
+from fedpeft.server.store import open_store
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
 from fedpeft.common.codec import State, from_array_record, to_array_record, to_numpy, to_torch

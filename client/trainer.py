@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedpeft.common.config import TrainConfig
 from fedpeft.common.data import SiteData, SiteSplit
 from fedpeft.common.methods import load_shared_state, shared_state

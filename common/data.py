@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from fedpeft.common.config import DataConfig
 from fedpeft.common.errors import DataError
 

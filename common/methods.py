@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from fedpeft.common.config import MethodConfig, ModelConfig
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.model import load_base_model

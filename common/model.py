@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from fedpeft.common.config import ModelConfig
 from fedpeft.common.errors import ModelError
 

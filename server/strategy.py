@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
+
 from fedpeft.common import keys
 from fedpeft.common.codec import (
     State,

@@ -7,6 +7,7 @@ that site and round; the round goes on without it.
 from __future__ import annotations
 
 import numpy as np
+
 from fedpeft.common.codec import State
 from fedpeft.common.errors import DeltaRejected
 

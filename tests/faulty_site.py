@@ -10,10 +10,11 @@ import os
 from typing import Any
 
 import numpy as np
-from fedpeft.client.app import _handle
-from fedpeft.common import keys
 from flwr.app import Array
 from flwr.clientapp import ClientApp
+
+from fedpeft.client.app import _handle
+from fedpeft.common import keys
 
 #: How site 1 corrupts its delta: "nan" (non-finite values) or "shape" (a wrong shape).
 FAULT_ENV = "FEDPEFT_TEST_FAULT"

@@ -4,6 +4,7 @@ from datetime import datetime
 
 import numpy as np
 import pytest
+
 from fedpeft.common.errors import DeltaRejected
 from fedpeft.server.aggregation import apply_delta, fedavg
 from fedpeft.server.store import RoundResult

@@ -6,9 +6,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from fedpeft.server.store import BaselineResult, RoundResult, SiteResult, open_store
 
 from fedpeft.cli import main
+from fedpeft.server.store import BaselineResult, RoundResult, SiteResult, open_store
 
 
 def _fedpeft(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
 from fedpeft.client.app import _handle
 from fedpeft.common import keys
 from fedpeft.common.codec import from_array_record, to_array_record, to_numpy
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.methods import build_model, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
-from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 
 def _site_file(folder: Path, rows: int = 40, bad_row: bool = False) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.errors import ConfigError
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from fedpeft.common.config import DataConfig
 from fedpeft.common.data import (
     HEART_SITES,

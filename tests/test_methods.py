@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from fedpeft.client.trainer import Encoded, encode, predict, train_local
 from fedpeft.common.config import LoraConfig, MethodConfig, ModelConfig, TrainConfig
 from fedpeft.common.errors import ConfigError

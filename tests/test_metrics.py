@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
+
 from fedpeft.common.metrics import (
     auc,
     auc_from_histograms,
@@ -9,7 +11,6 @@ from fedpeft.common.metrics import (
     pooled_auc,
     score_histograms,
 )
-from sklearn.metrics import roc_auc_score
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from fedpeft.common.codec import state_from_bytes
 from fedpeft.common.config import load_config
 from fedpeft.common.data import heart_sites
 from fedpeft.server.store import open_store
-
 from fedpeft.simulate import run_simulation
 
 pytestmark = pytest.mark.slow

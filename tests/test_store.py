@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
+from sqlalchemy import create_engine, inspect, text
+
 from fedpeft.common.errors import StoreError
 from fedpeft.server.store import BaselineResult, RoundResult, RunStore, SiteResult, open_store
-from sqlalchemy import create_engine, inspect, text
 
 T0 = datetime(2026, 11, 27, 12, 0, 0)
 

@@ -15,6 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
 from fedpeft.common.errors import StoreError
 from fedpeft.server.store.base import (
     BaselineResult,
@@ -30,11 +36,6 @@ from fedpeft.server.store.models import (
     RunRow,
     SiteResultRow,
 )
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import StaticPool
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -1,6 +1,7 @@
 """Alembic environment: runs on the connection handed over by ``upgrade_schema``."""
 
 from alembic import context
+
 from fedpeft.server.store.models import Base
 
 connection = context.config.attributes["connection"]
