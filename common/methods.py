@@ -116,3 +116,22 @@ def build_model(
 ) -> torch.nn.Module:
     """The base model with a fresh head (init fixed by ``seed``), wrapped by the PEFT method."""
     return build_method(method_cfg, load_base_model(model_cfg, dropout, seed))
+
+
+@register("ia3")
+def _ia3(cfg: MethodConfig, base: torch.nn.Module) -> torch.nn.Module:
+    """(IA)³: learned scaling vectors on keys, values and the feed-forward inputs (peft's
+    defaults for the model type), plus the head."""
+    from peft import IA3Config, TaskType, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(base, IA3Config(task_type=TaskType.SEQ_CLS))
+
+
+@register("bitfit")
+def _bitfit(cfg: MethodConfig, base: torch.nn.Module) -> torch.nn.Module:
+    """BitFit: only the bias terms train, plus the classification head."""
+    for name, p in base.named_parameters():
+        p.requires_grad_(name.endswith(".bias") or name.startswith("classifier."))
+    return base

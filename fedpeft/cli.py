@@ -32,7 +32,7 @@ QUIET_ENV = {
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="run config TOML (flags override its values)")
     p.add_argument("--dataset", help="heart | pima | PATH to a folder with one data file per site")
-    p.add_argument("--method", help="PEFT method (default: lora)")
+    p.add_argument("--method", help="PEFT method: lora (default), ia3 or bitfit")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")

@@ -34,33 +34,55 @@ def rows() -> Encoded:
     return encode(load_tokenizer(ModelConfig()), TEXTS, LABELS, 64)
 
 
-def _lora(seed: int = 0) -> torch.nn.Module:
-    return build_model(ModelConfig(), MethodConfig(), dropout=0.0, seed=seed)
+METHODS = ("lora", "ia3", "bitfit")
+
+
+def _model(method: str = "lora", seed: int = 0) -> torch.nn.Module:
+    return build_model(ModelConfig(), MethodConfig(name=method), dropout=0.0, seed=seed)
 
 
 def test_registry_refuses_duplicates_and_unknown_names() -> None:
-    assert "lora" in method_names()
+    assert set(METHODS) <= set(method_names())
     with pytest.raises(ValueError, match="already registered"):
         register("lora")(lambda cfg, base: base)
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         build_model(ModelConfig(), MethodConfig(name="nope"), 0.0, 0)
 
 
-def test_lora_trains_exactly_the_formula() -> None:
-    model = _lora()
-    cfg = model.config
-    lora = LoraConfig()
-    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
-    expected = layers * len(lora.target_modules) * lora.r * (hidden + hidden) + hidden * 2 + 2
+def _expected_trainable(method: str, cfg: object) -> int:
+    """The shared parameter count of each method, from the model's shape alone."""
+    h, n_layers = cfg.hidden_size, cfg.num_hidden_layers  # type: ignore[attr-defined]
+    inner = cfg.intermediate_size  # type: ignore[attr-defined]
+    head = h * 2 + 2
+    if method == "lora":  # A (r x h) and B (h x r) on query and value in every layer
+        lora = LoraConfig()
+        return n_layers * len(lora.target_modules) * lora.r * (h + h) + head
+    if method == "ia3":  # key and value outputs; inputs of attention.output and output.dense
+        return n_layers * (h + h + h + inner) + head
+    # bitfit: per layer q, k, v, attention.output, 2 LayerNorms, output.dense (h each) and the
+    # intermediate (inner); the embeddings' LayerNorm and the pooler; the head's weight and bias.
+    return n_layers * (7 * h + inner) + h + h + head
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_the_shared_parameters_train_and_match_the_formula(method: str) -> None:
+    model = _model(method)
     counts = count_parameters(model)
-    assert counts.trainable == expected == 74_498
-    names = shared_state(model).keys()
-    assert all("lora_" in n or "classifier" in n for n in names)
+    assert counts.trainable == _expected_trainable(method, model.config)
     assert counts.fraction < 0.01
+    names = shared_state(model).keys()
+    marker = {"lora": "lora_", "ia3": "ia3_", "bitfit": ".bias"}[method]
+    assert all(marker in n or "classifier" in n for n in names)
+    assert any("classifier" in n for n in names)
 
 
-def test_training_moves_outputs_and_leaves_base_weights(rows: Encoded) -> None:
-    model = _lora()
+def test_lora_default_count() -> None:
+    assert count_parameters(_model("lora")).trainable == 74_498
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_moves_outputs_and_leaves_base_weights(rows: Encoded, method: str) -> None:
+    model = _model(method)
     base_before = {
         n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
     }
@@ -73,17 +95,18 @@ def test_training_moves_outputs_and_leaves_base_weights(rows: Encoded) -> None:
             assert torch.equal(p, base_before[name]), name
 
 
-def test_shared_state_round_trips_into_a_fresh_model(rows: Encoded) -> None:
-    trained = _lora(seed=0)
+@pytest.mark.parametrize("method", METHODS)
+def test_shared_state_round_trips_into_a_fresh_model(rows: Encoded, method: str) -> None:
+    trained = _model(method, seed=0)
     train_local(trained, rows, rows, TrainConfig(lr=5e-3, batch_size=8), 1, CPU, seed=1)
-    fresh = _lora(seed=123)  # a different head init: only the shared state can make them equal
+    fresh = _model(method, seed=123)  # another head init: only the shared state can match them
     assert not np.allclose(predict(fresh, rows, CPU)[0], predict(trained, rows, CPU)[0])
     load_shared_state(fresh, shared_state(trained))
     assert np.array_equal(predict(fresh, rows, CPU)[0], predict(trained, rows, CPU)[0])
 
 
 def test_load_shared_state_refuses_mismatch() -> None:
-    model = _lora()
+    model = _model()
     state = shared_state(model)
     name = next(iter(state))
     with pytest.raises(ValueError, match="missing"):
@@ -95,7 +118,7 @@ def test_load_shared_state_refuses_mismatch() -> None:
 def test_training_is_deterministic_on_cpu(rows: Encoded) -> None:
     outs = []
     for _ in range(2):
-        model = _lora()
+        model = _model()
         train_local(model, rows, rows, TrainConfig(lr=5e-3, batch_size=8), 1, CPU, seed=7)
         outs.append(predict(model, rows, CPU)[0])
     assert np.array_equal(outs[0], outs[1])

@@ -107,3 +107,32 @@ def test_a_bad_site_is_rejected_and_the_run_goes_on(
     evals = [r for r in store.site_results(result.run_id) if r.phase == "evaluate"]
     assert {r.site for r in evals if r.status == "ok"} == {"a-cleveland", "b-hungary"}
     store.close()
+
+
+@pytest.mark.parametrize("method", ["ia3", "bitfit"])
+def test_other_methods_run_a_federated_round(two_sites: Path, tmp_path: Path, method: str) -> None:
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = load_config(
+        overrides={
+            "data.dataset": str(two_sites),
+            "db": db,
+            "federation.rounds": 1,
+            "method.name": method,
+            "model.max_length": 64,
+            "seed": 1,
+            "device": "cpu",
+        }
+    )
+    result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    store = open_store(db)
+    run = store.get_run(result.run_id)
+    assert run.status == "finished" and run.method == method
+    (rnd,) = store.rounds(run.id)
+    assert rnd.accepted == 2 and rnd.applied
+    train = [r for r in store.site_results(run.id) if r.phase == "train"]
+    # The upload is the fp32 delta plus Flower's framing: ~0.6 KB per named array (object ids,
+    # name, shape, dtype) and a few KB for the metrics.
+    payload = run.trainable_params * 4
+    arrays = len(state_from_bytes(store.global_state(run.id)[1]))
+    assert all(payload < r.bytes_up < payload + 600 * arrays + 4096 for r in train)
+    store.close()
