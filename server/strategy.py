@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from fedpeft.common.errors import DeltaRejected
 from fedpeft.common.metrics import pooled_auc
 from fedpeft.server import validation
 from fedpeft.server.aggregation import apply_delta, fedavg
-from fedpeft.server.store import RoundResult, RunStore, SiteResult
+from fedpeft.server.store.base import RoundResult, RunStore, SiteResult, utcnow
 
 log = logging.getLogger("fedpeft.server")
 
@@ -52,10 +52,6 @@ class Reply:
     histogram: tuple[list[int], list[int]] | None = None
     bytes_up: int = 0  # the whole reply as serialized by Flower
     bytes_down: int = 0  # the whole message sent to the site
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _finite_mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float | None:
@@ -98,13 +94,13 @@ class FederatedRun:
 
     # -- the round loop ------------------------------------------------------------------------
 
-    def start(self, grid: object) -> State:
-        """Run every round; return the final global state."""
+    def start(self, grid: object) -> int | None:
+        """Run every round; return the round whose global state the run delivers."""
         fed = self.cfg.federation
         nodes = self._wait_for_nodes(grid)
         history: list[RoundResult] = []
         for rnd in range(1, fed.rounds + 1):
-            started, t0 = _now(), time.perf_counter()
+            started, t0 = utcnow(), time.perf_counter()
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
             sampled = self._sample(nodes)
             self.progress(f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)")
@@ -135,7 +131,7 @@ class FederatedRun:
         self.progress(
             f"selected the global state of round {chosen} (lowest validation loss across sites)"
         )
-        return self.state
+        return chosen
 
     # -- messaging -------------------------------------------------------------------------------
 
@@ -254,7 +250,7 @@ class FederatedRun:
         return RoundResult(
             round=rnd,
             started_at=started,
-            finished_at=_now(),
+            finished_at=utcnow(),
             seconds=time.perf_counter() - t0,
             pooled_auc=pooled_auc(histograms) if histograms else None,
             macro_auc=_finite_mean(e.metrics.get(keys.AUC, float("nan")) for e in ok),

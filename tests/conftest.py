@@ -12,8 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-TESTS = Path(__file__).parent
-
 
 @pytest.fixture(params=["sqlite-memory", "sqlite-file", "postgres"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedpeft.common.codec import state_from_bytes
-from fedpeft.common.config import load_config
+from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.data import heart_sites
 from fedpeft.server.store import open_store
 from fedpeft.simulate import run_simulation
@@ -31,12 +31,13 @@ def two_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _config(folder: Path, db: str, rounds: int = 2) -> object:
+def _config(folder: Path, db: str, rounds: int = 2, method: str = "lora") -> RunConfig:
     return load_config(
         overrides={
             "data.dataset": str(folder),
             "db": db,
             "federation.rounds": rounds,
+            "method.name": method,
             "model.max_length": 64,
             "train.batch_size": 16,
             "seed": 1,
@@ -48,7 +49,7 @@ def _config(folder: Path, db: str, rounds: int = 2) -> object:
 def test_two_sites_two_rounds_fill_the_store(two_sites: Path, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'run.db'}"
     lines: list[str] = []
-    result = run_simulation(_config(two_sites, db), cpus=2, progress=lines.append)  # type: ignore[arg-type]
+    result = run_simulation(_config(two_sites, db), cpus=2, progress=lines.append)
     store = open_store(db)
     run = store.get_run(result.run_id)
     assert run.status == "finished" and run.method == "lora"
@@ -92,7 +93,7 @@ def test_a_bad_site_is_rejected_and_the_run_goes_on(
     result = run_simulation(
         _config(two_sites, db, rounds=1),
         client_app=faulty_site.app,
-        cpus=2,  # type: ignore[arg-type]
+        cpus=2,
         progress=lambda _: None,
     )
     store = open_store(db)
@@ -112,17 +113,7 @@ def test_a_bad_site_is_rejected_and_the_run_goes_on(
 @pytest.mark.parametrize("method", ["ia3", "bitfit"])
 def test_other_methods_run_a_federated_round(two_sites: Path, tmp_path: Path, method: str) -> None:
     db = f"sqlite:///{tmp_path / 'run.db'}"
-    cfg = load_config(
-        overrides={
-            "data.dataset": str(two_sites),
-            "db": db,
-            "federation.rounds": 1,
-            "method.name": method,
-            "model.max_length": 64,
-            "seed": 1,
-            "device": "cpu",
-        }
-    )
+    cfg = _config(two_sites, db, rounds=1, method=method)
     result = run_simulation(cfg, cpus=2, progress=lambda _: None)
     store = open_store(db)
     run = store.get_run(result.run_id)

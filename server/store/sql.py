@@ -11,7 +11,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ from fedpeft.server.store.base import (
     RunInfo,
     RunStore,
     SiteResult,
+    utcnow,
 )
 from fedpeft.server.store.models import (
     BaselineRow,
@@ -39,10 +39,6 @@ from fedpeft.server.store.models import (
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _finite(value: float | None) -> float | None:
@@ -130,7 +126,7 @@ class SqlRunStore(RunStore):
         seed: int,
     ) -> int:
         row = RunRow(
-            created_at=_now(),
+            created_at=utcnow(),
             status="running",
             config_json=config_json,
             dataset=dataset,
@@ -153,7 +149,7 @@ class SqlRunStore(RunStore):
             row = s.get(RunRow, run_id)
             if row is None:
                 raise StoreError(f"no run {run_id}")
-            row.status, row.error, row.finished_at = status, error, _now()
+            row.status, row.error, row.finished_at = status, error, utcnow()
             row.wall_seconds = wall_seconds
 
     def add_round(
