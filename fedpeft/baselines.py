@@ -77,13 +77,22 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     ]
 
 
+BASELINE_KINDS = ("centralized", "alone")
+
+
 def run_baselines(
-    cfg: RunConfig, workers: int = 2, progress: Callable[[str], None] = print
+    cfg: RunConfig,
+    workers: int = 2,
+    progress: Callable[[str], None] = print,
+    kinds: tuple[str, ...] = BASELINE_KINDS,
 ) -> list[BaselineOutcome]:
-    """Alone for every site and centralized, spread over ``workers`` single-thread processes."""
+    """Alone for every site and/or centralized (``kinds``), spread over ``workers``
+    single-thread processes."""
     names = tuple(s.name for s in load_sites(cfg.data))
     # Largest first, so the centralized model does not start last and leave a core idle.
-    tasks = [BaselineTask("centralized", names)] + [BaselineTask("alone", (n,)) for n in names]
+    tasks = [BaselineTask("centralized", names)] if "centralized" in kinds else []
+    if "alone" in kinds:
+        tasks += [BaselineTask("alone", (n,)) for n in names]
     outcomes: list[BaselineOutcome] = []
     # A process pool that fails loudly (BrokenProcessPool) if a worker dies, instead of hanging.
     with ProcessPoolExecutor(

@@ -32,13 +32,17 @@ QUIET_ENV = {
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="run config TOML (flags override its values)")
     p.add_argument("--dataset", help="heart | pima | PATH to a folder with one data file per site")
-    p.add_argument("--method", help="PEFT method: lora (default), ia3 or bitfit")
+    p.add_argument(
+        "--method",
+        help="fine-tuning method: lora (default), prefix, prompt, ia3, adapter, bitfit or "
+        "full; its own settings go in the config file's [method.NAME] table",
+    )
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
     p.add_argument("--local-epochs", type=int, help="local epochs per round at each site")
     p.add_argument("--batch-size", type=int, help="local batch size")
-    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's own)")
     p.add_argument("--seed", type=int, help="seed for splits, init, sampling and training")
     p.add_argument("--db", help="SQLAlchemy URL of the run store (default sqlite:///fedpeft.db)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
@@ -79,7 +83,13 @@ def parser() -> argparse.ArgumentParser:
         "real hospitals.",
     )
     _add_run_options(sim)
-    sim.add_argument("--no-baselines", action="store_true", help="skip alone/centralized training")
+    sim.add_argument(
+        "--baselines",
+        choices=("all", "alone", "centralized", "none"),
+        default="all",
+        help="which baselines to train after the federated run (default all)",
+    )
+    sim.add_argument("--no-baselines", action="store_true", help="same as --baselines none")
     sim.add_argument(
         "--plot", type=Path, default=None, help="PNG of AUC per round (default fedpeft-run-ID.png)"
     )
@@ -91,6 +101,20 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store")
     rep.add_argument("--plot", type=Path, help="also write the AUC-per-round PNG here")
     rep.add_argument("--list", action="store_true", help="list the runs in the store")
+
+    exp = sub.add_parser(
+        "export",
+        help="write a run's final global state for peft's own loader (or safetensors)",
+        description="Write the global state a run delivered (the round with the lowest "
+        "validation loss) to a new folder: for lora, prefix, prompt and ia3 a peft adapter that "
+        "peft.PeftModel.from_pretrained(base, OUT) loads; for adapter, bitfit and full a "
+        "safetensors file that fedpeft.common.export.load_export(OUT) loads. "
+        "fedpeft-export.json beside it records the run, round, method and base-model fingerprint.",
+    )
+    exp.add_argument("--run", type=int, help="run id (default: the latest)")
+    exp.add_argument("--out", type=Path, required=True, help="new or empty folder to write")
+    exp.add_argument("--round", type=int, help="export this round instead of the delivered one")
+    exp.add_argument("--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store")
     return p
 
 
@@ -110,9 +134,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     result = run_simulation(cfg, cpus=args.cpus, progress=_say, verbose=args.verbose)
     _say(f"federated run {result.run_id} done in {result.seconds:.0f} s")
-    if not args.no_baselines:
-        _say("training the baselines (alone per site, centralized on all sites' training rows)")
-        record_baselines(cfg, result.run_id, progress=_say)
+    kinds = {
+        "all": ("centralized", "alone"),
+        "alone": ("alone",),
+        "centralized": ("centralized",),
+        "none": (),
+    }[("none" if args.no_baselines else args.baselines)]
+    if kinds:
+        _say(
+            f"training the baselines ({' and '.join(kinds)}: alone = each site on its own rows, "
+            "centralized = all sites' training rows pooled)"
+        )
+        record_baselines(cfg, result.run_id, progress=_say, kinds=kinds)
     store = open_store(cfg.db)
     try:
         print()
@@ -147,6 +180,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedpeft.common.codec import state_from_bytes, to_torch
+    from fedpeft.common.config import RunConfig
+    from fedpeft.common.export import export_state
+    from fedpeft.server.store import open_store
+    from fedpeft.server.strategy import select_round
+
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise FedpeftError(f"{args.out}: exists and is not an empty folder; choose a new --out")
+    store = open_store(args.db)
+    try:
+        run = store.get_run(args.run)
+        chosen = args.round if args.round is not None else select_round(store.rounds(run.id))
+        if chosen is None:
+            raise FedpeftError(f"run {run.id} has no stored round to export")
+        if run.status != "finished":
+            _say(f"warning: run {run.id} is {run.status}; exporting its round {chosen}")
+        round_, data = store.global_state(run.id, chosen)
+    finally:
+        store.close()
+    cfg = RunConfig.from_json(run.config_json)
+    files = export_state(
+        cfg,
+        to_torch(state_from_bytes(data)),
+        args.out,
+        run_id=run.id,
+        round=round_,
+        fingerprint=run.model_fingerprint,
+    )
+    _say(f"exported run {run.id} ({run.method}), global state of round {round_}:")
+    for f in files:
+        print(f"  {f} ({f.stat().st_size:,} bytes)")
+    return 0
+
+
 def _say(text: str) -> None:
     print(f"[fedpeft {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
@@ -155,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.update(QUIET_ENV)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"simulate": cmd_simulate, "report": cmd_report}
+    commands = {"simulate": cmd_simulate, "report": cmd_report, "export": cmd_export}
     try:
         return commands[args.command](args)
     except FedpeftError as exc:

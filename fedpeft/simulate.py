@@ -89,10 +89,17 @@ def run_simulation(
     return SimulationResult(handle.run_id, time.perf_counter() - started)
 
 
-def record_baselines(cfg: RunConfig, run_id: int, progress: Callable[[str], None] = print) -> None:
+def record_baselines(
+    cfg: RunConfig,
+    run_id: int,
+    progress: Callable[[str], None] = print,
+    kinds: tuple[str, ...] = ("centralized", "alone"),
+) -> None:
     from fedpeft.baselines import run_baselines
 
-    outcomes = run_baselines(cfg, workers=min(2, os.cpu_count() or 1), progress=progress)
+    outcomes = run_baselines(
+        cfg, workers=min(2, os.cpu_count() or 1), progress=progress, kinds=kinds
+    )
     store = open_store(cfg.db)
     try:
         store.add_baselines(

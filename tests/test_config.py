@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.config import METHOD_LR, RunConfig, load_config
 from fedpeft.common.errors import ConfigError
 
 
@@ -58,3 +58,26 @@ def test_json_round_trip_is_exact() -> None:
     again = RunConfig.from_json(cfg.to_json())
     assert again == cfg
     assert again.method.lora.target_modules == ("query",)
+
+
+def test_each_method_trains_at_its_own_rate_unless_told() -> None:
+    assert load_config().train.lr == METHOD_LR["lora"]
+    full = load_config(overrides={"method.name": "full"})
+    assert full.train.lr == METHOD_LR["full"] < METHOD_LR["lora"]
+    assert RunConfig.from_json(full.to_json()).train.lr == METHOD_LR["full"]  # stored resolved
+    assert load_config(overrides={"method.name": "full", "train.lr": 0.1}).train.lr == 0.1
+    with pytest.raises(ConfigError, match="'mine' has no default learning rate"):
+        load_config(overrides={"method.name": "mine"})
+    assert load_config(overrides={"method.name": "mine", "train.lr": 0.1}).method.name == "mine"
+
+
+def test_method_settings_are_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            overrides={
+                "method.prefix.num_virtual_tokens": 0,
+                "method.prompt.init": "words",
+                "method.adapter.placement": ["attention", "everywhere"],
+            }
+        )
+    assert len(info.value.problems) == 3

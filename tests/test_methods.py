@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from fedpeft.client.trainer import Encoded, encode, predict, train_local
-from fedpeft.common.config import LoraConfig, MethodConfig, ModelConfig, TrainConfig
-from fedpeft.common.errors import ConfigError
+from fedpeft.common.config import (
+    AdapterConfig,
+    LoraConfig,
+    MethodConfig,
+    ModelConfig,
+    PrefixConfig,
+    PromptConfig,
+    TrainConfig,
+)
+from fedpeft.common.errors import ConfigError, ModelError
 from fedpeft.common.methods import (
+    build_method,
     build_model,
     count_parameters,
     load_shared_state,
@@ -34,7 +43,8 @@ def rows() -> Encoded:
     return encode(load_tokenizer(ModelConfig()), TEXTS, LABELS, 64)
 
 
-METHODS = ("lora", "ia3", "bitfit")
+METHODS = ("lora", "prefix", "prompt", "ia3", "adapter", "bitfit", "full")
+PEFT = tuple(m for m in METHODS if m != "full")
 
 
 def _model(method: str = "lora", seed: int = 0) -> torch.nn.Module:
@@ -54,6 +64,19 @@ def _expected_trainable(method: str, cfg: object) -> int:
     h, n_layers = cfg.hidden_size, cfg.num_hidden_layers  # type: ignore[attr-defined]
     inner = cfg.intermediate_size  # type: ignore[attr-defined]
     head = h * 2 + 2
+    if method == "prefix":  # a key and a value vector per virtual token in every layer
+        return PrefixConfig().num_virtual_tokens * n_layers * 2 * h + head
+    if method == "prompt":  # one input embedding per virtual token
+        return PromptConfig().num_virtual_tokens * h + head
+    if method == "adapter":  # down (h -> b, bias b) and up (b -> h, bias h) per placement
+        b, places = AdapterConfig().bottleneck, len(AdapterConfig().placement)
+        return n_layers * places * (2 * h * b + b + h) + head
+    if method == "full":  # embeddings, layers (4 attention projections, FFN, 2 LayerNorms), pooler
+        vocab, positions = cfg.vocab_size, cfg.max_position_embeddings  # type: ignore[attr-defined]
+        types = cfg.type_vocab_size  # type: ignore[attr-defined]
+        embeddings = (vocab + positions + types) * h + 2 * h
+        layer = 4 * (h * h + h) + (h * inner + inner) + (inner * h + h) + 2 * 2 * h
+        return embeddings + n_layers * layer + (h * h + h) + head
     if method == "lora":  # A (r x h) and B (h x r) on query and value in every layer
         lora = LoraConfig()
         return n_layers * len(lora.target_modules) * lora.r * (h + h) + head
@@ -69,11 +92,21 @@ def test_only_the_shared_parameters_train_and_match_the_formula(method: str) -> 
     model = _model(method)
     counts = count_parameters(model)
     assert counts.trainable == _expected_trainable(method, model.config)
+    if method == "full":
+        assert counts.trainable == counts.total
+        return
     assert counts.fraction < 0.01
     names = shared_state(model).keys()
-    marker = {"lora": "lora_", "ia3": "ia3_", "bitfit": ".bias"}[method]
+    marker = {
+        "lora": "lora_",
+        "prefix": "prompt_encoder",
+        "prompt": "prompt_encoder",
+        "ia3": "ia3_",
+        "adapter": ".adapter.",
+        "bitfit": ".bias",
+    }[method]
     assert all(marker in n or "classifier" in n for n in names)
-    assert any("classifier" in n for n in names)
+    assert any("classifier" in n for n in names) and any(marker in n for n in names)
 
 
 def test_lora_default_count() -> None:
@@ -86,6 +119,7 @@ def test_training_moves_outputs_and_leaves_base_weights(rows: Encoded, method: s
     base_before = {
         n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad
     }
+    assert (len(base_before) == 0) == (method == "full")
     scores_before, _ = predict(model, rows, CPU)
     train_local(model, rows, rows, TrainConfig(lr=5e-3, batch_size=8), 2, CPU, seed=0)
     scores_after, _ = predict(model, rows, CPU)
@@ -122,3 +156,113 @@ def test_training_is_deterministic_on_cpu(rows: Encoded) -> None:
         train_local(model, rows, rows, TrainConfig(lr=5e-3, batch_size=8), 1, CPU, seed=7)
         outs.append(predict(model, rows, CPU)[0])
     assert np.array_equal(outs[0], outs[1])
+
+
+def _scores_without_method(seed: int, rows: Encoded) -> np.ndarray:
+    """The same base model and head init, with no method applied."""
+    from fedpeft.common.model import load_base_model
+
+    return predict(load_base_model(ModelConfig(), 0.0, seed), rows, CPU)[0]
+
+
+def test_adapter_starts_as_the_base_model(rows: Encoded) -> None:
+    # The zero-initialized up-projection makes every new adapter the identity.
+    assert np.allclose(predict(_model("adapter"), rows, CPU)[0], _scores_without_method(0, rows))
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prefix_and_prompt_are_not_silently_ignored(rows: Encoded, method: str) -> None:
+    """Before any training, the learned vectors already change the output: they reach the
+    attention (prefix) or the input (prompt). Then a loss gradient reaches them."""
+    model = _model(method)
+    assert not np.allclose(predict(model, rows, CPU)[0], _scores_without_method(0, rows))
+    batch = {
+        "input_ids": torch.tensor([rows.ids[0]]),
+        "attention_mask": torch.ones(1, len(rows.ids[0]), dtype=torch.long),
+        "labels": torch.tensor([1]),
+    }
+    model.train()
+    model(**batch).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "prompt_encoder" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def _tiny_decoder() -> torch.nn.Module:
+    """A small Llama-architecture classifier with random weights (no download): prefix tuning
+    must also work on a decoder, whose cache holds grouped key/value heads."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+        vocab_size=100,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def test_prefix_works_on_a_decoder() -> None:
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = (ids != 0).long()
+    base = _tiny_decoder().eval()
+    with torch.no_grad():
+        without = base(input_ids=ids, attention_mask=mask).logits
+    model = build_method(MethodConfig(name="prefix"), base)
+    model.eval()
+    with_prefix = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(with_prefix, without)
+    # Padding does not leak into the result: the short row alone scores the same.
+    alone = model(input_ids=ids[1:, :2], attention_mask=mask[1:, :2]).logits
+    assert torch.allclose(alone, with_prefix[1:], atol=1e-5)
+    model.train()
+    loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    (prefix,) = [p for n, p in model.named_parameters() if "prompt_encoder" in n]
+    assert prefix.grad is not None and prefix.grad.abs().sum() > 0
+
+
+def test_prefix_refuses_a_model_that_would_ignore_it() -> None:
+    """MPNet's attention has no key/value cache: the prefix would silently do nothing."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_size=64,
+        intermediate_size=128,
+        vocab_size=100,
+        num_labels=2,
+    )
+    with pytest.raises(ModelError, match="no effect on model type 'mpnet'"):
+        build_method(MethodConfig(name="prefix"), MPNetForSequenceClassification(config))
+
+
+def test_adapter_refuses_a_model_without_its_projections() -> None:
+    with pytest.raises(
+        ModelError, match="no attention or ffn output projection found in model type .llama."
+    ):
+        build_method(MethodConfig(name="adapter"), _tiny_decoder())
+
+
+def test_prompt_init_from_text_uses_the_texts_token_embeddings() -> None:
+    model = build_model(
+        ModelConfig(),
+        MethodConfig(
+            name="prompt", prompt=PromptConfig(num_virtual_tokens=6, init_text="chest pain")
+        ),
+        dropout=0.0,
+        seed=0,
+    )
+    tokenizer = load_tokenizer(ModelConfig())
+    ids = tokenizer("chest pain")["input_ids"]  # [CLS] chest pain [SEP]
+    words = model.get_input_embeddings().weight  # type: ignore[operator]
+    prompt = next(p for n, p in model.named_parameters() if "prompt_encoder" in n)
+    # peft repeats the text's tokens to fill the virtual tokens.
+    expected = words[[ids[i % len(ids)] for i in range(6)]]
+    assert torch.equal(prompt.detach(), expected.detach())

@@ -110,7 +110,7 @@ def test_a_bad_site_is_rejected_and_the_run_goes_on(
     store.close()
 
 
-@pytest.mark.parametrize("method", ["ia3", "bitfit"])
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ia3", "adapter", "bitfit", "full"])
 def test_other_methods_run_a_federated_round(two_sites: Path, tmp_path: Path, method: str) -> None:
     db = f"sqlite:///{tmp_path / 'run.db'}"
     cfg = _config(two_sites, db, rounds=1, method=method)

@@ -1,0 +1,124 @@
+"""Export a run's global state in formats the ecosystem loads, and load it back.
+
+An export directory always holds ``fedpeft-export.json`` (run, round, method, the run config and
+the base model's fingerprint). Beside it:
+
+* peft-backed methods (``lora``, ``prefix``, ``prompt``, ``ia3``): peft's own
+  ``adapter_config.json`` + ``adapter_model.safetensors``, with the classification head saved as
+  a module to save. Load it with::
+
+      base = AutoModelForSequenceClassification.from_pretrained(BASE_DIR, num_labels=2)
+      model = peft.PeftModel.from_pretrained(base, EXPORT_DIR)
+      # prefix only, with transformers 5 + peft 0.21 (see methods.enable_prefix_tuning):
+      fedpeft.common.methods.enable_prefix_tuning(model)
+
+* ``adapter``, ``bitfit``, ``full``: ``fedpeft_state.safetensors``, the shared parameters by
+  their names in the fedpeft model (the state that was federated), fp32. Load it with
+  :func:`load_export`, which builds the base model, applies the method and copies the tensors.
+
+:func:`load_export` loads every kind of export; it checks the base model's fingerprint first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedpeft.common.config import RunConfig
+from fedpeft.common.errors import FingerprintMismatch, ModelError
+from fedpeft.common.methods import build_model, enable_prefix_tuning, load_shared_state
+from fedpeft.common.model import load_base_model, model_fingerprint, resolve_model_path
+
+MANIFEST = "fedpeft-export.json"
+STATE_FILE = "fedpeft_state.safetensors"
+PEFT_METHODS = ("lora", "prefix", "prompt", "ia3")
+
+
+def export_state(
+    cfg: RunConfig,
+    state: dict[str, torch.Tensor],
+    out: Path,
+    *,
+    run_id: int,
+    round: int,
+    fingerprint: str,
+) -> list[Path]:
+    """Write ``state`` (a global shared state of a run with ``cfg``) to ``out``; return the files
+    written. Refuses a base model whose fingerprint differs from the run's."""
+    local = model_fingerprint(resolve_model_path(cfg.model))
+    if local != fingerprint:
+        raise FingerprintMismatch(
+            f"the base model here ({local}) is not the run's ({fingerprint}); export on a "
+            "machine with the run's base model"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.model, cfg.method, dropout=0.0, seed=cfg.seed)
+    load_shared_state(model, state)
+    if cfg.method.name in PEFT_METHODS:
+        model.save_pretrained(str(out))  # type: ignore[operator]
+        files = [out / "adapter_config.json", out / "adapter_model.safetensors"]
+    else:
+        from safetensors.torch import save_file
+
+        save_file(
+            {name: t.contiguous() for name, t in state.items()},
+            str(out / STATE_FILE),
+            metadata={"fedpeft.method": cfg.method.name, "fedpeft.fingerprint": fingerprint},
+        )
+        files = [out / STATE_FILE]
+    manifest = {
+        "format": 1,
+        "run_id": run_id,
+        "round": round,
+        "method": cfg.method.name,
+        "base_model": resolve_model_path(cfg.model),
+        "base_model_fingerprint": fingerprint,
+        "files": [f.name for f in files],
+        "config": json.loads(cfg.to_json()),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return [*files, out / MANIFEST]
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such file; is {folder} a fedpeft export?") from None
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+    return manifest
+
+
+def load_export(folder: Path, base_model: str | None = None) -> torch.nn.Module:
+    """The exported model, ready for inference: the base model (``base_model``, else the one the
+    run used) with the method applied and the exported state loaded."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    values = manifest["config"]
+    if base_model is not None:
+        values = {**values, "model": {**values["model"], "name_or_path": base_model}}
+    cfg = RunConfig.from_json(json.dumps(values))
+    path = resolve_model_path(cfg.model)
+    if model_fingerprint(path) != manifest["base_model_fingerprint"]:
+        raise FingerprintMismatch(
+            f"{path} is not the base model this export was trained on "
+            f"({manifest['base_model_fingerprint']})"
+        )
+    if manifest["method"] in PEFT_METHODS:
+        from peft import PeftModel
+
+        base = load_base_model(cfg.model, dropout=0.0, seed=cfg.seed)
+        peft_model = PeftModel.from_pretrained(base, str(folder))
+        if manifest["method"] == "prefix":
+            enable_prefix_tuning(peft_model)
+        return peft_model
+    from safetensors.torch import load_file
+
+    model = build_model(cfg.model, cfg.method, dropout=0.0, seed=cfg.seed)
+    load_shared_state(model, load_file(str(folder / STATE_FILE)))
+    return model

@@ -1,0 +1,136 @@
+"""`fedpeft export`: what it writes loads with peft's own loader (or ours) and predicts the same."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeft.cli import main
+from fedpeft.client.trainer import Encoded, encode, predict
+from fedpeft.common.codec import state_to_bytes, to_numpy
+from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.errors import FingerprintMismatch
+from fedpeft.common.export import MANIFEST, PEFT_METHODS, export_state, load_export
+from fedpeft.common.methods import (
+    build_model,
+    enable_prefix_tuning,
+    load_shared_state,
+    method_names,
+    shared_state,
+)
+from fedpeft.common.model import default_model_dir, load_tokenizer, model_fingerprint
+from fedpeft.server.store import RoundResult, open_store
+
+CPU = torch.device("cpu")
+TEXTS = [
+    "63 y male. typical angina. bp 145. chol 233.",
+    "41 y female. atypical angina. bp 130. chol 204.",
+    "67 y male. asymptomatic. bp 160. chol 286. exercise angina.",
+]
+
+
+@pytest.fixture(scope="module")
+def rows() -> Encoded:
+    cfg = load_config()
+    return encode(load_tokenizer(cfg.model), TEXTS, np.array([0, 0, 1]), 64)
+
+
+def _trained_state(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A model whose shared state is far from its init, as after federated training."""
+    model = build_model(cfg.model, cfg.method, dropout=0.0, seed=cfg.seed)
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        name: t + 0.05 * torch.randn(t.shape, generator=gen)
+        for name, t in shared_state(model).items()
+    }
+    load_shared_state(model, state)
+    return model, state
+
+
+def _fingerprint() -> str:
+    return model_fingerprint(str(default_model_dir()))
+
+
+def test_every_method_has_an_export_format() -> None:
+    assert set(PEFT_METHODS) <= set(method_names())
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3", "adapter", "bitfit", "full"])
+def test_export_loads_with_the_ecosystems_tools_and_predicts_the_same(
+    tmp_path: Path, rows: Encoded, method: str
+) -> None:
+    cfg = load_config(overrides={"method.name": method, "seed": 3})
+    model, state = _trained_state(cfg)
+    expected = predict(model, rows, CPU)[0]
+    out = tmp_path / "export"
+    export_state(cfg, state, out, run_id=7, round=2, fingerprint=_fingerprint())
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["run_id"], manifest["round"], manifest["method"]) == (7, 2, method)
+    if method in PEFT_METHODS:
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(default_model_dir(), num_labels=2)
+        loaded = PeftModel.from_pretrained(base, str(out))
+        if method == "prefix":
+            enable_prefix_tuning(loaded)
+        assert np.allclose(predict(loaded, rows, CPU)[0], expected, atol=1e-6)
+    else:
+        assert not (out / "adapter_config.json").exists()
+    # Our own loader gives the same predictions for every method.
+    assert np.allclose(predict(load_export(out), rows, CPU)[0], expected, atol=1e-6)
+
+
+def test_export_refuses_another_base_model(tmp_path: Path) -> None:
+    cfg = load_config(overrides={"method.name": "bitfit"})
+    _, state = _trained_state(cfg)
+    with pytest.raises(FingerprintMismatch, match="not the run's"):
+        export_state(cfg, state, tmp_path / "x", run_id=1, round=1, fingerprint="sha256:other")
+    out = tmp_path / "ok"
+    export_state(cfg, state, out, run_id=1, round=1, fingerprint=_fingerprint())
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "base_model_fingerprint": "sha256:x"}))
+    with pytest.raises(FingerprintMismatch, match="not the base model"):
+        load_export(out)
+
+
+def test_cli_exports_the_delivered_round(
+    tmp_path: Path, rows: Encoded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = load_config(overrides={"method.name": "lora", "seed": 3})
+    model, good = _trained_state(cfg)
+    expected = predict(model, rows, CPU)[0]
+    worse = {name: t * 0 for name, t in good.items()}
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    store = open_store(db)
+    run_id = store.create_run(
+        config_json=cfg.to_json(),
+        dataset="heart",
+        method="lora",
+        model_name="m",
+        model_fingerprint=_fingerprint(),
+        trainable_params=1,
+        total_params=1,
+        seed=3,
+    )
+    t = datetime(2026, 1, 1)
+    # Round 1 has the lower validation loss, so it is the delivered state, not the last one.
+    for rnd, state, val_loss in ((1, good, 0.4), (2, worse, 0.9)):
+        result = RoundResult(rnd, t, t, 1.0, 0.8, 0.8, 0.5, 1, 0, True, val_loss=val_loss)
+        store.add_round(run_id, result, [], state_to_bytes(to_numpy(state)))
+    store.finish_run(run_id, status="finished", wall_seconds=1.0)
+    store.close()
+
+    out = tmp_path / "adapter"
+    assert main(["export", "--db", db, "--out", str(out)]) == 0
+    assert "global state of round 1" in capsys.readouterr().out
+    assert json.loads((out / MANIFEST).read_text())["round"] == 1
+    assert np.allclose(predict(load_export(out), rows, CPU)[0], expected, atol=1e-6)
+    # An existing export is never overwritten.
+    assert main(["export", "--db", db, "--out", str(out)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
