@@ -31,6 +31,31 @@ class StoreError(FedpeftError):
     """The run store failed; wraps the database error without leaking its connection string."""
 
 
+class KeyFileError(FedpeftError):
+    """A key file that is missing, unreadable, of the wrong type or readable by others."""
+
+
+# Reason codes of DeltaRejected: short and stable, recorded in the store per site and round.
+NAMES = "names"
+SHAPE = "shape"
+DTYPE = "dtype"
+NON_FINITE = "non-finite"
+NORM = "norm"
+EXAMPLES = "examples"
+SITE_ERROR = "site-error"
+NO_REPLY = "no-reply"
+MALFORMED = "malformed"
+TOO_LARGE = "too-large"
+UNKNOWN_SITE = "unknown-site"
+BAD_SIGNATURE = "bad-signature"
+WRONG_RUN = "wrong-run"
+WRONG_ROUND = "wrong-round"
+TAMPERED = "tampered"
+FINGERPRINT = "fingerprint"
+METHOD = "method"
+SCHEMA = "schema"
+
+
 class DeltaRejected(FedpeftError):
     """A site's update was refused for one round. ``reason`` is a short stable code."""
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 import numpy as np
 
 from fedpeft.common.codec import State
-from fedpeft.common.errors import DeltaRejected
-
-# Reason codes.
-NAMES = "names"
-SHAPE = "shape"
-DTYPE = "dtype"
-NON_FINITE = "non-finite"
-NORM = "norm"
-EXAMPLES = "examples"
-SITE_ERROR = "site-error"
-NO_REPLY = "no-reply"
-MALFORMED = "malformed"
+from fedpeft.common.errors import (  # noqa: F401  (reason codes, used through this module)
+    DTYPE,
+    EXAMPLES,
+    MALFORMED,
+    NAMES,
+    NO_REPLY,
+    NON_FINITE,
+    NORM,
+    SHAPE,
+    SITE_ERROR,
+    DeltaRejected,
+)
 
 
 def validate_delta(
