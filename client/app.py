@@ -1,9 +1,11 @@
 """The Flower ClientApp: what runs at a hospital site for each message from the coordinator.
 
-``train``: check the base-model fingerprint, load the global shared state, train locally on the
-site's own rows, evaluate, and reply with ``delta = local - global`` over the shared parameters
-plus metrics. ``evaluate``: score the global state on the site's held-out rows and reply with
-metrics and a score histogram by label (for the pooled AUC), never individual predictions.
+``train``: verify the coordinator's signature on the global state, check the base-model
+fingerprint, train locally on the site's own rows, evaluate, and reply with
+``delta = local - global`` over the shared parameters, sealed for the run's key and signed with
+the site's identity key (common/envelope.py), plus metrics. ``evaluate``: score the global
+state on the site's held-out rows and reply with metrics and a score histogram by label (for
+the pooled AUC), never individual predictions.
 
 A failure at the site becomes a reply with status ``error`` and a short reason free of local
 detail (no paths, no rows); the detail goes to the site's own log.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +26,11 @@ import torch
 
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
-from fedpeft.common.codec import State, from_array_record, to_array_record, to_numpy, to_torch
+from fedpeft.common.codec import State, blob_record, from_blob_record, to_numpy, to_torch
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
-from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch
+from fedpeft.common.envelope import ForgedGlobalState, GlobalState, open_global, seal_delta
+from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch, KeyFileError
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation
 from fedpeft.common.model import (
@@ -36,6 +40,7 @@ from fedpeft.common.model import (
     resolve_device,
     resolve_model_path,
 )
+from fedpeft.common.trust import SIMULATION_KEYS_ENV, SiteTrust, site_trust
 
 log = logging.getLogger("fedpeft.client")
 
@@ -101,6 +106,30 @@ def site_session(cfg: RunConfig, node_config: dict[str, Any]) -> SiteSession:
         _SESSIONS.pop(next(iter(_SESSIONS)))  # oldest first
     _SESSIONS[cache_key] = session
     return session
+
+
+_TRUST: dict[str, SiteTrust] = {}
+
+
+def load_site_trust(node_config: dict[str, Any]) -> SiteTrust:
+    """The site's identity key and the coordinator's public key, from the node config
+    (``identity-key``, ``coordinator-key``) or, for a virtual site, the simulation's key folder."""
+    if keys.NODE_IDENTITY_KEY in node_config:
+        identity = Path(str(node_config[keys.NODE_IDENTITY_KEY]))
+        coordinator = Path(str(node_config.get(keys.NODE_COORDINATOR_KEY, "")))
+    elif keys.PARTITION_ID in node_config and os.environ.get(SIMULATION_KEYS_ENV):
+        folder = Path(os.environ[SIMULATION_KEYS_ENV])
+        identity = folder / f"partition-{int(node_config[keys.PARTITION_ID])}.key"
+        coordinator = folder / "coordinator.pub"
+    else:
+        raise KeyFileError(
+            f"node config names no identity key: set {keys.NODE_IDENTITY_KEY!r} and "
+            f"{keys.NODE_COORDINATOR_KEY!r} (fedpeft site enroll makes them)"
+        )
+    cache_key = f"{identity}|{coordinator}"
+    if cache_key not in _TRUST:
+        _TRUST[cache_key] = site_trust(identity, coordinator)
+    return _TRUST[cache_key]
 
 
 def site_seed(seed: int, rnd: int, site: str) -> int:
@@ -174,7 +203,7 @@ def _reply(
     msg: Any,
     site: str,
     error: str | None = None,
-    arrays: State | None = None,
+    sealed: bytes | None = None,
     metrics: dict[str, float] | None = None,
     ev: Evaluation | None = None,
 ) -> Any:
@@ -191,8 +220,8 @@ def _reply(
             ),
         }
     )
-    if arrays is not None:
-        content[keys.ARRAYS] = to_array_record(arrays)
+    if sealed is not None:
+        content[keys.SEALED] = blob_record(sealed)
     if metrics is not None:
         content[keys.METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
     if ev is not None:
@@ -209,25 +238,47 @@ def _handle(msg: Any, context: Any, kind: str) -> Any:
         info = msg.content[keys.CONFIG]
         cfg = RunConfig.from_json(str(info[keys.RUN_CONFIG_JSON]))
         rnd = int(info[keys.ROUND])
-        state = from_array_record(msg.content[keys.ARRAYS])
+        trust = load_site_trust(node_config)
+        signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), trust.coordinator)
+        _check_global(signed, cfg, rnd)
         session = site_session(cfg, node_config)
         site = session.site
         if kind == "train":
-            delta, metrics = handle_train(
-                cfg, rnd, str(info[keys.MODEL_FINGERPRINT]), state, session
-            )
+            delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
-            return _reply(msg, site, arrays=delta, metrics=metrics)
-        ev, metrics = handle_evaluate(cfg, state, session)
+            sealed = seal_delta(
+                delta,
+                run_id=signed.run_id,
+                round=rnd,
+                site_id=site,
+                method=cfg.method.name,
+                fingerprint=signed.fingerprint,
+                num_examples=len(session.train),
+                codec=cfg.federation.codec,
+                run_public=signed.run_public,
+                identity=trust.identity,
+            )
+            return _reply(msg, site, sealed=sealed, metrics=metrics)
+        ev, metrics = handle_evaluate(cfg, signed.state, session)
         return _reply(msg, site, metrics=metrics, ev=ev)
     except FedpeftError as exc:
         log.error("site %s: %s", site, exc)
         # The coordinator sees the kind of failure, not local detail (paths, rows).
-        public = str(exc) if isinstance(exc, FingerprintMismatch) else "failed its checks"
+        shown = (FingerprintMismatch, ForgedGlobalState)
+        public = str(exc) if isinstance(exc, shown) else "failed its checks"
         return _reply(msg, site, error=f"{exc.__class__.__name__}: {public}")
     except Exception:
         log.exception("site %s: %s failed", site, kind)
         return _reply(msg, site, error="internal error at the site (see the site's log)")
+
+
+def _check_global(signed: GlobalState, cfg: RunConfig, rnd: int) -> None:
+    """The signed global state must be the one this message is about."""
+    if signed.round != rnd or signed.method != cfg.method.name:
+        raise ForgedGlobalState(
+            f"the signed global state is for round {signed.round} ({signed.method}), the message "
+            f"for round {rnd} ({cfg.method.name})"
+        )
 
 
 def build_client_app() -> Any:

@@ -41,6 +41,29 @@ def from_array_record(record: object) -> State:
     return {name: array.numpy() for name, array in record.items()}
 
 
+BLOB = "bytes"
+
+
+def blob_record(data: bytes) -> ArrayRecord:
+    """Opaque bytes (a sealed delta, a signed global state) as an ArrayRecord of one uint8
+    array: Flower chunks it, so it has no practical size limit (a ConfigRecord value does)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({BLOB: Array(np.frombuffer(data, dtype=np.uint8).copy())})
+
+
+def from_blob_record(record: object) -> bytes:
+    """The bytes of :func:`blob_record`; ValueError on anything else."""
+    from flwr.app import ArrayRecord
+
+    if not isinstance(record, ArrayRecord) or list(record.keys()) != [BLOB]:
+        raise ValueError("expected an ArrayRecord holding one byte string")
+    value = record[BLOB].numpy()
+    if value.dtype != np.uint8 or value.ndim != 1:
+        raise ValueError(f"expected uint8 bytes, got {value.dtype} of shape {value.shape}")
+    return value.tobytes()
+
+
 def message_nbytes(message: object) -> int:
     """Bytes of a Flower message as it travels: every object of its tree, serialized.
 

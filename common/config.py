@@ -18,6 +18,7 @@ from fedpeft.common.errors import ConfigError
 
 BENCHMARKS = ("heart", "pima")
 DEVICES = ("auto", "cpu", "cuda")
+CODECS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,13 @@ class FederationConfig:
     min_sites: int = 1
     #: Seconds the coordinator waits for replies in one round.
     round_timeout_s: float = 600.0
+    #: How sites encode their deltas before sealing: fp32, fp16 or int8 (per-row scales).
+    codec: str = "fp32"
+    #: Largest L2 norm of one site's update that is accepted; 0 = no bound.
+    max_update_norm: float = 0.0
+    #: Largest sealed upload accepted, in bytes; 0 = twice the fp32 size of the shared state
+    #: plus 64 KiB.
+    max_upload_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -253,6 +261,9 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         "federation.min_sites: must not exceed federation.sites_per_round",
     )
     need(f.round_timeout_s > 0, "federation.round_timeout_s: must be positive")
+    need(f.codec in CODECS, f"federation.codec: must be one of {', '.join(CODECS)}")
+    need(f.max_update_norm >= 0, "federation.max_update_norm: must not be negative (0 = none)")
+    need(f.max_upload_bytes >= 0, "federation.max_upload_bytes: must not be negative (0 = auto)")
     need(0 < cfg.data.test_fraction < 1, "data.test_fraction: must be in (0, 1)")
     need(
         cfg.data.dataset in BENCHMARKS or Path(cfg.data.dataset).is_dir(),

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Final
 
 # Record names inside a Flower Message's RecordDict.
-ARRAYS: Final = "arrays"  # ArrayRecord: the shared state (global) or the delta (reply)
+GLOBAL: Final = "global"  # blob: the signed global state (server -> site)
+SEALED: Final = "sealed"  # blob: the sealed delta (site -> server)
 CONFIG: Final = "config"  # ConfigRecord: run config and round info
 METRICS: Final = "metrics"  # MetricRecord: scalar metrics of the reply
 HISTOGRAM: Final = "histogram"  # MetricRecord: score histogram by label
@@ -45,3 +46,5 @@ PARTITION_ID: Final = "partition-id"
 # Deployment node config keys (a site's SuperNode passes these to its ClientApp).
 NODE_SITE: Final = "site"
 NODE_DATA_PATH: Final = "data-path"
+NODE_IDENTITY_KEY: Final = "identity-key"  # the site's private key file (ECDSA P-384, OpenSSH)
+NODE_COORDINATOR_KEY: Final = "coordinator-key"  # the coordinator's public key file

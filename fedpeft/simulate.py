@@ -1,21 +1,26 @@
 """``fedpeft simulate``: many virtual sites on one machine with Flower's simulation engine.
 
 Runs the same ServerApp and ClientApp as a deployment, one virtual SuperNode per site, then the
-alone and centralized baselines, and records everything in the store.
+alone and centralized baselines, and records everything in the store. Deltas are sealed and
+signed as in a deployment: the simulation makes fresh keys for the coordinator and every virtual
+site in a private temporary folder and deletes it when the simulation ends.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import load_sites, split_site
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.model import resolve_device
+from fedpeft.common.trust import SIMULATION_KEYS_ENV, make_simulation_keys
 from fedpeft.server.app import RunHandle, build_server_app
 from fedpeft.server.store import BaselineResult, open_store
 
@@ -72,16 +77,26 @@ def run_simulation(
         # Flower 1.39 marks run_simulation deprecated in favour of `flwr run`, which needs an
         # app directory and a SuperLink; fedpeft drives the same engine in-process on purpose.
         flower_log.setLevel(logging.ERROR)
-    try:
-        flwr_run_simulation(
-            server_app=build_server_app(cfg, progress, handle),
-            client_app=client_app or default_client_app,  # type: ignore[arg-type]
-            num_supernodes=len(sites),
-            backend_config=backend,  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
-    finally:
-        flower_log.setLevel(level)
+    # mkdtemp makes the folder 0700; the virtual sites (Ray workers, started from this process)
+    # find their keys through the environment.
+    with tempfile.TemporaryDirectory(prefix="fedpeft-keys-") as folder:
+        trust = make_simulation_keys(Path(folder), sites)
+        previous = os.environ.get(SIMULATION_KEYS_ENV)
+        os.environ[SIMULATION_KEYS_ENV] = folder
+        try:
+            flwr_run_simulation(
+                server_app=build_server_app(cfg, progress, handle, trust),
+                client_app=client_app or default_client_app,  # type: ignore[arg-type]
+                num_supernodes=len(sites),
+                backend_config=backend,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+        finally:
+            flower_log.setLevel(level)
+            if previous is None:
+                os.environ.pop(SIMULATION_KEYS_ENV, None)
+            else:
+                os.environ[SIMULATION_KEYS_ENV] = previous
     if handle.run_id is None:
         raise FedpeftError("the simulation ended before the run was created (see the log above)")
     if handle.error is not None:

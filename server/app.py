@@ -17,6 +17,7 @@ from fedpeft.common.codec import to_numpy
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.methods import build_model, count_parameters, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
+from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
 from fedpeft.server.store import open_store
 from fedpeft.server.strategy import FederatedRun
 
@@ -35,6 +36,7 @@ class RunHandle:
 def run_federation(
     grid: object,
     cfg: RunConfig,
+    trust: CoordinatorTrust,
     progress: Callable[[str], None] | None = None,
     handle: RunHandle | None = None,
 ) -> int:
@@ -65,7 +67,7 @@ def run_federation(
             f"parameters shared ({100 * counts.fraction:.2f} %), {cfg.federation.rounds} rounds"
         )
         try:
-            FederatedRun(cfg, store, run_id, initial, fingerprint, progress).start(grid)
+            FederatedRun(cfg, store, run_id, initial, fingerprint, trust, progress).start(grid)
         except BaseException as exc:
             handle.error = f"{exc.__class__.__name__}: {exc}"
             store.finish_run(
@@ -85,8 +87,11 @@ def build_server_app(
     cfg: RunConfig | None = None,
     progress: Callable[[str], None] | None = None,
     handle: RunHandle | None = None,
+    trust: CoordinatorTrust | None = None,
 ) -> Any:
-    """A ServerApp for ``cfg``; with None, the config is read from Flower's run config."""
+    """A ServerApp for ``cfg``; with None, the config is read from Flower's run config. Without
+    ``trust``, the coordinator's key and the registered sites come from the environment
+    (:func:`coordinator_trust_from_env`)."""
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
@@ -94,7 +99,7 @@ def build_server_app(
     @app.main()
     def main(grid: Any, context: Any) -> None:
         run_cfg = cfg if cfg is not None else load_config(overrides=dict(context.run_config))
-        run_federation(grid, run_cfg, progress, handle)
+        run_federation(grid, run_cfg, trust or coordinator_trust_from_env(), progress, handle)
 
     return app
 

@@ -1,32 +1,36 @@
 """The federated round loop at the coordinator.
 
-One round: send the global shared state to the sampled sites, collect their deltas, validate
-each one on its own (a bad reply is rejected for that site in that round and recorded; the
-round goes on), aggregate the valid ones with FedAvg, apply, ask every site to evaluate the new
-global state, pool the AUC from their histograms, and write the round to the store.
+One round: send the global shared state (signed by the coordinator) to the sampled sites,
+collect their sealed deltas, open and validate each one on its own (a bad reply is rejected for
+that site in that round and recorded; the round goes on), aggregate the valid ones with FedAvg,
+apply, ask every site to evaluate the new global state, pool the AUC from their histograms, and
+write the round to the store.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
 
-from fedpeft.common import keys
+from fedpeft.common import crypto, keys
 from fedpeft.common.codec import (
     State,
-    from_array_record,
+    blob_record,
+    from_blob_record,
     message_nbytes,
     state_to_bytes,
-    to_array_record,
 )
 from fedpeft.common.config import RunConfig
-from fedpeft.common.errors import DeltaRejected
+from fedpeft.common.envelope import Expected, open_delta, sign_global
+from fedpeft.common.errors import BAD_SIGNATURE, DeltaRejected
 from fedpeft.common.metrics import pooled_auc
+from fedpeft.common.trust import CoordinatorTrust
 from fedpeft.server import validation
 from fedpeft.server.aggregation import apply_delta, fedavg
 from fedpeft.server.store.base import RoundResult, RunStore, SiteResult, utcnow
@@ -81,9 +85,15 @@ class FederatedRun:
         run_id: int,
         initial_state: State,
         fingerprint: str,
+        trust: CoordinatorTrust,
         progress: Progress | None = None,
     ):
         self.cfg = cfg
+        self.trust = trust
+        # This run's key pair: sites seal their deltas for it. The private half lives only in
+        # this process, for this run; the token binds every envelope to this run.
+        self.run_key = crypto.new_run_key()
+        self.run_token = uuid.uuid4().hex
         self.store = store
         self.run_id = run_id
         self.state = initial_state
@@ -166,9 +176,18 @@ class FederatedRun:
                 keys.MODEL_FINGERPRINT: self.fingerprint,
             }
         )
+        signed = sign_global(
+            self.state,
+            run_id=self.run_token,
+            round=rnd,
+            method=self.cfg.method.name,
+            fingerprint=self.fingerprint,
+            run_public=crypto.raw_public(self.run_key),
+            coordinator=self.trust.identity,
+        )
         messages = [
             Message(
-                RecordDict({keys.ARRAYS: to_array_record(self.state), keys.CONFIG: config}),
+                RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config}),
                 dst_node_id=node,
                 message_type=kind,
                 group_id=str(rnd),
@@ -180,8 +199,9 @@ class FederatedRun:
         )
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}
         replies = {}
+        opened_sites: set[str] = set()
         for msg in received:
-            reply = self._decode(msg, kind)
+            reply = self._decode(msg, kind, rnd, opened_sites)
             reply.bytes_up = message_nbytes(msg)
             reply.bytes_down = sent.get(reply.node_id, 0)
             replies[reply.node_id] = reply
@@ -199,7 +219,20 @@ class FederatedRun:
     def _name(self, node: int) -> str:
         return self.site_names.get(node, f"node-{node}")
 
-    def _decode(self, msg: object, kind: str) -> Reply:
+    def _expected(self, rnd: int) -> Expected:
+        fed = self.cfg.federation
+        fp32 = sum(v.nbytes for v in self.state.values())
+        return Expected(
+            run_id=self.run_token,
+            round=rnd,
+            method=self.cfg.method.name,
+            fingerprint=self.fingerprint,
+            shapes={k: tuple(v.shape) for k, v in self.state.items()},
+            max_bytes=fed.max_upload_bytes or 2 * fp32 + 65_536,
+            codec=fed.codec,
+        )
+
+    def _decode(self, msg: object, kind: str, rnd: int, opened_sites: set[str]) -> Reply:
         node = int(msg.metadata.src_node_id)  # type: ignore[attr-defined]
         if msg.has_error():  # type: ignore[attr-defined]
             err = msg.error  # type: ignore[attr-defined]
@@ -225,9 +258,19 @@ class FederatedRun:
                 reply.status, reply.reason = "rejected", f"{validation.MALFORMED}: {exc!r}"
             return reply
         try:
-            delta = from_array_record(content[keys.ARRAYS])
-            validation.validate_delta(delta, self.state, metrics.get(keys.N_TRAIN, 0.0))
-            reply.delta = delta
+            sealed = from_blob_record(content[keys.SEALED])
+            opened = open_delta(sealed, self._expected(rnd), self.run_key, self.trust.sites)
+            if opened.site_id != site or site in opened_sites:
+                raise DeltaRejected(
+                    BAD_SIGNATURE,
+                    f"a delta signed by site {opened.site_id!r} sent as site {site!r}"
+                    + (" a second time this round" if site in opened_sites else ""),
+                )
+            opened_sites.add(site)
+            max_norm = self.cfg.federation.max_update_norm or None
+            validation.validate_delta(opened.delta, self.state, opened.num_examples, max_norm)
+            reply.delta = opened.delta
+            reply.metrics[keys.N_TRAIN] = float(opened.num_examples)  # the signed count
         except DeltaRejected as exc:
             reply.status, reply.reason = "rejected", str(exc)
         except (KeyError, TypeError, ValueError) as exc:
