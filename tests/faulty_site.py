@@ -1,7 +1,9 @@
 """A ClientApp with one deliberately bad site, for the simulation tests.
 
-It runs the real site code and then, at virtual site 1 only, corrupts the reply the way a buggy
-or hostile site might. Lives in tests/ (added to the Ray workers' PYTHONPATH by the test).
+It runs the real site code, and at virtual site 1 only it misbehaves the way a buggy or hostile
+site might: it seals a delta with NaN values ("nan") or a wrong shape ("shape"), or it alters
+the ciphertext of its sealed delta on the way out ("tamper"). Lives in tests/ (added to the Ray
+workers' PYTHONPATH by the test).
 """
 
 from __future__ import annotations
@@ -10,33 +12,54 @@ import os
 from typing import Any
 
 import numpy as np
-from flwr.app import Array
 from flwr.clientapp import ClientApp
 
-from fedpeft.client.app import _handle
+import fedpeft.client.app as site_app
 from fedpeft.common import keys
+from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
+from fedpeft.common.codec import blob_record, from_blob_record
 
-#: How site 1 corrupts its delta: "nan" (non-finite values) or "shape" (a wrong shape).
 FAULT_ENV = "FEDPEFT_TEST_FAULT"
+REAL_HANDLE_TRAIN = site_app.handle_train
 
 app = ClientApp()
 
 
+def _corrupt_delta(*args: Any, **kwargs: Any) -> Any:
+    delta, metrics = REAL_HANDLE_TRAIN(*args, **kwargs)
+    name = sorted(delta)[0]
+    if os.environ.get(FAULT_ENV) == "nan":
+        delta[name] = np.full_like(delta[name], np.nan)
+    else:
+        delta[name] = np.zeros(delta[name].size + 1, np.float32)
+    return delta, metrics
+
+
+def _tamper(reply: Any) -> None:
+    sealed = pb.SealedDelta()
+    sealed.ParseFromString(from_blob_record(reply.content[keys.SEALED]))
+    ciphertext = bytearray(sealed.ciphertext)
+    ciphertext[len(ciphertext) // 2] ^= 0x40
+    sealed.ciphertext = bytes(ciphertext)
+    reply.content[keys.SEALED] = blob_record(sealed.SerializeToString())
+
+
 @app.train()
 def train(msg: Any, context: Any) -> Any:
-    reply = _handle(msg, context, "train")
-    if int(context.node_config[keys.PARTITION_ID]) == 1 and keys.ARRAYS in reply.content:
-        arrays = reply.content[keys.ARRAYS]
-        name = sorted(arrays.keys())[0]
-        value = arrays[name].numpy()
-        fault = os.environ.get(FAULT_ENV, "nan")
-        bad = (
-            np.full_like(value, np.nan) if fault == "nan" else np.zeros(value.size + 1, np.float32)
-        )
-        arrays[name] = Array(bad)
-    return reply
+    if int(context.node_config[keys.PARTITION_ID]) != 1:
+        return site_app._handle(msg, context, "train")
+    fault = os.environ.get(FAULT_ENV, "nan")
+    if fault == "tamper":
+        reply = site_app._handle(msg, context, "train")
+        _tamper(reply)
+        return reply
+    site_app.handle_train = _corrupt_delta
+    try:
+        return site_app._handle(msg, context, "train")
+    finally:
+        site_app.handle_train = REAL_HANDLE_TRAIN
 
 
 @app.evaluate()
 def evaluate(msg: Any, context: Any) -> Any:
-    return _handle(msg, context, "evaluate")
+    return site_app._handle(msg, context, "evaluate")

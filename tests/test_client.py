@@ -9,11 +9,16 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedpeft.client.app import _handle
-from fedpeft.common import keys
-from fedpeft.common.codec import from_array_record, to_array_record, to_numpy
+from fedpeft.common import crypto, keys
+from fedpeft.common.codec import blob_record, from_blob_record, to_numpy
 from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.envelope import Expected, open_delta, sign_global
 from fedpeft.common.methods import build_model, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
+
+RUN_KEY = crypto.new_run_key()
+COORDINATOR = crypto.new_identity()
+SITE_KEY = crypto.new_identity()
 
 
 def _site_file(folder: Path, rows: int = 40, bad_row: bool = False) -> Path:
@@ -28,8 +33,22 @@ def _site_file(folder: Path, rows: int = 40, bad_row: bool = False) -> Path:
     return path
 
 
-def _message(cfg: RunConfig, fingerprint: str, kind: str = "train") -> Message:
-    state = to_numpy(shared_state(build_model(cfg.model, cfg.method, 0.0, cfg.seed)))
+def _state(cfg: RunConfig) -> dict:
+    return to_numpy(shared_state(build_model(cfg.model, cfg.method, 0.0, cfg.seed)))
+
+
+def _message(
+    cfg: RunConfig, fingerprint: str, kind: str = "train", signer: object = COORDINATOR
+) -> Message:
+    signed = sign_global(
+        _state(cfg),
+        run_id="run-token",
+        round=1,
+        method=cfg.method.name,
+        fingerprint=fingerprint,
+        run_public=crypto.raw_public(RUN_KEY),
+        coordinator=signer,  # type: ignore[arg-type]
+    )
     config = ConfigRecord(
         {
             keys.RUN_CONFIG_JSON: cfg.to_json(),
@@ -38,15 +57,25 @@ def _message(cfg: RunConfig, fingerprint: str, kind: str = "train") -> Message:
             keys.MODEL_FINGERPRINT: fingerprint,
         }
     )
-    content = RecordDict({keys.ARRAYS: to_array_record(state), keys.CONFIG: config})
+    content = RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config})
     return Message(content, dst_node_id=7, message_type=kind)
 
 
 def _context(path: Path) -> Context:
+    folder = path.parent / "keys"
+    if not folder.exists():
+        folder.mkdir()
+        crypto.write_private_key(folder / "site.key", SITE_KEY)
+        (folder / "coordinator.pub").write_text(crypto.public_openssh(COORDINATOR.public_key()))
     return Context(
         run_id=1,
         node_id=7,
-        node_config={keys.NODE_DATA_PATH: str(path), keys.NODE_SITE: "site-x"},
+        node_config={
+            keys.NODE_DATA_PATH: str(path),
+            keys.NODE_SITE: "site-x",
+            keys.NODE_IDENTITY_KEY: str(folder / "site.key"),
+            keys.NODE_COORDINATOR_KEY: str(folder / "coordinator.pub"),
+        },
         state=RecordDict(),
         run_config={},
     )
@@ -68,13 +97,27 @@ def cfg(tmp_path: Path) -> RunConfig:
     )
 
 
-def test_train_replies_with_a_delta_of_the_shared_state(tmp_path: Path, cfg: RunConfig) -> None:
+def test_train_replies_with_a_sealed_delta_of_the_shared_state(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
     path = _site_file(tmp_path)
     fp = model_fingerprint(resolve_model_path(cfg.model))
     reply = _handle(_message(cfg, fp), _context(path), "train")
     info = reply.content[keys.CONFIG]
     assert info[keys.STATUS] == "ok" and info[keys.SITE] == "site-x"
-    delta = from_array_record(reply.content[keys.ARRAYS])
+    state = _state(cfg)
+    expected = Expected(
+        run_id="run-token",
+        round=1,
+        method="lora",
+        fingerprint=fp,
+        shapes={k: v.shape for k, v in state.items()},
+        max_bytes=1 << 22,
+    )
+    sealed = from_blob_record(reply.content[keys.SEALED])
+    opened = open_delta(sealed, expected, RUN_KEY, {"site-x": SITE_KEY.public_key()})
+    delta = opened.delta
+    assert opened.site_id == "site-x" and opened.num_examples > 0
     assert sum(v.size for v in delta.values()) == 74_498
     assert any(abs(v).max() > 0 for v in delta.values())
     metrics = reply.content[keys.METRICS]
@@ -88,7 +131,28 @@ def test_evaluate_replies_with_a_histogram_not_predictions(tmp_path: Path, cfg: 
     hist = reply.content[keys.HISTOGRAM]
     n_test = int(reply.content[keys.METRICS][keys.N_TEST])
     assert sum(hist[keys.HIST_POS]) + sum(hist[keys.HIST_NEG]) == n_test
-    assert keys.ARRAYS not in reply.content
+    assert keys.SEALED not in reply.content
+
+
+def test_a_global_state_not_signed_by_the_coordinator_is_refused(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    path = _site_file(tmp_path)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    forged = _message(cfg, fp, signer=crypto.new_identity())
+    reply = _handle(forged, _context(path), "train")
+    info = reply.content[keys.CONFIG]
+    assert info[keys.STATUS] == "error"
+    assert "not signed by the coordinator's key" in info[keys.ERROR]
+    assert keys.SEALED not in reply.content
+
+
+def test_a_site_without_keys_is_a_clear_error(tmp_path: Path, cfg: RunConfig) -> None:
+    path = _site_file(tmp_path)
+    context = _context(path)
+    del context.node_config[keys.NODE_IDENTITY_KEY]
+    reply = _handle(_message(cfg, "sha256:x"), context, "train")
+    assert reply.content[keys.CONFIG][keys.ERROR].startswith("KeyFileError")
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path: Path, cfg: RunConfig) -> None:
@@ -97,7 +161,7 @@ def test_fingerprint_mismatch_is_refused(tmp_path: Path, cfg: RunConfig) -> None
     info = reply.content[keys.CONFIG]
     assert info[keys.STATUS] == "error"
     assert "fingerprint mismatch" in info[keys.ERROR]
-    assert keys.ARRAYS not in reply.content
+    assert keys.SEALED not in reply.content
 
 
 def test_bad_site_data_reply_carries_no_local_detail(tmp_path: Path, cfg: RunConfig) -> None:

@@ -80,7 +80,9 @@ def test_two_sites_two_rounds_fill_the_store(two_sites: Path, tmp_path: Path) ->
     store.close()
 
 
-@pytest.mark.parametrize(("fault", "reason"), [("nan", "non-finite"), ("shape", "shape")])
+@pytest.mark.parametrize(
+    ("fault", "reason"), [("nan", "non-finite"), ("shape", "shape"), ("tamper", "tampered")]
+)
 def test_a_bad_site_is_rejected_and_the_run_goes_on(
     two_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, reason: str
 ) -> None:
