@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -105,24 +106,36 @@ def framed(domain: bytes, parts: tuple[bytes, ...]) -> bytes:
     return domain + b"".join(struct.pack(">Q", len(p)) + p for p in parts)
 
 
-def ecdsa_verify(public: ec.EllipticCurvePublicKey, signature: bytes, message: bytes) -> bool:
-    """ECDSA with SHA-384 over ``message``, DER signature. The primitive under :func:`verify`."""
+def framed_digest(domain: bytes, parts: tuple[bytes, ...]) -> bytes:
+    """SHA-256 of :func:`framed` ``(domain, parts)``, hashed part by part (no copy of a large
+    ciphertext). SHA-256 rather than SHA-384 because it runs ~3x faster here (SHA extensions):
+    the hash of a full-model ciphertext is the largest cost of sealing after the copies."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(domain)
+    for part in parts:
+        digest.update(struct.pack(">Q", len(part)))
+        digest.update(part)
+    return digest.finalize()
+
+
+def ecdsa_verify_digest(public: ec.EllipticCurvePublicKey, signature: bytes, digest: bytes) -> bool:
+    """ECDSA over a SHA-256 digest, DER signature: the primitive under :func:`verify`."""
     try:
-        public.verify(signature, message, ec.ECDSA(hashes.SHA384()))
+        public.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
     except InvalidSignature:
         return False
     return True
 
 
 def sign(key: ec.EllipticCurvePrivateKey, domain: bytes, *parts: bytes) -> bytes:
-    """Sign ``parts`` for one purpose (``domain``)."""
-    return key.sign(framed(domain, parts), ec.ECDSA(hashes.SHA384()))
+    """ECDSA P-384 / SHA-256 over ``parts`` for one purpose (``domain``)."""
+    return key.sign(framed_digest(domain, parts), ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
 def verify(
     public: ec.EllipticCurvePublicKey, signature: bytes, domain: bytes, *parts: bytes
 ) -> bool:
-    return ecdsa_verify(public, signature, framed(domain, parts))
+    return ecdsa_verify_digest(public, signature, framed_digest(domain, parts))
 
 
 # -- key agreement and encryption ---------------------------------------------------------------

@@ -71,11 +71,11 @@ def encoded_size(shape: tuple[int, ...], codec: str) -> int:
 
 def encode(state: State, codec: str) -> bytes:
     """The tensors' values in ``state`` order under ``codec``."""
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     for value in state.values():
         x = np.asarray(value, dtype=np.float32)
-        if codec == "fp32":
-            parts.append(x.astype("<f4").tobytes())
+        if codec == "fp32":  # one copy in all: the join
+            parts.append(np.ascontiguousarray(x, dtype="<f4").data.cast("B"))
         elif codec == "fp16":
             parts.append(x.astype("<f2").tobytes())
         elif codec == "int8":
@@ -90,17 +90,20 @@ def encode(state: State, codec: str) -> bytes:
 
 
 def decode(payload: bytes, shapes: Mapping[str, tuple[int, ...]], codec: str) -> State:
-    """Inverse of :func:`encode` given the names and shapes; float32 out."""
+    """Inverse of :func:`encode` given the names and shapes; float32 out (for fp32, read-only
+    views into ``payload``, no copy)."""
     if len(payload) != sum(encoded_size(s, codec) for s in shapes.values()):
         raise DeltaRejected(MALFORMED, f"payload of {len(payload)} bytes does not fit the specs")
     out: State = {}
     offset = 0
     for name, shape in shapes.items():
         size = encoded_size(shape, codec)
-        chunk = payload[offset : offset + size]
         offset += size
+        chunk = payload[offset - size : offset] if codec != "fp32" else b""
         if codec == "fp32":
-            out[name] = np.frombuffer(chunk, "<f4").astype(np.float32).reshape(shape)
+            out[name] = np.frombuffer(payload, "<f4", math.prod(shape), offset - size).reshape(
+                shape
+            )
         elif codec == "fp16":
             out[name] = np.frombuffer(chunk, "<f2").astype(np.float32).reshape(shape)
         else:

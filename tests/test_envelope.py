@@ -3,6 +3,7 @@ rejection, and random / mutated envelopes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from dataclasses import replace
@@ -67,7 +68,9 @@ def test_hkdf_sha256_rfc5869_test_case_1() -> None:
     )
 
 
-def test_ecdsa_p384_sha384_rfc6979_a26_sample() -> None:
+def test_ecdsa_p384_sha256_rfc6979_a26_sample() -> None:
+    """RFC 6979 A.2.6: P-384 key, SHA-256, message "sample" (our scheme: ECDSA P-384 over a
+    SHA-256 digest)."""
     d = int(
         "6B9D3DAD2E1B8C1C05B19875B6659F4DE23C3B667BF297BA9AA47740787137D8"
         "96D5724E4C70A825F872C9EA60D2EDF5",
@@ -79,19 +82,20 @@ def test_ecdsa_p384_sha384_rfc6979_a26_sample() -> None:
         16,
     )
     r = int(
-        "94EDBB92A5ECB8AAD4736E56C691916B3F88140666CE9FA73D64C4EA95AD133C"
-        "81A648152E44ACF96E36DD1E80FABE46",
+        "21B13D1E013C7FA1392D03C5F99AF8B30C570C6F98D4EA8E354B63A21D3DAA33"
+        "BDE1E888E63355D92FA2B3C36D8FB2CD",
         16,
     )
     s = int(
-        "99EF4AEB15F178CEA1FE40DB2603138F130E740A19624526203B6351D0A3A94F"
-        "A329C145786E679E7B82C71A38628AC8",
+        "F3AA443FB107745BF4BD77CB3891674632068A10CA67E3D45DB2266FA7D1FEEB"
+        "EFDC63ECCD1AC42EC0CB8668A4FA0AB0",
         16,
     )
     public = ec.derive_private_key(d, ec.SECP384R1()).public_key()
     assert public.public_numbers().x == ux
-    assert crypto.ecdsa_verify(public, encode_dss_signature(r, s), b"sample")
-    assert not crypto.ecdsa_verify(public, encode_dss_signature(r, s), b"samplf")
+    signature = encode_dss_signature(r, s)
+    assert crypto.ecdsa_verify_digest(public, signature, hashlib.sha256(b"sample").digest())
+    assert not crypto.ecdsa_verify_digest(public, signature, hashlib.sha256(b"samplf").digest())
 
 
 def test_signatures_are_bound_to_their_purpose() -> None:
