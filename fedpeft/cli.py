@@ -115,6 +115,45 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="new or empty folder to write")
     exp.add_argument("--round", type=int, help="export this round instead of the delivered one")
     exp.add_argument("--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store")
+
+    site = sub.add_parser("site", help="a hospital site's keys").add_subparsers(
+        dest="site_command", required=True
+    )
+    enr = site.add_parser(
+        "enroll",
+        help="make this site's identity key (ECDSA P-384, OpenSSH format)",
+        description="Write NAME.key (private, 0600: it never leaves the site) and NAME.pub into "
+        "--out, and print the public key and its fingerprint. Send NAME.pub to the coordinator "
+        "operator, who registers it with `fedpeft coordinator add-site`. The same key "
+        "authenticates the site's SuperNode to Flower and signs its deltas.",
+    )
+    enr.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
+    enr.add_argument("--out", type=Path, default=Path("keys"), help="folder (default ./keys)")
+
+    coord = sub.add_parser("coordinator", help="the coordinator's keys and register of sites")
+    csub = coord.add_subparsers(dest="coordinator_command", required=True)
+    init = csub.add_parser(
+        "init",
+        help="make the coordinator's identity key (signs every global state)",
+        description="Write coordinator.key (0600) and coordinator.pub into --out. Give "
+        "coordinator.pub to every site: they refuse a global state it did not sign.",
+    )
+    init.add_argument("--out", type=Path, default=Path("keys"), help="folder (default ./keys)")
+    sites_help = "the register of sites (default ./sites.txt)"
+    add = csub.add_parser(
+        "add-site",
+        help="register a site's public key: only registered sites' deltas are accepted",
+        description="Register a site by name with its public key (the OpenSSH line, or the "
+        "path of its .pub file). Refuses a name or key that is already registered.",
+    )
+    add.add_argument("name")
+    add.add_argument("pubkey", help="'ecdsa-sha2-nistp384 AAAA...' or the path of NAME.pub")
+    add.add_argument("--sites", type=Path, default=Path("sites.txt"), help=sites_help)
+    rm = csub.add_parser("remove-site", help="unregister a site: its deltas are refused from now")
+    rm.add_argument("name")
+    rm.add_argument("--sites", type=Path, default=Path("sites.txt"), help=sites_help)
+    ls = csub.add_parser("sites", help="list the registered sites and their key fingerprints")
+    ls.add_argument("--sites", type=Path, default=Path("sites.txt"), help=sites_help)
     return p
 
 
@@ -215,6 +254,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site(args: argparse.Namespace) -> int:
+    from fedpeft.identity import enroll
+
+    done = enroll(args.out, args.name)
+    print(f"private key: {done.private_key} (0600; keep it at the site, never send it)")
+    print(f"public key:  {done.public_key}")
+    print(f"fingerprint: {done.fingerprint}")
+    print(f"send {done.public_key.name} to the coordinator operator, who runs:")
+    print(f"  fedpeft coordinator add-site {args.name} {done.public_key.name}")
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedpeft.common import crypto
+    from fedpeft.common.trust import read_sites_file
+    from fedpeft.identity import add_site, enroll, remove_site
+
+    if args.coordinator_command == "init":
+        done = enroll(args.out, "coordinator")
+        print(f"private key: {done.private_key} (0600; only the coordinator's ServerApp reads it)")
+        print(f"public key:  {done.public_key} (give it to every site)")
+        print(f"fingerprint: {done.fingerprint}")
+    elif args.coordinator_command == "add-site":
+        fingerprint = add_site(args.sites, args.name, args.pubkey)
+        print(f"registered site {args.name} ({fingerprint}) in {args.sites}")
+    elif args.coordinator_command == "remove-site":
+        remove_site(args.sites, args.name)
+        print(f"removed site {args.name} from {args.sites}: its deltas are refused from now on")
+    else:
+        for name, key in read_sites_file(args.sites).items():
+            print(f"{name}\t{crypto.fingerprint(key)}")
+    return 0
+
+
 def _say(text: str) -> None:
     print(f"[fedpeft {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
@@ -223,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.update(QUIET_ENV)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"simulate": cmd_simulate, "report": cmd_report, "export": cmd_export}
+    commands = {
+        "simulate": cmd_simulate,
+        "report": cmd_report,
+        "export": cmd_export,
+        "site": cmd_site,
+        "coordinator": cmd_coordinator,
+    }
     try:
         return commands[args.command](args)
     except FedpeftError as exc:
