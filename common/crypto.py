@@ -214,3 +214,25 @@ def unseal(
     return aes_gcm_decrypt(
         delta_key(shared, context, epk, raw_public(run_key)), nonce, ciphertext, aad
     )
+
+
+# -- checkpoints at rest --------------------------------------------------------------------------
+
+_CHECKPOINT_MAGIC = b"FPCK1"
+_CHECKPOINT_DOMAIN = b"fedpeft/v1 checkpoint\x00"
+
+
+def seal_checkpoint(key: bytes, run_id: int, round_: int, data: bytes) -> bytes:
+    """A stored global state, AES-256-GCM under the store key, bound to its run and round."""
+    nonce = os.urandom(NONCE_BYTES)
+    aad = framed(_CHECKPOINT_DOMAIN, (str(run_id).encode(), str(round_).encode()))
+    return _CHECKPOINT_MAGIC + nonce + aes_gcm_encrypt(key, nonce, data, aad)
+
+
+def open_checkpoint(key: bytes, run_id: int, round_: int, blob: bytes) -> bytes | None:
+    """The stored state, or None for another key, run or round, or altered bytes."""
+    if not blob.startswith(_CHECKPOINT_MAGIC):
+        return None
+    body = blob[len(_CHECKPOINT_MAGIC) :]
+    aad = framed(_CHECKPOINT_DOMAIN, (str(run_id).encode(), str(round_).encode()))
+    return aes_gcm_decrypt(key, body[:NONCE_BYTES], body[NONCE_BYTES:], aad)

@@ -29,6 +29,12 @@ QUIET_ENV = {
 }
 
 
+STORE_KEY_HELP = (
+    "key file for the encrypted checkpoints in the store (default: $FEDPEFT_STORE_KEY_FILE, "
+    "$FEDPEFT_STORE_KEY, or DB.key beside a SQLite store, made on first use)"
+)
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="run config TOML (flags override its values)")
     p.add_argument("--dataset", help="heart | pima | PATH to a folder with one data file per site")
@@ -94,6 +100,7 @@ def parser() -> argparse.ArgumentParser:
         "--plot", type=Path, default=None, help="PNG of AUC per round (default fedpeft-run-ID.png)"
     )
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
+    sim.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
 
     rep = sub.add_parser("report", help="print the summary table of a finished run from the store")
@@ -115,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="new or empty folder to write")
     exp.add_argument("--round", type=int, help="export this round instead of the delivered one")
     exp.add_argument("--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store")
+    exp.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
 
     site = sub.add_parser("site", help="a hospital site's keys").add_subparsers(
         dest="site_command", required=True
@@ -171,7 +179,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{cfg.federation.rounds} rounds x {cfg.train.local_epochs} local epoch(s), "
         f"sites per round {sites}, seed {cfg.seed}, store {cfg.db}"
     )
-    result = run_simulation(cfg, cpus=args.cpus, progress=_say, verbose=args.verbose)
+    result = run_simulation(
+        cfg,
+        cpus=args.cpus,
+        progress=_say,
+        verbose=args.verbose,
+        store_key_file=args.store_key_file,
+    )
     _say(f"federated run {result.run_id} done in {result.seconds:.0f} s")
     kinds = {
         "all": ("centralized", "alone"),
@@ -220,14 +234,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedpeft.common.codec import state_from_bytes, to_torch
+    from fedpeft.common.codec import to_torch
     from fedpeft.common.config import RunConfig
     from fedpeft.common.export import export_state
+    from fedpeft.server.checkpoints import open_state, resolve_store_key
     from fedpeft.server.store import open_store
     from fedpeft.server.strategy import select_round
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise FedpeftError(f"{args.out}: exists and is not an empty folder; choose a new --out")
+    store_key, _ = resolve_store_key(args.db, args.store_key_file)
     store = open_store(args.db)
     try:
         run = store.get_run(args.run)
@@ -242,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_json(run.config_json)
     files = export_state(
         cfg,
-        to_torch(state_from_bytes(data)),
+        to_torch(open_state(store_key, run.id, round_, data)),
         args.out,
         run_id=run.id,
         round=round_,

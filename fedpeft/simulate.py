@@ -22,6 +22,7 @@ from fedpeft.common.errors import FedpeftError
 from fedpeft.common.model import resolve_device
 from fedpeft.common.trust import SIMULATION_KEYS_ENV, make_simulation_keys
 from fedpeft.server.app import RunHandle, build_server_app
+from fedpeft.server.checkpoints import resolve_store_key
 from fedpeft.server.store import BaselineResult, open_store
 
 
@@ -47,6 +48,7 @@ def run_simulation(
     cpus: int | None = None,
     progress: Callable[[str], None] = print,
     verbose: bool = False,
+    store_key_file: Path | None = None,
 ) -> SimulationResult:
     """Run the federated part with Flower's Ray simulation engine; return the run's id.
 
@@ -69,6 +71,8 @@ def run_simulation(
             "include_dashboard": False,
         },
     }
+    store_key, key_source = resolve_store_key(cfg.db, store_key_file, create=True)
+    progress(f"checkpoints in the store are encrypted with the store key from {key_source}")
     handle = RunHandle()
     started = time.perf_counter()
     flower_log = logging.getLogger("flwr")
@@ -85,7 +89,7 @@ def run_simulation(
         os.environ[SIMULATION_KEYS_ENV] = folder
         try:
             flwr_run_simulation(
-                server_app=build_server_app(cfg, progress, handle, trust),
+                server_app=build_server_app(cfg, progress, handle, trust, store_key),
                 client_app=client_app or default_client_app,  # type: ignore[arg-type]
                 num_supernodes=len(sites),
                 backend_config=backend,  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.methods import build_model, count_parameters, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
 from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
+from fedpeft.server.checkpoints import resolve_store_key
 from fedpeft.server.store import open_store
 from fedpeft.server.strategy import FederatedRun
 
@@ -37,6 +38,7 @@ def run_federation(
     grid: object,
     cfg: RunConfig,
     trust: CoordinatorTrust,
+    store_key: bytes,
     progress: Callable[[str], None] | None = None,
     handle: RunHandle | None = None,
 ) -> int:
@@ -67,7 +69,9 @@ def run_federation(
             f"parameters shared ({100 * counts.fraction:.2f} %), {cfg.federation.rounds} rounds"
         )
         try:
-            FederatedRun(cfg, store, run_id, initial, fingerprint, trust, progress).start(grid)
+            FederatedRun(
+                cfg, store, run_id, initial, fingerprint, trust, store_key, progress
+            ).start(grid)
         except BaseException as exc:
             handle.error = f"{exc.__class__.__name__}: {exc}"
             store.finish_run(
@@ -88,10 +92,12 @@ def build_server_app(
     progress: Callable[[str], None] | None = None,
     handle: RunHandle | None = None,
     trust: CoordinatorTrust | None = None,
+    store_key: bytes | None = None,
 ) -> Any:
     """A ServerApp for ``cfg``; with None, the config is read from Flower's run config. Without
     ``trust``, the coordinator's key and the registered sites come from the environment
-    (:func:`coordinator_trust_from_env`)."""
+    (:func:`coordinator_trust_from_env`); without ``store_key``, the checkpoint key is resolved
+    as server/checkpoints.py says."""
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
@@ -99,7 +105,8 @@ def build_server_app(
     @app.main()
     def main(grid: Any, context: Any) -> None:
         run_cfg = cfg if cfg is not None else load_config(overrides=dict(context.run_config))
-        run_federation(grid, run_cfg, trust or coordinator_trust_from_env(), progress, handle)
+        key = store_key or resolve_store_key(run_cfg.db, create=True)[0]
+        run_federation(grid, run_cfg, trust or coordinator_trust_from_env(), key, progress, handle)
 
     return app
 

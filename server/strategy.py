@@ -24,7 +24,6 @@ from fedpeft.common.codec import (
     blob_record,
     from_blob_record,
     message_nbytes,
-    state_to_bytes,
 )
 from fedpeft.common.config import RunConfig
 from fedpeft.common.envelope import Expected, open_delta, sign_global
@@ -33,6 +32,7 @@ from fedpeft.common.metrics import pooled_auc
 from fedpeft.common.trust import CoordinatorTrust
 from fedpeft.server import validation
 from fedpeft.server.aggregation import apply_delta, fedavg
+from fedpeft.server.checkpoints import seal_state
 from fedpeft.server.store.base import RoundResult, RunStore, SiteResult, utcnow
 
 log = logging.getLogger("fedpeft.server")
@@ -86,10 +86,12 @@ class FederatedRun:
         initial_state: State,
         fingerprint: str,
         trust: CoordinatorTrust,
+        store_key: bytes,
         progress: Progress | None = None,
     ):
         self.cfg = cfg
         self.trust = trust
+        self.store_key = store_key
         # This run's key pair: sites seal their deltas for it. The private half lives only in
         # this process, for this run; the token binds every envelope to this run.
         self.run_key = crypto.new_run_key()
@@ -133,7 +135,7 @@ class FederatedRun:
                 result,
                 self._site_rows(rnd, replies, "train")
                 + self._site_rows(rnd, evaluations, "evaluate"),
-                state_to_bytes(self.state),
+                seal_state(self.store_key, self.run_id, rnd, self.state),
             )
             self._report(result, replies, evaluations)
             history.append(result)

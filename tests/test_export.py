@@ -12,7 +12,7 @@ import torch
 
 from fedpeft.cli import main
 from fedpeft.client.trainer import Encoded, encode, predict
-from fedpeft.common.codec import state_to_bytes, to_numpy
+from fedpeft.common.codec import to_numpy
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.errors import FingerprintMismatch
 from fedpeft.common.export import MANIFEST, PEFT_METHODS, export_state, load_export
@@ -24,6 +24,7 @@ from fedpeft.common.methods import (
     shared_state,
 )
 from fedpeft.common.model import default_model_dir, load_tokenizer, model_fingerprint
+from fedpeft.server.checkpoints import seal_state, write_store_key
 from fedpeft.server.store import RoundResult, open_store
 
 CPU = torch.device("cpu")
@@ -119,18 +120,27 @@ def test_cli_exports_the_delivered_round(
         seed=3,
     )
     t = datetime(2026, 1, 1)
+    key = write_store_key(tmp_path / "store.key")
     # Round 1 has the lower validation loss, so it is the delivered state, not the last one.
     for rnd, state, val_loss in ((1, good, 0.4), (2, worse, 0.9)):
         result = RoundResult(rnd, t, t, 1.0, 0.8, 0.8, 0.5, 1, 0, True, val_loss=val_loss)
-        store.add_round(run_id, result, [], state_to_bytes(to_numpy(state)))
+        store.add_round(run_id, result, [], seal_state(key, run_id, rnd, to_numpy(state)))
     store.finish_run(run_id, status="finished", wall_seconds=1.0)
     store.close()
 
     out = tmp_path / "adapter"
-    assert main(["export", "--db", db, "--out", str(out)]) == 0
+    # Without the store key nothing can be exported (no DB.key beside it, none in the env).
+    assert main(["export", "--db", db, "--out", str(out)]) == 2
+    assert "no key for the checkpoints" in capsys.readouterr().err
+    wrong = write_store_key(tmp_path / "wrong.key")
+    assert wrong != key
+    args = ["export", "--db", db, "--out", str(out), "--store-key-file"]
+    assert main([*args, str(tmp_path / "wrong.key")]) == 2
+    assert "does not open with this store key" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "store.key")]) == 0
     assert "global state of round 1" in capsys.readouterr().out
     assert json.loads((out / MANIFEST).read_text())["round"] == 1
     assert np.allclose(predict(load_export(out), rows, CPU)[0], expected, atol=1e-6)
     # An existing export is never overwritten.
-    assert main(["export", "--db", db, "--out", str(out)]) == 2
+    assert main([*args, str(tmp_path / "store.key")]) == 2
     assert "not an empty folder" in capsys.readouterr().err

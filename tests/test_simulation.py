@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpeft.common.codec import state_from_bytes
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.data import heart_sites
+from fedpeft.server.checkpoints import open_state, read_store_key
 from fedpeft.server.store import open_store
 from fedpeft.simulate import run_simulation
 
@@ -71,11 +71,17 @@ def test_two_sites_two_rounds_fill_the_store(two_sites: Path, tmp_path: Path) ->
     # sends identical chunks once, so an all-zero initial LoRA B costs less than its size).
     assert all(0.5 * 74_498 * 4 < r.bytes_up < 74_498 * 4 * 1.1 for r in train)
     assert all(0 < r.bytes_down < 74_498 * 4 * 1.1 for r in train)
-    # The stored global state moved between rounds and has the method's names and shapes.
+    # The stored global state moved between rounds and has the method's names and shapes; it
+    # is encrypted at rest under the key made beside the database, and opens only with it.
+    key = read_store_key(tmp_path / "run.db.key")
     (_, s1), (_, s2) = store.global_state(run.id, 1), store.global_state(run.id, 2)
-    a, b = state_from_bytes(s1), state_from_bytes(s2)
+    a, b = open_state(key, run.id, 1, s1), open_state(key, run.id, 2, s2)
     assert sum(v.size for v in a.values()) == 74_498
     assert any(not np.array_equal(a[k], b[k]) for k in a)
+    on_disk = (tmp_path / "run.db").read_bytes()
+    for value in b.values():
+        if value.any():
+            assert value.tobytes()[:64] not in on_disk
     assert any("round 2: pooled AUC" in line for line in lines)
     store.close()
 
@@ -126,6 +132,7 @@ def test_other_methods_run_a_federated_round(two_sites: Path, tmp_path: Path, me
     # The upload is the fp32 delta plus Flower's framing: ~0.6 KB per named array (object ids,
     # name, shape, dtype) and a few KB for the metrics.
     payload = run.trainable_params * 4
-    arrays = len(state_from_bytes(store.global_state(run.id)[1]))
+    key = read_store_key(tmp_path / "run.db.key")
+    arrays = len(open_state(key, run.id, 1, store.global_state(run.id)[1]))
     assert all(payload < r.bytes_up < payload + 600 * arrays + 4096 for r in train)
     store.close()
