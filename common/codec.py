@@ -23,7 +23,12 @@ def to_numpy(state: dict[str, torch.Tensor]) -> State:
 
 
 def to_torch(state: State) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    """Tensors sharing memory with the arrays; read-only arrays (views into a received message)
+    are copied, as torch cannot wrap them."""
+    return {
+        k: torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else np.array(v))
+        for k, v in state.items()
+    }
 
 
 def to_array_record(state: State) -> ArrayRecord:
