@@ -117,6 +117,10 @@ def decode(payload: bytes, shapes: Mapping[str, tuple[int, ...]], codec: str) ->
 # -- sealed deltas ----------------------------------------------------------------------------
 
 
+def _specs(state: State) -> list[pb.TensorSpec]:
+    return [pb.TensorSpec(name=k, shape=list(v.shape)) for k, v in state.items()]
+
+
 def _context(run_id: str, round_: int, site_id: str) -> bytes:
     return crypto.framed(b"", (run_id.encode(), str(round_).encode(), site_id.encode()))
 
@@ -145,7 +149,7 @@ def seal_delta(
         method=method,
         model_fingerprint=fingerprint,
         codec=CODECS[codec],
-        tensors=[pb.TensorSpec(name=k, shape=list(v.shape)) for k, v in delta.items()],
+        tensors=_specs(delta),
         num_examples=num_examples,
     ).SerializeToString(deterministic=True)
     epk, nonce, ciphertext = crypto.seal(
@@ -287,7 +291,7 @@ def sign_global(
         round=round,
         method=method,
         model_fingerprint=fingerprint,
-        tensors=[pb.TensorSpec(name=k, shape=list(v.shape)) for k, v in state.items()],
+        tensors=_specs(state),
         run_public_key=run_public,
     ).SerializeToString(deterministic=True)
     payload = encode(state, "fp32")
