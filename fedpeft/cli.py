@@ -137,6 +137,16 @@ def parser() -> argparse.ArgumentParser:
     )
     enr.add_argument("--name", required=True, help="the site's name, as the coordinator knows it")
     enr.add_argument("--out", type=Path, default=Path("keys"), help="folder (default ./keys)")
+    sst = site.add_parser(
+        "start",
+        help="start this site's SuperNode: it dials the coordinator and trains on local data",
+        description="Check the site's CA certificate, keys and data file, wait for the "
+        "coordinator (retrying with backoff and saying so), then run Flower's SuperNode with "
+        "the data path and keys as node config. Records never leave the site: only sealed "
+        "deltas and metrics do. Runs in the foreground until interrupted.",
+    )
+    sst.add_argument("--config", type=Path, required=True, help="site.toml")
+    sst.add_argument("--insecure", action="store_true", help="allow a start without TLS")
 
     coord = sub.add_parser("coordinator", help="the coordinator's keys and register of sites")
     csub = coord.add_subparsers(dest="coordinator_command", required=True)
@@ -157,9 +167,40 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("pubkey", help="'ecdsa-sha2-nistp384 AAAA...' or the path of NAME.pub")
     add.add_argument("--sites", type=Path, default=Path("sites.txt"), help=sites_help)
+    flower_help = (
+        "the coordinator's config: also update the running SuperLink's allow-list, and use "
+        "its sites file"
+    )
+    add.add_argument("--config", type=Path, help=flower_help)
     rm = csub.add_parser("remove-site", help="unregister a site: its deltas are refused from now")
     rm.add_argument("name")
     rm.add_argument("--sites", type=Path, default=Path("sites.txt"), help=sites_help)
+    rm.add_argument("--config", type=Path, help=flower_help)
+    start = csub.add_parser(
+        "start",
+        help="start the coordinator: Flower's SuperLink with TLS and site authentication",
+        description="Start Flower's SuperLink as coordinator.toml says (see fedpeft/deploy.py "
+        "for every setting): the Fleet API (gRPC, TLS) is the only port sites reach; the "
+        "Control and Runtime APIs stay on the api_address (loopback by default); state in a "
+        "SQLite file so a restart keeps it; no runtime dependency installation. Each run's "
+        "ServerApp reads the coordinator's key, the registered sites and the store key from "
+        "here. Runs in the foreground until interrupted.",
+    )
+    start.add_argument("--config", type=Path, required=True, help="coordinator.toml")
+    start.add_argument("--insecure", action="store_true", help="allow a start without TLS")
+
+    certs = sub.add_parser(
+        "certs",
+        help="make a development CA and a server certificate for the coordinator",
+        description="Write ca.crt, ca.key, server.pem and server.key into --out: a private CA "
+        "and a server certificate with a subject alternative name for every --name (host names "
+        "and IP addresses sites dial). For development and rehearsals; a consortium uses its "
+        "own PKI. Never commit these files.",
+    )
+    certs.add_argument("--out", type=Path, default=Path("certs"), help="folder (default ./certs)")
+    certs.add_argument(
+        "--name", action="append", required=True, help="a host name or IP sites dial (repeat)"
+    )
     ls = csub.add_parser("sites", help="list the registered sites and their key fingerprints")
     ls.add_argument("--sites", type=Path, default=Path("sites.txt"), help=sites_help)
     return p
@@ -273,6 +314,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_site(args: argparse.Namespace) -> int:
     from fedpeft.identity import enroll
 
+    if args.site_command == "start":
+        return _start_site(args)
     done = enroll(args.out, args.name)
     print(f"private key: {done.private_key} (0600; keep it at the site, never send it)")
     print(f"public key:  {done.public_key}")
@@ -283,6 +326,7 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedpeft import deploy
     from fedpeft.common import crypto
     from fedpeft.common.trust import read_sites_file
     from fedpeft.identity import add_site, enroll, remove_site
@@ -292,15 +336,82 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         print(f"private key: {done.private_key} (0600; only the coordinator's ServerApp reads it)")
         print(f"public key:  {done.public_key} (give it to every site)")
         print(f"fingerprint: {done.fingerprint}")
+    elif args.coordinator_command == "start":
+        return _start_coordinator(args)
     elif args.coordinator_command == "add-site":
-        fingerprint = add_site(args.sites, args.name, args.pubkey)
-        print(f"registered site {args.name} ({fingerprint}) in {args.sites}")
+        cfg = deploy.load_coordinator_config(args.config) if args.config else None
+        sites = cfg.sites if cfg else args.sites
+        fingerprint = add_site(sites, args.name, args.pubkey)  # checks name and key first
+        if cfg is not None:
+            try:
+                node = deploy.flower_register(args.config, cfg, args.name, sites, args.pubkey)
+            except FedpeftError:
+                remove_site(sites, args.name)  # both registers or neither
+                raise
+            print(f"allow-listed site {args.name} in the SuperLink (node {node})")
+        print(f"registered site {args.name} ({fingerprint}) in {sites}")
     elif args.coordinator_command == "remove-site":
-        remove_site(args.sites, args.name)
-        print(f"removed site {args.name} from {args.sites}: its deltas are refused from now on")
+        cfg = deploy.load_coordinator_config(args.config) if args.config else None
+        sites = cfg.sites if cfg else args.sites
+        if cfg is not None:
+            gone = deploy.flower_unregister(args.config, cfg, args.name)
+            if gone is not None:
+                print(f"removed site {args.name} (node {gone}) from the SuperLink's allow-list")
+        remove_site(sites, args.name)
+        print(f"removed site {args.name} from {sites}: its deltas are refused from now on")
     else:
         for name, key in read_sites_file(args.sites).items():
             print(f"{name}\t{crypto.fingerprint(key)}")
+    return 0
+
+
+def _start_coordinator(args: argparse.Namespace) -> int:
+    from fedpeft import deploy
+    from fedpeft.common.crypto import read_private_key
+    from fedpeft.common.trust import read_sites_file
+    from fedpeft.server.checkpoints import read_store_key
+
+    cfg = deploy.load_coordinator_config(args.config)
+    cmd = deploy.superlink_command(cfg, args.insecure)
+    read_private_key(cfg.identity_key)  # every key is checked before anything starts
+    sites = read_sites_file(cfg.sites)
+    read_store_key(cfg.store_key_file)
+    if cfg.tls is None:
+        print(deploy.INSECURE_WARNING, file=sys.stderr, flush=True)
+    _say(
+        f"coordinator: Fleet API (sites) on {cfg.fleet_address}, Control/Runtime APIs on "
+        f"{cfg.api_address}, state in {cfg.state}, {len(sites)} registered site(s)"
+    )
+    folder = args.config.resolve().parent
+    return deploy.run_foreground(cmd, deploy.coordinator_env(cfg, folder / "flwr-home"), folder)
+
+
+def _start_site(args: argparse.Namespace) -> int:
+    from fedpeft import deploy
+    from fedpeft.common.config import DataConfig
+    from fedpeft.common.data import load_site_file
+    from fedpeft.common.trust import site_trust
+
+    cfg = deploy.load_site_config(args.config, args.insecure)
+    cmd = deploy.supernode_command(cfg, args.insecure)
+    site_trust(cfg.identity_key, cfg.coordinator_key)  # keys readable, private, right type
+    rows = load_site_file(cfg.data, DataConfig(), name=cfg.name)
+    if cfg.ca is None:
+        print(deploy.INSECURE_WARNING, file=sys.stderr, flush=True)
+    _say(f"site {cfg.name}: {len(rows.labels)} records in {cfg.data}; dialing {cfg.coordinator}")
+    deploy.wait_for(cfg.coordinator, _say)
+    folder = args.config.resolve().parent
+    return deploy.run_foreground(cmd, deploy.site_env(folder / "flwr-home"), folder)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedpeft.certs import make_pki
+
+    pki = make_pki(args.out, args.name)
+    print(f"CA certificate:     {pki.ca_cert} (give it to every site)")
+    print(f"server certificate: {pki.server_cert} (for: {', '.join(args.name)})")
+    print(f"server key:         {pki.server_key} (0600; the coordinator only)")
+    print(f"CA key:             {args.out / 'ca.key'} (0600; keep it offline)")
     return 0
 
 
@@ -318,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": cmd_export,
         "site": cmd_site,
         "coordinator": cmd_coordinator,
+        "certs": cmd_certs,
     }
     try:
         return commands[args.command](args)

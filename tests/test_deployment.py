@@ -16,10 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpeft.certs import make_pki
 from fedpeft.common.codec import state_from_bytes
 from fedpeft.common.data import heart_sites
-from fedpeft.identity import add_site, enroll
 from fedpeft.server.checkpoints import write_store_key
 from fedpeft.server.store import open_store
 
@@ -90,99 +88,98 @@ def _windows(state: dict[str, np.ndarray]) -> list[bytes]:
     return out
 
 
+def _fedpeft(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "fedpeft"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def _start(
+    processes: list[subprocess.Popen[bytes]], cwd: Path, log: str, *args: str
+) -> subprocess.Popen[bytes]:
+    with (cwd / log).open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "fedpeft"), *args],
+            cwd=cwd,
+            env=_env(cwd / "flwr-home"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    processes.append(proc)
+    return proc
+
+
+def _site_toml(home: Path, site: str, fleet: int, coord: Path) -> Path:
+    (home / "site.toml").write_text(
+        f'[site]\nname = "{site}"\ncoordinator = "127.0.0.1:{fleet}"\n'
+        f'ca = "{coord / "certs" / "ca.crt"}"\nidentity_key = "keys/{site}.key"\n'
+        f'coordinator_key = "{coord / "keys" / "coordinator.pub"}"\n'
+        f'data = "records.csv"\napi_port = {_free_port()}\n'
+    )
+    return home / "site.toml"
+
+
 def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     coord = tmp_path / "coordinator"
-    pki = make_pki(coord / "certs", ["localhost", "127.0.0.1"])
-    enroll(coord / "keys", "coordinator")
+    coord.mkdir()
+    for args in (("certs", "--name", "localhost", "--name", "127.0.0.1"), ("coordinator", "init")):
+        assert _fedpeft(*args, cwd=coord).returncode == 0
     write_store_key(coord / "store.key")
-    fleet, control = _free_port(), _free_port()
-    coord_env = _env(
-        coord / "flwr-home",
-        FEDPEFT_COORDINATOR_KEY=str(coord / "keys" / "coordinator.key"),
-        FEDPEFT_SITES=str(coord / "sites.txt"),
-        FEDPEFT_STORE_KEY_FILE=str(coord / "store.key"),
+    (coord / "sites.txt").write_text("# registered sites\n")
+    fleet, api = _free_port(), _free_port()
+    (coord / "coordinator.toml").write_text(
+        f'[coordinator]\nfleet_address = "127.0.0.1:{fleet}"\napi_address = "127.0.0.1:{api}"\n'
+        'state = "superlink.db"\n\n[tls]\nca = "certs/ca.crt"\n'
+        'certificate = "certs/server.pem"\nkey = "certs/server.key"\n'
     )
-    with (coord / "superlink.log").open("wb") as log:
-        superlink = subprocess.Popen(
-            [
-                *(str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(pki.ca_cert)),
-                *("--ssl-certfile", str(pki.server_cert), "--ssl-keyfile", str(pki.server_key)),
-                *("--enable-supernode-auth", "--database", str(coord / "state.db")),
-                "--disable-runtime-dependency-installation",
-                *("--fleet-api-address", f"127.0.0.1:{fleet}"),
-                *("--host", "127.0.0.1", "--port", str(control)),
-            ],
-            cwd=coord,
-            env=coord_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    processes.append(superlink)
-    _wait_for_port(control, superlink)
+    superlink = _start(
+        processes, coord, "coordinator.log", "coordinator", "start", "--config", "coordinator.toml"
+    )
+    _wait_for_port(api, superlink)
     _wait_for_port(fleet, superlink)
-    (coord / "flwr-home").mkdir(exist_ok=True)
-    (coord / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{control}"\n'
-        f'root-certificates = "{pki.ca_cert}"\n'
-    )
 
     dumps = []
     for site, data in zip(SITES, heart_sites()[:2], strict=True):
         home = tmp_path / site
-        keys = enroll(home / "keys", site)
-        add_site(coord / "sites.txt", site, str(keys.public_key))
-        registered = subprocess.run(
-            [str(BIN / "flwr"), "supernode", "register", str(keys.public_key)],
-            env=coord_env,
+        home.mkdir()
+        assert _fedpeft("site", "enroll", "--name", site, cwd=home).returncode == 0
+        added = _fedpeft(
+            *("coordinator", "add-site", site, str(home / "keys" / f"{site}.pub")),
+            *("--config", "coordinator.toml"),
             cwd=coord,
-            capture_output=True,
-            text=True,
-            timeout=120,
         )
-        assert registered.returncode == 0, registered.stdout + registered.stderr
+        assert added.returncode == 0 and "allow-listed" in added.stdout, added.stderr
         idx = np.random.default_rng(0).choice(len(data), 60, replace=False)
         pd.DataFrame({"text": [data.texts[i] for i in idx], "label": data.labels[idx]}).to_csv(
             home / "records.csv", index=False
         )
         (home / "dump").mkdir()
         dumps.append(home / "dump")
-        node_config = (
-            f'site="{site}" data-path="{home / "records.csv"}" '
-            f'identity-key="{keys.private_key}" '
-            f'coordinator-key="{coord / "keys" / "coordinator.pub"}" dump-dir="{home / "dump"}"'
-        )
-        with (home / "supernode.log").open("wb") as log:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        *(str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fleet}"),
-                        *("--root-certificates", str(pki.ca_cert)),
-                        *("--auth-supernode-private-key", str(keys.private_key)),
-                        *("--node-config", node_config, "--port", str(_free_port())),
-                    ],
-                    cwd=home,
-                    env=_env(home / "flwr-home"),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        _site_toml(home, site, fleet, coord)
+        _start(processes, home, "site.log", "site", "start", "--config", "site.toml")
+
+    # A site whose key is not registered is refused by the SuperLink: its SuperNode exits.
+    stranger = tmp_path / "Stranger"
+    stranger.mkdir()
+    assert _fedpeft("site", "enroll", "--name", "Stranger", cwd=stranger).returncode == 0
+    (stranger / "records.csv").write_bytes((tmp_path / SITES[0] / "records.csv").read_bytes())
+    _site_toml(stranger, "Stranger", fleet, coord)
+    refused = _start(processes, stranger, "site.log", "site", "start", "--config", "site.toml")
+    assert refused.wait(timeout=120) != 0
 
     db = f"sqlite:///{coord / 'runs.db'}"
+    run_config = f'db="{db}" data.dataset="{tmp_path}" federation.min_sites=2'
     run = subprocess.run(
-        [
-            *(str(BIN / "flwr"), "run", str(APP), "local", "--stream"),
-            *("--run-config", f'db="{db}" data.dataset="{tmp_path}" federation.min_sites=2'),
-        ],
-        env=coord_env,
+        [str(BIN / "flwr"), "run", str(APP), "coordinator", "--stream", "--run-config", run_config],
+        env=_env(coord / "flwr-cli"),
         cwd=coord,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
     # Flower's own exit code can be 0 for a crashed ServerApp: the store says what happened.
     store = open_store(db)
     (info,) = store.list_runs()
@@ -202,7 +199,7 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
     site_copies = b"".join(p.read_bytes() for d in dumps for p in d.iterdir())
     assert all(n in site_copies for n in needles[::2])  # fp32 windows, as stored there
     written = [p for p in coord.rglob("*") if p.is_file()]
-    assert any(p.name.startswith("state.db") for p in written)
+    assert any(p.name.startswith("superlink.db") for p in written)  # SuperLink state
     for path in written:
         data = path.read_bytes()
         for needle in needles:

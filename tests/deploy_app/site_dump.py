@@ -1,6 +1,6 @@
 """fedpeft's ClientApp, plus a site-local copy of each plaintext delta it seals (test only).
 
-The copy goes to the folder named by the node config key ``dump-dir``, which is the site's own.
+The copy goes to ``dump/`` beside the site's data file: the site's own folder.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Any, context: Any) -> Any:
-    folder = Path(str(context.node_config["dump-dir"]))
+    folder = Path(str(context.node_config["data-path"])).parent / "dump"
 
     def handle_train(*args: Any, **kwargs: Any) -> Any:
         delta, metrics = REAL_HANDLE_TRAIN(*args, **kwargs)
