@@ -189,6 +189,23 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--config", type=Path, required=True, help="coordinator.toml")
     start.add_argument("--insecure", action="store_true", help="allow a start without TLS")
 
+    run = sub.add_parser("run", help="federated runs on a running coordinator").add_subparsers(
+        dest="run_command", required=True
+    )
+    rstart = run.add_parser(
+        "start",
+        help="start a federated run on the coordinator and follow its progress",
+        description="Submit a run (RUN_TOML: the same run config as `fedpeft simulate "
+        "--config`: method, rounds, sites per round, minimum sites, timeouts, ...) to the "
+        "coordinator that --coordinator describes, stream its progress, and exit 0 only if the "
+        "run store records it as finished. A relative SQLite store path is taken relative to "
+        "the coordinator's folder.",
+    )
+    rstart.add_argument("run_toml", type=Path, help="run config (TOML)")
+    rstart.add_argument(
+        "--coordinator", type=Path, required=True, help="the coordinator's coordinator.toml"
+    )
+
     certs = sub.add_parser(
         "certs",
         help="make a development CA and a server certificate for the coordinator",
@@ -404,6 +421,28 @@ def _start_site(args: argparse.Namespace) -> int:
     return deploy.run_foreground(cmd, deploy.site_env(folder / "flwr-home"), folder)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedpeft import deploy
+    from fedpeft.common.config import load_config
+    from fedpeft.report import render_table, summarize
+    from fedpeft.runs import start_run, with_absolute_store
+    from fedpeft.server.store import open_store
+
+    coordinator = deploy.load_coordinator_config(args.coordinator)
+    cfg = with_absolute_store(load_config(args.run_toml), args.coordinator.resolve().parent)
+    _say(
+        f"starting a run: method {cfg.method.name}, {cfg.federation.rounds} rounds, "
+        f"min sites {cfg.federation.min_sites}, store {cfg.db}"
+    )
+    run = start_run(cfg, args.coordinator, coordinator)
+    store = open_store(cfg.db)
+    try:
+        print(render_table(summarize(store, run.id)))
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from fedpeft.certs import make_pki
 
@@ -430,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "site": cmd_site,
         "coordinator": cmd_coordinator,
         "certs": cmd_certs,
+        "run": cmd_run,
     }
     try:
         return commands[args.command](args)

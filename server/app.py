@@ -87,6 +87,22 @@ def run_federation(
         store.close()
 
 
+#: Flower run-config key holding a whole fedpeft run config as JSON (``fedpeft run start``).
+CONFIG_KEY = "fedpeft-config"
+
+
+def config_from_flower(run_config: dict[str, Any]) -> RunConfig:
+    """The run config from Flower's: one JSON value (``fedpeft run start``), or dotted keys."""
+    if CONFIG_KEY in run_config:
+        return RunConfig.from_json(str(run_config[CONFIG_KEY]))
+    return load_config(overrides=run_config)
+
+
+def _stream(text: str) -> None:
+    """Progress in deployment: the ServerApp's output is what `flwr run --stream` shows."""
+    print(f"[fedpeft {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
 def build_server_app(
     cfg: RunConfig | None = None,
     progress: Callable[[str], None] | None = None,
@@ -104,9 +120,16 @@ def build_server_app(
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        run_cfg = cfg if cfg is not None else load_config(overrides=dict(context.run_config))
+        run_cfg = cfg if cfg is not None else config_from_flower(dict(context.run_config))
         key = store_key or resolve_store_key(run_cfg.db, create=True)[0]
-        run_federation(grid, run_cfg, trust or coordinator_trust_from_env(), key, progress, handle)
+        run_federation(
+            grid,
+            run_cfg,
+            trust or coordinator_trust_from_env(),
+            key,
+            progress or _stream,
+            handle,
+        )
 
     return app
 

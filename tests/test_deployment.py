@@ -191,6 +191,24 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
     assert all(r.status == "ok" and r.auc is not None for r in evals)
     store.close()
 
+    # `fedpeft run start` on the same coordinator: it follows the run and reports it from the
+    # store; a run that cannot get its minimum of sites fails, and so does the command.
+    (coord / "run.toml").write_text(
+        'device = "cpu"\ndb = "sqlite:///runs.db"\n[federation]\nrounds = 1\nmin_sites = 2\n'
+        "[model]\nmax_length = 64\n"
+    )
+    follow = _fedpeft("run", "start", "run.toml", "--coordinator", "coordinator.toml", cwd=coord)
+    assert follow.returncode == 0, follow.stdout[-3000:] + follow.stderr[-3000:]
+    assert "macro (mean of sites)" in follow.stdout
+    (coord / "bad.toml").write_text(
+        'db = "sqlite:///runs.db"\n[federation]\nmin_sites = 3\nround_timeout_s = 5.0\n'
+    )
+    bad = _fedpeft("run", "start", "bad.toml", "--coordinator", "coordinator.toml", cwd=coord)
+    assert bad.returncode == 2 and "failed: TimeoutError" in bad.stderr, bad.stderr[-2000:]
+    store = open_store(db)
+    assert [r.status for r in store.list_runs()] == ["finished", "finished", "failed"]
+    store.close()
+
     deltas = [state_from_bytes(p.read_bytes()) for d in dumps for p in d.glob("delta-*")]
     assert len(deltas) == 2
     needles = [w for delta in deltas for w in _windows(delta)]
