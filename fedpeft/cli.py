@@ -48,6 +48,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
     p.add_argument("--local-epochs", type=int, help="local epochs per round at each site")
     p.add_argument("--batch-size", type=int, help="local batch size")
+    p.add_argument(
+        "--codec",
+        choices=("fp32", "fp16", "int8"),
+        help="how sites encode their deltas before sealing (default fp32)",
+    )
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's own)")
     p.add_argument("--seed", type=int, help="seed for splits, init, sampling and training")
     p.add_argument("--db", help="SQLAlchemy URL of the run store (default sqlite:///fedpeft.db)")
@@ -65,6 +70,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "train.local_epochs": args.local_epochs,
         "train.batch_size": args.batch_size,
         "train.lr": args.lr,
+        "federation.codec": args.codec,
         "seed": args.seed,
         "db": args.db,
         "device": args.device,
