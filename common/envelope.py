@@ -55,9 +55,17 @@ _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 # -- codecs ---------------------------------------------------------------------------------------
 
 
+#: Below this many values per row, a tensor gets one int8 scale (e.g. LoRA B, 384 x 8): a scale
+#: per row of 8 would cost half as much again as the values.
+MIN_ROW_FOR_SCALES = 64
+
+
 def _rows(shape: tuple[int, ...]) -> int:
-    """int8 scales per tensor: one per row (first axis) of a 2-D+ tensor, else one."""
-    return shape[0] if len(shape) >= 2 and shape[0] > 0 else 1
+    """int8 scales per tensor: one per row (first axis) of a 2-D+ tensor with rows of at least
+    :data:`MIN_ROW_FOR_SCALES` values, else one."""
+    if len(shape) >= 2 and shape[0] > 0 and math.prod(shape[1:]) >= MIN_ROW_FOR_SCALES:
+        return shape[0]
+    return 1
 
 
 def encoded_size(shape: tuple[int, ...], codec: str) -> int:

@@ -158,8 +158,9 @@ def test_codec_round_trips(codec: str) -> None:
             assert np.array_equal(back[name], value)
         elif codec == "fp16":
             assert np.allclose(back[name], value, rtol=1e-3, atol=1e-7)
-        else:  # int8: within half a step of each row's scale
-            rows = value.reshape(value.shape[0] if value.ndim >= 2 else 1, -1)
+        else:  # int8: within half a step of each row's scale (rows of >= 64 values)
+            per_row = value.ndim >= 2 and value[0].size >= 64
+            rows = value.reshape(value.shape[0] if per_row else 1, -1)
             step = np.abs(rows).max(axis=1, keepdims=True) / 127
             err = np.abs(back[name].reshape(rows.shape) - rows)
             assert (err <= step / 2 + 1e-7).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,4 +136,22 @@ def test_other_methods_run_a_federated_round(two_sites: Path, tmp_path: Path, me
     key = read_store_key(tmp_path / "run.db.key")
     arrays = len(open_state(key, run.id, 1, store.global_state(run.id)[1]))
     assert all(payload < r.bytes_up < payload + 600 * arrays + 4096 for r in train)
+    store.close()
+
+
+@pytest.mark.parametrize(("codec", "bytes_per_value"), [("fp16", 2), ("int8", 1)])
+def test_compressed_codecs_shrink_the_upload(
+    two_sites: Path, tmp_path: Path, codec: str, bytes_per_value: int
+) -> None:
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    base = _config(two_sites, db, rounds=1)
+    cfg = replace(base, federation=replace(base.federation, codec=codec))
+    result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    store = open_store(db)
+    (rnd,) = store.rounds(result.run_id)
+    assert rnd.accepted == 2 and rnd.applied
+    train = [r for r in store.site_results(result.run_id) if r.phase == "train"]
+    payload = 74_498 * bytes_per_value
+    # int8 adds one fp32 scale per row; both add the envelope and Flower's framing (a few KB).
+    assert all(payload < r.bytes_up < payload + 20_000 for r in train)
     store.close()
