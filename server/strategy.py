@@ -27,7 +27,7 @@ from fedpeft.common.codec import (
 )
 from fedpeft.common.config import RunConfig
 from fedpeft.common.envelope import Expected, open_delta, sign_global
-from fedpeft.common.errors import BAD_SIGNATURE, DeltaRejected
+from fedpeft.common.errors import BAD_SIGNATURE, DeltaRejected, FedpeftError
 from fedpeft.common.metrics import pooled_auc
 from fedpeft.common.trust import CoordinatorTrust
 from fedpeft.server import validation
@@ -128,7 +128,12 @@ class FederatedRun:
                     f"round {rnd}: {len(valid)} valid update(s), fewer than min_sites="
                     f"{fed.min_sites}; the global state stays as it was"
                 )
-            evaluations = self._send(grid, "evaluate", nodes, rnd)
+            # A site that did not answer the train message in time is not waited for again in
+            # this round: it is most likely gone (its failure is recorded with the train reply).
+            silent = {
+                r.node_id for r in replies if (r.reason or "").startswith(validation.NO_REPLY)
+            }
+            evaluations = self._send(grid, "evaluate", [n for n in nodes if n not in silent], rnd)
             result = self._round_result(rnd, started, t0, replies, evaluations, applied)
             self.store.add_round(
                 self.run_id,
@@ -139,6 +144,11 @@ class FederatedRun:
             )
             self._report(result, replies, evaluations)
             history.append(result)
+        if not any(r.applied for r in history):
+            raise FedpeftError(
+                f"no round had the {fed.min_sites} valid update(s) it needs (federation."
+                "min_sites): the global state never changed; see each site's reason in the store"
+            )
         chosen = select_round(history)
         self.progress(
             f"selected the global state of round {chosen} (lowest validation loss across sites)"

@@ -4,7 +4,9 @@ the coordinator wrote is searched for the bytes of the sites' plaintext deltas."
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,18 +48,21 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 60
 
 @pytest.fixture
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes the test starts; each is stopped by its PID at the end, whatever happens."""
+    """Processes the test starts, each in its own process group (with the Flower processes it
+    starts in turn); every group is stopped at the end, whatever happens."""
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in reversed(started):
         if proc.poll() is None:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
     for proc in started:
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
@@ -104,6 +109,7 @@ def _start(
             env=_env(cwd / "flwr-home"),
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     processes.append(proc)
     return proc
@@ -119,9 +125,8 @@ def _site_toml(home: Path, site: str, fleet: int, coord: Path) -> Path:
     return home / "site.toml"
 
 
-def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
+def _coordinator(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> tuple[Path, int]:
+    """A running coordinator (TLS, site authentication) in tmp_path/coordinator; its Fleet port."""
     coord = tmp_path / "coordinator"
     coord.mkdir()
     for args in (("certs", "--name", "localhost", "--name", "127.0.0.1"), ("coordinator", "init")):
@@ -140,25 +145,45 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
     _wait_for_port(api, superlink)
     _wait_for_port(fleet, superlink)
 
-    dumps = []
+    return coord, fleet
+
+
+def _site(
+    tmp_path: Path,
+    processes: list[subprocess.Popen[bytes]],
+    site: str,
+    coord: Path,
+    fleet: int,
+    rows: tuple[list[str], np.ndarray],
+) -> subprocess.Popen[bytes]:
+    """Enroll, register and start a site with these records."""
+    home = tmp_path / site
+    home.mkdir()
+    assert _fedpeft("site", "enroll", "--name", site, cwd=home).returncode == 0
+    added = _fedpeft(
+        *("coordinator", "add-site", site, str(home / "keys" / f"{site}.pub")),
+        *("--config", "coordinator.toml"),
+        cwd=coord,
+    )
+    assert added.returncode == 0 and "allow-listed" in added.stdout, added.stderr
+    pd.DataFrame({"text": rows[0], "label": rows[1]}).to_csv(home / "records.csv", index=False)
+    (home / "dump").mkdir()
+    _site_toml(home, site, fleet, coord)
+    return _start(processes, home, "site.log", "site", "start", "--config", "site.toml")
+
+
+def _sample(data: object, n: int = 60) -> tuple[list[str], np.ndarray]:
+    idx = np.random.default_rng(0).choice(len(data), n, replace=False)  # type: ignore[arg-type]
+    return [data.texts[i] for i in idx], data.labels[idx]  # type: ignore[attr-defined]
+
+
+def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    coord, fleet = _coordinator(tmp_path, processes)
     for site, data in zip(SITES, heart_sites()[:2], strict=True):
-        home = tmp_path / site
-        home.mkdir()
-        assert _fedpeft("site", "enroll", "--name", site, cwd=home).returncode == 0
-        added = _fedpeft(
-            *("coordinator", "add-site", site, str(home / "keys" / f"{site}.pub")),
-            *("--config", "coordinator.toml"),
-            cwd=coord,
-        )
-        assert added.returncode == 0 and "allow-listed" in added.stdout, added.stderr
-        idx = np.random.default_rng(0).choice(len(data), 60, replace=False)
-        pd.DataFrame({"text": [data.texts[i] for i in idx], "label": data.labels[idx]}).to_csv(
-            home / "records.csv", index=False
-        )
-        (home / "dump").mkdir()
-        dumps.append(home / "dump")
-        _site_toml(home, site, fleet, coord)
-        _start(processes, home, "site.log", "site", "start", "--config", "site.toml")
+        _site(tmp_path, processes, site, coord, fleet, _sample(data))
+    dumps = [tmp_path / site / "dump" for site in SITES]
 
     # A site whose key is not registered is refused by the SuperLink: its SuperNode exits.
     stranger = tmp_path / "Stranger"
@@ -222,3 +247,57 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
         data = path.read_bytes()
         for needle in needles:
             assert needle not in data, f"plaintext delta bytes found in {path}"
+
+
+def test_a_site_killed_during_a_round_does_not_stop_the_run(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Three hospitals, three rounds, at least two sites per round: the third site's SuperNode
+    dies (SIGKILL, with the ClientApp it started) as round 2 begins. Rounds 2 and 3 complete with
+    the two others, and the store records the dead site's failure."""
+    coord, fleet = _coordinator(tmp_path, processes)
+    names = ("Cleveland", "Hungary", "Switzerland")
+    sites = {
+        name: _site(tmp_path, processes, name, coord, fleet, _sample(data))
+        for name, data in zip(names, heart_sites()[:3], strict=True)
+    }
+    (coord / "run.toml").write_text(
+        'device = "cpu"\ndb = "sqlite:///runs.db"\n[federation]\nrounds = 3\nmin_sites = 2\n'
+        "round_timeout_s = 150.0\n[model]\nmax_length = 64\n"
+    )
+    with (coord / "run.log").open("wb") as log:
+        follow = subprocess.Popen(
+            [str(BIN / "fedpeft"), "run", "start", "run.toml", "--coordinator", "coordinator.toml"],
+            cwd=coord,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    processes.append(follow)
+    db = f"sqlite:///{coord / 'runs.db'}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # until round 1 is in the store
+        if (coord / "runs.db").exists():
+            store = open_store(db)
+            done = [rnd for run in store.list_runs() for rnd in store.rounds(run.id)]
+            store.close()
+            if done:
+                break
+        assert follow.poll() is None, (coord / "run.log").read_text()[-3000:]
+        time.sleep(1)
+    else:
+        raise TimeoutError("round 1 did not finish in 600 s")
+    os.killpg(sites["Switzerland"].pid, signal.SIGKILL)
+    assert follow.wait(timeout=900) == 0, (coord / "run.log").read_text()[-3000:]
+
+    store = open_store(db)
+    (run,) = store.list_runs()
+    assert run.status == "finished"
+    rounds = store.rounds(run.id)
+    assert [r.round for r in rounds] == [1, 2, 3] and all(r.applied for r in rounds)
+    assert rounds[0].accepted == 3
+    assert rounds[1].accepted == 2 and rounds[2].accepted == 2
+    dead = [r for r in store.site_results(run.id) if r.site == "Switzerland" and r.phase == "train"]
+    assert dead[0].status == "ok" and all(r.status == "failed" for r in dead[1:])
+    assert dead[1].reason is not None and dead[1].reason.split(":")[0] in ("no-reply", "site-error")
+    store.close()

@@ -11,6 +11,7 @@ import pytest
 
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.data import heart_sites
+from fedpeft.common.errors import FedpeftError
 from fedpeft.server.checkpoints import open_state, read_store_key
 from fedpeft.server.store import open_store
 from fedpeft.simulate import run_simulation
@@ -116,6 +117,27 @@ def test_a_bad_site_is_rejected_and_the_run_goes_on(
     # The bad site still evaluates the (good) global model.
     evals = [r for r in store.site_results(result.run_id) if r.phase == "evaluate"]
     assert {r.site for r in evals if r.status == "ok"} == {"a-cleveland", "b-hungary"}
+    store.close()
+
+
+def test_a_run_in_which_no_round_gets_its_minimum_of_sites_fails(
+    two_sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("FEDPEFT_TEST_FAULT", "tamper")
+    monkeypatch.syspath_prepend(str(TESTS))
+    import faulty_site
+
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    base = _config(two_sites, db, rounds=1)
+    cfg = replace(base, federation=replace(base.federation, min_sites=2))
+    with pytest.raises(FedpeftError, match="no round had the 2 valid update"):
+        run_simulation(cfg, client_app=faulty_site.app, cpus=2, progress=lambda _: None)
+    store = open_store(db)
+    (run,) = store.list_runs()
+    assert run.status == "failed" and "min_sites" in (run.error or "")
+    (rnd,) = store.rounds(run.id)  # the round itself is still recorded, not applied
+    assert rnd.accepted == 1 and not rnd.applied
     store.close()
 
 
