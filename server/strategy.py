@@ -223,8 +223,8 @@ class FederatedRun:
                     node,
                     self._name(node),
                     "failed",
-                    f"{validation.NO_REPLY}: no reply within "
-                    f"{self.cfg.federation.round_timeout_s:.0f} s",
+                    f"{validation.NO_REPLY}: no reply to the {kind} message (the site may be "
+                    f"down; the round waits at most {self.cfg.federation.round_timeout_s:.0f} s)",
                 )
         return [replies[n] for n in nodes]
 
