@@ -440,7 +440,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"starting a run: method {cfg.method.name}, {cfg.federation.rounds} rounds, "
         f"min sites {cfg.federation.min_sites}, store {cfg.db}"
     )
-    run = start_run(cfg, args.coordinator, coordinator)
+    run = start_run(cfg, args.coordinator, coordinator, say=_say)
     store = open_store(cfg.db)
     try:
         print(render_table(summarize(store, run.id)))

@@ -13,6 +13,9 @@ import dataclasses
 import json
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -69,9 +72,16 @@ def write_app(folder: Path, cfg: RunConfig) -> Path:
     return folder
 
 
-def start_run(cfg: RunConfig, coordinator_toml: Path, coordinator: CoordinatorConfig) -> RunInfo:
+def start_run(
+    cfg: RunConfig,
+    coordinator_toml: Path,
+    coordinator: CoordinatorConfig,
+    say: Callable[[str], None] = print,
+) -> RunInfo:
     """Submit, stream, and return the run as the store recorded it; FedpeftError unless it
-    finished."""
+    finished. Flower's log stream can end before the run does (it did under load): the store is
+    then followed until the run finishes or fails, within a bound set by the run's rounds and
+    round timeout."""
     started = utcnow()
     home = _flower_cli_home(coordinator_toml, coordinator)
     with tempfile.TemporaryDirectory(prefix="fedpeft-run-") as tmp:
@@ -80,17 +90,47 @@ def start_run(cfg: RunConfig, coordinator_toml: Path, coordinator: CoordinatorCo
             [str(BIN / "flwr"), "run", str(app), "coordinator", "--stream"],
             env=_quiet_env(FLWR_HOME=str(home)),
         )
-    store = open_store(cfg.db)
-    try:
-        runs = [r for r in store.list_runs() if r.created_at >= started]
-    finally:
-        store.close()
-    if not runs:
+    fed = cfg.federation
+    deadline = time.monotonic() + fed.rounds * 2 * fed.round_timeout_s + 300
+    seen_rounds, run = 0, None
+    while True:
+        run = _latest_run(cfg.db, started)
+        if run is not None and run.status != "running":
+            break
+        if run is not None:
+            seen_rounds = _report_new_rounds(cfg.db, run.id, seen_rounds, say)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    if run is None:
         raise FedpeftError(
             f"the coordinator recorded no run in {make_url(cfg.db).render_as_string()} "
             f"(flwr run exited {done.returncode}); see the coordinator's log"
         )
-    run = max(runs, key=lambda r: r.id)
     if run.status != "finished":
         raise FedpeftError(f"run {run.id} {run.status}: {run.error or 'no error recorded'}")
     return run
+
+
+def _latest_run(db: str, since: datetime) -> RunInfo | None:
+    store = open_store(db)
+    try:
+        runs = [r for r in store.list_runs() if r.created_at >= since]
+    finally:
+        store.close()
+    return max(runs, key=lambda r: r.id) if runs else None
+
+
+def _report_new_rounds(db: str, run_id: int, seen: int, say: Callable[[str], None]) -> int:
+    store = open_store(db)
+    try:
+        rounds = store.rounds(run_id)
+    finally:
+        store.close()
+    for r in rounds[seen:]:
+        auc = "n/a" if r.macro_auc is None else f"{r.macro_auc:.3f}"
+        say(
+            f"round {r.round}: macro AUC {auc}, {r.accepted} update(s) accepted, {r.rejected} "
+            f"not, {r.seconds:.0f} s (from the store)"
+        )
+    return len(rounds)
