@@ -47,11 +47,12 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list(METHOD_LR))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--db", default="sqlite:///bench-methods.db")
+    p.add_argument("--report-only", action="store_true", help="print the table, run nothing")
     p.add_argument("extra", nargs="*", help="more flags for fedpeft simulate")
     args = p.parse_args()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     # Seed-major: a benchmark cut short still compares every method on the seeds it finished.
-    for seed in args.seeds:
+    for seed in [] if args.report_only else args.seeds:
         for method in args.methods:
             store = open_store(args.db)
             done = _finished(store)
