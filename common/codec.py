@@ -31,21 +31,6 @@ def to_torch(state: State) -> dict[str, torch.Tensor]:
     }
 
 
-def to_array_record(state: State) -> ArrayRecord:
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sorted(state.items())})
-
-
-def from_array_record(record: object) -> State:
-    """Arrays of a Flower ArrayRecord, by name. Raises ValueError on anything else."""
-    from flwr.app import ArrayRecord
-
-    if not isinstance(record, ArrayRecord):
-        raise ValueError(f"expected an ArrayRecord, got {type(record).__name__}")
-    return {name: array.numpy() for name, array in record.items()}
-
-
 BLOB = "bytes"
 
 

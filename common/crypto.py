@@ -50,6 +50,11 @@ def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
+    write_secret(path, data)
+
+
+def write_secret(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by its owner only (0600) and write ``data``; never overwrites."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)

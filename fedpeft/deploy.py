@@ -34,6 +34,7 @@ site.toml::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -322,8 +323,6 @@ def _flower_cli_home(config_path: Path, cfg: CoordinatorConfig) -> Path:
 
 
 def _flwr(config_path: Path, cfg: CoordinatorConfig, *args: str) -> dict[str, Any]:
-    import json
-
     home = _flower_cli_home(config_path, cfg)
     done = subprocess.run(
         [str(BIN / "flwr"), *args, "--format", "json"],
@@ -353,8 +352,6 @@ def flower_register(
 ) -> int:
     """Allow-list a site's key (as registered in ``sites``) in the running SuperLink; remember
     its node id by name."""
-    import json
-
     from fedpeft.common import crypto
     from fedpeft.common.trust import read_sites_file
 
@@ -372,8 +369,6 @@ def flower_register(
 
 def flower_unregister(config_path: Path, cfg: CoordinatorConfig, name: str) -> int | None:
     """Remove a site's key from the running SuperLink's allow-list, if it was registered."""
-    import json
-
     ids_file = _node_ids_file(cfg.sites)
     ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
     if name not in ids:

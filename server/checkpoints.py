@@ -36,9 +36,7 @@ def _decode(text: str, where: str) -> bytes:
 
 def write_store_key(path: Path) -> bytes:
     key = os.urandom(KEY_BYTES)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(base64.b64encode(key).decode() + "\n")
+    crypto.write_secret(path, base64.b64encode(key) + b"\n")
     return key
 
 
