@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fedpeft-installed
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,5 +34,9 @@ pytest: install
 
 test: lint typecheck pytest
 
+# The docker compose rehearsal, end to end (as root: starts dockerd, edits the host firewall).
+e2e: install
+	bash deploy/e2e-compose.sh
+
 clean:
-	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache deploy/wheelhouse

@@ -29,6 +29,11 @@ class Pki:
     server_key: Path
 
 
+#: Names a coordinator's certificate also carries (``fedpeft certs`` adds them): its Control API,
+#: which ``coordinator add-site --config`` and ``run start`` dial on loopback, serves it too.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,

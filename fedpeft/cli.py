@@ -217,7 +217,9 @@ def parser() -> argparse.ArgumentParser:
         help="make a development CA and a server certificate for the coordinator",
         description="Write ca.crt, ca.key, server.pem and server.key into --out: a private CA "
         "and a server certificate with a subject alternative name for every --name (host names "
-        "and IP addresses sites dial). For development and rehearsals; a consortium uses its "
+        "and IP addresses sites dial), plus 127.0.0.1 and localhost: the coordinator's own "
+        "Control API, which `coordinator add-site --config` and `run start` dial on loopback, "
+        "serves the same certificate. For development and rehearsals; a consortium uses its "
         "own PKI. Never commit these files.",
     )
     certs.add_argument("--out", type=Path, default=Path("certs"), help="folder (default ./certs)")
@@ -226,6 +228,31 @@ def parser() -> argparse.ArgumentParser:
     )
     ls = csub.add_parser("sites", help="list the registered sites and their key fingerprints")
     ls.add_argument("--sites", type=Path, default=Path("sites.txt"), help=sites_help)
+
+    reh = sub.add_parser(
+        "rehearsal", help="the docker compose rehearsal: one coordinator, three hospitals"
+    ).add_subparsers(dest="rehearsal_command", required=True)
+    rinit = reh.add_parser(
+        "init",
+        help="make the rehearsal's certificates, keys, configs and per-hospital records",
+        description="Write OUT/coordinator (coordinator.toml, run.toml, a development CA and "
+        "server certificate for the host 'coordinator', the coordinator's key, a store key, the "
+        "sites' public keys) and OUT/NAME for Cleveland, Hungary and VA-Long-Beach (site.toml, "
+        "the site's key, the CA certificate, the coordinator's public key, that hospital's "
+        "heart-disease records). docker-compose.yml's `setup` service runs it into one volume "
+        "per party. For a rehearsal only: a consortium makes each key where it stays.",
+    )
+    rinit.add_argument("out", type=Path, help="folder to write (its parts must not exist yet)")
+    rinit.add_argument("--rounds", type=int, default=2, help="rounds of the run (default 2)")
+    rco = reh.add_parser(
+        "coordinator",
+        help="the rehearsal coordinator: SuperLink, register the sites, one run, report",
+        description="Start the SuperLink from DIR/coordinator.toml, register every "
+        "DIR/site-keys/NAME.pub with fedpeft and Flower, touch /tmp/fedpeft-ready (the "
+        "compose health check that lets the sites start), run DIR/run.toml, print the report "
+        "and stop. Exits 0 only if the store records the run as finished.",
+    )
+    rco.add_argument("dir", type=Path, help="the coordinator's folder (made by rehearsal init)")
     return p
 
 
@@ -406,7 +433,8 @@ def _start_coordinator(args: argparse.Namespace) -> int:
         f"{cfg.api_address}, state in {cfg.state}, {len(sites)} registered site(s)"
     )
     folder = args.config.resolve().parent
-    return deploy.run_foreground(cmd, deploy.coordinator_env(cfg, folder / "flwr-home"), folder)
+    env = deploy.coordinator_env(cfg, deploy.flwr_home(args.config))
+    return deploy.run_foreground(cmd, env, folder)
 
 
 def _start_site(args: argparse.Namespace) -> int:
@@ -424,7 +452,7 @@ def _start_site(args: argparse.Namespace) -> int:
     _say(f"site {cfg.name}: {len(rows.labels)} records in {cfg.data}; dialing {cfg.coordinator}")
     deploy.wait_for(cfg.coordinator, _say)
     folder = args.config.resolve().parent
-    return deploy.run_foreground(cmd, deploy.site_env(folder / "flwr-home"), folder)
+    return deploy.run_foreground(cmd, deploy.site_env(deploy.flwr_home(args.config)), folder)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -449,12 +477,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_certs(args: argparse.Namespace) -> int:
-    from fedpeft.certs import make_pki
+def cmd_rehearsal(args: argparse.Namespace) -> int:
+    from fedpeft import rehearsal
 
-    pki = make_pki(args.out, args.name)
+    if args.rehearsal_command == "coordinator":
+        return rehearsal.coordinator(args.dir, _say)
+    for folder in rehearsal.init(args.out, args.rounds):
+        print(f"wrote {folder}")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedpeft.certs import LOOPBACK_NAMES, make_pki
+
+    names = args.name + [n for n in LOOPBACK_NAMES if n not in args.name]
+    pki = make_pki(args.out, names)
     print(f"CA certificate:     {pki.ca_cert} (give it to every site)")
-    print(f"server certificate: {pki.server_cert} (for: {', '.join(args.name)})")
+    print(f"server certificate: {pki.server_cert} (for: {', '.join(names)})")
     print(f"server key:         {pki.server_key} (0600; the coordinator only)")
     print(f"CA key:             {args.out / 'ca.key'} (0600; keep it offline)")
     return 0
@@ -476,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "coordinator": cmd_coordinator,
         "certs": cmd_certs,
         "run": cmd_run,
+        "rehearsal": cmd_rehearsal,
     }
     try:
         return commands[args.command](args)

@@ -289,6 +289,14 @@ def run_foreground(cmd: list[str], env: dict[str, str], cwd: Path) -> int:
             signal.signal(s, handler)
 
 
+def flwr_home(config_path: Path) -> Path:
+    """Flower's home for a SuperLink or SuperNode: ``$FLWR_HOME`` if set (a container whose
+    config folder is read-only sets it), else ``flwr-home`` beside the config file."""
+    if os.environ.get("FLWR_HOME"):
+        return Path(os.environ["FLWR_HOME"])
+    return Path(config_path).resolve().parent / "flwr-home"
+
+
 def coordinator_env(cfg: CoordinatorConfig, flwr_home: Path) -> dict[str, str]:
     """What the SuperLink passes on to the ServerApp process it starts for each run."""
     return _quiet_env(
@@ -345,6 +353,13 @@ def _flwr(config_path: Path, cfg: CoordinatorConfig, *args: str) -> dict[str, An
 
 def _node_ids_file(sites: Path) -> Path:
     return sites.with_name(sites.name + ".flower-nodes.json")
+
+
+def flower_node_id(cfg: CoordinatorConfig, name: str) -> int | None:
+    """The Flower node id that ``name``'s key was allow-listed as, if it was."""
+    ids_file = _node_ids_file(cfg.sites)
+    ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    return int(ids[name]) if name in ids else None
 
 
 def flower_register(
