@@ -12,7 +12,8 @@
 #      (every round applied, an AUC per site and round) and checks the network isolation;
 #   6. everything torn down: containers, network, volumes (keys and store). Images are kept, so
 #      a second run is warm.
-# FEDPEFT_ROUNDS (default 2) sets the run's rounds. Prints the time of each step.
+# FEDPEFT_ROUNDS sets the run's rounds (default 2 here, to keep CI short; the compose file's
+# own default is the benchmark's 5). Prints the time of each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLWR_TELEMETRY_ENABLED=0

@@ -243,7 +243,9 @@ def parser() -> argparse.ArgumentParser:
         "per party. For a rehearsal only: a consortium makes each key where it stays.",
     )
     rinit.add_argument("out", type=Path, help="folder to write (its parts must not exist yet)")
-    rinit.add_argument("--rounds", type=int, default=2, help="rounds of the run (default 2)")
+    rinit.add_argument(
+        "--rounds", type=int, help="rounds of the run (default: fedpeft simulate's, 5)"
+    )
     rco = reh.add_parser(
         "coordinator",
         help="the rehearsal coordinator: SuperLink, register the sites, one run, report",
@@ -482,7 +484,8 @@ def cmd_rehearsal(args: argparse.Namespace) -> int:
 
     if args.rehearsal_command == "coordinator":
         return rehearsal.coordinator(args.dir, _say)
-    for folder in rehearsal.init(args.out, args.rounds):
+    rounds = {} if args.rounds is None else {"rounds": args.rounds}
+    for folder in rehearsal.init(args.out, **rounds):
         print(f"wrote {folder}")
     return 0
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedpeft import deploy
+from fedpeft.common.config import FederationConfig
 from fedpeft.common.errors import ConfigError, FedpeftError
 
 #: The three hospitals of the rehearsal and their file-safe site names.
@@ -75,7 +76,7 @@ api_port = 9094
 """
 
 
-def init(out: Path, rounds: int = 2) -> list[Path]:
+def init(out: Path, rounds: int = FederationConfig.rounds) -> list[Path]:
     """Write the rehearsal's files under ``out`` (refusing to overwrite a previous one);
     returns the folders made, coordinator first."""
     from fedpeft.certs import LOOPBACK_NAMES, make_pki
