@@ -93,8 +93,37 @@ def main() -> int:
             f"{up:,.0f} | {100 * up / first.full_model_bytes:.2f} % | {_spread(fed)} | "
             f"{_spread(alone)} | {_spread(gain)} | {per_round:.0f} | {len(runs)} |"
         )
+    _per_seed(store, done, args.methods, args.seeds)
     store.close()
     return 0
+
+
+def _per_seed(
+    store: RunStore, done: dict[tuple[str, int], int], methods: list[str], seeds: list[int]
+) -> None:
+    """Federated (alone) macro AUC of every method on every seed, and per seed the best that any
+    method reached alone: what a hospital could get without the federation, whatever method."""
+    macro = {
+        key: (s.macro("federated"), s.macro("alone"))
+        for key, run in done.items()
+        if (s := summarize(store, run))
+    }
+    print()
+    print("| method | " + " | ".join(f"seed {s} federated (alone)" for s in seeds) + " |")
+    print("|---|" + "---|" * len(seeds))
+
+    def cell(pair: tuple[float | None, float | None] | None) -> str:
+        if pair is None or pair[0] is None or pair[1] is None:
+            return "–"
+        return f"{pair[0]:.3f} ({pair[1]:.3f})"
+
+    for method in methods:
+        print(f"| {method} | " + " | ".join(cell(macro.get((method, s))) for s in seeds) + " |")
+    best = []
+    for seed in seeds:
+        alone = [a for (m, s), (_, a) in macro.items() if s == seed and a is not None]
+        best.append(f"{max(alone):.3f}" if alone else "–")
+    print("| best alone, any method | " + " | ".join(best) + " |")
 
 
 if __name__ == "__main__":
