@@ -393,14 +393,11 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     elif args.coordinator_command == "add-site":
         cfg = deploy.load_coordinator_config(args.config) if args.config else None
         sites = cfg.sites if cfg else args.sites
-        fingerprint = add_site(sites, args.name, args.pubkey)  # checks name and key first
-        if cfg is not None:
-            try:
-                node = deploy.flower_register(args.config, cfg, args.name, sites, args.pubkey)
-            except FedpeftError:
-                remove_site(sites, args.name)  # both registers or neither
-                raise
+        if cfg is not None:  # both registers or neither
+            fingerprint, node = deploy.register_site(args.config, cfg, args.name, args.pubkey)
             print(f"allow-listed site {args.name} in the SuperLink (node {node})")
+        else:
+            fingerprint = add_site(sites, args.name, args.pubkey)
         print(f"registered site {args.name} ({fingerprint}) in {sites}")
     elif args.coordinator_command == "remove-site":
         cfg = deploy.load_coordinator_config(args.config) if args.config else None
@@ -459,23 +456,10 @@ def _start_site(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpeft import deploy
-    from fedpeft.common.config import load_config
-    from fedpeft.report import render_table, summarize
-    from fedpeft.runs import start_run, with_absolute_store
-    from fedpeft.server.store import open_store
+    from fedpeft.runs import run_and_report
 
     coordinator = deploy.load_coordinator_config(args.coordinator)
-    cfg = with_absolute_store(load_config(args.run_toml), args.coordinator.resolve().parent)
-    _say(
-        f"starting a run: method {cfg.method.name}, {cfg.federation.rounds} rounds, "
-        f"min sites {cfg.federation.min_sites}, store {cfg.db}"
-    )
-    run = start_run(cfg, args.coordinator, coordinator, say=_say)
-    store = open_store(cfg.db)
-    try:
-        print(render_table(summarize(store, run.id)))
-    finally:
-        store.close()
+    run_and_report(args.run_toml, args.coordinator, coordinator, say=_say)
     return 0
 
 

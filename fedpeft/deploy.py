@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.common.errors import ConfigError
+from fedpeft.common.errors import ConfigError, FedpeftError
 
 log = logging.getLogger("fedpeft.deploy")
 BIN = Path(sys.executable).parent
@@ -355,40 +355,56 @@ def _node_ids_file(sites: Path) -> Path:
     return sites.with_name(sites.name + ".flower-nodes.json")
 
 
+def _read_node_ids(cfg: CoordinatorConfig) -> dict[str, int]:
+    ids_file = _node_ids_file(cfg.sites)
+    return json.loads(ids_file.read_text()) if ids_file.exists() else {}
+
+
 def flower_node_id(cfg: CoordinatorConfig, name: str) -> int | None:
     """The Flower node id that ``name``'s key was allow-listed as, if it was."""
-    ids_file = _node_ids_file(cfg.sites)
-    ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    ids = _read_node_ids(cfg)
     return int(ids[name]) if name in ids else None
 
 
-def flower_register(
-    config_path: Path, cfg: CoordinatorConfig, name: str, sites: Path, pubkey: str
-) -> int:
-    """Allow-list a site's key (as registered in ``sites``) in the running SuperLink; remember
-    its node id by name."""
+def register_site(
+    config_path: Path, cfg: CoordinatorConfig, name: str, pubkey: str
+) -> tuple[str, int]:
+    """Register a site with fedpeft (``cfg.sites``) and allow-list it in the running SuperLink:
+    both registers or neither. Returns the key's fingerprint and the Flower node id."""
+    from fedpeft.identity import add_site, remove_site
+
+    fingerprint = add_site(cfg.sites, name, pubkey)  # checks name and key first
+    try:
+        node = flower_register(config_path, cfg, name)
+    except FedpeftError:
+        remove_site(cfg.sites, name)
+        raise
+    return fingerprint, node
+
+
+def flower_register(config_path: Path, cfg: CoordinatorConfig, name: str) -> int:
+    """Allow-list a site's key (as registered in ``cfg.sites``) in the running SuperLink;
+    remember its node id by name."""
     from fedpeft.common import crypto
     from fedpeft.common.trust import read_sites_file
 
     key_file = Path(config_path).resolve().parent / "flwr-cli" / f"{name}.pub"
     key_file.parent.mkdir(exist_ok=True)
-    key_file.write_text(crypto.public_openssh(read_sites_file(sites)[name]) + "\n")
+    key_file.write_text(crypto.public_openssh(read_sites_file(cfg.sites)[name]) + "\n")
     reply = _flwr(config_path, cfg, "supernode", "register", str(key_file), "--name", name)
     node_id = int(reply["node-id"])
-    ids_file = _node_ids_file(cfg.sites)
-    ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    ids = _read_node_ids(cfg)
     ids[name] = node_id
-    ids_file.write_text(json.dumps(ids, indent=2) + "\n")
+    _node_ids_file(cfg.sites).write_text(json.dumps(ids, indent=2) + "\n")
     return node_id
 
 
 def flower_unregister(config_path: Path, cfg: CoordinatorConfig, name: str) -> int | None:
     """Remove a site's key from the running SuperLink's allow-list, if it was registered."""
-    ids_file = _node_ids_file(cfg.sites)
-    ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    ids = _read_node_ids(cfg)
     if name not in ids:
         return None
     node_id = int(ids.pop(name))
     _flwr(config_path, cfg, "supernode", "unregister", str(node_id))
-    ids_file.write_text(json.dumps(ids, indent=2) + "\n")
+    _node_ids_file(cfg.sites).write_text(json.dumps(ids, indent=2) + "\n")
     return node_id

@@ -29,7 +29,7 @@ import pandas as pd
 
 from fedpeft import deploy
 from fedpeft.common.config import FederationConfig
-from fedpeft.common.errors import ConfigError, FedpeftError
+from fedpeft.common.errors import ConfigError
 
 #: The three hospitals of the rehearsal and their file-safe site names.
 HOSPITALS = {"Cleveland": "Cleveland", "Hungary": "Hungary", "VA Long Beach": "VA-Long-Beach"}
@@ -127,23 +127,18 @@ def register_sites(
     """Register every ``keys/NAME.pub`` with fedpeft and with the running SuperLink; a site
     already in both (a restarted rehearsal) is left as it is."""
     from fedpeft.common.trust import read_sites_file
-    from fedpeft.identity import add_site, remove_site
+    from fedpeft.identity import remove_site
 
     names = []
     for pub in sorted(keys.glob("*.pub")):
         name = pub.stem
         names.append(name)
-        if name in read_sites_file(cfg.sites) and deploy.flower_node_id(cfg, name) is not None:
-            say(f"site {name} is registered already")
-            continue
         if name in read_sites_file(cfg.sites):
+            if deploy.flower_node_id(cfg, name) is not None:
+                say(f"site {name} is registered already")
+                continue
             remove_site(cfg.sites, name)  # registered with fedpeft only: do both again
-        fingerprint = add_site(cfg.sites, name, pub.read_text())
-        try:
-            node = deploy.flower_register(config_path, cfg, name, cfg.sites, pub.read_text())
-        except FedpeftError:
-            remove_site(cfg.sites, name)
-            raise
+        fingerprint, node = deploy.register_site(config_path, cfg, name, pub.read_text())
         say(f"registered site {name} ({fingerprint}) as Flower node {node}")
     if not names:
         raise ConfigError(f"{keys}: no site keys (NAME.pub) to register")
@@ -152,10 +147,7 @@ def register_sites(
 
 def coordinator(folder: Path, say: Callable[[str], None]) -> int:
     """The coordinator's side of the rehearsal; returns the exit status."""
-    from fedpeft.common.config import load_config
-    from fedpeft.report import render_table, summarize
-    from fedpeft.runs import start_run, with_absolute_store
-    from fedpeft.server.store import open_store
+    from fedpeft.runs import run_and_report
 
     config_path = folder / "coordinator.toml"
     if not config_path.exists():
@@ -177,13 +169,7 @@ def coordinator(folder: Path, say: Callable[[str], None]) -> int:
         names = register_sites(config_path, cfg, folder / "site-keys", say)
         READY_FILE.touch()
         say(f"ready: {len(names)} site(s) may connect ({', '.join(names)})")
-        run_cfg = with_absolute_store(load_config(folder / "run.toml"), folder)
-        run = start_run(run_cfg, config_path, cfg, say=say)
-        store = open_store(run_cfg.db)
-        try:
-            print(render_table(summarize(store, run.id)), flush=True)
-        finally:
-            store.close()
+        run_and_report(folder / "run.toml", config_path, cfg, say=say)
         return 0
     finally:
         READY_FILE.unlink(missing_ok=True)

@@ -134,3 +134,28 @@ def _report_new_rounds(db: str, run_id: int, seen: int, say: Callable[[str], Non
             f"not, {r.seconds:.0f} s (from the store)"
         )
     return len(rounds)
+
+
+def run_and_report(
+    run_toml: Path,
+    coordinator_toml: Path,
+    coordinator: CoordinatorConfig,
+    say: Callable[[str], None],
+) -> RunInfo:
+    """``fedpeft run start``: load the run config (a relative SQLite store is taken relative to
+    the coordinator's folder), start the run, follow it, then print its report table."""
+    from fedpeft.common.config import load_config
+    from fedpeft.report import render_table, summarize
+
+    cfg = with_absolute_store(load_config(run_toml), coordinator_toml.resolve().parent)
+    say(
+        f"starting a run: method {cfg.method.name}, {cfg.federation.rounds} rounds, "
+        f"min sites {cfg.federation.min_sites}, store {cfg.db}"
+    )
+    run = start_run(cfg, coordinator_toml, coordinator, say=say)
+    store = open_store(cfg.db)
+    try:
+        print(render_table(summarize(store, run.id)), flush=True)
+    finally:
+        store.close()
+    return run
