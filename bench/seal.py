@@ -56,7 +56,7 @@ def _row(label: str, values: int, repeat: int) -> str:
     def seal() -> bytes:
         return seal_delta(
             state,
-            run_id="0" * 32,
+            run_token="0" * 32,
             round=1,
             site_id="Cleveland",
             method="lora",
@@ -69,7 +69,7 @@ def _row(label: str, values: int, repeat: int) -> str:
 
     sealed = seal()
     expected = Expected(
-        run_id="0" * 32,
+        run_token="0" * 32,
         round=1,
         method="lora",
         fingerprint="sha256:" + "0" * 64,

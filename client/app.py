@@ -26,7 +26,6 @@ import torch
 
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
-from fedpeft.common.codec import State, blob_record, from_blob_record, to_numpy, to_torch
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
 from fedpeft.common.envelope import ForgedGlobalState, GlobalState, open_global, seal_delta
@@ -40,6 +39,9 @@ from fedpeft.common.model import (
     resolve_device,
     resolve_model_path,
 )
+from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.state import State
+from fedpeft.common.tensors import to_numpy, to_torch
 from fedpeft.common.trust import SIMULATION_KEYS_ENV, SiteTrust, site_trust
 
 log = logging.getLogger("fedpeft.client")
@@ -248,7 +250,7 @@ def _handle(msg: Any, context: Any, kind: str) -> Any:
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             sealed = seal_delta(
                 delta,
-                run_id=signed.run_id,
+                run_token=signed.run_token,
                 round=rnd,
                 site_id=site,
                 method=cfg.method.name,

@@ -16,9 +16,7 @@ HISTOGRAM: Final = "histogram"  # MetricRecord: score histogram by label
 
 # ConfigRecord keys, server -> site.
 RUN_CONFIG_JSON: Final = "run-config-json"
-RUN_ID: Final = "run-id"
 ROUND: Final = "round"
-MODEL_FINGERPRINT: Final = "model-fingerprint"
 
 # ConfigRecord keys, site -> server.
 SITE: Final = "site"

@@ -327,9 +327,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedpeft.common.codec import to_torch
     from fedpeft.common.config import RunConfig
     from fedpeft.common.export import export_state
+    from fedpeft.common.tensors import to_torch
     from fedpeft.server.checkpoints import open_state, resolve_store_key
     from fedpeft.server.store import open_store
     from fedpeft.server.strategy import select_round

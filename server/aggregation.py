@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedpeft.common.codec import State
+from fedpeft.common.state import State
 
 
 def fedavg(deltas: Sequence[tuple[State, int]]) -> State:

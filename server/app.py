@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedpeft.common.codec import to_numpy
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.methods import build_model, count_parameters, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
+from fedpeft.common.tensors import to_numpy
 from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
 from fedpeft.server.checkpoints import resolve_store_key
 from fedpeft.server.store import open_store

@@ -19,16 +19,12 @@ from datetime import datetime
 import numpy as np
 
 from fedpeft.common import crypto, keys
-from fedpeft.common.codec import (
-    State,
-    blob_record,
-    from_blob_record,
-    message_nbytes,
-)
 from fedpeft.common.config import RunConfig
 from fedpeft.common.envelope import Expected, open_delta, sign_global
 from fedpeft.common.errors import BAD_SIGNATURE, DeltaRejected, FedpeftError
 from fedpeft.common.metrics import pooled_auc
+from fedpeft.common.records import blob_record, from_blob_record, message_nbytes
+from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust
 from fedpeft.server import validation
 from fedpeft.server.aggregation import apply_delta, fedavg
@@ -183,14 +179,12 @@ class FederatedRun:
         config = ConfigRecord(
             {
                 keys.RUN_CONFIG_JSON: self.cfg.to_json(),
-                keys.RUN_ID: self.run_id,
                 keys.ROUND: rnd,
-                keys.MODEL_FINGERPRINT: self.fingerprint,
             }
         )
         signed = sign_global(
             self.state,
-            run_id=self.run_token,
+            run_token=self.run_token,
             round=rnd,
             method=self.cfg.method.name,
             fingerprint=self.fingerprint,
@@ -235,7 +229,7 @@ class FederatedRun:
         fed = self.cfg.federation
         fp32 = sum(v.nbytes for v in self.state.values())
         return Expected(
-            run_id=self.run_token,
+            run_token=self.run_token,
             round=rnd,
             method=self.cfg.method.name,
             fingerprint=self.fingerprint,

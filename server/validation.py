@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft.common.codec import State
 from fedpeft.common.errors import (  # noqa: F401  (reason codes, used through this module)
     DTYPE,
     EXAMPLES,
@@ -21,6 +20,7 @@ from fedpeft.common.errors import (  # noqa: F401  (reason codes, used through t
     SITE_ERROR,
     DeltaRejected,
 )
+from fedpeft.common.state import State
 
 
 def validate_delta(

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 import fedpeft.client.app as site_app
 from fedpeft.common import keys
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
-from fedpeft.common.codec import blob_record, from_blob_record
+from fedpeft.common.records import blob_record, from_blob_record
 
 FAULT_ENV = "FEDPEFT_TEST_FAULT"
 REAL_HANDLE_TRAIN = site_app.handle_train

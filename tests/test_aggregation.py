@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import datetime
 
 import numpy as np
@@ -72,3 +74,18 @@ def test_validation_example_count_and_norm() -> None:
         validate_delta(_state(1.0), _state(0.0), 3, max_norm=1.0)
     assert info.value.reason == "norm"
     validate_delta(_state(0.1), _state(0.0), 3, max_norm=1.0)  # within the bound
+
+
+def test_the_pure_parts_import_no_torch() -> None:
+    """Aggregation, validation and the envelope are functions of arrays: importing them (in a
+    fresh interpreter, so nothing is loaded yet) must not load torch."""
+    code = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    importlib.import_module(name)\n"
+        "    if 'torch' in sys.modules:\n"
+        "        sys.exit(f'importing {name} loads torch')\n"
+    )
+    pure = ("fedpeft.server.aggregation", "fedpeft.server.validation", "fedpeft.common.envelope")
+    done = subprocess.run([sys.executable, "-c", code, *pure], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

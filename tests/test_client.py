@@ -10,11 +10,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedpeft.client.app import _handle
 from fedpeft.common import crypto, keys
-from fedpeft.common.codec import blob_record, from_blob_record, to_numpy
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.envelope import Expected, open_delta, sign_global
 from fedpeft.common.methods import build_model, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
+from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.tensors import to_numpy
 
 RUN_KEY = crypto.new_run_key()
 COORDINATOR = crypto.new_identity()
@@ -42,21 +43,14 @@ def _message(
 ) -> Message:
     signed = sign_global(
         _state(cfg),
-        run_id="run-token",
+        run_token="run-token",
         round=1,
         method=cfg.method.name,
         fingerprint=fingerprint,
         run_public=crypto.raw_public(RUN_KEY),
         coordinator=signer,  # type: ignore[arg-type]
     )
-    config = ConfigRecord(
-        {
-            keys.RUN_CONFIG_JSON: cfg.to_json(),
-            keys.RUN_ID: 1,
-            keys.ROUND: 1,
-            keys.MODEL_FINGERPRINT: fingerprint,
-        }
-    )
+    config = ConfigRecord({keys.RUN_CONFIG_JSON: cfg.to_json(), keys.ROUND: 1})
     content = RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config})
     return Message(content, dst_node_id=7, message_type=kind)
 
@@ -107,7 +101,7 @@ def test_train_replies_with_a_sealed_delta_of_the_shared_state(
     assert info[keys.STATUS] == "ok" and info[keys.SITE] == "site-x"
     state = _state(cfg)
     expected = Expected(
-        run_id="run-token",
+        run_token="run-token",
         round=1,
         method="lora",
         fingerprint=fp,

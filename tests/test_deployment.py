@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpeft.common.codec import state_from_bytes
 from fedpeft.common.data import heart_sites
+from fedpeft.common.state import state_from_bytes
 from fedpeft.server.checkpoints import write_store_key
 from fedpeft.server.store import open_store
 

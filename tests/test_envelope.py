@@ -19,17 +19,15 @@ from hypothesis import strategies as st
 from fedpeft.common import crypto
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.envelope import (
-    CODECS,
     Expected,
     ForgedGlobalState,
-    decode,
-    encode,
     open_delta,
     open_global,
     seal_delta,
     sign_global,
 )
 from fedpeft.common.errors import DeltaRejected, KeyFileError
+from fedpeft.common.wire import CODECS, decode, encode
 
 # -- published test vectors, through our wrappers --------------------------------------------------
 
@@ -176,7 +174,7 @@ class World:
         self.sites = {"a": crypto.new_identity(), "b": crypto.new_identity()}
         self.state = _state()
         self.expected = Expected(
-            run_id="run-1",
+            run_token="run-1",
             round=3,
             method="lora",
             fingerprint="sha256:base",
@@ -186,7 +184,7 @@ class World:
 
     def seal(self, site: str = "a", signer: str | None = None, **changes: object) -> bytes:
         args: dict[str, object] = dict(
-            run_id="run-1",
+            run_token="run-1",
             round=3,
             site_id=site,
             method="lora",
@@ -242,7 +240,7 @@ def test_each_rejection_has_its_reason(world: World) -> None:
     del w.sites["mallory"]
     assert _reason(w, sealed_by_stranger) == "unknown-site"
     assert _reason(w, w.seal(signer="b")) == "bad-signature"  # site a's claim, b's key
-    assert _reason(w, w.seal(run_id="run-0")) == "wrong-run"
+    assert _reason(w, w.seal(run_token="run-0")) == "wrong-run"
     assert _reason(w, w.seal(round=2)) == "wrong-round"  # a replay of the previous round
     assert _reason(w, w.seal(fingerprint="sha256:other")) == "fingerprint"
     assert _reason(w, w.seal(method="ia3")) == "method"
@@ -285,6 +283,35 @@ def test_every_codec_seals_and_opens(world: World, codec: str) -> None:
     opened = world.open(world.seal(codec=codec), replace(world.expected, codec=codec))
     back = opened.delta  # type: ignore[attr-defined]
     assert all(np.allclose(back[k], v, atol=0.01) for k, v in world.state.items())
+
+
+def test_header_bytes_match_the_wire_format_v1(world: World) -> None:
+    """Fixed fields give fixed header bytes (fields by number: 2 is the run token in both
+    headers); a renumbered field or a changed encoding fails here."""
+    tiny = {"w": np.zeros((2, 3), np.float32)}
+    sealed = pb.SealedDelta()
+    sealed.ParseFromString(
+        world.seal(delta=tiny, run_token="tok", site="a", fingerprint="sha256:base", codec="int8")
+    )
+    assert sealed.header.hex() == (
+        "08011203746f6b18032201612a046c6f7261320b7368613235363a62617365380342070a0177120202034828"
+    )
+    signed = pb.SignedGlobalState()
+    signed.ParseFromString(
+        sign_global(
+            tiny,
+            run_token="tok",
+            round=3,
+            method="lora",
+            fingerprint="sha256:base",
+            run_public=bytes(range(32)),
+            coordinator=crypto.new_identity(),
+        )
+    )
+    assert signed.header.hex() == (
+        "08011203746f6b180322046c6f72612a0b7368613235363a6261736532070a0177120202033a20"
+        + bytes(range(32)).hex()
+    )
 
 
 # -- random and mutated envelopes ------------------------------------------------------------------
@@ -343,7 +370,7 @@ def test_global_state_is_signed_by_the_coordinator(world: World) -> None:
     run_public = crypto.raw_public(world.run_key)
     data = sign_global(
         world.state,
-        run_id="run-1",
+        run_token="run-1",
         round=3,
         method="lora",
         fingerprint="sha256:base",
@@ -351,7 +378,8 @@ def test_global_state_is_signed_by_the_coordinator(world: World) -> None:
         coordinator=coordinator,
     )
     got = open_global(data, coordinator.public_key())
-    assert (got.run_id, got.round, got.method, got.run_public) == ("run-1", 3, "lora", run_public)
+    got_fields = (got.run_token, got.round, got.method, got.run_public)
+    assert got_fields == ("run-1", 3, "lora", run_public)
     assert all(np.array_equal(got.state[k], v) for k, v in world.state.items())
     signed = pb.SignedGlobalState()
     signed.ParseFromString(data)

@@ -12,7 +12,6 @@ import torch
 
 from fedpeft.cli import main
 from fedpeft.client.trainer import Encoded, encode, predict
-from fedpeft.common.codec import to_numpy
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.errors import FingerprintMismatch
 from fedpeft.common.export import MANIFEST, PEFT_METHODS, export_state, load_export
@@ -24,6 +23,7 @@ from fedpeft.common.methods import (
     shared_state,
 )
 from fedpeft.common.model import default_model_dir, load_tokenizer, model_fingerprint
+from fedpeft.common.tensors import to_numpy
 from fedpeft.server.checkpoints import seal_state, write_store_key
 from fedpeft.server.store import RoundResult, open_store
 

@@ -42,7 +42,7 @@ def test_enroll_register_seal_remove(
     delta = {"w": np.ones((2, 3), np.float32)}
     sealed = seal_delta(
         delta,
-        run_id="r",
+        run_token="r",
         round=1,
         site_id="Cleveland",
         method="lora",

@@ -11,7 +11,7 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 import fedpeft.client.app as site_app
-from fedpeft.common.codec import state_to_bytes
+from fedpeft.common.state import state_to_bytes
 
 REAL_HANDLE_TRAIN = site_app.handle_train
 app = ClientApp()

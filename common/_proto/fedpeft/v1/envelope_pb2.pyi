@@ -27,9 +27,9 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeltaHeader(_message.Message):
-    __slots__ = ("schema_version", "run_id", "round", "site_id", "method", "model_fingerprint", "codec", "tensors", "num_examples")
+    __slots__ = ("schema_version", "run_token", "round", "site_id", "method", "model_fingerprint", "codec", "tensors", "num_examples")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
-    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -38,7 +38,7 @@ class DeltaHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
-    run_id: str
+    run_token: str
     round: int
     site_id: str
     method: str
@@ -46,7 +46,7 @@ class DeltaHeader(_message.Message):
     codec: Codec
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     num_examples: int
-    def __init__(self, schema_version: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., site_id: _Optional[str] = ..., method: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_examples: _Optional[int] = ...) -> None: ...
+    def __init__(self, schema_version: _Optional[int] = ..., run_token: _Optional[str] = ..., round: _Optional[int] = ..., site_id: _Optional[str] = ..., method: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., codec: _Optional[_Union[Codec, str]] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_examples: _Optional[int] = ...) -> None: ...
 
 class SealedDelta(_message.Message):
     __slots__ = ("header", "ephemeral_public_key", "nonce", "ciphertext", "signature")
@@ -63,22 +63,22 @@ class SealedDelta(_message.Message):
     def __init__(self, header: _Optional[bytes] = ..., ephemeral_public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class GlobalStateHeader(_message.Message):
-    __slots__ = ("schema_version", "run_id", "round", "method", "model_fingerprint", "tensors", "run_public_key")
+    __slots__ = ("schema_version", "run_token", "round", "method", "model_fingerprint", "tensors", "run_public_key")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
-    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     RUN_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
-    run_id: str
+    run_token: str
     round: int
     method: str
     model_fingerprint: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     run_public_key: bytes
-    def __init__(self, schema_version: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., method: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_public_key: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, schema_version: _Optional[int] = ..., run_token: _Optional[str] = ..., round: _Optional[int] = ..., method: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_public_key: _Optional[bytes] = ...) -> None: ...
 
 class SignedGlobalState(_message.Message):
     __slots__ = ("header", "payload", "signature")

@@ -1,6 +1,6 @@
-"""Shared state as data: name -> fp32 array maps, to and from Flower records and bytes.
+"""Bytes in Flower messages: opaque blobs as records, and a message's size as it travels.
 
-Parameters always travel by name with their shapes, never as ordered lists.
+Flower is imported inside the functions, so that importing this module does not load Flower.
 """
 
 from __future__ import annotations
@@ -8,28 +8,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
-
-State = dict[str, np.ndarray]
-
-
-def to_numpy(state: dict[str, torch.Tensor]) -> State:
-    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
-
-
-def to_torch(state: State) -> dict[str, torch.Tensor]:
-    """Tensors sharing memory with the arrays; read-only arrays (views into a received message)
-    are copied, as torch cannot wrap them."""
-    return {
-        k: torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else np.array(v))
-        for k, v in state.items()
-    }
-
 
 BLOB = "bytes"
 
@@ -65,17 +46,3 @@ def message_nbytes(message: object) -> int:
 
     objects = get_all_nested_objects(message)  # type: ignore[arg-type]
     return int(sum(len(obj.deflate()) for obj in objects.values()))
-
-
-def record_nbytes(state: State) -> int:
-    """Bytes of the arrays' payload (what a site uploads, before framing)."""
-    return int(sum(v.nbytes for v in state.values()))
-
-
-def state_to_bytes(state: State) -> bytes:
-    """Serialize with safetensors (no pickle)."""
-    return st_save({k: np.ascontiguousarray(v) for k, v in state.items()})
-
-
-def state_from_bytes(data: bytes) -> State:
-    return dict(st_load(data))
