@@ -29,6 +29,7 @@ from fedpeft.common import keys
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
 from fedpeft.common.envelope import ForgedGlobalState, GlobalState, open_global, seal_delta
+from fedpeft.common.environment import SIMULATION_KEYS_ENV
 from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch, KeyFileError
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation
@@ -42,7 +43,7 @@ from fedpeft.common.model import (
 from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.tensors import to_numpy, to_torch
-from fedpeft.common.trust import SIMULATION_KEYS_ENV, SiteTrust, site_trust
+from fedpeft.common.trust import SiteTrust, site_trust
 
 log = logging.getLogger("fedpeft.client")
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fedpeft.common.errors import ConfigError
+from fedpeft.common.tomlfile import read_toml
 
 BENCHMARKS = ("heart", "pima")
 DEVICES = ("auto", "cpu", "cuda")
@@ -305,14 +305,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
     Overrides set to ``None`` are ignored, so CLI flags that were not given change nothing.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            values = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    values = read_toml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(values, dotted, value)

@@ -17,14 +17,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.common import crypto
+from fedpeft.common.environment import COORDINATOR_KEY_ENV, SITES_ENV
 from fedpeft.common.errors import KeyFileError
-
-#: Server side: the coordinator's identity key file and the registered sites file.
-COORDINATOR_KEY_ENV = "FEDPEFT_COORDINATOR_KEY"
-SITES_ENV = "FEDPEFT_SITES"
-#: Site side, simulation only: the folder with every virtual site's key (partition-N.key) and
-#: the coordinator's public key (coordinator.pub).
-SIMULATION_KEYS_ENV = "FEDPEFT_SIMULATION_KEYS"
 
 
 @dataclass(frozen=True)

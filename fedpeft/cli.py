@@ -14,20 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import __version__
+from fedpeft.common.environment import QUIET
 from fedpeft.common.errors import FedpeftError
-
-#: Every process fedpeft starts runs with these: no telemetry, no hub downloads.
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
-
 
 STORE_KEY_HELP = (
     "key file for the encrypted checkpoints in the store (default: $FEDPEFT_STORE_KEY_FILE, "
@@ -185,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
     start = csub.add_parser(
         "start",
         help="start the coordinator: Flower's SuperLink with TLS and site authentication",
-        description="Start Flower's SuperLink as coordinator.toml says (see fedpeft/deploy.py "
+        description="Start Flower's SuperLink as coordinator.toml says (see fedpeft/settings.py "
         "for every setting): the Fleet API (gRPC, TLS) is the only port sites reach; the "
         "Control and Runtime APIs stay on the api_address (loopback by default); state in a "
         "SQLite file so a restart keeps it; no runtime dependency installation. Each run's "
@@ -378,10 +366,11 @@ def cmd_site(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from fedpeft import deploy
+    from fedpeft.allowlist import flower_unregister, register_site
     from fedpeft.common import crypto
     from fedpeft.common.trust import read_sites_file
     from fedpeft.identity import add_site, enroll, remove_site
+    from fedpeft.settings import load_coordinator_config
 
     if args.coordinator_command == "init":
         done = enroll(args.out, "coordinator")
@@ -391,19 +380,19 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     elif args.coordinator_command == "start":
         return _start_coordinator(args)
     elif args.coordinator_command == "add-site":
-        cfg = deploy.load_coordinator_config(args.config) if args.config else None
+        cfg = load_coordinator_config(args.config) if args.config else None
         sites = cfg.sites if cfg else args.sites
         if cfg is not None:  # both registers or neither
-            fingerprint, node = deploy.register_site(args.config, cfg, args.name, args.pubkey)
+            fingerprint, node = register_site(args.config, cfg, args.name, args.pubkey)
             print(f"allow-listed site {args.name} in the SuperLink (node {node})")
         else:
             fingerprint = add_site(sites, args.name, args.pubkey)
         print(f"registered site {args.name} ({fingerprint}) in {sites}")
     elif args.coordinator_command == "remove-site":
-        cfg = deploy.load_coordinator_config(args.config) if args.config else None
+        cfg = load_coordinator_config(args.config) if args.config else None
         sites = cfg.sites if cfg else args.sites
         if cfg is not None:
-            gone = deploy.flower_unregister(args.config, cfg, args.name)
+            gone = flower_unregister(args.config, cfg, args.name)
             if gone is not None:
                 print(f"removed site {args.name} (node {gone}) from the SuperLink's allow-list")
         remove_site(sites, args.name)
@@ -415,50 +404,53 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _start_coordinator(args: argparse.Namespace) -> int:
-    from fedpeft import deploy
+    from fedpeft import processes
     from fedpeft.common.crypto import read_private_key
     from fedpeft.common.trust import read_sites_file
     from fedpeft.server.checkpoints import read_store_key
+    from fedpeft.settings import load_coordinator_config
 
-    cfg = deploy.load_coordinator_config(args.config)
-    cmd = deploy.superlink_command(cfg, args.insecure)
+    cfg = load_coordinator_config(args.config)
+    cmd = processes.superlink_command(cfg, args.insecure)
     read_private_key(cfg.identity_key)  # every key is checked before anything starts
     sites = read_sites_file(cfg.sites)
     read_store_key(cfg.store_key_file)
     if cfg.tls is None:
-        print(deploy.INSECURE_WARNING, file=sys.stderr, flush=True)
+        print(processes.INSECURE_WARNING, file=sys.stderr, flush=True)
     _say(
         f"coordinator: Fleet API (sites) on {cfg.fleet_address}, Control/Runtime APIs on "
         f"{cfg.api_address}, state in {cfg.state}, {len(sites)} registered site(s)"
     )
     folder = args.config.resolve().parent
-    env = deploy.coordinator_env(cfg, deploy.flwr_home(args.config))
-    return deploy.run_foreground(cmd, env, folder)
+    env = processes.coordinator_env(cfg, processes.flwr_home(args.config))
+    return processes.run_foreground(cmd, env, folder)
 
 
 def _start_site(args: argparse.Namespace) -> int:
-    from fedpeft import deploy
+    from fedpeft import processes
     from fedpeft.common.config import DataConfig
     from fedpeft.common.data import load_site_file
     from fedpeft.common.trust import site_trust
+    from fedpeft.settings import load_site_config
 
-    cfg = deploy.load_site_config(args.config, args.insecure)
-    cmd = deploy.supernode_command(cfg, args.insecure)
+    cfg = load_site_config(args.config, args.insecure)
+    cmd = processes.supernode_command(cfg, args.insecure)
     site_trust(cfg.identity_key, cfg.coordinator_key)  # keys readable, private, right type
     rows = load_site_file(cfg.data, DataConfig(), name=cfg.name)
     if cfg.ca is None:
-        print(deploy.INSECURE_WARNING, file=sys.stderr, flush=True)
+        print(processes.INSECURE_WARNING, file=sys.stderr, flush=True)
     _say(f"site {cfg.name}: {len(rows.labels)} records in {cfg.data}; dialing {cfg.coordinator}")
-    deploy.wait_for(cfg.coordinator, _say)
+    processes.wait_for(cfg.coordinator, _say)
     folder = args.config.resolve().parent
-    return deploy.run_foreground(cmd, deploy.site_env(deploy.flwr_home(args.config)), folder)
+    env = processes.site_env(processes.flwr_home(args.config))
+    return processes.run_foreground(cmd, env, folder)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedpeft import deploy
     from fedpeft.runs import run_and_report
+    from fedpeft.settings import load_coordinator_config
 
-    coordinator = deploy.load_coordinator_config(args.coordinator)
+    coordinator = load_coordinator_config(args.coordinator)
     run_and_report(args.run_toml, args.coordinator, coordinator, say=_say)
     return 0
 
@@ -492,7 +484,7 @@ def _say(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    os.environ.update(QUIET_ENV)
+    os.environ.update(QUIET)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "simulate": cmd_simulate,

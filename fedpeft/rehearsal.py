@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedpeft import deploy
+from fedpeft import allowlist, processes
 from fedpeft.common.config import FederationConfig
 from fedpeft.common.errors import ConfigError
+from fedpeft.settings import CoordinatorConfig, load_coordinator_config
 
 #: The three hospitals of the rehearsal and their file-safe site names.
 HOSPITALS = {"Cleveland": "Cleveland", "Hungary": "Hungary", "VA Long Beach": "VA-Long-Beach"}
@@ -122,7 +123,7 @@ def init(out: Path, rounds: int = FederationConfig.rounds) -> list[Path]:
 
 
 def register_sites(
-    config_path: Path, cfg: deploy.CoordinatorConfig, keys: Path, say: Callable[[str], None]
+    config_path: Path, cfg: CoordinatorConfig, keys: Path, say: Callable[[str], None]
 ) -> list[str]:
     """Register every ``keys/NAME.pub`` with fedpeft and with the running SuperLink; a site
     already in both (a restarted rehearsal) is left as it is."""
@@ -134,11 +135,11 @@ def register_sites(
         name = pub.stem
         names.append(name)
         if name in read_sites_file(cfg.sites):
-            if deploy.flower_node_id(cfg, name) is not None:
+            if allowlist.flower_node_id(cfg, name) is not None:
                 say(f"site {name} is registered already")
                 continue
             remove_site(cfg.sites, name)  # registered with fedpeft only: do both again
-        fingerprint, node = deploy.register_site(config_path, cfg, name, pub.read_text())
+        fingerprint, node = allowlist.register_site(config_path, cfg, name, pub.read_text())
         say(f"registered site {name} ({fingerprint}) as Flower node {node}")
     if not names:
         raise ConfigError(f"{keys}: no site keys (NAME.pub) to register")
@@ -155,17 +156,17 @@ def coordinator(folder: Path, say: Callable[[str], None]) -> int:
             f"{config_path}: no such file. Make the rehearsal's keys and files first: "
             "`docker compose run --rm setup`"
         )
-    cfg = deploy.load_coordinator_config(config_path)
+    cfg = load_coordinator_config(config_path)
     READY_FILE.unlink(missing_ok=True)
     superlink = subprocess.Popen(
-        deploy.superlink_command(cfg, insecure=False),
-        env=deploy.coordinator_env(cfg, deploy.flwr_home(config_path)),
+        processes.superlink_command(cfg, insecure=False),
+        env=processes.coordinator_env(cfg, processes.flwr_home(config_path)),
         cwd=folder,
     )
     try:
         say(f"SuperLink started (Fleet API {cfg.fleet_address}); waiting for it")
-        deploy.wait_for(cfg.api_address, say, attempts=8, first_wait=1.0)
-        deploy.wait_for(cfg.fleet_address.replace("0.0.0.0", "127.0.0.1"), say, attempts=8)
+        processes.wait_for(cfg.api_address, say, attempts=8, first_wait=1.0)
+        processes.wait_for(cfg.fleet_address.replace("0.0.0.0", "127.0.0.1"), say, attempts=8)
         names = register_sites(config_path, cfg, folder / "site-keys", say)
         READY_FILE.touch()
         say(f"ready: {len(names)} site(s) may connect ({', '.join(names)})")

@@ -20,12 +20,15 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
+from fedpeft.allowlist import flower_cli_home
 from fedpeft.common.config import RunConfig
+from fedpeft.common.environment import FLWR_HOME_ENV
 from fedpeft.common.errors import FedpeftError
-from fedpeft.deploy import BIN, CoordinatorConfig, _flower_cli_home, _quiet_env
+from fedpeft.processes import BIN, child_env
 from fedpeft.server.app import CONFIG_KEY
 from fedpeft.server.store import RunInfo, open_store
 from fedpeft.server.store.base import utcnow
+from fedpeft.settings import CoordinatorConfig
 
 APP_TOML = """\
 [build-system]
@@ -83,12 +86,12 @@ def start_run(
     then followed until the run finishes or fails, within a bound set by the run's rounds and
     round timeout."""
     started = utcnow()
-    home = _flower_cli_home(coordinator_toml, coordinator)
+    home = flower_cli_home(coordinator_toml, coordinator)
     with tempfile.TemporaryDirectory(prefix="fedpeft-run-") as tmp:
         app = write_app(Path(tmp), cfg)
         done = subprocess.run(
             [str(BIN / "flwr"), "run", str(app), "coordinator", "--stream"],
-            env=_quiet_env(FLWR_HOME=str(home)),
+            env=child_env({FLWR_HOME_ENV: str(home)}),
         )
     fed = cfg.federation
     deadline = time.monotonic() + fed.rounds * 2 * fed.round_timeout_s + 300

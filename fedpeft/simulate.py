@@ -18,9 +18,10 @@ from pathlib import Path
 
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import load_sites, split_site
+from fedpeft.common.environment import SIMULATION_KEYS_ENV
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.model import resolve_device
-from fedpeft.common.trust import SIMULATION_KEYS_ENV, make_simulation_keys
+from fedpeft.common.trust import make_simulation_keys
 from fedpeft.server.app import RunHandle, build_server_app
 from fedpeft.server.checkpoints import resolve_store_key
 from fedpeft.server.store import BaselineResult, open_store

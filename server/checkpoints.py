@@ -16,11 +16,10 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from fedpeft.common import crypto
+from fedpeft.common.environment import STORE_KEY_ENV, STORE_KEY_FILE_ENV
 from fedpeft.common.errors import KeyFileError, StoreError
 from fedpeft.common.state import State, state_from_bytes, state_to_bytes
 
-STORE_KEY_ENV = "FEDPEFT_STORE_KEY"
-STORE_KEY_FILE_ENV = "FEDPEFT_STORE_KEY_FILE"
 KEY_BYTES = 32
 
 

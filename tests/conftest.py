@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-# Every process the tests start (Ray workers included) inherits these.
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from fedpeft.common.environment import QUIET
+
+# Every process the tests start (Ray workers included) inherits these, as every process that
+# fedpeft starts does.
+for _name, _value in QUIET.items():
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(params=["sqlite-memory", "sqlite-file", "postgres"])

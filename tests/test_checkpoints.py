@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedpeft.common.environment import STORE_KEY_ENV, STORE_KEY_FILE_ENV
 from fedpeft.common.errors import KeyFileError, StoreError
 from fedpeft.server.checkpoints import (
-    STORE_KEY_ENV,
-    STORE_KEY_FILE_ENV,
     open_state,
     read_store_key,
     resolve_store_key,

@@ -1,16 +1,29 @@
 """coordinator.toml and site.toml: every problem named before anything starts; no TLS, no start
-(unless --insecure); an unreachable coordinator is retried with backoff, then named."""
+(unless --insecure); an unreachable coordinator is retried with backoff, then named; every
+process started gets the one quiet environment (no telemetry, Hugging Face offline)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from fedpeft import deploy
+from fedpeft import allowlist, processes
 from fedpeft.cli import main
+from fedpeft.common import keys
+from fedpeft.common.config import load_config
+from fedpeft.common.environment import (
+    COORDINATOR_KEY_ENV,
+    FLWR_HOME_ENV,
+    QUIET,
+    SITES_ENV,
+    STORE_KEY_FILE_ENV,
+)
 from fedpeft.common.errors import ConfigError
+from fedpeft.settings import load_coordinator_config, load_site_config
 
 
 def test_the_coordinator_does_not_start_without_tls(
@@ -26,10 +39,10 @@ def test_the_coordinator_does_not_start_without_tls(
     for name in ("keys/coordinator.key", "sites.txt", "store.key"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("x")
-    cfg = deploy.load_coordinator_config(toml)
+    cfg = load_coordinator_config(toml)
     with pytest.raises(ConfigError, match="does not start without TLS"):
-        deploy.superlink_command(cfg, insecure=False)
-    cmd = deploy.superlink_command(cfg, insecure=True)
+        processes.superlink_command(cfg, insecure=False)
+    cmd = processes.superlink_command(cfg, insecure=True)
     assert "--insecure" in cmd and "--enable-supernode-auth" not in cmd
     assert "--disable-runtime-dependency-installation" in cmd
 
@@ -41,14 +54,14 @@ def test_tls_settings_and_unknown_keys_are_checked(tmp_path: Path) -> None:
         (tmp_path / name).write_text("x")
     toml.write_text('[coordinator]\nport = 1\n[tls]\nca = "ca.crt"\ncertificate = "s.pem"\n')
     with pytest.raises(ConfigError) as info:
-        deploy.load_coordinator_config(toml)
+        load_coordinator_config(toml)
     problems = "\n".join(info.value.problems)
     assert "[coordinator] port: unknown setting" in problems
     assert "s.pem: no such file" in problems and "[tls] key: expected a string" in problems
     (tmp_path / "s.pem").write_text("x")
     (tmp_path / "s.key").write_text("x")
     toml.write_text('[coordinator]\n[tls]\nca = "ca.crt"\ncertificate = "s.pem"\nkey = "s.key"\n')
-    cmd = deploy.superlink_command(deploy.load_coordinator_config(toml), insecure=False)
+    cmd = processes.superlink_command(load_coordinator_config(toml), insecure=False)
     assert "--enable-supernode-auth" in cmd and str(tmp_path / "ca.crt") in cmd
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"  # the APIs stay on loopback by default
 
@@ -73,5 +86,91 @@ def test_an_unreachable_coordinator_is_retried_then_named() -> None:
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     said: list[str] = []
     with pytest.raises(ConfigError, match="unreachable after 3 tries"):
-        deploy.wait_for(f"127.0.0.1:{port}", said.append, attempts=3, first_wait=0.01)
+        processes.wait_for(f"127.0.0.1:{port}", said.append, attempts=3, first_wait=0.01)
     assert len(said) == 2 and all("retrying in" in line for line in said)
+
+
+def test_a_run_config_and_a_coordinator_config_are_read_by_the_one_toml_reader(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[coordinator\n")
+    for load in (load_config, load_coordinator_config, load_site_config):
+        with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+            load(bad)
+        with pytest.raises(ConfigError, match=r"missing\.toml: no such file"):
+            load(tmp_path / "missing.toml")
+
+
+def _site(tmp_path: Path) -> Path:
+    for name in ("ca.crt", "A.key", "c.pub", "records.csv"):
+        (tmp_path / name).write_text("x")
+    toml = tmp_path / "site.toml"
+    toml.write_text(
+        '[site]\nname = "A"\ncoordinator = "127.0.0.1:1"\nca = "ca.crt"\n'
+        'identity_key = "A.key"\ncoordinator_key = "c.pub"\ndata = "records.csv"\n'
+    )
+    return toml
+
+
+def test_the_supernode_tells_the_client_app_its_site_data_and_keys(tmp_path: Path) -> None:
+    cmd = processes.supernode_command(load_site_config(_site(tmp_path)), insecure=False)
+    node_config = cmd[cmd.index("--node-config") + 1]
+    assert node_config == (
+        f'{keys.NODE_SITE}="A" {keys.NODE_DATA_PATH}="{tmp_path / "records.csv"}" '
+        f'{keys.NODE_IDENTITY_KEY}="{tmp_path / "A.key"}" '
+        f'{keys.NODE_COORDINATOR_KEY}="{tmp_path / "c.pub"}"'
+    )
+    assert node_config.startswith('site="A" data-path="')  # what deployed ClientApps read
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "A.key")
+
+
+def _coordinator(tmp_path: Path) -> Path:
+    for name in ("keys/coordinator.key", "sites.txt", "store.key"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    toml = tmp_path / "coordinator.toml"
+    toml.write_text("[coordinator]\n")
+    return toml
+
+
+def test_every_process_we_start_has_telemetry_off_and_hugging_face_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever the operator's shell says, the one list wins.
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert QUIET["FLWR_TELEMETRY_ENABLED"] == "0" and QUIET["HF_HUB_OFFLINE"] == "1"
+    assert QUIET["TRANSFORMERS_OFFLINE"] == "1"
+    cfg = load_coordinator_config(_coordinator(tmp_path))
+    coordinator = processes.coordinator_env(cfg, tmp_path / "home")
+    site = processes.site_env(tmp_path / "home")
+    for env in (processes.child_env(), coordinator, site):
+        assert {k: env[k] for k in QUIET} == dict(QUIET)
+        assert env["PATH"].split(os.pathsep)[0] == str(processes.BIN)
+    assert coordinator[FLWR_HOME_ENV] == site[FLWR_HOME_ENV] == str(tmp_path / "home")
+    assert coordinator[COORDINATOR_KEY_ENV] == str(tmp_path / "keys" / "coordinator.key")
+    assert coordinator[SITES_ENV] == str(tmp_path / "sites.txt")
+    assert coordinator[STORE_KEY_FILE_ENV] == str(tmp_path / "store.key")
+
+
+def test_the_flower_cli_runs_with_the_same_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    toml = _coordinator(tmp_path)
+    cfg = load_coordinator_config(toml)
+    (tmp_path / "sites.txt.flower-nodes.json").write_text('{"A": 7}')
+    seen: list[tuple[list[str], dict[str, str]]] = []
+
+    def flwr(cmd: list[str], env: dict[str, str], **_: object) -> subprocess.CompletedProcess:
+        seen.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"success": true}', stderr="")
+
+    monkeypatch.setattr(allowlist.subprocess, "run", flwr)
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    assert allowlist.flower_unregister(toml, cfg, "A") == 7
+    [(cmd, env)] = seen
+    assert cmd[1:4] == ["supernode", "unregister", "7"]
+    assert env == processes.child_env({FLWR_HOME_ENV: str(tmp_path / "flwr-cli")})
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1"
+    assert allowlist.flower_node_id(cfg, "A") is None

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +18,13 @@ import pandas as pd
 import pytest
 
 from fedpeft.common.data import heart_sites
+from fedpeft.common.environment import FLWR_HOME_ENV
 from fedpeft.common.state import state_from_bytes
+from fedpeft.processes import BIN, child_env
 from fedpeft.server.checkpoints import write_store_key
 from fedpeft.server.store import open_store
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 APP = Path(__file__).parent / "deploy_app"
 SITES = ("Cleveland", "Hungary")
 
@@ -65,17 +65,8 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **extra,
-    }
+def _env(home: Path) -> dict[str, str]:
+    return child_env({FLWR_HOME_ENV: str(home)})
 
 
 def _windows(state: dict[str, np.ndarray]) -> list[bytes]:

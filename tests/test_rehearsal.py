@@ -3,6 +3,7 @@ The rehearsal running in containers is proved by deploy/e2e-compose.sh (run by .
 
 from __future__ import annotations
 
+import re
 import stat
 from pathlib import Path
 
@@ -11,15 +12,18 @@ import pytest
 import yaml
 from cryptography import x509
 
+from fedpeft import processes, rehearsal
 from fedpeft.cli import main
 from fedpeft.common.config import load_config
 from fedpeft.common.crypto import parse_public_key, public_openssh, read_private_key
 from fedpeft.common.data import heart_sites
+from fedpeft.common.environment import FLWR_HOME_ENV, QUIET
 from fedpeft.common.errors import ConfigError
-from fedpeft.deploy import load_coordinator_config, load_site_config
 from fedpeft.rehearsal import HOSPITALS, init
+from fedpeft.settings import load_coordinator_config, load_site_config
 
 ROOT = Path(__file__).resolve().parents[1]
+TLS_FILES = ("certs/ca.crt", "certs/server.pem", "certs/server.key")
 
 
 def _san(cert: Path) -> set[str]:
@@ -89,3 +93,48 @@ def test_compose_file_keeps_each_party_to_its_own_volume_on_a_private_network() 
         assert spec["build"]["network"] == "none", service
     setup_mounts = {m.split(":")[1] for m in services["setup"]["volumes"]}
     assert setup_mounts == {f"/rehearsal/{name}" for name in ["coordinator", *HOSPITALS.values()]}
+
+
+def test_the_rehearsal_starts_its_superlink_with_the_one_quiet_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "coordinator"
+    for name in ("keys/coordinator.key", "sites.txt", "store.key", *TLS_FILES):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("")
+    (folder / "coordinator.toml").write_text(rehearsal.COORDINATOR_TOML)
+    started: list[dict[str, str]] = []
+
+    class SuperLink:
+        def __init__(self, cmd: list[str], env: dict[str, str], cwd: Path) -> None:
+            started.append(env)
+
+        def terminate(self) -> None: ...
+
+        def wait(self, timeout: float) -> int:
+            return 0
+
+    def unreachable(*_: object, **__: object) -> None:
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(rehearsal.subprocess, "Popen", SuperLink)
+    monkeypatch.setattr(processes, "wait_for", unreachable)
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")
+    monkeypatch.delenv(FLWR_HOME_ENV, raising=False)
+    with pytest.raises(ConfigError, match="stop here"):
+        rehearsal.coordinator(folder, lambda _: None)
+    cfg = load_coordinator_config(folder / "coordinator.toml")
+    assert started == [processes.coordinator_env(cfg, folder.resolve() / "flwr-home")]
+    assert started[0]["FLWR_TELEMETRY_ENABLED"] == "0" and started[0]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_containers_quiet_settings_agree_with_the_one_list() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    image = dict(re.findall(r"^\s*(?:ENV\s+)?([A-Z_]+)=(\S+?)\s*\\?$", dockerfile, re.M))
+    for where, env in [("compose", compose["x-quiet-env"]), ("Dockerfile", image)]:
+        set_here = {k: str(v) for k, v in env.items() if k in QUIET}
+        assert set_here == {k: QUIET[k] for k in set_here}, where
+        assert {"FLWR_TELEMETRY_ENABLED", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"} <= set(
+            set_here
+        ), where

@@ -1,0 +1,167 @@
+"""Starting Flower's processes: the SuperLink for ``fedpeft coordinator start``, the SuperNode for
+``fedpeft site start``, with fedpeft's keys, certificates and settings (fedpeft/settings.py),
+and the environment every process fedpeft starts gets (:func:`child_env`).
+
+Without TLS nothing starts unless ``--insecure`` is given (then a loud warning, and no site
+authentication: Flower needs TLS for it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from fedpeft.common import keys
+from fedpeft.common.environment import (
+    COORDINATOR_KEY_ENV,
+    FLWR_HOME_ENV,
+    QUIET,
+    SITES_ENV,
+    STORE_KEY_FILE_ENV,
+)
+from fedpeft.common.errors import ConfigError
+from fedpeft.settings import CoordinatorConfig, SiteConfig, host_port
+
+#: Where this Python's scripts are (flower-superlink, flower-supernode, flwr, fedpeft).
+BIN = Path(sys.executable).parent
+
+INSECURE_WARNING = (
+    "\n"
+    "!! INSECURE MODE: no TLS. Everything between sites and coordinator travels in clear text,\n"
+    "!! and sites are NOT authenticated (Flower's node authentication needs TLS). Deltas are\n"
+    "!! still sealed and signed by fedpeft, but use this only on a machine or network you own\n"
+    "!! for a rehearsal, never between hospitals.\n"
+)
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every process fedpeft starts: this process's own, with this Python's
+    scripts first on ``PATH``, :data:`~fedpeft.common.environment.QUIET` (no telemetry, no hub
+    downloads) and then ``extra`` on top."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **QUIET,
+        **(extra or {}),
+    }
+
+
+def superlink_command(cfg: CoordinatorConfig, insecure: bool) -> list[str]:
+    """The ``flower-superlink`` command line for ``cfg``; ``ConfigError`` without TLS unless
+    ``insecure``."""
+    host, port = host_port(cfg.api_address)
+    cmd = [
+        str(BIN / "flower-superlink"),
+        *("--fleet-api-address", cfg.fleet_address, "--host", host, "--port", str(port)),
+        *("--database", str(cfg.state), "--disable-runtime-dependency-installation"),
+    ]
+    if cfg.tls is None:
+        if not insecure:
+            raise ConfigError(
+                "no [tls] table: the coordinator does not start without TLS; add the CA, "
+                "certificate and key (fedpeft certs makes development ones), or pass --insecure "
+                "for a rehearsal on a machine you own"
+            )
+        return [*cmd, "--insecure"]
+    tls = cfg.tls
+    return [
+        *cmd,
+        *("--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.certificate)),
+        *("--ssl-keyfile", str(tls.key), "--enable-supernode-auth"),
+    ]
+
+
+def supernode_command(cfg: SiteConfig, insecure: bool) -> list[str]:
+    """The ``flower-supernode`` command line for ``cfg``: its node config tells the ClientApp the
+    site's name, data and keys; ``ConfigError`` without a CA unless ``insecure``."""
+    node_config = {
+        keys.NODE_SITE: cfg.name,
+        keys.NODE_DATA_PATH: cfg.data,
+        keys.NODE_IDENTITY_KEY: cfg.identity_key,
+        keys.NODE_COORDINATOR_KEY: cfg.coordinator_key,
+    }
+    cmd = [
+        *(str(BIN / "flower-supernode"), "--superlink", cfg.coordinator),
+        *("--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())),
+        *("--port", str(cfg.api_port)),
+    ]
+    if cfg.ca is None:
+        if not insecure:
+            raise ConfigError("no ca: a site does not start without TLS unless --insecure")
+        return [*cmd, "--insecure"]
+    return [
+        *cmd,
+        *("--root-certificates", str(cfg.ca)),
+        *("--auth-supernode-private-key", str(cfg.identity_key)),
+    ]
+
+
+def wait_for(
+    address: str, say: Callable[[str], None], attempts: int = 0, first_wait: float = 2.0
+) -> None:
+    """Block until ``address`` accepts TCP connections, retrying with exponential backoff
+    (capped at 60 s) and saying so; ``attempts`` > 0 bounds the tries."""
+    host, port = host_port(address)
+    wait, tried = first_wait, 0
+    while True:
+        tried += 1
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                return
+        except OSError as exc:
+            if attempts and tried >= attempts:
+                raise ConfigError(
+                    f"coordinator {address} unreachable after {tried} tries ({exc.strerror or exc})"
+                ) from None
+            say(
+                f"coordinator {address} unreachable ({exc.strerror or exc}); retrying in "
+                f"{wait:.0f} s"
+            )
+            time.sleep(wait)
+            wait = min(wait * 2, 60.0)
+
+
+def run_foreground(cmd: list[str], env: dict[str, str], cwd: Path) -> int:
+    """Run ``cmd`` as a child, pass SIGINT/SIGTERM on to it, return its exit code."""
+    child = subprocess.Popen(cmd, env=env, cwd=cwd)
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def flwr_home(config_path: Path) -> Path:
+    """Flower's home for a SuperLink or SuperNode: ``$FLWR_HOME`` if set (a container whose
+    config folder is read-only sets it), else ``flwr-home`` beside the config file."""
+    if os.environ.get(FLWR_HOME_ENV):
+        return Path(os.environ[FLWR_HOME_ENV])
+    return Path(config_path).resolve().parent / "flwr-home"
+
+
+def coordinator_env(cfg: CoordinatorConfig, flwr_home: Path) -> dict[str, str]:
+    """What the SuperLink passes on to the ServerApp process it starts for each run."""
+    return child_env(
+        {
+            FLWR_HOME_ENV: str(flwr_home),
+            COORDINATOR_KEY_ENV: str(cfg.identity_key),
+            SITES_ENV: str(cfg.sites),
+            STORE_KEY_FILE_ENV: str(cfg.store_key_file),
+        }
+    )
+
+
+def site_env(flwr_home: Path) -> dict[str, str]:
+    """The SuperNode's environment; the ClientApp processes it starts inherit it."""
+    return child_env({FLWR_HOME_ENV: str(flwr_home)})

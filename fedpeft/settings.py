@@ -1,0 +1,174 @@
+"""coordinator.toml and site.toml: the settings of ``fedpeft coordinator start`` and
+``fedpeft site start``, one TOML file each.
+
+coordinator.toml has a ``[coordinator]`` table (the fields of :class:`CoordinatorConfig`) and,
+for TLS, a ``[tls]`` table (:class:`Tls`); site.toml has a ``[site]`` table (the fields of
+:class:`SiteConfig`). ``fedpeft rehearsal init`` writes a complete example of each.
+
+Every path in a config file is relative to that file's folder. Everything a process needs is
+checked before it starts, and each problem is named: a missing file, a value of the wrong type,
+a setting nobody reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.common.errors import ConfigError
+from fedpeft.common.tomlfile import read_toml
+
+
+def _read_table(path: Path, table: str) -> dict[str, Any]:
+    values = read_toml(path)
+    if not isinstance(values.get(table), dict):
+        raise ConfigError(f"{path}: needs a [{table}] table")
+    return values
+
+
+class _Reader:
+    """Typed access to one table of a config file, collecting every problem."""
+
+    def __init__(self, path: Path, values: dict[str, Any], table: str):
+        self.path, self.values, self.table = path, values.get(table, {}), table
+        self.folder = Path(path).resolve().parent
+        self.problems: list[str] = []
+        self.known: set[str] = set()
+
+    def text(self, key: str, default: str | None = None) -> str:
+        self.known.add(key)
+        value = self.values.get(key, default)
+        if not isinstance(value, str) or not value:
+            self.problems.append(f"{self.path}: [{self.table}] {key}: expected a string")
+            return ""
+        return value
+
+    def number(self, key: str, default: int) -> int:
+        self.known.add(key)
+        value = self.values.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+            self.problems.append(f"{self.path}: [{self.table}] {key}: expected a port number")
+            return default
+        return value
+
+    def file(self, key: str, default: str | None = None, must_exist: bool = True) -> Path:
+        text = self.text(key, default)
+        path = (self.folder / text) if text else self.folder
+        if text and must_exist and not path.is_file():
+            self.problems.append(f"{self.path}: [{self.table}] {key}: {path}: no such file")
+        return path
+
+    def collect(self) -> list[str]:
+        """Every problem so far, unknown settings included."""
+        unknown = sorted(set(self.values) - self.known)
+        return self.problems + [
+            f"{self.path}: [{self.table}] {k}: unknown setting" for k in unknown
+        ]
+
+    def done(self, *more: list[str]) -> None:
+        problems = self.collect() + [p for m in more for p in m]
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """coordinator.toml's ``[tls]`` table; without it the coordinator starts only with
+    ``--insecure``."""
+
+    #: The CA certificate that signed the server certificate (every site has a copy).
+    ca: Path
+    #: The server certificate (PEM), naming every host name sites dial.
+    certificate: Path
+    #: The server certificate's private key.
+    key: Path
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """coordinator.toml's ``[coordinator]`` table (defaults in brackets)."""
+
+    #: The only address sites reach: the Fleet API (gRPC, TLS) ["0.0.0.0:9092"].
+    fleet_address: str
+    #: The Control and Runtime APIs: loopback or a private network only ["127.0.0.1:8000"].
+    api_address: str
+    #: The SuperLink's state (SQLite), kept across restarts ["superlink.db"].
+    state: Path
+    #: The coordinator's private identity key ["keys/coordinator.key"].
+    identity_key: Path
+    #: The register of sites (``fedpeft coordinator add-site``) ["sites.txt"].
+    sites: Path
+    #: The key of the store's encrypted checkpoints ["store.key"].
+    store_key_file: Path
+    tls: Tls | None
+
+
+def load_coordinator_config(path: Path) -> CoordinatorConfig:
+    """Read and check coordinator.toml; ``ConfigError`` listing every problem."""
+    values = _read_table(path, "coordinator")
+    r = _Reader(path, values, "coordinator")
+    cfg_fleet = r.text("fleet_address", "0.0.0.0:9092")
+    cfg_api = r.text("api_address", "127.0.0.1:8000")
+    state = r.file("state", "superlink.db", must_exist=False)
+    identity = r.file("identity_key", "keys/coordinator.key")
+    sites = r.file("sites", "sites.txt")
+    store_key = r.file("store_key_file", "store.key")
+    tls, tls_problems = None, []
+    if "tls" in values:
+        t = _Reader(path, values, "tls")
+        tls = Tls(t.file("ca"), t.file("certificate"), t.file("key"))
+        tls_problems = t.collect()
+    r.done(tls_problems)
+    return CoordinatorConfig(cfg_fleet, cfg_api, state, identity, sites, store_key, tls)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """site.toml's ``[site]`` table (defaults in brackets)."""
+
+    #: The site's name, as the coordinator registered it.
+    name: str
+    #: The coordinator's Fleet API, HOST:PORT.
+    coordinator: str
+    #: The CA certificate of the coordinator's TLS; None only with ``--insecure``.
+    ca: Path | None
+    #: The site's private identity key (``fedpeft site enroll``).
+    identity_key: Path
+    #: The coordinator's public key, which signs the global states.
+    coordinator_key: Path
+    #: The site's records (.csv, .jsonl or .parquet: a text and a label per row).
+    data: Path
+    #: The SuperNode's own local API (loopback) [9094].
+    api_port: int
+
+
+def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
+    """Read and check site.toml; ``ConfigError`` listing every problem. ``ca`` may be left out
+    only when ``insecure``."""
+    values = _read_table(path, "site")
+    r = _Reader(path, values, "site")
+    name = r.text("name")
+    coordinator = r.text("coordinator")
+    ca = None
+    if "ca" in r.values or not insecure:
+        ca = r.file("ca")
+    cfg = SiteConfig(
+        name=name,
+        coordinator=coordinator,
+        ca=ca,
+        identity_key=r.file("identity_key"),
+        coordinator_key=r.file("coordinator_key"),
+        data=r.file("data"),
+        api_port=r.number("api_port", 9094),
+    )
+    r.done()
+    return cfg
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets) as host and port; ``ConfigError`` otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
