@@ -43,13 +43,14 @@ def new_identity() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP384R1())
 
 
-def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """Write ``key`` in OpenSSH format, readable by its owner only (0600), never overwriting."""
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
+def write_private_key(
+    path: Path,
+    key: ec.EllipticCurvePrivateKey,
+    form: serialization.PrivateFormat = serialization.PrivateFormat.OpenSSH,
+) -> None:
+    """Write ``key`` unencrypted, PEM-armoured in ``form`` (OpenSSH for identity keys, PKCS8 for
+    TLS keys), readable by its owner only (0600), never overwriting."""
+    data = key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
     write_secret(path, data)
 
 

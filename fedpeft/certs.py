@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedpeft.common.crypto import write_secret
+from fedpeft.common.crypto import write_private_key
 from fedpeft.common.errors import ConfigError
 
 
@@ -32,15 +32,6 @@ class Pki:
 #: Names a coordinator's certificate also carries (``fedpeft certs`` adds them): its Control API,
 #: which ``coordinator add-site --config`` and ``run start`` dial on loopback, serves it too.
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_secret(path, data)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -115,7 +106,7 @@ def make_pki(out: Path, names: list[str], days: int = 365) -> Pki:
     )
     ca_cert, ca_key_path, server_cert, server_key_path = files
     ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    _write_key(ca_key_path, ca_key)
+    write_private_key(ca_key_path, ca_key, serialization.PrivateFormat.PKCS8)
     server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    _write_key(server_key_path, server_key)
+    write_private_key(server_key_path, server_key, serialization.PrivateFormat.PKCS8)
     return Pki(ca_cert, server_cert, server_key_path)
