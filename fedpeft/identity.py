@@ -25,7 +25,6 @@ class Enrolled:
     private_key: Path
     public_key: Path
     fingerprint: str
-    public_line: str
 
 
 def check_name(name: str) -> str:
@@ -51,7 +50,7 @@ def enroll(folder: Path, name: str) -> Enrolled:
     crypto.write_private_key(private, key)
     line = crypto.public_openssh(key.public_key())
     public.write_text(f"{line} {name}\n")
-    return Enrolled(private, public, crypto.fingerprint(key.public_key()), line)
+    return Enrolled(private, public, crypto.fingerprint(key.public_key()))
 
 
 def _public_text(pubkey: str) -> str:
