@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 
-from fedpeft.common.config import METHOD_LR
+from fedpeft.common.methods import method_names
 from fedpeft.report import summarize
 from fedpeft.server.store import RunStore, open_store
 
@@ -44,7 +44,7 @@ def _spread(values: list[float]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHOD_LR))
+    p.add_argument("--methods", nargs="+", default=method_names())
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--db", default="sqlite:///bench-methods.db")
     p.add_argument("--report-only", action="store_true", help="print the table, run nothing")

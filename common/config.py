@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fedpeft.common.errors import ConfigError
+from fedpeft.common.methods import get_spec, method_names, specs
+from fedpeft.common.methods.adapter import AdapterConfig
+from fedpeft.common.methods.lora import LoraConfig
+from fedpeft.common.methods.prefix import PrefixConfig
+from fedpeft.common.methods.prompt import PromptConfig
 from fedpeft.common.tomlfile import read_toml
 
 BENCHMARKS = ("heart", "pima")
@@ -32,60 +37,11 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
-    """Low-rank adaptation: A·B added to the chosen linear modules."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("query", "value")
-
-
-@dataclass(frozen=True)
-class PrefixConfig:
-    """Prefix tuning: learned key/value vectors prepended in every attention layer."""
-
-    num_virtual_tokens: int = 20
-
-
-@dataclass(frozen=True)
-class PromptConfig:
-    """Prompt tuning: learned soft-prompt vectors prepended to the input embeddings."""
-
-    num_virtual_tokens: int = 20
-    #: ``random``, or ``text`` to start from the embeddings of ``init_text``'s tokens.
-    init: str = "text"
-    init_text: str = "Patient findings: risk of disease:"
-
-
-@dataclass(frozen=True)
-class AdapterConfig:
-    """Bottleneck adapters (down, GELU, up, residual) after the chosen sublayers of each layer."""
-
-    bottleneck: int = 16
-    #: ``attention`` (after the attention output projection) and/or ``ffn`` (after the
-    #: feed-forward output projection).
-    placement: tuple[str, ...] = ("attention", "ffn")
-
-
-#: The learning rate each method trains with when ``train.lr`` is 0 (its default): soft prompts
-#: and prefixes need larger steps than low-rank or bias updates, full fine-tuning far smaller.
-METHOD_LR = {
-    "lora": 5e-3,
-    "prefix": 1e-2,
-    "prompt": 3e-2,
-    "ia3": 5e-3,
-    "adapter": 5e-3,
-    "bitfit": 5e-3,
-    "full": 5e-5,
-}
-
-
-@dataclass(frozen=True)
 class MethodConfig:
-    """Which PEFT method trains, with its own hyperparameters."""
+    """Which PEFT method trains, with its own hyperparameters: a table per method that has
+    settings, named after it (``fedpeft.common.methods``' registry; a test keeps them in step)."""
 
-    #: One of :data:`METHOD_LR`'s names.
+    #: A registered method's name (:func:`fedpeft.common.methods.method_names`).
     name: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
@@ -99,8 +55,8 @@ class TrainConfig:
 
     local_epochs: int = 1
     batch_size: int = 16
-    #: AdamW learning rate; 0 = the method's own rate (:data:`METHOD_LR`), resolved when the
-    #: config is built so that the stored config shows the rate that was used.
+    #: AdamW learning rate; 0 = the method's own rate (its ``MethodSpec.default_lr``), resolved
+    #: when the config is built so that the stored config shows the rate that was used.
     lr: float = 0.0
     weight_decay: float = 0.01
     #: Dropout inside the base model's layers (hidden and attention) during training.
@@ -223,26 +179,9 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(cfg.device in DEVICES, f"device: must be one of {', '.join(DEVICES)}")
     need(bool(cfg.db), "db: must be a SQLAlchemy URL")
     need(cfg.model.max_length >= 8, "model.max_length: must be at least 8")
-    need(cfg.method.lora.r >= 1, "method.lora.r: must be at least 1")
-    need(cfg.method.lora.alpha >= 1, "method.lora.alpha: must be at least 1")
-    need(0 <= cfg.method.lora.dropout < 1, "method.lora.dropout: must be in [0, 1)")
-    need(len(cfg.method.lora.target_modules) > 0, "method.lora.target_modules: must not be empty")
-    need(
-        cfg.method.prefix.num_virtual_tokens >= 1, "method.prefix.num_virtual_tokens: must be >= 1"
-    )
-    prompt = cfg.method.prompt
-    need(prompt.num_virtual_tokens >= 1, "method.prompt.num_virtual_tokens: must be >= 1")
-    need(prompt.init in ("random", "text"), "method.prompt.init: must be random or text")
-    need(
-        prompt.init != "text" or bool(prompt.init_text.strip()),
-        "method.prompt.init_text: must not be empty when method.prompt.init is text",
-    )
-    adapter = cfg.method.adapter
-    need(adapter.bottleneck >= 1, "method.adapter.bottleneck: must be at least 1")
-    need(
-        len(adapter.placement) > 0 and set(adapter.placement) <= {"attention", "ffn"},
-        "method.adapter.placement: a non-empty list of attention and/or ffn",
-    )
+    for spec in specs():
+        if spec.config is not None:
+            problems.extend(spec.check(getattr(cfg.method, spec.name)))
     t = cfg.train
     need(t.local_epochs >= 1, "train.local_epochs: must be at least 1")
     need(t.batch_size >= 1, "train.batch_size: must be at least 1")
@@ -281,14 +220,13 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     if cfg.train.lr == 0:
-        if cfg.method.name not in METHOD_LR:
+        if cfg.method.name not in method_names():
             raise ConfigError(
                 f"method.name: {cfg.method.name!r} has no default learning rate (known methods: "
-                f"{', '.join(METHOD_LR)}); set train.lr for a method of your own"
+                f"{', '.join(method_names())}); set train.lr for a method of your own"
             )
-        cfg = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, lr=METHOD_LR[cfg.method.name])
-        )
+        lr = get_spec(cfg.method.name).default_lr
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
     return cfg
 
 

@@ -3,18 +3,19 @@
 An export directory always holds ``fedpeft-export.json`` (run, round, method, the run config and
 the base model's fingerprint). Beside it:
 
-* peft-backed methods (``lora``, ``prefix``, ``prompt``, ``ia3``): peft's own
-  ``adapter_config.json`` + ``adapter_model.safetensors``, with the classification head saved as
-  a module to save. Load it with::
+* a method whose spec exports :attr:`ExportFormat.PEFT` (``fedpeft export --help`` names them):
+  peft's own ``adapter_config.json`` + ``adapter_model.safetensors``, with the classification
+  head saved as a module to save. Load it with::
 
       base = AutoModelForSequenceClassification.from_pretrained(BASE_DIR, num_labels=2)
       model = peft.PeftModel.from_pretrained(base, EXPORT_DIR)
-      # prefix only, with transformers 5 + peft 0.21 (see methods.enable_prefix_tuning):
+      # prefix only, with transformers 5 + peft 0.21 (its spec's after_peft_load):
       fedpeft.common.methods.enable_prefix_tuning(model)
 
-* ``adapter``, ``bitfit``, ``full``: ``fedpeft_state.safetensors``, the shared parameters by
-  their names in the fedpeft model (the state that was federated), fp32. Load it with
-  :func:`load_export`, which builds the base model, applies the method and copies the tensors.
+* a method with :attr:`ExportFormat.STATE`: ``fedpeft_state.safetensors``, the shared
+  parameters by their names in the fedpeft model (the state that was federated), fp32. Load it
+  with :func:`load_export`, which builds the base model, applies the method and copies the
+  tensors.
 
 :func:`load_export` loads every kind of export; it checks the base model's fingerprint first.
 """
@@ -29,12 +30,11 @@ import torch
 
 from fedpeft.common.config import RunConfig
 from fedpeft.common.errors import FingerprintMismatch, ModelError
-from fedpeft.common.methods import build_model, enable_prefix_tuning, load_shared_state
+from fedpeft.common.methods import ExportFormat, build_model, get_spec, load_shared_state
 from fedpeft.common.model import load_base_model, model_fingerprint, resolve_model_path
 
 MANIFEST = "fedpeft-export.json"
 STATE_FILE = "fedpeft_state.safetensors"
-PEFT_METHODS = ("lora", "prefix", "prompt", "ia3")
 
 
 def export_state(
@@ -57,7 +57,7 @@ def export_state(
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model, cfg.method, dropout=0.0, seed=cfg.seed)
     load_shared_state(model, state)
-    if cfg.method.name in PEFT_METHODS:
+    if get_spec(cfg.method.name).export is ExportFormat.PEFT:
         model.save_pretrained(str(out))  # type: ignore[operator]
         files = [out / "adapter_config.json", out / "adapter_model.safetensors"]
     else:
@@ -109,13 +109,14 @@ def load_export(folder: Path, base_model: str | None = None) -> torch.nn.Module:
             f"{path} is not the base model this export was trained on "
             f"({manifest['base_model_fingerprint']})"
         )
-    if manifest["method"] in PEFT_METHODS:
+    spec = get_spec(manifest["method"])
+    if spec.export is ExportFormat.PEFT:
         from peft import PeftModel
 
         base = load_base_model(cfg.model, dropout=0.0, seed=cfg.seed)
-        peft_model = PeftModel.from_pretrained(base, str(folder))
-        if manifest["method"] == "prefix":
-            enable_prefix_tuning(peft_model)
+        peft_model: torch.nn.Module = PeftModel.from_pretrained(base, str(folder))
+        if spec.after_peft_load is not None:
+            peft_model = spec.after_peft_load(peft_model)
         return peft_model
     from safetensors.torch import load_file
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import __version__
+from fedpeft.common.config import MethodConfig
 from fedpeft.common.environment import QUIET
 from fedpeft.common.errors import FedpeftError
+from fedpeft.common.methods import ExportFormat, specs
 
 STORE_KEY_HELP = (
     "key file for the encrypted checkpoints in the store (default: $FEDPEFT_STORE_KEY_FILE, "
@@ -23,14 +25,42 @@ STORE_KEY_HELP = (
 )
 
 
+def _listing(names: list[str], last: str = "and") -> str:
+    """``a, b and c``."""
+    return f" {last} ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
+
+
+def method_help() -> str:
+    """``--method``'s help: every registered method, the default marked, and what each trains."""
+    default = MethodConfig().name
+    names = [s.name + (" (default)" if s.name == default else "") for s in specs()]
+    shares = "; ".join(f"{s.name}: {s.shares}" for s in specs())
+    return (
+        f"fine-tuning method: {_listing(names, 'or')}; its own settings go in the config file's "
+        f"[method.NAME] table. What each trains and shares besides the classification head: "
+        f"{shares}"
+    )
+
+
+def export_description() -> str:
+    """``fedpeft export``'s description: which methods export in which format."""
+
+    def having(export: ExportFormat) -> str:
+        return _listing([s.name for s in specs() if s.export is export])
+
+    return (
+        "Write the global state a run delivered (the round with the lowest validation loss) to "
+        f"a new folder: for {having(ExportFormat.PEFT)} a peft adapter that "
+        f"peft.PeftModel.from_pretrained(base, OUT) loads; for {having(ExportFormat.STATE)} a "
+        "safetensors file that fedpeft.common.export.load_export(OUT) loads. "
+        "fedpeft-export.json beside it records the run, round, method and base-model fingerprint."
+    )
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="run config TOML (flags override its values)")
     p.add_argument("--dataset", help="heart | pima | PATH to a folder with one data file per site")
-    p.add_argument(
-        "--method",
-        help="fine-tuning method: lora (default), prefix, prompt, ia3, adapter, bitfit or "
-        "full; its own settings go in the config file's [method.NAME] table",
-    )
+    p.add_argument("--method", help=method_help())
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
@@ -106,11 +136,7 @@ def parser() -> argparse.ArgumentParser:
     exp = sub.add_parser(
         "export",
         help="write a run's final global state for peft's own loader (or safetensors)",
-        description="Write the global state a run delivered (the round with the lowest "
-        "validation loss) to a new folder: for lora, prefix, prompt and ia3 a peft adapter that "
-        "peft.PeftModel.from_pretrained(base, OUT) loads; for adapter, bitfit and full a "
-        "safetensors file that fedpeft.common.export.load_export(OUT) loads. "
-        "fedpeft-export.json beside it records the run, round, method and base-model fingerprint.",
+        description=export_description(),
     )
     exp.add_argument("--run", type=int, help="run id (default: the latest)")
     exp.add_argument("--out", type=Path, required=True, help="new or empty folder to write")

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 from fedpeft.common.environment import QUIET
@@ -11,6 +13,9 @@ from fedpeft.common.environment import QUIET
 # fedpeft starts does.
 for _name, _value in QUIET.items():
     os.environ.setdefault(_name, _value)
+
+if TYPE_CHECKING:
+    from fedpeft.client.trainer import Encoded
 
 
 @pytest.fixture(params=["sqlite-memory", "sqlite-file", "postgres"])
@@ -24,3 +29,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if not url:
         pytest.skip("FEDPEFT_TEST_POSTGRES_URL is not set (.ci/run sets it)")
     return url
+
+
+#: Four short clinical notes, four times over: both classes, and two batches of 8.
+NOTES = [
+    "63 y male. typical angina. bp 145. chol 233.",
+    "41 y female. atypical angina. bp 130. chol 204.",
+    "67 y male. asymptomatic. bp 160. chol 286. exercise angina.",
+    "37 y male. non-anginal. bp 130. chol 250.",
+] * 4
+NOTE_LABELS = np.array([0, 0, 1, 0] * 4)
+
+
+@pytest.fixture(scope="session")
+def rows() -> Encoded:
+    """:data:`NOTES` encoded for the packaged base model (all-MiniLM-L6-v2), 64 tokens at most."""
+    from fedpeft.client.trainer import encode
+    from fedpeft.common.config import ModelConfig
+    from fedpeft.common.model import load_tokenizer
+
+    return encode(load_tokenizer(ModelConfig()), NOTES, NOTE_LABELS, 64)

@@ -11,34 +11,25 @@ import pytest
 import torch
 
 from fedpeft.cli import main
-from fedpeft.client.trainer import Encoded, encode, predict
+from fedpeft.client.trainer import Encoded, predict
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.errors import FingerprintMismatch
-from fedpeft.common.export import MANIFEST, PEFT_METHODS, export_state, load_export
+from fedpeft.common.export import MANIFEST, export_state, load_export
 from fedpeft.common.methods import (
+    ExportFormat,
     build_model,
     enable_prefix_tuning,
+    get_spec,
     load_shared_state,
     method_names,
     shared_state,
 )
-from fedpeft.common.model import default_model_dir, load_tokenizer, model_fingerprint
+from fedpeft.common.model import default_model_dir, model_fingerprint
 from fedpeft.common.tensors import to_numpy
 from fedpeft.server.checkpoints import seal_state, write_store_key
 from fedpeft.server.store import RoundResult, open_store
 
 CPU = torch.device("cpu")
-TEXTS = [
-    "63 y male. typical angina. bp 145. chol 233.",
-    "41 y female. atypical angina. bp 130. chol 204.",
-    "67 y male. asymptomatic. bp 160. chol 286. exercise angina.",
-]
-
-
-@pytest.fixture(scope="module")
-def rows() -> Encoded:
-    cfg = load_config()
-    return encode(load_tokenizer(cfg.model), TEXTS, np.array([0, 0, 1]), 64)
 
 
 def _trained_state(cfg: RunConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -57,11 +48,7 @@ def _fingerprint() -> str:
     return model_fingerprint(str(default_model_dir()))
 
 
-def test_every_method_has_an_export_format() -> None:
-    assert set(PEFT_METHODS) <= set(method_names())
-
-
-@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3", "adapter", "bitfit", "full"])
+@pytest.mark.parametrize("method", method_names())
 def test_export_loads_with_the_ecosystems_tools_and_predicts_the_same(
     tmp_path: Path, rows: Encoded, method: str
 ) -> None:
@@ -72,7 +59,7 @@ def test_export_loads_with_the_ecosystems_tools_and_predicts_the_same(
     export_state(cfg, state, out, run_id=7, round=2, fingerprint=_fingerprint())
     manifest = json.loads((out / MANIFEST).read_text())
     assert (manifest["run_id"], manifest["round"], manifest["method"]) == (7, 2, method)
-    if method in PEFT_METHODS:
+    if get_spec(method).export is ExportFormat.PEFT:
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.client.trainer import Encoded, encode, predict, train_local
+from fedpeft.client.trainer import Encoded, predict, train_local
 from fedpeft.common.config import (
     AdapterConfig,
     LoraConfig,
@@ -23,38 +23,21 @@ from fedpeft.common.methods import (
     count_parameters,
     load_shared_state,
     method_names,
-    register,
     shared_state,
 )
 from fedpeft.common.model import load_tokenizer
 
 CPU = torch.device("cpu")
-TEXTS = [
-    "63 y male. typical angina. bp 145. chol 233.",
-    "41 y female. atypical angina. bp 130. chol 204.",
-    "67 y male. asymptomatic. bp 160. chol 286. exercise angina.",
-    "37 y male. non-anginal. bp 130. chol 250.",
-] * 4
-LABELS = np.array([0, 0, 1, 0] * 4)
-
-
-@pytest.fixture(scope="module")
-def rows() -> Encoded:
-    return encode(load_tokenizer(ModelConfig()), TEXTS, LABELS, 64)
-
-
+#: Every method, named here because each has its own expected parameter count below.
 METHODS = ("lora", "prefix", "prompt", "ia3", "adapter", "bitfit", "full")
-PEFT = tuple(m for m in METHODS if m != "full")
 
 
 def _model(method: str = "lora", seed: int = 0) -> torch.nn.Module:
     return build_model(ModelConfig(), MethodConfig(name=method), dropout=0.0, seed=seed)
 
 
-def test_registry_refuses_duplicates_and_unknown_names() -> None:
-    assert set(METHODS) <= set(method_names())
-    with pytest.raises(ValueError, match="already registered"):
-        register("lora")(lambda cfg, base: base)
+def test_every_method_is_tested_and_unknown_names_are_refused() -> None:
+    assert sorted(METHODS) == sorted(method_names())
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         build_model(ModelConfig(), MethodConfig(name="nope"), 0.0, 0)
 
@@ -187,23 +170,27 @@ def test_prefix_and_prompt_are_not_silently_ignored(rows: Encoded, method: str) 
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def _tiny_decoder() -> torch.nn.Module:
-    """A small Llama-architecture classifier with random weights (no download): prefix tuning
-    must also work on a decoder, whose cache holds grouped key/value heads."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+def _tiny(architecture: str, **extra: int) -> torch.nn.Module:
+    """A small classifier of a transformers ``architecture`` (``Llama``, ``MPNet``) with random
+    weights: no download."""
+    import transformers
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    config = getattr(transformers, f"{architecture}Config")(
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
         hidden_size=64,
         intermediate_size=128,
         vocab_size=100,
         num_labels=2,
-        pad_token_id=0,
+        **extra,
     )
-    return LlamaForSequenceClassification(config)
+    return getattr(transformers, f"{architecture}ForSequenceClassification")(config)
+
+
+def _tiny_decoder() -> torch.nn.Module:
+    """Prefix tuning must also work on a decoder, whose cache holds grouped key/value heads."""
+    return _tiny("Llama", num_key_value_heads=2, pad_token_id=0)
 
 
 def test_prefix_works_on_a_decoder() -> None:
@@ -228,19 +215,8 @@ def test_prefix_works_on_a_decoder() -> None:
 
 def test_prefix_refuses_a_model_that_would_ignore_it() -> None:
     """MPNet's attention has no key/value cache: the prefix would silently do nothing."""
-    from transformers import MPNetConfig, MPNetForSequenceClassification
-
-    torch.manual_seed(0)
-    config = MPNetConfig(
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        hidden_size=64,
-        intermediate_size=128,
-        vocab_size=100,
-        num_labels=2,
-    )
     with pytest.raises(ModelError, match="no effect on model type 'mpnet'"):
-        build_method(MethodConfig(name="prefix"), MPNetForSequenceClassification(config))
+        build_method(MethodConfig(name="prefix"), _tiny("MPNet"))
 
 
 def test_adapter_refuses_a_model_without_its_projections() -> None:
