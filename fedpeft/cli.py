@@ -144,9 +144,9 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store")
     exp.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
 
-    site = sub.add_parser("site", help="a hospital site's keys").add_subparsers(
-        dest="site_command", required=True
-    )
+    site = sub.add_parser(
+        "site", help="a hospital site: its keys, its SuperNode, its ledger"
+    ).add_subparsers(dest="site_command", required=True)
     enr = site.add_parser(
         "enroll",
         help="make this site's identity key (ECDSA P-384, OpenSSH format)",
@@ -167,6 +167,42 @@ def parser() -> argparse.ArgumentParser:
     )
     sst.add_argument("--config", type=Path, required=True, help="site.toml")
     sst.add_argument("--insecure", action="store_true", help="allow a start without TLS")
+    led = site.add_parser(
+        "ledger",
+        help="print or verify this site's ledger of tasks received and uploads sent",
+        description="Print the site ledger as a table: one line per task the site received, "
+        "upload it sent or task it refused (time, run token, round, message type, method, "
+        "codec, bytes, outcome, reason), then whether its hash chain is intact. It holds hashes, "
+        "sizes and names only. Exits 0 if the chain is intact, 1 naming the first bad entry "
+        "(edited, deleted, moved or torn).",
+    )
+    where = led.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--config",
+        type=Path,
+        help="site.toml: the ledger its [site] table names (default ledger.jsonl beside it)",
+    )
+    where.add_argument("--ledger", type=Path, help="the ledger file itself")
+    what = led.add_mutually_exclusive_group()
+    what.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check the chain: 'ledger PATH: N entries, chain intact' and exit 0, or name "
+        "the first bad entry and exit 1",
+    )
+    what.add_argument(
+        "--head",
+        action="store_true",
+        help="print the hash of the last entry, to keep somewhere else (another machine, the DPO's "
+        "records): it shows later whether the whole file was rewritten (see --expect-head)",
+    )
+    led.add_argument(
+        "--expect-head",
+        metavar="HASH",
+        type=_sha256_arg,
+        help="a head printed earlier by --head: the chain must still contain it, or the file "
+        "was rewritten or cut short since",
+    )
 
     coord = sub.add_parser("coordinator", help="the coordinator's keys and register of sites")
     csub = coord.add_subparsers(dest="coordinator_command", required=True)
@@ -377,11 +413,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sha256_arg(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise argparse.ArgumentTypeError("expected the 64 hex digits --head prints")
+    return text.lower()
+
+
 def cmd_site(args: argparse.Namespace) -> int:
     from fedpeft.identity import enroll
 
     if args.site_command == "start":
         return _start_site(args)
+    if args.site_command == "ledger":
+        return _site_ledger(args)
     done = enroll(args.out, args.name)
     print(f"private key: {done.private_key} (0600; keep it at the site, never send it)")
     print(f"public key:  {done.public_key}")
@@ -470,6 +514,34 @@ def _start_site(args: argparse.Namespace) -> int:
     folder = args.config.resolve().parent
     env = processes.site_env(processes.flwr_home(args.config))
     return processes.run_foreground(cmd, env, folder)
+
+
+def _site_ledger(args: argparse.Namespace) -> int:
+    from fedpeft.client.ledger import Ledger, LedgerError, format_table, parse_line, verify
+    from fedpeft.settings import site_ledger_path
+
+    ledger = Ledger(args.ledger if args.ledger else site_ledger_path(args.config))
+    lines = ledger.lines()
+    result = verify(lines, args.expect_head)
+    if not (args.verify or args.head):
+        records, unreadable = [], []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(parse_line(line))
+            except LedgerError as exc:
+                unreadable.append(f"line {number} not shown: {exc}")
+        print(format_table(records))
+        print("\n".join(["", *unreadable]))
+    if not result.ok:
+        print(f"ledger {ledger.path}: {result.message}")
+        if result.line and result.line > 1:
+            print(f"(the entries before line {result.line} verify)")
+        return 1
+    if args.head:
+        print(f"ledger {ledger.path}: head {result.head} (entry {result.entries})")
+    else:
+        print(f"ledger {ledger.path}: {result.message}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -123,6 +123,9 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     return CoordinatorConfig(cfg_fleet, cfg_api, state, identity, sites, store_key, tls)
 
 
+DEFAULT_LEDGER = "ledger.jsonl"
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """site.toml's ``[site]`` table (defaults in brackets)."""
@@ -141,6 +144,9 @@ class SiteConfig:
     data: Path
     #: The SuperNode's own local API (loopback) [9094].
     api_port: int
+    #: The site ledger: every task received and upload sent, hash-chained (client/ledger.py)
+    #: ["ledger.jsonl"]. Made on first use; its folder must exist.
+    ledger: Path
 
 
 def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
@@ -161,9 +167,22 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         coordinator_key=r.file("coordinator_key"),
         data=r.file("data"),
         api_port=r.number("api_port", 9094),
+        ledger=r.file("ledger", DEFAULT_LEDGER, must_exist=False),
     )
+    if not cfg.ledger.parent.is_dir():
+        r.problems.append(f"{path}: [site] ledger: {cfg.ledger.parent}: no such folder")
     r.done()
     return cfg
+
+
+def site_ledger_path(path: Path) -> Path:
+    """The ``ledger`` of site.toml's [site] table, without checking the rest of the file: whoever
+    reads the ledger (the data-protection officer) needs neither the keys nor the data."""
+    r = _Reader(path, _read_table(path, "site"), "site")
+    ledger = r.file("ledger", DEFAULT_LEDGER, must_exist=False)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return ledger
 
 
 def host_port(address: str) -> tuple[str, int]:
