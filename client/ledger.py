@@ -512,6 +512,14 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _shown(text: str) -> str:
+    """Control characters escaped: a run token or method from a coordinator must not drive the
+    reader's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def format_table(records: Sequence[Record]) -> str:
     """The ledger as a table a person reads: one row per entry, run tokens shortened."""
     header = (
@@ -527,7 +535,7 @@ def format_table(records: Sequence[Record]) -> str:
         "outcome",
         "reason",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for r in records:
         e = r.entry
         rows.append(
@@ -545,6 +553,7 @@ def format_table(records: Sequence[Record]) -> str:
                 e.reason,
             )
         )
+    rows = [tuple(_shown(c) for c in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     numeric = {1, 4, 8}
     out = []

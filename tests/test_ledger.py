@@ -21,6 +21,7 @@ from fedpeft.client.ledger import (
     LedgerEntry,
     LedgerError,
     TornLedger,
+    format_table,
     split_lines,
     verify,
 )
@@ -222,6 +223,14 @@ def test_the_file_is_made_0600_whatever_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "ledger.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_table_escapes_what_a_coordinator_could_use_against_a_terminal(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.record_task(run_token="\x1b[2J", round=1, message_type="train", method="lora\x07")
+    table = format_table(ledger.entries())
+    assert "\x1b" not in table and "\x07" not in table
+    assert "\\x1b[2J" in table and "lora\\x07" in table
 
 
 def test_split_lines_keeps_a_torn_tail_apart() -> None:
