@@ -234,6 +234,12 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
+def error_reply(msg: Any, site: str, error: str) -> Any:
+    """The reply of a site that does not answer ``msg``: status ``error`` and a short public
+    reason (no local detail); the coordinator records it per site and round."""
+    return _reply(msg, site, error=error)
+
+
 def _handle(msg: Any, context: Any, kind: str) -> Any:
     node_config = dict(context.node_config)
     site = str(node_config.get(keys.NODE_SITE, f"partition-{node_config.get(keys.PARTITION_ID)}"))

@@ -167,6 +167,12 @@ def parser() -> argparse.ArgumentParser:
     )
     sst.add_argument("--config", type=Path, required=True, help="site.toml")
     sst.add_argument("--insecure", action="store_true", help="allow a start without TLS")
+    # The ClientApps this site runs (its policy will set them); for tests with a site-installed
+    # variant of fedpeft's ClientApp.
+    sst.add_argument("--allow-app", action="append", default=None, help=argparse.SUPPRESS)
+    # Stock Flower's flwr-clientapp per message, for bench/worker.py only: it installs and runs
+    # whatever app the coordinator ships.
+    sst.add_argument("--per-message-process", action="store_true", help=argparse.SUPPRESS)
     led = site.add_parser(
         "ledger",
         help="print or verify this site's ledger of tasks received and uploads sent",
@@ -498,13 +504,14 @@ def _start_coordinator(args: argparse.Namespace) -> int:
 
 def _start_site(args: argparse.Namespace) -> int:
     from fedpeft import processes
+    from fedpeft.client.worker import DEFAULT_ALLOWED_APPS
     from fedpeft.common.config import DataConfig
     from fedpeft.common.data import load_site_file
     from fedpeft.common.trust import site_trust
     from fedpeft.settings import load_site_config
 
     cfg = load_site_config(args.config, args.insecure)
-    cmd = processes.supernode_command(cfg, args.insecure)
+    processes.supernode_command(cfg, args.insecure)  # ConfigError before anything is written
     site_trust(cfg.identity_key, cfg.coordinator_key)  # keys readable, private, right type
     rows = load_site_file(cfg.data, DataConfig(), name=cfg.name)
     if cfg.ca is None:
@@ -512,8 +519,15 @@ def _start_site(args: argparse.Namespace) -> int:
     _say(f"site {cfg.name}: {len(rows.labels)} records in {cfg.data}; dialing {cfg.coordinator}")
     processes.wait_for(cfg.coordinator, _say)
     folder = args.config.resolve().parent
-    env = processes.site_env(processes.flwr_home(args.config))
-    return processes.run_foreground(cmd, env, folder)
+    home = processes.flwr_home(args.config)
+    env = processes.site_env(home)
+    if args.per_message_process:
+        cmd = processes.supernode_command(cfg, args.insecure, worker=False)
+        return processes.run_foreground(cmd, env, folder)
+    secret = processes.write_auth_secret(home)
+    cmd = processes.supernode_command(cfg, args.insecure, auth_secret_file=secret)
+    worker = processes.worker_command(cfg, secret, args.allow_app or DEFAULT_ALLOWED_APPS)
+    return processes.supervise_site(cmd, worker, env, folder, _say)
 
 
 def _site_ledger(args: argparse.Namespace) -> int:

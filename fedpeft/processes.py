@@ -9,12 +9,13 @@ authentication: Flower needs TLS for it).
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fedpeft.common import keys
@@ -27,6 +28,9 @@ from fedpeft.common.environment import (
 )
 from fedpeft.common.errors import ConfigError
 from fedpeft.settings import CoordinatorConfig, SiteConfig, host_port
+
+#: The SuperNode's runtime API listens here only: the site worker is its one client.
+RUNTIME_HOST = "127.0.0.1"
 
 #: Where this Python's scripts are (flower-superlink, flower-supernode, flwr, fedpeft).
 BIN = Path(sys.executable).parent
@@ -77,9 +81,17 @@ def superlink_command(cfg: CoordinatorConfig, insecure: bool) -> list[str]:
     ]
 
 
-def supernode_command(cfg: SiteConfig, insecure: bool) -> list[str]:
+def supernode_command(
+    cfg: SiteConfig, insecure: bool, auth_secret_file: Path | None = None, worker: bool = True
+) -> list[str]:
     """The ``flower-supernode`` command line for ``cfg``: its node config tells the ClientApp the
-    site's name, data and keys; ``ConfigError`` without a CA unless ``insecure``."""
+    site's name, data and keys; ``ConfigError`` without a CA unless ``insecure``.
+
+    With ``worker`` (the default) the SuperNode runs no ClientApp itself (``--isolation
+    process``): fedpeft's site worker (:func:`worker_command`) takes its tasks from the runtime
+    API, which listens on 127.0.0.1 only, and ``auth_secret_file`` lets only the worker acquire
+    them. Without it, stock Flower starts a ``flwr-clientapp`` per message (kept for the
+    benchmark only: it installs and runs whatever app the coordinator ships)."""
     node_config = {
         keys.NODE_SITE: cfg.name,
         keys.NODE_DATA_PATH: cfg.data,
@@ -89,8 +101,12 @@ def supernode_command(cfg: SiteConfig, insecure: bool) -> list[str]:
     cmd = [
         *(str(BIN / "flower-supernode"), "--superlink", cfg.coordinator),
         *("--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())),
-        *("--port", str(cfg.api_port)),
+        *("--host", RUNTIME_HOST, "--port", str(cfg.api_port)),
     ]
+    if worker:
+        cmd += ["--isolation", "process"]
+        if auth_secret_file is not None:
+            cmd += ["--superexec-auth-secret-file", str(auth_secret_file)]
     if cfg.ca is None:
         if not insecure:
             raise ConfigError("no ca: a site does not start without TLS unless --insecure")
@@ -100,6 +116,92 @@ def supernode_command(cfg: SiteConfig, insecure: bool) -> list[str]:
         *("--root-certificates", str(cfg.ca)),
         *("--auth-supernode-private-key", str(cfg.identity_key)),
     ]
+
+
+def worker_command(
+    cfg: SiteConfig,
+    auth_secret_file: Path | None,
+    allowed_apps: Sequence[str] = (),
+    poll_interval: float = 0.2,
+) -> list[str]:
+    """The site worker's command line: it serves the SuperNode of ``cfg`` on 127.0.0.1 and exits
+    when the process that started it does."""
+    cmd = [
+        *(sys.executable, "-m", "fedpeft.client.worker"),
+        *("--runtime-api-address", f"{RUNTIME_HOST}:{cfg.api_port}"),
+        *("--poll-interval", str(poll_interval), "--parent-pid", str(os.getpid())),
+    ]
+    if auth_secret_file is not None:
+        cmd += ["--superexec-auth-secret-file", str(auth_secret_file)]
+    for ref in allowed_apps:
+        cmd += ["--allow-app", ref]
+    return cmd
+
+
+def write_auth_secret(folder: Path) -> Path:
+    """A fresh random SuperExec secret (0600) in ``folder``, made new at every start: only the
+    SuperNode and the worker started with it can take the site's tasks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "superexec-auth.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path
+
+
+def supervise_site(
+    supernode: list[str],
+    worker: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    say: Callable[[str], None],
+    max_backoff: float = 60.0,
+) -> int:
+    """Run the SuperNode and the site worker; restart the worker whenever it exits (with
+    backoff: 1 s doubling to ``max_backoff``, back to 1 s once it has run for a minute; the
+    SuperNode keeps pending messages meanwhile). Returns the SuperNode's exit code when it ends;
+    SIGINT/SIGTERM stop both (by PID: only the processes started here)."""
+    node = subprocess.Popen(supernode, env=env, cwd=cwd)
+    work: subprocess.Popen[bytes] | None = None
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    backoff, started, restart_at = 1.0, 0.0, 0.0
+    try:
+        while not stopping and node.poll() is None:
+            now = time.monotonic()
+            if work is not None and work.poll() is not None:
+                if now - started > 60:
+                    backoff = 1.0
+                say(
+                    f"site worker exited with code {work.returncode}; restarting in {backoff:.0f} s"
+                )
+                work, restart_at = None, now + backoff
+                backoff = min(backoff * 2, max_backoff)
+            if work is None and now >= restart_at:
+                work, started = subprocess.Popen(worker, env=env, cwd=cwd), now
+            time.sleep(0.2)
+        if node.returncode is not None and not stopping:
+            say(f"SuperNode exited with code {node.returncode}")
+    finally:
+        for proc in (work, node):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(stopping[0] if stopping else signal.SIGTERM)
+        for proc in (work, node):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return node.returncode
 
 
 def wait_for(
