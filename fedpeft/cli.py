@@ -159,11 +159,14 @@ def parser() -> argparse.ArgumentParser:
     enr.add_argument("--out", type=Path, default=Path("keys"), help="folder (default ./keys)")
     sst = site.add_parser(
         "start",
-        help="start this site's SuperNode: it dials the coordinator and trains on local data",
+        help="start this site's SuperNode and worker: it dials the coordinator and trains on "
+        "local data",
         description="Check the site's CA certificate, keys and data file, wait for the "
         "coordinator (retrying with backoff and saying so), then run Flower's SuperNode with "
-        "the data path and keys as node config. Records never leave the site: only sealed "
-        "deltas and metrics do. Runs in the foreground until interrupted.",
+        "the data path and keys as node config, and fedpeft's site worker, which answers its "
+        "messages with the ClientApp installed here (restarted if it dies; an app the "
+        "coordinator ships is never installed or run). Records never leave the site: only "
+        "sealed deltas and metrics do. Runs in the foreground until interrupted.",
     )
     sst.add_argument("--config", type=Path, required=True, help="site.toml")
     sst.add_argument("--insecure", action="store_true", help="allow a start without TLS")

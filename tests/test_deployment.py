@@ -1,6 +1,8 @@
 """A real deployment on 127.0.0.1: a Flower SuperLink with TLS, SuperNode authentication and its
-state in a SQLite file, two SuperNodes (one hospital each), one round of fedpeft. Then every file
-the coordinator wrote is searched for the bytes of the sites' plaintext deltas."""
+state in a SQLite file, two SuperNodes (one hospital each, each with fedpeft's site worker), one
+round of fedpeft. Then every file the coordinator wrote is searched for the bytes of the sites'
+plaintext deltas; and a run whose ClientApp is the coordinator's own code is refused by every
+site, on the same SuperLink and SuperNodes."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,11 @@ from fedpeft.server.store import open_store
 
 pytestmark = pytest.mark.slow
 APP = Path(__file__).parent / "deploy_app"
+EVIL_APP = Path(__file__).parent / "evil_app"
 SITES = ("Cleveland", "Hungary")
+#: deploy_app's ClientApp is fedpeft's plus a site-local copy of each delta: the sites of these
+#: tests have it installed (on their PYTHONPATH) and allow it beside fedpeft's own.
+SITE_APPS = ("--allow-app", "fedpeft.client.app:app", "--allow-app", "site_dump:app")
 
 
 def _free_port() -> int:
@@ -46,12 +53,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 60
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes the test starts, each in its own process group (with the Flower processes it
-    starts in turn); every group is stopped at the end, whatever happens."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
+def _stop(started: list[subprocess.Popen[bytes]]) -> None:
     for proc in reversed(started):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -65,8 +67,18 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes the test starts, each in its own process group (with the Flower processes and
+    the site worker it starts in turn); every group is stopped at the end, whatever happens."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    _stop(started)
+
+
 def _env(home: Path) -> dict[str, str]:
-    return child_env({FLWR_HOME_ENV: str(home)})
+    # PYTHONPATH: what the test sites have installed beside fedpeft (deploy_app's ClientApp).
+    return child_env({FLWR_HOME_ENV: str(home), "PYTHONPATH": str(APP)})
 
 
 def _windows(state: dict[str, np.ndarray]) -> list[bytes]:
@@ -160,7 +172,7 @@ def _site(
     pd.DataFrame({"text": rows[0], "label": rows[1]}).to_csv(home / "records.csv", index=False)
     (home / "dump").mkdir()
     _site_toml(home, site, fleet, coord)
-    return _start(processes, home, "site.log", "site", "start", "--config", "site.toml")
+    return _start(processes, home, "site.log", "site", "start", "--config", "site.toml", *SITE_APPS)
 
 
 def _sample(data: object, n: int = 60) -> tuple[list[str], np.ndarray]:
@@ -168,12 +180,32 @@ def _sample(data: object, n: int = 60) -> tuple[list[str], np.ndarray]:
     return [data.texts[i] for i in idx], data.labels[idx]  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class Deployment:
+    root: Path
+    coord: Path
+    fleet: int
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """One coordinator and the two SITES, shared by the tests of this module that do not kill
+    anything (starting them is most of a test's time)."""
+    root = tmp_path_factory.mktemp("deployment")
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        coord, fleet = _coordinator(root, started)
+        for site, data in zip(SITES, heart_sites()[:2], strict=True):
+            _site(root, started, site, coord, fleet, _sample(data))
+        yield Deployment(root, coord, fleet)
+    finally:
+        _stop(started)
+
+
 def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    deployment: Deployment, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    coord, fleet = _coordinator(tmp_path, processes)
-    for site, data in zip(SITES, heart_sites()[:2], strict=True):
-        _site(tmp_path, processes, site, coord, fleet, _sample(data))
+    tmp_path, coord, fleet = deployment.root, deployment.coord, deployment.fleet
     dumps = [tmp_path / site / "dump" for site in SITES]
 
     # A site whose key is not registered is refused by the SuperLink: its SuperNode exits.
@@ -238,6 +270,41 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
         data = path.read_bytes()
         for needle in needles:
             assert needle not in data, f"plaintext delta bytes found in {path}"
+
+
+def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
+    deployment: Deployment,
+) -> None:
+    """The coordinator submits a run whose ClientApp is its own module (it would leave a marker
+    file on import and when called): each site's worker refuses it by name, the store records
+    that per site, and no marker exists anywhere."""
+    coord = deployment.coord
+    db = f"sqlite:///{coord / 'evil.db'}"
+    run_config = f'db="{db}" data.dataset="{deployment.root}" federation.min_sites=2'
+    run = subprocess.run(
+        [str(BIN / "flwr"), "run", str(EVIL_APP), "coordinator", "--stream"]
+        + ["--run-config", run_config],
+        env=_env(coord / "flwr-cli"),
+        cwd=coord,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    store = open_store(db)
+    (info,) = store.list_runs()
+    assert info.status == "failed", run.stdout[-3000:] + run.stderr[-3000:]
+    rows = store.site_results(info.id)
+    store.close()
+    assert {(r.site, r.phase) for r in rows} == {
+        (s, p) for s in SITES for p in ("train", "evaluate")
+    }
+    for r in rows:
+        assert r.status == "failed", r
+        assert r.reason == "site-error: refused: app 'evil_client:app' is not allowed at this site"
+    markers = [p for p in deployment.root.rglob("EVIL-MARKER*")]
+    assert not markers, f"coordinator code ran at a site: {markers}"
+    for site in SITES:  # and each site says so in its own log
+        assert "refused" in (deployment.root / site / "site.log").read_text()
 
 
 def test_a_site_killed_during_a_round_does_not_stop_the_run(
