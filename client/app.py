@@ -31,6 +31,7 @@ from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
 from fedpeft.common.envelope import ForgedGlobalState, GlobalState, open_global, seal_delta
 from fedpeft.common.environment import SIMULATION_KEYS_ENV
 from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch, KeyFileError
+from fedpeft.common.keys import Phase
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation
 from fedpeft.common.model import (
@@ -240,7 +241,7 @@ def error_reply(msg: Any, site: str, error: str) -> Any:
     return _reply(msg, site, error=error)
 
 
-def _handle(msg: Any, context: Any, kind: str) -> Any:
+def _handle(msg: Any, context: Any, kind: Phase) -> Any:
     node_config = dict(context.node_config)
     site = str(node_config.get(keys.NODE_SITE, f"partition-{node_config.get(keys.PARTITION_ID)}"))
     try:
@@ -252,7 +253,7 @@ def _handle(msg: Any, context: Any, kind: str) -> Any:
         _check_global(signed, cfg, rnd)
         session = site_session(cfg, node_config)
         site = session.site
-        if kind == "train":
+        if kind == Phase.TRAIN:
             delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             sealed = seal_delta(
@@ -297,11 +298,11 @@ def build_client_app() -> Any:
 
     @client.train()
     def train(msg: Any, context: Any) -> Any:
-        return _handle(msg, context, "train")
+        return _handle(msg, context, Phase.TRAIN)
 
     @client.evaluate()
     def evaluate_(msg: Any, context: Any) -> Any:
-        return _handle(msg, context, "evaluate")
+        return _handle(msg, context, Phase.EVALUATE)
 
     return client
 

@@ -27,23 +27,7 @@ from google.protobuf.message import DecodeError
 
 from fedpeft.common import crypto
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
-from fedpeft.common.errors import (
-    BAD_SIGNATURE,
-    DTYPE,
-    FINGERPRINT,
-    MALFORMED,
-    METHOD,
-    NAMES,
-    SCHEMA,
-    SHAPE,
-    TAMPERED,
-    TOO_LARGE,
-    UNKNOWN_SITE,
-    WRONG_ROUND,
-    WRONG_RUN,
-    DeltaRejected,
-    FedpeftError,
-)
+from fedpeft.common.errors import DeltaRejected, FedpeftError, Reason
 from fedpeft.common.state import State
 from fedpeft.common.wire import CODECS, decode, encode
 
@@ -152,42 +136,48 @@ def open_delta(
 ) -> OpenedDelta:
     """Open one upload; any fault raises :class:`DeltaRejected` (see the module docstring)."""
     if len(data) > expected.max_bytes:
-        raise DeltaRejected(TOO_LARGE, f"{len(data):,} bytes, limit {expected.max_bytes:,}")
+        raise DeltaRejected(Reason.TOO_LARGE, f"{len(data):,} bytes, limit {expected.max_bytes:,}")
     sealed, header = pb.SealedDelta(), pb.DeltaHeader()
     try:
         sealed.ParseFromString(data)
         header.ParseFromString(sealed.header)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise DeltaRejected(MALFORMED, f"not a sealed delta ({exc.__class__.__name__})") from None
+        raise DeltaRejected(
+            Reason.MALFORMED, f"not a sealed delta ({exc.__class__.__name__})"
+        ) from None
     if header.schema_version != SCHEMA_VERSION:
-        raise DeltaRejected(SCHEMA, f"schema version {header.schema_version}")
+        raise DeltaRejected(Reason.SCHEMA, f"schema version {header.schema_version}")
     site = sites.get(header.site_id)
     if site is None:
-        raise DeltaRejected(UNKNOWN_SITE, f"site {header.site_id[:64]!r} is not registered")
+        raise DeltaRejected(Reason.UNKNOWN_SITE, f"site {header.site_id[:64]!r} is not registered")
     if header.run_token != expected.run_token:
-        raise DeltaRejected(WRONG_RUN, f"sealed for run {header.run_token[:64]!r}")
+        raise DeltaRejected(Reason.WRONG_RUN, f"sealed for run {header.run_token[:64]!r}")
     if header.round != expected.round:
-        raise DeltaRejected(WRONG_ROUND, f"sealed for round {header.round}")
+        raise DeltaRejected(Reason.WRONG_ROUND, f"sealed for round {header.round}")
     if header.model_fingerprint != expected.fingerprint:
-        raise DeltaRejected(FINGERPRINT, f"base model {header.model_fingerprint[:80]!r}")
+        raise DeltaRejected(Reason.FINGERPRINT, f"base model {header.model_fingerprint[:80]!r}")
     if header.method != expected.method:
-        raise DeltaRejected(METHOD, f"method {header.method[:32]!r}, run uses {expected.method}")
+        raise DeltaRejected(
+            Reason.METHOD, f"method {header.method[:32]!r}, run uses {expected.method}"
+        )
     codec = _CODEC_NAMES.get(header.codec)
     if codec != expected.codec:
-        raise DeltaRejected(DTYPE, f"codec {codec or header.codec}, run uses {expected.codec}")
+        raise DeltaRejected(
+            Reason.DTYPE, f"codec {codec or header.codec}, run uses {expected.codec}"
+        )
     names = [t.name for t in header.tensors]
     if names != list(expected.shapes):
         missing = sorted(set(expected.shapes) - set(names))
         extra = sorted(set(names) - set(expected.shapes))
         raise DeltaRejected(
-            NAMES,
+            Reason.NAMES,
             f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected "
             f"(e.g. {extra[:1]}) or out of order",
         )
     for spec in header.tensors:
         if tuple(spec.shape) != tuple(expected.shapes[spec.name]):
             raise DeltaRejected(
-                SHAPE, f"{spec.name}: {tuple(spec.shape)} != {expected.shapes[spec.name]}"
+                Reason.SHAPE, f"{spec.name}: {tuple(spec.shape)} != {expected.shapes[spec.name]}"
             )
     payload = crypto.unseal(
         run_key,
@@ -198,7 +188,7 @@ def open_delta(
         _context(header.run_token, header.round, header.site_id),
     )
     if payload is None:
-        raise DeltaRejected(TAMPERED, "decryption failed: header or ciphertext altered")
+        raise DeltaRejected(Reason.TAMPERED, "decryption failed: header or ciphertext altered")
     if not crypto.verify(
         site,
         sealed.signature,
@@ -208,7 +198,7 @@ def open_delta(
         sealed.nonce,
         sealed.ciphertext,
     ):
-        raise DeltaRejected(BAD_SIGNATURE, f"not signed by site {header.site_id!r}'s key")
+        raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {header.site_id!r}'s key")
     state = decode(payload, expected.shapes, codec)
     return OpenedDelta(header.site_id, header.num_examples, state)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class FedpeftError(Exception):
     """Base class of every error fedpeft raises deliberately."""
@@ -35,31 +37,38 @@ class KeyFileError(FedpeftError):
     """A key file that is missing, unreadable, of the wrong type or readable by others."""
 
 
-# Reason codes of DeltaRejected: short and stable, recorded in the store per site and round.
-NAMES = "names"
-SHAPE = "shape"
-DTYPE = "dtype"
-NON_FINITE = "non-finite"
-NORM = "norm"
-EXAMPLES = "examples"
-SITE_ERROR = "site-error"
-NO_REPLY = "no-reply"
-MALFORMED = "malformed"
-TOO_LARGE = "too-large"
-UNKNOWN_SITE = "unknown-site"
-BAD_SIGNATURE = "bad-signature"
-WRONG_RUN = "wrong-run"
-WRONG_ROUND = "wrong-round"
-TAMPERED = "tampered"
-FINGERPRINT = "fingerprint"
-METHOD = "method"
-SCHEMA = "schema"
+class Reason(StrEnum):
+    """Why a site's reply was refused: short and stable, recorded in the store per site and round
+    (as the leading ``code:`` of the reason text)."""
+
+    # The envelope (common/envelope.py and its codecs, common/wire.py), in the order open_delta
+    # checks.
+    TOO_LARGE = "too-large"
+    MALFORMED = "malformed"  # also a reply whose records are missing or of the wrong type
+    SCHEMA = "schema"
+    UNKNOWN_SITE = "unknown-site"
+    WRONG_RUN = "wrong-run"
+    WRONG_ROUND = "wrong-round"
+    FINGERPRINT = "fingerprint"
+    METHOD = "method"
+    DTYPE = "dtype"  # the codec, which fixes every tensor's wire dtype
+    NAMES = "names"
+    SHAPE = "shape"
+    TAMPERED = "tampered"
+    BAD_SIGNATURE = "bad-signature"  # also a delta sent under another site's name
+    # The opened update (server/validation.py).
+    NON_FINITE = "non-finite"
+    EXAMPLES = "examples"
+    NORM = "norm"
+    # The reply around it (server/replies.py).
+    SITE_ERROR = "site-error"
+    NO_REPLY = "no-reply"
 
 
 class DeltaRejected(FedpeftError):
     """A site's update was refused for one round. ``reason`` is a short stable code."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: Reason, detail: str = ""):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)

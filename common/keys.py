@@ -5,7 +5,17 @@ Keys live here, once, so that the two sides can never disagree on a spelling.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Final
+
+
+class Phase(StrEnum):
+    """What a message asks a site to do: its Flower message type (``flwr.app.MessageType``),
+    on which the ClientApp routes; also the phase of a site result in the store."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
 
 # Record names inside a Flower Message's RecordDict.
 GLOBAL: Final = "global"  # blob: the signed global state (server -> site)

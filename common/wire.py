@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedpeft.common.errors import MALFORMED, DeltaRejected
+from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.state import State
 
 CODECS = ("fp32", "fp16", "int8")
@@ -64,7 +64,9 @@ def decode(payload: bytes, shapes: Mapping[str, tuple[int, ...]], codec: str) ->
     """Inverse of :func:`encode` given the names and shapes; float32 out (for fp32, read-only
     views into ``payload``, no copy). A payload of the wrong length is ``malformed``."""
     if len(payload) != sum(encoded_size(s, codec) for s in shapes.values()):
-        raise DeltaRejected(MALFORMED, f"payload of {len(payload)} bytes does not fit the specs")
+        raise DeltaRejected(
+            Reason.MALFORMED, f"payload of {len(payload)} bytes does not fit the specs"
+        )
     out: State = {}
     offset = 0
     for name, shape in shapes.items():

@@ -21,7 +21,8 @@ import numpy as np
 from fedpeft.common import crypto, keys
 from fedpeft.common.config import RunConfig
 from fedpeft.common.envelope import Expected, open_delta, sign_global
-from fedpeft.common.errors import BAD_SIGNATURE, DeltaRejected, FedpeftError
+from fedpeft.common.errors import DeltaRejected, FedpeftError, Reason
+from fedpeft.common.keys import Phase
 from fedpeft.common.metrics import pooled_auc
 from fedpeft.common.records import blob_record, from_blob_record, message_nbytes
 from fedpeft.common.state import State
@@ -29,7 +30,7 @@ from fedpeft.common.trust import CoordinatorTrust
 from fedpeft.server import validation
 from fedpeft.server.aggregation import apply_delta, fedavg
 from fedpeft.server.checkpoints import seal_state
-from fedpeft.server.store.base import RoundResult, RunStore, SiteResult, utcnow
+from fedpeft.server.store.base import ReplyStatus, RoundResult, RunStore, SiteResult, utcnow
 
 log = logging.getLogger("fedpeft.server")
 
@@ -45,7 +46,7 @@ class Reply:
 
     node_id: int
     site: str
-    status: str = "ok"  # ok | rejected | failed
+    status: ReplyStatus = ReplyStatus.OK
     reason: str | None = None
     delta: State | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -112,8 +113,8 @@ class FederatedRun:
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
             sampled = self._sample(nodes)
             self.progress(f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)")
-            replies = self._send(grid, "train", sampled, rnd)
-            valid = [r for r in replies if r.status == "ok"]
+            replies = self._send(grid, Phase.TRAIN, sampled, rnd)
+            valid = [r for r in replies if r.status == ReplyStatus.OK]
             applied = len(valid) >= fed.min_sites
             if applied:
                 ordered = sorted(valid, key=lambda r: r.site)
@@ -126,16 +127,16 @@ class FederatedRun:
                 )
             # A site that did not answer the train message in time is not waited for again in
             # this round: it is most likely gone (its failure is recorded with the train reply).
-            silent = {
-                r.node_id for r in replies if (r.reason or "").startswith(validation.NO_REPLY)
-            }
-            evaluations = self._send(grid, "evaluate", [n for n in nodes if n not in silent], rnd)
+            silent = {r.node_id for r in replies if (r.reason or "").startswith(Reason.NO_REPLY)}
+            evaluations = self._send(
+                grid, Phase.EVALUATE, [n for n in nodes if n not in silent], rnd
+            )
             result = self._round_result(rnd, started, t0, replies, evaluations, applied)
             self.store.add_round(
                 self.run_id,
                 result,
-                self._site_rows(rnd, replies, "train")
-                + self._site_rows(rnd, evaluations, "evaluate"),
+                self._site_rows(rnd, replies, Phase.TRAIN)
+                + self._site_rows(rnd, evaluations, Phase.EVALUATE),
                 seal_state(self.store_key, self.run_id, rnd, self.state),
             )
             self._report(result, replies, evaluations)
@@ -173,7 +174,7 @@ class FederatedRun:
             return list(nodes)
         return sorted(int(n) for n in self.rng.choice(nodes, size=k, replace=False))
 
-    def _send(self, grid: object, kind: str, nodes: list[int], rnd: int) -> list[Reply]:
+    def _send(self, grid: object, kind: Phase, nodes: list[int], rnd: int) -> list[Reply]:
         from flwr.app import ConfigRecord, Message, RecordDict
 
         config = ConfigRecord(
@@ -216,8 +217,8 @@ class FederatedRun:
                 replies[node] = Reply(
                     node,
                     self._name(node),
-                    "failed",
-                    f"{validation.NO_REPLY}: no reply to the {kind} message (the site may be "
+                    ReplyStatus.FAILED,
+                    f"{Reason.NO_REPLY}: no reply to the {kind} message (the site may be "
                     f"down; the round waits at most {self.cfg.federation.round_timeout_s:.0f} s)",
                 )
         return [replies[n] for n in nodes]
@@ -238,11 +239,13 @@ class FederatedRun:
             codec=fed.codec,
         )
 
-    def _decode(self, msg: object, kind: str, rnd: int, opened_sites: set[str]) -> Reply:
+    def _decode(self, msg: object, kind: Phase, rnd: int, opened_sites: set[str]) -> Reply:
         node = int(msg.metadata.src_node_id)  # type: ignore[attr-defined]
         if msg.has_error():  # type: ignore[attr-defined]
             err = msg.error  # type: ignore[attr-defined]
-            return Reply(node, self._name(node), "failed", f"{validation.SITE_ERROR}: {err.reason}")
+            return Reply(
+                node, self._name(node), ReplyStatus.FAILED, f"{Reason.SITE_ERROR}: {err.reason}"
+            )
         content = msg.content  # type: ignore[attr-defined]
         try:
             info = content[keys.CONFIG]
@@ -250,25 +253,30 @@ class FederatedRun:
             self.site_names[node] = site
             if info[keys.STATUS] != "ok":
                 return Reply(
-                    node, site, "failed", f"{validation.SITE_ERROR}: {info.get(keys.ERROR, '')}"
+                    node,
+                    site,
+                    ReplyStatus.FAILED,
+                    f"{Reason.SITE_ERROR}: {info.get(keys.ERROR, '')}",
                 )
             metrics = {k: float(v) for k, v in content[keys.METRICS].items()}
         except (KeyError, TypeError, ValueError) as exc:
-            return Reply(node, self._name(node), "rejected", f"{validation.MALFORMED}: {exc!r}")
+            return Reply(
+                node, self._name(node), ReplyStatus.REJECTED, f"{Reason.MALFORMED}: {exc!r}"
+            )
         reply = Reply(node, site, metrics=metrics)
-        if kind == "evaluate":
+        if kind == Phase.EVALUATE:
             try:
                 hist = content[keys.HISTOGRAM]
                 reply.histogram = (list(hist[keys.HIST_POS]), list(hist[keys.HIST_NEG]))
             except KeyError as exc:
-                reply.status, reply.reason = "rejected", f"{validation.MALFORMED}: {exc!r}"
+                reply.status, reply.reason = ReplyStatus.REJECTED, f"{Reason.MALFORMED}: {exc!r}"
             return reply
         try:
             sealed = from_blob_record(content[keys.SEALED])
             opened = open_delta(sealed, self._expected(rnd), self.run_key, self.trust.sites)
             if opened.site_id != site or site in opened_sites:
                 raise DeltaRejected(
-                    BAD_SIGNATURE,
+                    Reason.BAD_SIGNATURE,
                     f"a delta signed by site {opened.site_id!r} sent as site {site!r}"
                     + (" a second time this round" if site in opened_sites else ""),
                 )
@@ -278,9 +286,9 @@ class FederatedRun:
             reply.delta = opened.delta
             reply.metrics[keys.N_TRAIN] = float(opened.num_examples)  # the signed count
         except DeltaRejected as exc:
-            reply.status, reply.reason = "rejected", str(exc)
+            reply.status, reply.reason = ReplyStatus.REJECTED, str(exc)
         except (KeyError, TypeError, ValueError) as exc:
-            reply.status, reply.reason = "rejected", f"{validation.MALFORMED}: {exc!r}"
+            reply.status, reply.reason = ReplyStatus.REJECTED, f"{Reason.MALFORMED}: {exc!r}"
         return reply
 
     # -- recording -------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ class FederatedRun:
         evaluations: list[Reply],
         applied: bool,
     ) -> RoundResult:
-        ok = [e for e in evaluations if e.status == "ok"]
+        ok = [e for e in evaluations if e.status == ReplyStatus.OK]
         histograms = [e.histogram for e in ok if e.histogram is not None]
         return RoundResult(
             round=rnd,
@@ -311,16 +319,16 @@ class FederatedRun:
                 (e.metrics.get(keys.VAL_LOSS, float("nan")) for e in ok),
                 (e.metrics.get(keys.N_VAL, 0.0) for e in ok),
             ),
-            accepted=sum(r.status == "ok" for r in replies),
-            rejected=sum(r.status != "ok" for r in replies),
+            accepted=sum(r.status == ReplyStatus.OK for r in replies),
+            rejected=sum(r.status != ReplyStatus.OK for r in replies),
             applied=applied,
         )
 
-    def _site_rows(self, rnd: int, replies: list[Reply], phase: str) -> list[SiteResult]:
+    def _site_rows(self, rnd: int, replies: list[Reply], phase: Phase) -> list[SiteResult]:
         rows = []
         for r in replies:
             m = r.metrics
-            n_key = keys.N_TRAIN if phase == "train" else keys.N_TEST
+            n_key = keys.N_TRAIN if phase == Phase.TRAIN else keys.N_TEST
             rows.append(
                 SiteResult(
                     round=rnd,
@@ -349,7 +357,7 @@ class FederatedRun:
         sites = ", ".join(
             f"{e.site} {fmt(e.metrics.get(keys.AUC))} (n={int(e.metrics.get(keys.N_TEST, 0))})"
             for e in sorted(evaluations, key=lambda e: e.site)
-            if e.status == "ok"
+            if e.status == ReplyStatus.OK
         )
         self.progress(
             f"round {result.round}: pooled AUC {fmt(result.pooled_auc)}, macro AUC "
@@ -357,5 +365,5 @@ class FederatedRun:
             f"rejected, {result.seconds:.1f} s | {sites}"
         )
         for r in replies + evaluations:
-            if r.status != "ok":
+            if r.status != ReplyStatus.OK:
                 self.progress(f"round {result.round}: {r.site} {r.status}: {r.reason}")

@@ -8,18 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft.common.errors import (  # noqa: F401  (reason codes, used through this module)
-    DTYPE,
-    EXAMPLES,
-    MALFORMED,
-    NAMES,
-    NO_REPLY,
-    NON_FINITE,
-    NORM,
-    SHAPE,
-    SITE_ERROR,
-    DeltaRejected,
-)
+from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.state import State
 
 
@@ -35,23 +24,23 @@ def validate_delta(
     extra = sorted(set(delta) - set(reference))
     if missing or extra:
         raise DeltaRejected(
-            NAMES,
+            Reason.NAMES,
             f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected "
             f"(e.g. {extra[:1]})",
         )
     for name, ref in reference.items():
         value = delta[name]
         if value.shape != ref.shape:
-            raise DeltaRejected(SHAPE, f"{name}: {value.shape} != {ref.shape}")
+            raise DeltaRejected(Reason.SHAPE, f"{name}: {value.shape} != {ref.shape}")
         if value.dtype != np.float32:
-            raise DeltaRejected(DTYPE, f"{name}: {value.dtype}, expected float32")
+            raise DeltaRejected(Reason.DTYPE, f"{name}: {value.dtype}, expected float32")
         if not np.isfinite(value).all():
-            raise DeltaRejected(NON_FINITE, f"{name} holds NaN or Inf")
+            raise DeltaRejected(Reason.NON_FINITE, f"{name} holds NaN or Inf")
     if not (n_examples >= 1 and float(n_examples).is_integer()):
-        raise DeltaRejected(EXAMPLES, f"example count {n_examples!r}")
+        raise DeltaRejected(Reason.EXAMPLES, f"example count {n_examples!r}")
     if max_norm is not None:
         norm = float(
             np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
         )
         if norm > max_norm:
-            raise DeltaRejected(NORM, f"update norm {norm:.3g} above bound {max_norm:.3g}")
+            raise DeltaRejected(Reason.NORM, f"update norm {norm:.3g} above bound {max_norm:.3g}")

@@ -2,6 +2,7 @@
 
 from fedpeft.server.store.base import (
     BaselineResult,
+    ReplyStatus,
     RoundResult,
     RunInfo,
     RunStore,
@@ -11,6 +12,7 @@ from fedpeft.server.store.sql import SqlRunStore, open_store
 
 __all__ = [
     "BaselineResult",
+    "ReplyStatus",
     "RoundResult",
     "RunInfo",
     "RunStore",

@@ -13,6 +13,9 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
+
+from fedpeft.common.keys import Phase
 
 
 def utcnow() -> datetime:
@@ -54,12 +57,20 @@ class RoundResult:
     val_loss: float | None = None
 
 
+class ReplyStatus(StrEnum):
+    """What became of one site's reply in one phase of a round."""
+
+    OK = "ok"  # used: its update aggregated, or its evaluation pooled
+    REJECTED = "rejected"  # refused by the coordinator's checks (reason says which)
+    FAILED = "failed"  # the site reported an error, or did not answer in time
+
+
 @dataclass(frozen=True)
 class SiteResult:
     round: int
     site: str
-    phase: str  # "train" | "evaluate"
-    status: str  # "ok" | "rejected" | "failed"
+    phase: Phase
+    status: ReplyStatus
     reason: str | None = None
     n: int | None = None
     loss: float | None = None

@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from fedpeft.common.errors import StoreError
+from fedpeft.common.keys import Phase
 from fedpeft.server.store.base import (
     BaselineResult,
+    ReplyStatus,
     RoundResult,
     RunInfo,
     RunStore,
@@ -177,6 +179,8 @@ class SqlRunStore(RunStore):
                 for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
                     values[key] = _finite(values[key])
                 values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
+                # The enums' plain values: every database driver takes a str.
+                values["phase"], values["status"] = str(site.phase), str(site.status)
                 s.add(SiteResultRow(run_id=run_id, **values))
             if state is not None:
                 s.add(
@@ -233,7 +237,16 @@ class SqlRunStore(RunStore):
                 .where(SiteResultRow.run_id == run_id)
                 .order_by(SiteResultRow.round, SiteResultRow.phase, SiteResultRow.site)
             )
-            return [_to(SiteResult, r, extra=dict(r.extra or {})) for r in rows]
+            return [
+                _to(
+                    SiteResult,
+                    r,
+                    phase=Phase(r.phase),
+                    status=ReplyStatus(r.status),
+                    extra=dict(r.extra or {}),
+                )
+                for r in rows
+            ]
 
     def baselines(self, run_id: int) -> list[BaselineResult]:
         with self._transaction() as s:
