@@ -282,7 +282,7 @@ class FederatedRun:
                 )
             opened_sites.add(site)
             max_norm = self.cfg.federation.max_update_norm or None
-            validation.validate_delta(opened.delta, self.state, opened.num_examples, max_norm)
+            validation.validate_delta(opened.delta, opened.num_examples, max_norm)
             reply.delta = opened.delta
             reply.metrics[keys.N_TRAIN] = float(opened.num_examples)  # the signed count
         except DeltaRejected as exc:

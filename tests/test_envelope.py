@@ -314,6 +314,19 @@ def test_header_bytes_match_the_wire_format_v1(world: World) -> None:
     )
 
 
+def test_an_opened_delta_has_exactly_the_expected_layout(world: World) -> None:
+    """server/validation.py relies on this: it no longer checks names, shapes or dtype."""
+    items = list(world.state.items())
+    assert _reason(world, world.seal(delta=dict(items[1:]))) == "names"  # one missing
+    assert _reason(world, world.seal(delta=dict(reversed(items)))) == "names"  # out of order
+    for codec in CODECS:
+        opened = world.open(world.seal(codec=codec), replace(world.expected, codec=codec))
+        delta = opened.delta  # type: ignore[attr-defined]
+        assert list(delta) == list(world.expected.shapes)
+        for name, shape in world.expected.shapes.items():
+            assert delta[name].shape == tuple(shape) and delta[name].dtype == np.float32
+
+
 # -- random and mutated envelopes ------------------------------------------------------------------
 
 
