@@ -390,8 +390,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fedpeft.common.export import export_state
     from fedpeft.common.tensors import to_torch
     from fedpeft.server.checkpoints import open_state, resolve_store_key
+    from fedpeft.server.rounds import select_round
     from fedpeft.server.store import open_store
-    from fedpeft.server.strategy import select_round
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise FedpeftError(f"{args.out}: exists and is not an empty folder; choose a new --out")

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpeft.server.rounds import select_round
 from fedpeft.server.store import RunStore
-from fedpeft.server.strategy import select_round
 
 
 @dataclass(frozen=True)

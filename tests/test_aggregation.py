@@ -9,8 +9,8 @@ import pytest
 
 from fedpeft.common.errors import DeltaRejected
 from fedpeft.server.aggregation import apply_delta, fedavg
+from fedpeft.server.rounds import select_round
 from fedpeft.server.store import RoundResult
-from fedpeft.server.strategy import select_round
 from fedpeft.server.validation import validate_delta
 
 
@@ -74,8 +74,9 @@ def test_validation_example_count_and_norm() -> None:
 
 
 def test_the_pure_parts_import_no_torch() -> None:
-    """Aggregation, validation and the envelope are functions of arrays: importing them (in a
-    fresh interpreter, so nothing is loaded yet) must not load torch."""
+    """Aggregation, validation, reading replies, round rows and the envelope are functions of
+    arrays and records: importing them (in a fresh interpreter, so nothing is loaded yet) must
+    not load torch."""
     code = (
         "import importlib, sys\n"
         "for name in sys.argv[1:]:\n"
@@ -83,6 +84,12 @@ def test_the_pure_parts_import_no_torch() -> None:
         "    if 'torch' in sys.modules:\n"
         "        sys.exit(f'importing {name} loads torch')\n"
     )
-    pure = ("fedpeft.server.aggregation", "fedpeft.server.validation", "fedpeft.common.envelope")
+    pure = (
+        "fedpeft.server.aggregation",
+        "fedpeft.server.validation",
+        "fedpeft.server.replies",
+        "fedpeft.server.rounds",
+        "fedpeft.common.envelope",
+    )
     done = subprocess.run([sys.executable, "-c", code, *pure], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

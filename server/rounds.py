@@ -1,0 +1,127 @@
+"""Rounds as data: what the store records for a round and for each site in it, the lines the
+operator reads, and which round's global state a run delivers.
+
+Pure functions of the replies the round loop (server/strategy.py) read; no Flower, no store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedpeft.common import keys
+from fedpeft.common.keys import Phase
+from fedpeft.common.metrics import pooled_auc
+from fedpeft.server.store.base import ReplyStatus, RoundResult, SiteResult
+
+if TYPE_CHECKING:
+    from fedpeft.server.replies import Reply
+
+#: Reply metrics kept in a site result's ``extra`` column.
+EXTRA_METRICS = (keys.STEPS, keys.EPOCHS_RUN, keys.VAL_LOSS, keys.N_VAL, "seconds-per-step")
+
+
+def _finite_mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float | None:
+    v = np.asarray(list(values), dtype=np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(list(weights), dtype=np.float64)
+    ok = np.isfinite(v)
+    return float(np.average(v[ok], weights=w[ok])) if ok.any() and w[ok].sum() > 0 else None
+
+
+def select_round(rounds: list[RoundResult]) -> int | None:
+    """The round whose global state the run delivers: the lowest validation loss across sites
+    (the federated form of the early stopping that local training does); the last round when
+    no round has one. Ties go to the earlier round."""
+    scored = [r for r in rounds if r.val_loss is not None and np.isfinite(r.val_loss)]
+    if scored:
+        return min(scored, key=lambda r: (r.val_loss, r.round)).round
+    return rounds[-1].round if rounds else None
+
+
+def round_result(
+    rnd: int,
+    started: datetime,
+    finished: datetime,
+    seconds: float,
+    train: list[Reply],
+    evaluations: list[Reply],
+    applied: bool,
+) -> RoundResult:
+    """One round's row: the pooled AUC from the sites' histograms, the macro AUC, the loss and
+    validation loss weighted by each site's rows, and how many updates were accepted."""
+    ok = [e for e in evaluations if e.status == ReplyStatus.OK]
+    histograms = [e.histogram for e in ok if e.histogram is not None]
+    return RoundResult(
+        round=rnd,
+        started_at=started,
+        finished_at=finished,
+        seconds=seconds,
+        pooled_auc=pooled_auc(histograms) if histograms else None,
+        macro_auc=_finite_mean(e.metrics.get(keys.AUC, float("nan")) for e in ok),
+        loss=_finite_mean(
+            (e.metrics.get(keys.LOSS, float("nan")) for e in ok),
+            (e.metrics.get(keys.N_TEST, 0.0) for e in ok),
+        ),
+        val_loss=_finite_mean(
+            (e.metrics.get(keys.VAL_LOSS, float("nan")) for e in ok),
+            (e.metrics.get(keys.N_VAL, 0.0) for e in ok),
+        ),
+        accepted=sum(r.status == ReplyStatus.OK for r in train),
+        rejected=sum(r.status != ReplyStatus.OK for r in train),
+        applied=applied,
+    )
+
+
+def site_rows(rnd: int, replies: list[Reply], phase: Phase) -> list[SiteResult]:
+    """One store row per reply of one phase, with its status, reason, metrics and bytes."""
+    n_key = keys.N_TRAIN if phase == Phase.TRAIN else keys.N_TEST
+    rows = []
+    for r in replies:
+        m = r.metrics
+        rows.append(
+            SiteResult(
+                round=rnd,
+                site=r.site,
+                phase=phase,
+                status=r.status,
+                reason=r.reason,
+                n=int(m[n_key]) if n_key in m else None,
+                loss=m.get(keys.LOSS),
+                auc=m.get(keys.AUC),
+                auprc=m.get(keys.AUPRC),
+                accuracy=m.get(keys.ACCURACY),
+                brier=m.get(keys.BRIER),
+                bytes_up=r.bytes_up,
+                bytes_down=r.bytes_down,
+                seconds=m.get(keys.TRAIN_SECONDS),
+                extra={k: v for k, v in m.items() if k in EXTRA_METRICS},
+            )
+        )
+    return rows
+
+
+def round_summary(result: RoundResult, train: list[Reply], evaluations: list[Reply]) -> list[str]:
+    """What the operator reads after a round: the AUCs and counts, then each reply not used."""
+
+    def fmt(x: float | None) -> str:
+        return "  n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+    sites = ", ".join(
+        f"{e.site} {fmt(e.metrics.get(keys.AUC))} (n={int(e.metrics.get(keys.N_TEST, 0))})"
+        for e in sorted(evaluations, key=lambda e: e.site)
+        if e.status == ReplyStatus.OK
+    )
+    lines = [
+        f"round {result.round}: pooled AUC {fmt(result.pooled_auc)}, macro AUC "
+        f"{fmt(result.macro_auc)}, {result.accepted} update(s) accepted, {result.rejected} "
+        f"rejected, {result.seconds:.1f} s | {sites}"
+    ]
+    lines += [
+        f"round {result.round}: {r.site} {r.status}: {r.reason}"
+        for r in train + evaluations
+        if r.status != ReplyStatus.OK
+    ]
+    return lines
