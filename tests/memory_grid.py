@@ -1,0 +1,139 @@
+"""An in-memory Flower Grid, and scripted sites to answer it, for fast tests of the round loop.
+
+The grid has what the round loop uses of Flower's ``Grid``: node ids and ``send_and_receive``.
+Each node is a function from the message it gets to its reply (None: it does not answer in
+time): the real ClientApp (:func:`client_app_site`) or a :class:`ScriptedSite` that seals a
+given delta with the real envelope. Messages and records are the real ``flwr.app`` objects; no
+SuperLink, no network, no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedpeft.common import keys
+from fedpeft.common.envelope import open_global, seal_delta
+from fedpeft.common.keys import Phase
+from fedpeft.common.metrics import HIST_BINS
+from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.state import State
+
+#: One node: its reply to a message, or None when it does not answer.
+Node = Callable[[Message], Message | None]
+
+
+class MemoryGrid:
+    """Delivers each message to its node's function, in the order given, and keeps them all."""
+
+    def __init__(self, nodes: Mapping[int, Node]):
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # Flower stamps each new message with its process's task identity, which it sets before
+        # it hands the ServerApp a Grid; set one here, as its in-process simulation does.
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        self.nodes = dict(nodes)
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            reply = self.nodes[msg.metadata.dst_node_id](msg)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    def sent_to(self, phase: Phase, rnd: int) -> list[int]:
+        """The nodes that got a ``phase`` message in round ``rnd``."""
+        return [
+            m.metadata.dst_node_id
+            for m in self.sent
+            if m.metadata.message_type == phase and m.metadata.group_id == str(rnd)
+        ]
+
+
+def client_app_site(app: Any, node_id: int, node_config: dict[str, Any]) -> Node:
+    """A node that answers with a real ClientApp, as a SuperNode with ``node_config`` would."""
+
+    def answer(msg: Message) -> Message:
+        context = Context(
+            run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={}
+        )
+        return app(msg, context)  # type: ignore[no-any-return]
+
+    return answer
+
+
+def histogram() -> dict[str, list[int]]:
+    """A valid score histogram: a few positives scored high, negatives low."""
+    pos, neg = [0] * HIST_BINS, [0] * HIST_BINS
+    pos[900], neg[100] = 3, 4
+    return {keys.HIST_POS: pos, keys.HIST_NEG: neg}
+
+
+@dataclass
+class ScriptedSite:
+    """A site that answers as the real one does, with a delta chosen by the test.
+
+    ``update(round, global_state)`` gives the delta it seals (None: it does not answer the train
+    message). It seals as ``seal_as`` (default: its own ``name``) and signs with ``key``; the
+    test may then alter the reply's records with ``tamper(phase, round, records)``.
+    """
+
+    name: str
+    key: ec.EllipticCurvePrivateKey
+    coordinator: ec.EllipticCurvePublicKey
+    update: Callable[[int, State], State | None]
+    n_train: int = 10
+    seal_as: str | None = None
+    tamper: Callable[[Phase, int, RecordDict], None] | None = None
+
+    def __call__(self, msg: Message) -> Message | None:
+        phase = Phase(msg.metadata.message_type)
+        signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), self.coordinator)
+        records = RecordDict(
+            {keys.CONFIG: ConfigRecord({keys.SITE: self.name, keys.STATUS: "ok", keys.ERROR: ""})}
+        )
+        if phase == Phase.TRAIN:
+            delta = self.update(signed.round, signed.state)
+            if delta is None:
+                return None
+            records[keys.SEALED] = blob_record(
+                seal_delta(
+                    delta,
+                    run_token=signed.run_token,
+                    round=signed.round,
+                    site_id=self.seal_as or self.name,
+                    method=signed.method,
+                    fingerprint=signed.fingerprint,
+                    num_examples=self.n_train,
+                    codec="fp32",
+                    run_public=signed.run_public,
+                    identity=self.key,
+                )
+            )
+            records[keys.METRICS] = MetricRecord({keys.N_TRAIN: self.n_train, keys.AUC: 0.5})
+        else:
+            records[keys.METRICS] = MetricRecord(
+                {keys.N_TEST: 7, keys.AUC: 0.75, keys.LOSS: 0.5, keys.VAL_LOSS: 0.6, keys.N_VAL: 3}
+            )
+            records[keys.HISTOGRAM] = MetricRecord(histogram())  # type: ignore[arg-type]
+        if self.tamper is not None:
+            self.tamper(phase, signed.round, records)
+        return Message(records, reply_to=msg)
+
+
+def constant(value: float) -> Callable[[int, State], State]:
+    """An update of ``value`` in every entry, whatever the round."""
+    return lambda _rnd, state: {k: np.full_like(v, value) for k, v in state.items()}

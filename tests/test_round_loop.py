@@ -1,0 +1,399 @@
+"""The round loop (server/strategy.py) over an in-memory Grid, branch by branch, in seconds.
+
+Sites are scripted (tests/memory_grid.py): they open the real signed global state and seal a
+delta of a tiny state with the real envelope, or answer with the real ClientApp. The store is a
+real in-memory SQLite store. Each test asserts what the store records for every site and round
+and that the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from memory_grid import MemoryGrid, Node, ScriptedSite, client_app_site, constant
+
+from fedpeft.common import crypto, keys
+from fedpeft.common.config import load_config
+from fedpeft.common.errors import FedpeftError
+from fedpeft.common.keys import Phase
+from fedpeft.common.records import blob_record
+from fedpeft.common.state import State
+from fedpeft.common.trust import CoordinatorTrust
+from fedpeft.server.checkpoints import open_state
+from fedpeft.server.store import RoundResult, RunStore, SiteResult, open_store
+from fedpeft.server.strategy import FederatedRun, sample_nodes
+
+COORDINATOR = crypto.new_identity()
+IDENTITY = {name: crypto.new_identity() for name in "ABCD"}
+TRUST = CoordinatorTrust(COORDINATOR, {name: k.public_key() for name, k in IDENTITY.items()})
+STORE_KEY = os.urandom(32)
+FINGERPRINT = "sha256:tiny-base-model"
+INITIAL: State = {
+    "a": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "b": np.ones(4, np.float32),
+}
+
+
+def site(name: str, update: Callable[[int, State], State | None], **kw: Any) -> ScriptedSite:
+    return ScriptedSite(name, IDENTITY[name], COORDINATOR.public_key(), update, **kw)
+
+
+def plus(value: float) -> State:
+    return {k: v + np.float32(value) for k, v in INITIAL.items()}
+
+
+class Harness:
+    """One run of the real round loop over a MemoryGrid, recorded in an in-memory store."""
+
+    def __init__(self, nodes: dict[int, Node], seed: int = 0, **federation: Any):
+        overrides = {f"federation.{k}": v for k, v in {"rounds": 1, **federation}.items()}
+        self.cfg = load_config(overrides={"seed": seed, "db": "sqlite://", **overrides})
+        self.store: RunStore = open_store("sqlite://")
+        self.run_id = self.store.create_run(
+            config_json=self.cfg.to_json(),
+            dataset="heart",
+            method=self.cfg.method.name,
+            model_name="tiny",
+            model_fingerprint=FINGERPRINT,
+            trainable_params=10,
+            total_params=10,
+            seed=seed,
+        )
+        self.grid = MemoryGrid(nodes)
+        self.lines: list[str] = []
+        self.loop = FederatedRun(
+            self.cfg,
+            self.store,
+            self.run_id,
+            dict(INITIAL),
+            FINGERPRINT,
+            TRUST,
+            STORE_KEY,
+            self.lines.append,
+        )
+
+    def start(self) -> int | None:
+        return self.loop.start(self.grid)
+
+    def rounds(self) -> list[RoundResult]:
+        return self.store.rounds(self.run_id)
+
+    def rows(self, rnd: int, phase: Phase) -> list[SiteResult]:
+        found = [r for r in self.store.site_results(self.run_id) if r.round == rnd]
+        return sorted((r for r in found if r.phase == phase), key=lambda r: (r.site, r.status))
+
+    def state(self, rnd: int) -> State:
+        _, blob = self.store.global_state(self.run_id, rnd)
+        return open_state(STORE_KEY, self.run_id, rnd, blob)
+
+
+@pytest.fixture
+def harness() -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(nodes: dict[int, Node], **kw: Any) -> Harness:
+        made.append(Harness(nodes, **kw))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.store.close()
+
+
+def assert_state(got: State, want: State) -> None:
+    assert sorted(got) == sorted(want)  # the stored form (safetensors) keeps its own order
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6)
+
+
+def test_good_sites_are_averaged_applied_and_recorded(harness: Callable[..., Harness]) -> None:
+    h = harness({1: site("A", constant(1.0)), 2: site("B", constant(3.0), n_train=30)})
+    assert h.start() == 1
+    [result] = h.rounds()
+    assert result.applied and (result.accepted, result.rejected) == (2, 0)
+    assert result.pooled_auc == 1.0 and result.macro_auc == 0.75
+    assert_state(h.state(1), plus(2.5))  # weighted by the signed example counts: 10 and 30
+    train = h.rows(1, Phase.TRAIN)
+    assert [(r.site, r.status, r.reason, r.n) for r in train] == [
+        ("A", "ok", None, 10),
+        ("B", "ok", None, 30),
+    ]
+    assert all(r.bytes_up > 0 and r.bytes_down > 0 for r in train)
+    assert [(r.site, r.status, r.n) for r in h.rows(1, Phase.EVALUATE)] == [
+        ("A", "ok", 7),
+        ("B", "ok", 7),
+    ]
+
+
+def test_a_second_delta_from_one_site_in_a_round_is_refused(
+    harness: Callable[..., Harness],
+) -> None:
+    # Nodes 1 and 3 both hold site A's key (a replay, or a copied SuperNode).
+    h = harness(
+        {
+            1: site("A", constant(1.0)),
+            2: site("B", constant(3.0), n_train=30),
+            3: site("A", constant(50.0)),
+        },
+        rounds=2,
+    )
+    h.start()
+    for rnd in (1, 2):
+        [first, second, b] = h.rows(rnd, Phase.TRAIN)
+        assert (first.site, first.status, first.reason) == ("A", "ok", None)
+        assert (second.site, second.status) == ("A", "rejected")
+        assert second.reason == (
+            "bad-signature: a delta signed by site 'A' sent as site 'A' a second time this round"
+        )
+        assert (b.site, b.status) == ("B", "ok")
+        assert h.rounds()[rnd - 1].accepted == 2 and h.rounds()[rnd - 1].rejected == 1
+    assert_state(h.state(1), plus(2.5))  # the second A counted nowhere
+    assert_state(h.state(2), plus(5.0))
+
+
+@pytest.mark.parametrize(
+    ("seal_as", "signer", "reason"),
+    [
+        # Site A's own envelope, sent under B's name.
+        ("A", "A", "bad-signature: a delta signed by site 'A' sent as site 'B'"),
+        # An envelope that names B, signed with A's key.
+        ("B", "A", "bad-signature: not signed by site 'B''s key"),
+    ],
+)
+def test_a_site_claiming_another_sites_name_is_refused(
+    harness: Callable[..., Harness], seal_as: str, signer: str, reason: str
+) -> None:
+    impostor = ScriptedSite(
+        "B", IDENTITY[signer], COORDINATOR.public_key(), constant(9.0), seal_as=seal_as
+    )
+    h = harness({1: site("A", constant(1.0)), 2: impostor}, rounds=2)
+    assert h.start() is not None
+    for rnd in (1, 2):
+        assert [(r.site, r.status, r.reason) for r in h.rows(rnd, Phase.TRAIN)] == [
+            ("A", "ok", None),
+            ("B", "rejected", reason),
+        ]
+        assert h.rounds()[rnd - 1].applied
+    assert_state(h.state(2), plus(2.0))  # A's update, twice; never B's
+
+
+def _sampled(seed: int) -> tuple[list[list[int]], Harness]:
+    nodes: dict[int, Node] = {i: site(n, constant(0.1)) for i, n in enumerate("ABCD", start=1)}
+    h = Harness(nodes, seed=seed, rounds=4, sites_per_round=2)
+    h.start()
+    h.store.close()
+    return [h.grid.sent_to(Phase.TRAIN, r) for r in range(1, 5)], h
+
+
+def test_sites_per_round_samples_that_many_sites_by_seed() -> None:
+    sampled, h = _sampled(seed=3)
+    rng = np.random.default_rng(3)  # the run's seed; one draw a round
+    assert sampled == [sample_nodes([1, 2, 3, 4], 2, rng) for _ in range(4)]
+    assert len({tuple(s) for s in sampled}) > 1  # not the same two sites every round
+    for rnd, chosen in enumerate(sampled, start=1):
+        assert len(chosen) == 2
+        assert sorted(h.grid.sent_to(Phase.EVALUATE, rnd)) == [1, 2, 3, 4]  # all evaluate
+    assert _sampled(seed=3)[0] == sampled  # the same seed, the same sites
+    assert _sampled(seed=4)[0] != sampled
+
+
+def test_sites_per_round_rows_name_only_the_sampled_sites(
+    harness: Callable[..., Harness],
+) -> None:
+    names = dict(enumerate("ABCD", start=1))
+    h = harness({i: site(n, constant(0.1)) for i, n in names.items()}, rounds=3, sites_per_round=3)
+    h.start()
+    for rnd in (1, 2, 3):
+        sampled = sorted(names[n] for n in h.grid.sent_to(Phase.TRAIN, rnd))
+        assert [r.site for r in h.rows(rnd, Phase.TRAIN)] == sampled and len(sampled) == 3
+        assert [r.site for r in h.rows(rnd, Phase.EVALUATE)] == list("ABCD")
+
+
+def test_a_round_below_min_sites_keeps_the_state_and_the_run_goes_on(
+    harness: Callable[..., Harness],
+) -> None:
+    def nan_in_round_1(rnd: int, state: State) -> State:
+        return {k: np.full_like(v, np.nan if rnd == 1 else 3.0) for k, v in state.items()}
+
+    def silent_in_round_1(rnd: int, state: State) -> State | None:
+        return None if rnd == 1 else constant(2.0)(rnd, state)
+
+    h = harness(
+        {
+            1: site("A", constant(1.0)),
+            2: site("B", nan_in_round_1),
+            3: site("C", silent_in_round_1),
+        },
+        rounds=2,
+        min_sites=2,
+    )
+    assert h.start() == 1  # equal validation losses: the earlier round, as select_round says
+    first, second = h.rounds()
+    assert not first.applied and (first.accepted, first.rejected) == (1, 2)
+    assert second.applied and (second.accepted, second.rejected) == (3, 0)
+    assert_state(h.state(1), INITIAL)  # round 1 is recorded, its state unchanged
+    assert_state(h.state(2), plus(2.0))
+    a, b, c = h.rows(1, Phase.TRAIN)
+    assert (a.status, b.status, c.status) == ("ok", "rejected", "failed")
+    assert b.reason == "non-finite: a holds NaN or Inf"
+    assert c.reason is not None and c.reason.startswith("no-reply: no reply to the train message")
+    # A site silent in training is not asked to evaluate in that round, and is back after.
+    assert h.grid.sent_to(Phase.EVALUATE, 1) == [1, 2]
+    assert [r.site for r in h.rows(1, Phase.EVALUATE)] == ["A", "B"]
+    assert [r.status for r in h.rows(2, Phase.TRAIN)] == ["ok", "ok", "ok"]
+    assert any("fewer than min_sites=2" in line for line in h.lines)
+
+
+def test_every_round_below_min_sites_fails_the_run(harness: Callable[..., Harness]) -> None:
+    h = harness(
+        {1: site("A", constant(1.0)), 2: site("B", lambda r, s: None)}, rounds=2, min_sites=2
+    )
+    with pytest.raises(FedpeftError, match="min_sites"):
+        h.start()
+    assert [(r.round, r.applied) for r in h.rounds()] == [(1, False), (2, False)]
+    assert_state(h.state(2), INITIAL)
+
+
+@pytest.mark.parametrize("bound", [0.0, 5.0])
+def test_the_norm_bound_from_config(harness: Callable[..., Harness], bound: float) -> None:
+    # A's update has norm sqrt(10) * 0.1 = 0.32; B's sqrt(10) * 10 = 31.6.
+    h = harness({1: site("A", constant(0.1)), 2: site("B", constant(10.0))}, max_update_norm=bound)
+    h.start()
+    a, b = h.rows(1, Phase.TRAIN)
+    assert a.status == "ok"
+    if bound:
+        assert (b.status, b.reason) == ("rejected", "norm: update norm 31.6 above bound 5")
+        assert_state(h.state(1), plus(0.1))
+    else:  # 0: no bound
+        assert (b.status, b.reason) == ("ok", None)
+        assert_state(h.state(1), plus(5.05))
+
+
+def _set(name: str, record: Any) -> Callable[[RecordDict], None]:
+    def change(records: RecordDict) -> None:
+        records[name] = record
+
+    return change
+
+
+def _drop(name: str) -> Callable[[RecordDict], None]:
+    def change(records: RecordDict) -> None:
+        del records[name]
+
+    return change
+
+
+MALFORMED = {
+    "no config record": (
+        Phase.TRAIN,
+        _drop(keys.CONFIG),
+        "node-2",
+        "rejected",
+        "malformed: KeyError",
+    ),
+    "no metrics": (Phase.TRAIN, _drop(keys.METRICS), "B", "rejected", "malformed: KeyError"),
+    "no sealed delta": (Phase.TRAIN, _drop(keys.SEALED), "B", "rejected", "malformed: KeyError"),
+    "sealed delta in a config record": (
+        Phase.TRAIN,
+        _set(keys.SEALED, ConfigRecord({"bytes": b"\x00"})),
+        "B",
+        "rejected",
+        "malformed: ValueError",
+    ),
+    "bytes that are no sealed delta": (
+        Phase.TRAIN,
+        _set(keys.SEALED, blob_record(b"\xff\xff not a sealed delta")),
+        "B",
+        "rejected",
+        "malformed: not a sealed delta",
+    ),
+    "a list where a number belongs": (
+        Phase.TRAIN,
+        _set(keys.METRICS, MetricRecord({keys.N_TRAIN: [1.0, 2.0]})),
+        "B",
+        "rejected",
+        "malformed: TypeError",
+    ),
+    "the site reports an error": (
+        Phase.TRAIN,
+        _set(keys.CONFIG, ConfigRecord({keys.SITE: "B", keys.STATUS: "error", keys.ERROR: "E"})),
+        "B",
+        "failed",
+        "site-error: E",
+    ),
+    "no histogram": (Phase.EVALUATE, _drop(keys.HISTOGRAM), "B", "rejected", "malformed: KeyError"),
+    "a histogram of two bins": (
+        Phase.EVALUATE,
+        _set(keys.HISTOGRAM, MetricRecord({keys.HIST_POS: [1, 2], keys.HIST_NEG: [3, 4]})),
+        "B",
+        "rejected",
+        "malformed: ValueError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_reply_is_refused_and_the_run_goes_on(
+    harness: Callable[..., Harness], case: str
+) -> None:
+    phase, change, name, status, reason = MALFORMED[case]
+
+    def tamper(p: Phase, rnd: int, records: RecordDict) -> None:
+        if p == phase and rnd == 1:
+            change(records)
+
+    bad = site("B", constant(3.0), n_train=30, tamper=tamper)
+    h = harness({1: site("A", constant(1.0)), 2: bad}, rounds=2)
+    assert h.start() is not None
+    [row] = [r for r in h.rows(1, phase) if r.site != "A"]
+    assert (row.site, row.status) == (name, status)
+    assert row.reason is not None and row.reason.startswith(reason), row.reason
+    first, second = h.rounds()
+    assert first.applied and second.applied
+    if phase == Phase.TRAIN:
+        assert (first.accepted, first.rejected) == (1, 1)
+        assert_state(h.state(1), plus(1.0))  # A's update alone
+    else:
+        assert (first.accepted, first.rejected) == (2, 0)
+    # Round 2: B answers properly again and is used.
+    assert [(r.site, r.status) for r in h.rows(2, phase)] == [("A", "ok"), ("B", "ok")]
+
+
+def test_a_flower_error_reply_is_recorded_as_failed(harness: Callable[..., Harness]) -> None:
+    def crashing(msg: Message) -> Message:
+        return Message(Error(code=0, reason="ClientApp raised"), reply_to=msg)
+
+    h = harness({1: site("A", constant(1.0)), 2: crashing})
+    assert h.start() == 1
+    for phase in Phase:
+        a, other = h.rows(1, phase)
+        assert a.status == "ok"
+        assert (other.site, other.status, other.reason) == (
+            "node-2",
+            "failed",
+            "site-error: ClientApp raised",
+        )
+
+
+def test_the_real_client_app_failing_its_checks_is_recorded(
+    harness: Callable[..., Harness],
+) -> None:
+    from fedpeft.client.app import app
+
+    # A SuperNode configured with no identity key: the real ClientApp refuses before any model.
+    h = harness({1: site("A", constant(1.0)), 2: client_app_site(app, 2, {keys.NODE_SITE: "D"})})
+    assert h.start() == 1
+    for phase in Phase:
+        a, d = h.rows(1, phase)
+        assert a.status == "ok"
+        assert (d.site, d.status, d.reason) == (
+            "D",
+            "failed",
+            "site-error: KeyFileError: failed its checks",
+        )
+    assert_state(h.state(1), plus(1.0))
