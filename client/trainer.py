@@ -35,7 +35,6 @@ class Encoded:
 class TrainResult:
     epochs_run: int
     steps: int
-    best_val_loss: float
     seconds: float
     seconds_per_step: float
 
@@ -148,7 +147,6 @@ def train_local(
     return TrainResult(
         epochs_run=epochs_run,
         steps=steps,
-        best_val_loss=best_loss,
         seconds=time.perf_counter() - started,
         seconds_per_step=train_seconds / max(steps, 1),
     )

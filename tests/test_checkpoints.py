@@ -66,10 +66,9 @@ def test_the_key_comes_from_a_file_the_environment_or_beside_a_sqlite_file(
 def test_postgres_needs_an_explicit_key_and_key_files_must_be_private(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="--store-key-file"):
         resolve_store_key("postgresql+psycopg://u:secret@db/x", create=True)
-    try:
+    with pytest.raises(KeyFileError) as info:
         resolve_store_key("postgresql+psycopg://u:secret@db/x")
-    except KeyFileError as exc:
-        assert "secret" not in str(exc)  # the password never shows in a message
+    assert "secret" not in str(info.value)  # the password never shows in a message
     path = tmp_path / "k"
     write_store_key(path)
     os.chmod(path, 0o644)

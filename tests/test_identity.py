@@ -11,7 +11,7 @@ import pytest
 from fedpeft.cli import main
 from fedpeft.common import crypto
 from fedpeft.common.envelope import Expected, open_delta, seal_delta
-from fedpeft.common.errors import DeltaRejected
+from fedpeft.common.errors import DeltaRejected, KeyFileError
 from fedpeft.common.trust import read_sites_file, site_trust
 
 
@@ -67,5 +67,5 @@ def test_enroll_register_seal_remove(
 def test_a_broken_sites_file_names_its_line(tmp_path: Path) -> None:
     path = tmp_path / "sites.txt"
     path.write_text("# register\nA ecdsa-sha2-nistp384 AAAAnotbase64\n")
-    with pytest.raises(Exception, match="line 2 \\(site 'A'\\)"):
+    with pytest.raises(KeyFileError, match="line 2 \\(site 'A'\\)"):
         read_sites_file(path)
