@@ -3,7 +3,7 @@
 It runs the real site code, and at virtual site 1 only it misbehaves the way a buggy or hostile
 site might: it seals a delta with NaN values ("nan") or a wrong shape ("shape"), or it alters
 the ciphertext of its sealed delta on the way out ("tamper"). Lives in tests/ (added to the Ray
-workers' PYTHONPATH by the test).
+workers' PYTHONPATH by the test); the hook on the delta is deploy_app's, shared with site_dump.py.
 """
 
 from __future__ import annotations
@@ -12,21 +12,21 @@ import os
 from typing import Any
 
 import numpy as np
+from deploy_app.train_hook import train_with_hook
 from flwr.clientapp import ClientApp
 
 import fedpeft.client.app as site_app
 from fedpeft.common import keys
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.state import State
 
 FAULT_ENV = "FEDPEFT_TEST_FAULT"
-REAL_HANDLE_TRAIN = site_app.handle_train
 
 app = ClientApp()
 
 
-def _corrupt_delta(*args: Any, **kwargs: Any) -> Any:
-    delta, metrics = REAL_HANDLE_TRAIN(*args, **kwargs)
+def _corrupt_delta(delta: State, metrics: dict[str, float]) -> tuple[State, dict[str, float]]:
     name = sorted(delta)[0]
     if os.environ.get(FAULT_ENV) == "nan":
         delta[name] = np.full_like(delta[name], np.nan)
@@ -53,11 +53,7 @@ def train(msg: Any, context: Any) -> Any:
         reply = site_app._handle(msg, context, "train")
         _tamper(reply)
         return reply
-    site_app.handle_train = _corrupt_delta
-    try:
-        return site_app._handle(msg, context, "train")
-    finally:
-        site_app.handle_train = REAL_HANDLE_TRAIN
+    return train_with_hook(msg, context, _corrupt_delta)
 
 
 @app.evaluate()

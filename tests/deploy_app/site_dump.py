@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from flwr.clientapp import ClientApp
+from train_hook import train_with_hook
 
 import fedpeft.client.app as site_app
-from fedpeft.common.state import state_to_bytes
+from fedpeft.common.state import State, state_to_bytes
 
-REAL_HANDLE_TRAIN = site_app.handle_train
 app = ClientApp()
 
 
@@ -21,16 +21,11 @@ app = ClientApp()
 def train(msg: Any, context: Any) -> Any:
     folder = Path(str(context.node_config["data-path"])).parent / "dump"
 
-    def handle_train(*args: Any, **kwargs: Any) -> Any:
-        delta, metrics = REAL_HANDLE_TRAIN(*args, **kwargs)
+    def keep_a_copy(delta: State, metrics: dict[str, float]) -> tuple[State, dict[str, float]]:
         (folder / f"delta-{msg.metadata.message_id}.safetensors").write_bytes(state_to_bytes(delta))
         return delta, metrics
 
-    site_app.handle_train = handle_train
-    try:
-        return site_app._handle(msg, context, "train")
-    finally:
-        site_app.handle_train = REAL_HANDLE_TRAIN
+    return train_with_hook(msg, context, keep_a_copy)
 
 
 @app.evaluate()
