@@ -3,14 +3,25 @@ FEDPEFT_TEST_POSTGRES_URL)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
 from fedpeft.common.errors import StoreError
-from fedpeft.server.store import BaselineResult, RoundResult, RunStore, SiteResult, open_store
+from fedpeft.server.store import (
+    BaselineResult,
+    RoundResult,
+    RunInfo,
+    RunStore,
+    SiteResult,
+    open_store,
+)
+from fedpeft.server.store.sql import MIGRATIONS
 
 T0 = datetime(2026, 11, 27, 12, 0, 0)
 
@@ -161,6 +172,82 @@ def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
     second = open_store(url)
     assert second.get_run(run_id).dataset == "heart"
     second.close()
+
+
+def _revision(url: str) -> str:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    engine.dispose()
+    return str(revision)
+
+
+def test_a_store_written_at_revision_0001_upgrades_to_head_with_its_rows(tmp_path: Path) -> None:
+    # tests/data/store-0001.db was written at the first revision of the schema by
+    # tests/data/make_store_0001.py; opening a copy upgrades it in place.
+    path = tmp_path / "old.db"
+    shutil.copyfile(Path(__file__).parent / "data" / "store-0001.db", path)
+    url = f"sqlite:///{path}"
+    assert _revision(url) == "0001"
+    store = open_store(url)
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    assert head != "0001" and _revision(url) == head
+    t0, t1 = datetime(2026, 11, 27, 10, 0, 0), datetime(2026, 11, 27, 10, 1, 30, 500000)
+    assert store.list_runs() == [
+        RunInfo(
+            id=1,
+            created_at=t0,
+            finished_at=t1,
+            status="finished",
+            error=None,
+            config_json='{"seed": 0, "method": {"name": "lora"}}',
+            dataset="heart",
+            method="lora",
+            model_name="sentence-transformers/all-MiniLM-L6-v2",
+            model_fingerprint="sha256:" + 64 * "0",
+            trainable_params=74498,
+            total_params=22787970,
+            seed=0,
+            wall_seconds=90.5,
+        )
+    ]
+    # val_loss came with revision 0002: unknown for a round recorded before it.
+    assert store.rounds(1) == [
+        RoundResult(1, t0, t1, 90.5, 0.81, 0.79, 0.52, 1, 1, applied=True, val_loss=None)
+    ]
+    assert store.site_results(1) == [
+        SiteResult(
+            1,
+            "Cleveland",
+            "train",
+            "ok",
+            n=180,
+            loss=0.48,
+            auc=0.83,
+            auprc=0.8,
+            accuracy=0.77,
+            brier=0.16,
+            bytes_up=299815,
+            bytes_down=300411,
+            seconds=41.0,
+            extra={"steps": 36.0},
+        ),
+        SiteResult(
+            1,
+            "Hungary",
+            "train",
+            "rejected",
+            reason="non-finite: 1 tensor(s)",
+            bytes_up=299815,
+            bytes_down=300411,
+        ),
+    ]
+    assert store.global_state(1) == (1, b"sealed global state of round 1 (opaque to the store)")
+    assert store.baselines(1) == [BaselineResult("alone", "Cleveland", 180, 61, 0.8, 12.0)]
+    # The upgraded store takes new rounds with the new column.
+    store.add_round(1, _round(2), _sites(2), b"state 2")
+    assert [r.val_loss for r in store.rounds(1)] == [None, 0.25]
+    store.close()
 
 
 def test_bad_url_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
