@@ -1,7 +1,7 @@
 """fedpeft's site train handler with a hook on the plaintext delta before it is sealed (tests only).
 
-One copy for two test apps: site_dump.py beside it (this folder is shipped to the SuperNodes as a
-Flower app, so the helper must sit inside it) and tests/faulty_site.py (imported by Ray workers
+One copy for two test apps: site_dump.py beside it (the test sites import it with this folder on
+their PYTHONPATH, tests/test_deployment.py) and tests/faulty_site.py (imported by Ray workers
 with tests/ on their path, as ``deploy_app.train_hook``).
 """
 
