@@ -170,12 +170,25 @@ def parser() -> argparse.ArgumentParser:
     )
     sst.add_argument("--config", type=Path, required=True, help="site.toml")
     sst.add_argument("--insecure", action="store_true", help="allow a start without TLS")
-    # The ClientApps this site runs (its policy will set them); for tests with a site-installed
+    # Overrides the ClientApps of the site's [policy] apps; for tests with a site-installed
     # variant of fedpeft's ClientApp.
     sst.add_argument("--allow-app", action="append", default=None, help=argparse.SUPPRESS)
     # Stock Flower's flwr-clientapp per message, for bench/worker.py only: it installs and runs
     # whatever app the coordinator ships.
     sst.add_argument("--per-message-process", action="store_true", help=argparse.SUPPRESS)
+    apr = site.add_parser(
+        "approve",
+        help="approve a run's manifest: with approved_runs_only, the site trains for no other run",
+        description="Print a run manifest (`fedpeft run manifest` writes it at the coordinator): "
+        "the method, the base model, the config hash and exactly what leaves this site each "
+        "round; ask for confirmation (unless --yes), then append it with the time of approval "
+        "to the approvals file of site.toml's [policy] table (default approved-runs.jsonl "
+        "beside it, 0600). A site whose policy sets approved_runs_only = true trains only for "
+        "runs whose config hash it has approved.",
+    )
+    apr.add_argument("manifest", type=Path, help="the run manifest (JSON)")
+    apr.add_argument("--config", type=Path, required=True, help="site.toml")
+    apr.add_argument("--yes", action="store_true", help="approve without asking")
     led = site.add_parser(
         "ledger",
         help="print or verify this site's ledger of tasks received and uploads sent",
@@ -270,6 +283,17 @@ def parser() -> argparse.ArgumentParser:
     rstart.add_argument(
         "--coordinator", type=Path, required=True, help="the coordinator's coordinator.toml"
     )
+
+    man = run.add_parser(
+        "manifest",
+        help="write a run's manifest for the sites to approve (fedpeft site approve)",
+        description="Build the run's model as the coordinator will (no coordinator needed) and "
+        "write its manifest as JSON: method, base-model fingerprint, the config hash sites will "
+        "see, and exactly what leaves each site per round (shared tensors' names and shapes, "
+        "codec, the largest sealed upload, the metrics and histogram bins of each reply).",
+    )
+    man.add_argument("run_toml", type=Path, help="run config (TOML)")
+    man.add_argument("--out", type=Path, help="write it here (default: standard output)")
 
     certs = sub.add_parser(
         "certs",
@@ -435,6 +459,8 @@ def cmd_site(args: argparse.Namespace) -> int:
         return _start_site(args)
     if args.site_command == "ledger":
         return _site_ledger(args)
+    if args.site_command == "approve":
+        return _site_approve(args)
     done = enroll(args.out, args.name)
     print(f"private key: {done.private_key} (0600; keep it at the site, never send it)")
     print(f"public key:  {done.public_key}")
@@ -507,7 +533,6 @@ def _start_coordinator(args: argparse.Namespace) -> int:
 
 def _start_site(args: argparse.Namespace) -> int:
     from fedpeft import processes
-    from fedpeft.client.worker import DEFAULT_ALLOWED_APPS
     from fedpeft.common.config import DataConfig
     from fedpeft.common.data import load_site_file
     from fedpeft.common.trust import site_trust
@@ -529,7 +554,7 @@ def _start_site(args: argparse.Namespace) -> int:
         return processes.run_foreground(cmd, env, folder)
     secret = processes.write_auth_secret(home)
     cmd = processes.supernode_command(cfg, args.insecure, auth_secret_file=secret)
-    worker = processes.worker_command(cfg, secret, args.allow_app or DEFAULT_ALLOWED_APPS)
+    worker = processes.worker_command(cfg, secret, args.allow_app or cfg.policy.apps)
     return processes.supervise_site(cmd, worker, env, folder, _say)
 
 
@@ -561,12 +586,56 @@ def _site_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_approve(args: argparse.Namespace) -> int:
+    from fedpeft.client.approvals import approve
+    from fedpeft.common.errors import ConfigError
+    from fedpeft.common.manifest import RunManifest
+    from fedpeft.settings import site_approvals_path
+
+    approvals = site_approvals_path(args.config)
+    try:
+        text = args.manifest.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{args.manifest}: cannot read the manifest ({exc.strerror})") from None
+    manifest = RunManifest.from_json(text, str(args.manifest))
+    print(f"run manifest {args.manifest}:\n")
+    print(manifest.describe())
+    print()
+    if not args.yes:
+        try:
+            answer = input(f"approve this run at this site (appends to {approvals})? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not approved")
+            return 1
+    done = approve(approvals, manifest)
+    print(f"approved run {manifest.config_sha256} at {done.approved_at} (in {approvals})")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedpeft.runs import run_and_report
     from fedpeft.settings import load_coordinator_config
 
+    if args.run_command == "manifest":
+        return _run_manifest(args)
+
     coordinator = load_coordinator_config(args.coordinator)
     run_and_report(args.run_toml, args.coordinator, coordinator, say=_say)
+    return 0
+
+
+def _run_manifest(args: argparse.Namespace) -> int:
+    from fedpeft.common.config import load_config
+    from fedpeft.server.manifest import build_manifest
+
+    text = build_manifest(load_config(args.run_toml)).to_json() + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+        _say(f"wrote the run manifest to {args.out}: give it to the sites to approve")
     return 0
 
 

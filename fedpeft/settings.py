@@ -3,7 +3,9 @@
 
 coordinator.toml has a ``[coordinator]`` table (the fields of :class:`CoordinatorConfig`) and,
 for TLS, a ``[tls]`` table (:class:`Tls`); site.toml has a ``[site]`` table (the fields of
-:class:`SiteConfig`). ``fedpeft rehearsal init`` writes a complete example of each.
+:class:`SiteConfig`) and an optional ``[policy]`` table: what the site allows a run to do
+(:class:`~fedpeft.client.policy.SitePolicy`, safe defaults). ``fedpeft rehearsal init`` writes
+a complete example of each.
 
 Every path in a config file is relative to that file's folder. Everything a process needs is
 checked before it starts, and each problem is named: a missing file, a value of the wrong type,
@@ -12,12 +14,17 @@ a setting nobody reads.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.client.policy import DEFAULT_APPROVALS, SitePolicy
 from fedpeft.common.errors import ConfigError
+from fedpeft.common.methods import method_names
 from fedpeft.common.tomlfile import read_toml
+from fedpeft.common.wire import CODECS
 
 
 def _read_table(path: Path, table: str) -> dict[str, Any]:
@@ -44,6 +51,14 @@ class _Reader:
             return ""
         return value
 
+    def flag(self, key: str, default: bool) -> bool:
+        self.known.add(key)
+        value = self.values.get(key, default)
+        if not isinstance(value, bool):
+            self.problems.append(f"{self.path}: [{self.table}] {key}: expected true or false")
+            return default
+        return value
+
     def number(self, key: str, default: int) -> int:
         self.known.add(key)
         value = self.values.get(key, default)
@@ -58,6 +73,40 @@ class _Reader:
         if text and must_exist and not path.is_file():
             self.problems.append(f"{self.path}: [{self.table}] {key}: {path}: no such file")
         return path
+
+    def count(self, key: str, default: int) -> int:
+        """A positive integer."""
+        self.known.add(key)
+        value = self.values.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            self.problems.append(f"{self.path}: [{self.table}] {key}: expected a positive integer")
+            return default
+        return value
+
+    def names(
+        self, key: str, default: tuple[str, ...], known: Sequence[str] | None = None
+    ) -> tuple[str, ...]:
+        """A list of strings, each one of ``known`` when given (an empty list is allowed)."""
+        self.known.add(key)
+        value = self.values.get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problems.append(f"{self.path}: [{self.table}] {key}: expected a list of strings")
+            return default
+        for v in value:
+            if known is not None and v not in known:
+                self.problems.append(
+                    f"{self.path}: [{self.table}] {key}: unknown {v!r}; known: {', '.join(known)}"
+                )
+        return tuple(dict.fromkeys(value))
+
+    def files(self, key: str, default: tuple[Path, ...]) -> tuple[Path, ...]:
+        """A list of existing files, relative to the config's folder."""
+        texts = self.names(key, tuple(str(p) for p in default))
+        paths = tuple(self.folder / t for t in texts)
+        for path in paths:
+            if not path.is_file():
+                self.problems.append(f"{self.path}: [{self.table}] {key}: {path}: no such file")
+        return paths
 
     def collect(self) -> list[str]:
         """Every problem so far, unknown settings included."""
@@ -147,6 +196,8 @@ class SiteConfig:
     #: The site ledger: every task received and upload sent, hash-chained (client/ledger.py)
     #: ["ledger.jsonl"]. Made on first use; its folder must exist.
     ledger: Path
+    #: What the site allows a run to do (the ``[policy]`` table; client/policy.py).
+    policy: SitePolicy
 
 
 def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
@@ -154,8 +205,10 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
     only when ``insecure``."""
     values = _read_table(path, "site")
     r = _Reader(path, values, "site")
+    p = _policy_reader(path, values)
     name = r.text("name")
     coordinator = r.text("coordinator")
+    coordinator_key = r.file("coordinator_key")
     ca = None
     if "ca" in r.values or not insecure:
         ca = r.file("ca")
@@ -164,15 +217,56 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         coordinator=coordinator,
         ca=ca,
         identity_key=r.file("identity_key"),
-        coordinator_key=r.file("coordinator_key"),
+        coordinator_key=coordinator_key,
         data=r.file("data"),
         api_port=r.number("api_port", 9094),
         ledger=r.file("ledger", DEFAULT_LEDGER, must_exist=False),
+        policy=_site_policy(p, coordinator_key),
     )
     if not cfg.ledger.parent.is_dir():
         r.problems.append(f"{path}: [site] ledger: {cfg.ledger.parent}: no such folder")
-    r.done()
+    r.done(p.collect())
     return cfg
+
+
+#: A ClientApp reference: ``package.module:attribute``.
+_APP_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _policy_reader(path: Path, values: dict[str, Any]) -> _Reader:
+    p = _Reader(path, values, "policy")
+    if not isinstance(values.get("policy", {}), dict):
+        p.values = {}
+        p.problems.append(f"{path}: [policy] must be a table")
+    return p
+
+
+def _site_policy(p: _Reader, coordinator_key: Path) -> SitePolicy:
+    """site.toml's ``[policy]`` table; every key optional, every default the safe one."""
+    default = SitePolicy(coordinator_keys=(coordinator_key,))
+    policy = SitePolicy(
+        coordinator_keys=p.files("coordinator_keys", default.coordinator_keys),
+        methods=p.names("methods", default.methods, method_names()),
+        max_local_epochs=p.count("max_local_epochs", default.max_local_epochs),
+        max_rounds=p.count("max_rounds", default.max_rounds),
+        codecs=p.names("codecs", default.codecs, CODECS),
+        max_upload_bytes=p.count("max_upload_bytes", default.max_upload_bytes),
+        apps=p.names("apps", default.apps),
+        require_secure_aggregation=p.flag("require_secure_aggregation", False),
+        require_dp=p.flag("require_dp", False),
+        approved_runs_only=p.flag("approved_runs_only", False),
+        approvals=p.file("approvals", DEFAULT_APPROVALS, must_exist=False),
+    )
+    for ref in policy.apps:
+        if not _APP_REF.fullmatch(ref):
+            p.problems.append(f"{p.path}: [policy] apps: {ref!r} is not a module:attribute")
+    if not policy.coordinator_keys:
+        p.problems.append(f"{p.path}: [policy] coordinator_keys: needs at least one key")
+    if not policy.approvals.parent.is_dir():
+        p.problems.append(
+            f"{p.path}: [policy] approvals: {policy.approvals.parent}: no such folder"
+        )
+    return policy
 
 
 def site_ledger_path(path: Path) -> Path:
@@ -183,6 +277,17 @@ def site_ledger_path(path: Path) -> Path:
     if r.problems:
         raise ConfigError(r.problems)
     return ledger
+
+
+def site_approvals_path(path: Path) -> Path:
+    """The ``approvals`` file of site.toml's [policy] table, without checking the rest of the
+    file (``fedpeft site approve`` needs nothing else)."""
+    values = _read_table(path, "site")
+    p = _policy_reader(path, values)
+    approvals = p.file("approvals", DEFAULT_APPROVALS, must_exist=False)
+    if p.problems:
+        raise ConfigError(p.problems)
+    return approvals
 
 
 def host_port(address: str) -> tuple[str, int]:
