@@ -522,6 +522,12 @@ def _start_coordinator(args: argparse.Namespace) -> int:
     read_store_key(cfg.store_key_file)
     if cfg.tls is None:
         print(processes.INSECURE_WARNING, file=sys.stderr, flush=True)
+    if cfg.expose_api:
+        print(
+            processes.EXPOSED_API_WARNING.format(address=cfg.api_address),
+            file=sys.stderr,
+            flush=True,
+        )
     _say(
         f"coordinator: Fleet API (sites) on {cfg.fleet_address}, Control/Runtime APIs on "
         f"{cfg.api_address}, state in {cfg.state}, {len(sites)} registered site(s)"

@@ -24,6 +24,7 @@ from fedpeft.common.environment import (
     FLWR_HOME_ENV,
     QUIET,
     SITES_ENV,
+    STORE_KEY_ENV,
     STORE_KEY_FILE_ENV,
 )
 from fedpeft.common.errors import ConfigError
@@ -37,10 +38,46 @@ BIN = Path(sys.executable).parent
 
 INSECURE_WARNING = (
     "\n"
-    "!! INSECURE MODE: no TLS. Everything between sites and coordinator travels in clear text,\n"
-    "!! and sites are NOT authenticated (Flower's node authentication needs TLS). Deltas are\n"
-    "!! still sealed and signed by fedpeft, but use this only on a machine or network you own\n"
-    "!! for a rehearsal, never between hospitals.\n"
+    "!! INSECURE MODE: no TLS. Anyone on the path between sites and coordinator can read\n"
+    "!! everything that travels (configs, metrics, sealed deltas) and alter it, and sites are\n"
+    "!! NOT authenticated (Flower's node authentication needs TLS): anyone can join as a site.\n"
+    "!! With stock Flower (a per-message flwr-clientapp) whoever reaches the link can also run\n"
+    "!! code at every site; fedpeft's site worker refuses any app the site did not allow, and\n"
+    "!! deltas stay sealed and signed, but use this only for a rehearsal on a machine or\n"
+    "!! network you own, never between hospitals.\n"
+)
+
+EXPOSED_API_WARNING = (
+    "\n"
+    "!! The Control and Runtime APIs are served on {address}, beyond this machine. Open-source\n"
+    "!! Flower does not authenticate them: anyone who reaches that address can submit runs to\n"
+    "!! the consortium's sites and read their output. Keep it on a network only the\n"
+    "!! coordinator's operators reach.\n"
+)
+
+#: What the ServerApp process may inherit of the operator's environment (besides fedpeft's
+#: own variables and :data:`QUIET`): what Python, Flower and the model loader need. Anything
+#: else (cloud credentials, database passwords, a raw store key) stays out of it.
+COORDINATOR_INHERITS = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "TERM",
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "CUDA_VISIBLE_DEVICES",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "TOKENIZERS_PARALLELISM",
+    }
 )
 
 
@@ -253,15 +290,25 @@ def flwr_home(config_path: Path) -> Path:
 
 
 def coordinator_env(cfg: CoordinatorConfig, flwr_home: Path) -> dict[str, str]:
-    """What the SuperLink passes on to the ServerApp process it starts for each run."""
-    return child_env(
-        {
-            FLWR_HOME_ENV: str(flwr_home),
-            COORDINATOR_KEY_ENV: str(cfg.identity_key),
-            SITES_ENV: str(cfg.sites),
-            STORE_KEY_FILE_ENV: str(cfg.store_key_file),
-        }
-    )
+    """What the SuperLink passes on to the ServerApp process it starts for each run: only what
+    it uses. Of the operator's environment, :data:`COORDINATOR_INHERITS`, ``LC_*``, Flower's
+    ``FLWR_*`` and fedpeft's ``FEDPEFT_*`` settings pass; a raw store key
+    (``FEDPEFT_STORE_KEY``) does not, since the coordinator reads its key file."""
+    inherited = {
+        name: value
+        for name, value in child_env().items()
+        if name in COORDINATOR_INHERITS
+        or name.startswith(("LC_", "FLWR_", "FEDPEFT_"))
+        and name != STORE_KEY_ENV
+    }
+    return {
+        **inherited,
+        **QUIET,
+        FLWR_HOME_ENV: str(flwr_home),
+        COORDINATOR_KEY_ENV: str(cfg.identity_key),
+        SITES_ENV: str(cfg.sites),
+        STORE_KEY_FILE_ENV: str(cfg.store_key_file),
+    }
 
 
 def site_env(flwr_home: Path) -> dict[str, str]:

@@ -14,6 +14,7 @@ a setting nobody reads.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,7 +141,8 @@ class CoordinatorConfig:
 
     #: The only address sites reach: the Fleet API (gRPC, TLS) ["0.0.0.0:9092"].
     fleet_address: str
-    #: The Control and Runtime APIs: loopback or a private network only ["127.0.0.1:8000"].
+    #: The Control and Runtime APIs ["127.0.0.1:8000"]. Open-source Flower does not authenticate
+    #: them: whoever reaches them submits runs. Loopback only, unless :attr:`expose_api`.
     api_address: str
     #: The SuperLink's state (SQLite), kept across restarts ["superlink.db"].
     state: Path
@@ -151,6 +153,19 @@ class CoordinatorConfig:
     #: The key of the store's encrypted checkpoints ["store.key"].
     store_key_file: Path
     tls: Tls | None
+    #: Serve the Control and Runtime APIs on a non-loopback ``api_address`` (a private network
+    #: of the consortium's operators); needs ``[tls]``, and warns at every start [false].
+    expose_api: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_coordinator_config(path: Path) -> CoordinatorConfig:
@@ -163,13 +178,27 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
     identity = r.file("identity_key", "keys/coordinator.key")
     sites = r.file("sites", "sites.txt")
     store_key = r.file("store_key_file", "store.key")
+    expose_api = r.flag("expose_api", False)
     tls, tls_problems = None, []
     if "tls" in values:
         t = _Reader(path, values, "tls")
         tls = Tls(t.file("ca"), t.file("certificate"), t.file("key"))
         tls_problems = t.collect()
+    if cfg_api and ":" in cfg_api and not is_loopback(cfg_api.rpartition(":")[0].strip("[]")):
+        if not expose_api:
+            tls_problems.append(
+                f"{path}: [coordinator] api_address: {cfg_api} is not loopback; the Control and "
+                "Runtime APIs have no authentication of their own (whoever reaches them submits "
+                "runs and reads their output): keep them on 127.0.0.1, or set expose_api = true "
+                "to serve them, with TLS, on a private network only operators reach"
+            )
+        elif tls is None:
+            tls_problems.append(
+                f"{path}: [coordinator] expose_api: needs a [tls] table (the exposed APIs would "
+                "otherwise travel in clear text)"
+            )
     r.done(tls_problems)
-    return CoordinatorConfig(cfg_fleet, cfg_api, state, identity, sites, store_key, tls)
+    return CoordinatorConfig(cfg_fleet, cfg_api, state, identity, sites, store_key, tls, expose_api)
 
 
 DEFAULT_LEDGER = "ledger.jsonl"

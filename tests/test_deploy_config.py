@@ -4,6 +4,7 @@ process started gets the one quiet environment (no telemetry, Hugging Face offli
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -174,3 +175,85 @@ def test_the_flower_cli_runs_with_the_same_environment(
     assert env == processes.child_env({FLWR_HOME_ENV: str(tmp_path / "flwr-cli")})
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1"
     assert allowlist.flower_node_id(cfg, "A") is None
+
+
+def test_the_control_api_stays_on_loopback_unless_exposed_with_tls(tmp_path: Path) -> None:
+    toml = _coordinator(tmp_path)
+    for address in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000"):
+        toml.write_text(f'[coordinator]\napi_address = "{address}"\n')
+        assert load_coordinator_config(toml).expose_api is False
+    toml.write_text('[coordinator]\napi_address = "0.0.0.0:8000"\n')
+    with pytest.raises(ConfigError, match=r"api_address: 0\.0\.0\.0:8000 is not loopback"):
+        load_coordinator_config(toml)
+    # Exposed on purpose, but without TLS: still refused, and the reason says why.
+    toml.write_text('[coordinator]\napi_address = "10.0.0.5:8000"\nexpose_api = true\n')
+    with pytest.raises(ConfigError, match=r"expose_api: needs a \[tls\] table"):
+        load_coordinator_config(toml)
+    toml.write_text('[coordinator]\napi_address = "10.0.0.5:8000"\nexpose_api = "yes"\n')
+    with pytest.raises(ConfigError, match="expose_api: expected true or false"):
+        load_coordinator_config(toml)
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (tmp_path / name).write_text("")
+    toml.write_text(
+        '[coordinator]\napi_address = "10.0.0.5:8000"\nexpose_api = true\n'
+        '[tls]\nca = "ca.crt"\ncertificate = "server.pem"\nkey = "server.key"\n'
+    )
+    cfg = load_coordinator_config(toml)
+    cmd = processes.superlink_command(cfg, insecure=False)
+    assert cfg.expose_api and cmd[cmd.index("--host") + 1] == "10.0.0.5"
+
+
+def test_the_coordinator_start_warns_when_the_control_api_is_exposed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedpeft.cli import _start_coordinator
+
+    toml = _coordinator(tmp_path)
+    for name in ("ca.crt", "server.pem", "server.key"):
+        (tmp_path / name).write_text("")
+    toml.write_text(
+        '[coordinator]\napi_address = "10.0.0.5:8000"\nexpose_api = true\n'
+        '[tls]\nca = "ca.crt"\ncertificate = "server.pem"\nkey = "server.key"\n'
+    )
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_: object, **__: object) -> None:
+        raise Stop  # the checks and warnings are done by then; nothing is started
+
+    import fedpeft.common.crypto as crypto
+    import fedpeft.common.trust as trust
+    import fedpeft.server.checkpoints as checkpoints
+
+    monkeypatch.setattr(crypto, "read_private_key", lambda *_: None)
+    monkeypatch.setattr(trust, "read_sites_file", lambda *_: {})
+    monkeypatch.setattr(checkpoints, "read_store_key", lambda *_: b"")
+    monkeypatch.setattr(processes, "coordinator_env", stop)
+    with pytest.raises(Stop):
+        _start_coordinator(argparse.Namespace(config=toml, insecure=False))
+    err = capsys.readouterr().err
+    assert "Control and Runtime APIs are served on 10.0.0.5:8000" in err
+    assert "anyone who reaches that address can submit runs" in err
+
+
+def test_the_insecure_warning_says_what_anyone_on_the_path_can_do() -> None:
+    text = " ".join(processes.INSECURE_WARNING.replace("!!", "").split())
+    assert "Anyone on the path between sites and coordinator can read everything" in text
+    assert "run code at every site" in text
+
+
+def test_the_server_app_gets_no_secret_it_does_not_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cret-aws")
+    monkeypatch.setenv("PGPASSWORD", "s3cret-pg")
+    monkeypatch.setenv("FEDPEFT_STORE_KEY", "c2VjcmV0LXN0b3JlLWtleQ==")  # a raw key: unused
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("PYTHONPATH", "/opt/site-apps")
+    env = processes.coordinator_env(load_coordinator_config(_coordinator(tmp_path)), tmp_path)
+    leaked = [v for v in env.values() if "s3cret" in v or "c2VjcmV0" in v]
+    assert leaked == []
+    assert "FEDPEFT_STORE_KEY" not in env and env[STORE_KEY_FILE_ENV].endswith("store.key")
+    assert env["LC_ALL"] == "C.UTF-8" and env["PYTHONPATH"] == "/opt/site-apps"
+    assert {k: env[k] for k in QUIET} == dict(QUIET)
