@@ -74,6 +74,16 @@ identity_key = "keys/{name}.key"
 coordinator_key = "coordinator.pub"
 data = "records.csv"
 api_port = 9094
+# On the site's own writable volume (the rest of the site's folder is mounted read-only).
+ledger = "state/ledger.jsonl"
+
+# What this hospital lets a run do; a run outside it is refused before any training.
+[policy]
+methods = ["lora", "prompt", "ia3"]
+max_local_epochs = 3
+max_rounds = 20
+codecs = ["fp32", "fp16", "int8"]
+max_upload_bytes = 1048576
 """
 
 
@@ -117,6 +127,7 @@ def init(out: Path, rounds: int = FederationConfig.rounds) -> list[Path]:
         data = records[hospital]
         frame = pd.DataFrame({"text": list(data.texts), "label": data.labels})
         frame.to_csv(home / "records.csv", index=False)
+        (home / "state").mkdir(exist_ok=True)
         (home / "site.toml").write_text(SITE_TOML.format(name=name, host=COORDINATOR_HOST))
         made.append(home)
     return made

@@ -57,6 +57,10 @@ def test_init_writes_every_partys_files_and_they_load(tmp_path: Path) -> None:
         frame = pd.read_csv(site.data)
         assert list(frame["text"]) == list(records[hospital].texts)
         assert list(frame["label"]) == list(records[hospital].labels)
+        # The ledger on the site's writable state volume; a policy stricter than the defaults.
+        assert site.ledger == (tmp_path / "r" / name / "state" / "ledger.jsonl").resolve()
+        assert site.policy.methods == ("lora", "prompt", "ia3")
+        assert site.policy.max_local_epochs == 3 and site.policy.max_upload_bytes == 1 << 20
         # No other site's private key is in this site's folder.
         assert [p.name for p in site.identity_key.parent.glob("*.key")] == [f"{name}.key"]
 
@@ -82,9 +86,13 @@ def test_compose_file_keeps_each_party_to_its_own_volume_on_a_private_network() 
     assert set(services) == {"setup", *volume_of}
     for service, volume in volume_of.items():
         spec = services[service]
-        mounts = [m.split(":") for m in spec["volumes"]]
-        assert [m[0] for m in mounts] == [volume], service
-        assert (mounts[0][-1] == "ro") == (service != "coordinator"), service
+        mounts = [m.split("#")[0].strip().split(":") for m in spec["volumes"]]
+        if service == "coordinator":
+            assert mounts == [["coordinator", "/coordinator"]]
+            continue
+        # A site: its own files read-only, and its own state volume (the ledger) writable
+        # at /site/state only.
+        assert mounts == [[volume, "/site", "ro"], [f"{volume}-state", "/site/state"]], service
     for service, spec in services.items():
         assert spec["networks"] == ["consortium"], service
         assert spec["dns"] == ["127.0.0.1"], service  # no resolver beyond the network
@@ -92,7 +100,9 @@ def test_compose_file_keeps_each_party_to_its_own_volume_on_a_private_network() 
         assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["HF_HUB_OFFLINE"] == "1", service
         assert spec["build"]["network"] == "none", service
     setup_mounts = {m.split(":")[1] for m in services["setup"]["volumes"]}
-    assert setup_mounts == {f"/rehearsal/{name}" for name in ["coordinator", *HOSPITALS.values()]}
+    assert setup_mounts == {
+        f"/rehearsal/{name}" for name in ["coordinator", *HOSPITALS.values()]
+    } | {f"/rehearsal/{name}/state" for name in HOSPITALS.values()}
 
 
 def test_the_rehearsal_starts_its_superlink_with_the_one_quiet_environment(
