@@ -397,3 +397,41 @@ def test_the_real_client_app_failing_its_checks_is_recorded(
             "site-error: KeyFileError: failed its checks",
         )
     assert_state(h.state(1), plus(1.0))
+
+
+def test_exchange_pulls_until_every_reply_is_in_or_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from fedpeft.server import strategy
+
+    monkeypatch.setattr(strategy, "PULL_INTERVAL_S", 0.001)
+
+    class Grid:
+        """Pushed ids 1..n; the reply to id k is ready at the k-th pull."""
+
+        def __init__(self) -> None:
+            self.pulls: list[set[int]] = []
+
+        def push_messages(self, messages: list[object]) -> list[int]:
+            return list(range(1, len(messages) + 1))
+
+        def pull_messages(self, ids: set[int]) -> list[object]:
+            self.pulls.append(set(ids))
+            n = len(self.pulls)
+            return (
+                [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=n))]
+                if n in ids
+                else []
+            )
+
+    grid = Grid()
+    got = strategy.exchange(grid, ["a", "b", "c"], timeout=60)
+    assert [r.metadata.reply_to_message_id for r in got] == [1, 2, 3]
+    # Only what is still pending is asked for, and it stops as soon as all are in.
+    assert grid.pulls == [{1, 2, 3}, {2, 3}, {3}]
+    # A reply that never comes: it gives up at the timeout with what it has.
+    grid = Grid()
+    got = strategy.exchange(grid, ["a", "b", "c", "d", "e"], timeout=0.0)
+    assert len(grid.pulls) == 1 and [r.metadata.reply_to_message_id for r in got] == [1]
