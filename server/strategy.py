@@ -236,10 +236,12 @@ PULL_INTERVAL_S = 0.25
 
 def exchange(grid: Any, messages: list[Any], timeout: float) -> list[Any]:
     """Push ``messages`` and pull their replies until each has one or ``timeout`` passes: what
-    Flower's ``Grid.send_and_receive`` does, polling every :data:`PULL_INTERVAL_S`. A grid
+    Flower's ``Grid.send_and_receive`` does, polling every :data:`PULL_INTERVAL_S` (or the
+    grid's own ``pull_interval`` when shorter: the simulation's is 0.1 s). A grid
     without ``push_messages`` / ``pull_messages`` (a test's) is asked for ``send_and_receive``."""
     if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
         return list(grid.send_and_receive(messages, timeout=timeout))
+    interval = min(PULL_INTERVAL_S, float(getattr(grid, "pull_interval", PULL_INTERVAL_S)))
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
     received: list[Any] = []
@@ -249,5 +251,5 @@ def exchange(grid: Any, messages: list[Any], timeout: float) -> list[Any]:
         pending.difference_update(r.metadata.reply_to_message_id for r in replies)
         if not pending or time.monotonic() >= deadline:
             break
-        time.sleep(PULL_INTERVAL_S)
+        time.sleep(interval)
     return received
