@@ -1,11 +1,17 @@
-"""The Flower ClientApp: what runs at a hospital site for each message from the coordinator.
+"""The site's message handler, and the Flower ClientApp around it.
 
-``train``: verify the coordinator's signature on the global state, check the base-model
-fingerprint, train locally on the site's own rows, evaluate, and reply with
-``delta = local - global`` over the shared parameters, sealed for the run's key and signed with
-the site's identity key (common/envelope.py), plus metrics. ``evaluate``: score the global
-state on the site's held-out rows and reply with metrics and a score histogram by label (for
-the pooled AUC), never individual predictions.
+:func:`handle` answers one message with the site's own settings (:class:`SiteSetup`:
+client/setup.py). ``train``: verify the coordinator's signature on the global state and the run's
+site config it carries (the only settings the site acts on), check the base-model fingerprint,
+train locally on the site's own rows, evaluate, and reply with ``delta = local - global`` over
+the shared parameters, sealed for the run's key and signed with the site's identity key
+(common/envelope.py), plus metrics. ``evaluate``: score the global state on the site's held-out
+rows and reply with metrics and a score histogram by label (for the pooled AUC), never
+individual predictions.
+
+The site worker (client/worker.py) calls :func:`handle` with the setup it read at start; the
+Flower ClientApp (:data:`app`) is a thin shell that builds the setup from its node config
+(simulation, or stock Flower).
 
 A failure at the site becomes a reply with status ``error`` and a short reason free of local
 detail (no paths, no rows); the detail goes to the site's own log.
@@ -14,23 +20,22 @@ detail (no paths, no rows); the detail goes to the site's own log.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
-from fedpeft.common.config import RunConfig
+from fedpeft.common.config import DataConfig, SiteRunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
 from fedpeft.common.envelope import ForgedGlobalState, GlobalState, open_global, seal_delta
-from fedpeft.common.environment import SIMULATION_KEYS_ENV
-from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch, KeyFileError
+from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.keys import Phase
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation
@@ -44,7 +49,6 @@ from fedpeft.common.model import (
 from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.tensors import to_numpy, to_torch
-from fedpeft.common.trust import SiteTrust, site_trust
 
 log = logging.getLogger("fedpeft.client")
 
@@ -64,39 +68,39 @@ class SiteSession:
 
 # One process may serve many messages (simulation keeps its actors, each serving any site);
 # loading the model and tokenizing a site's rows once per process keeps a round cheap.
-_SESSIONS: dict[tuple[str, str], SiteSession] = {}
+_SESSIONS: dict[tuple[Any, str], SiteSession] = {}
 _MAX_SESSIONS = 8  # ~100 MB each with the default model
 
 
-def _site_data(cfg: RunConfig, node_config: dict[str, Any]) -> SiteData:
-    if keys.NODE_DATA_PATH in node_config:
-        path = Path(str(node_config[keys.NODE_DATA_PATH]))
-        return load_site_file(
-            path, cfg.data, name=str(node_config.get(keys.NODE_SITE) or path.stem)
+def _site_data(setup: SiteSetup) -> SiteData:
+    if setup.data_file is not None:
+        return load_site_file(setup.data_file, setup.schema, name=setup.site)
+    if setup.partition is None:
+        raise DataError("the site's setup names no data")
+    data = DataConfig(dataset=setup.partition.dataset, **dataclasses.asdict(setup.schema))
+    sites = load_sites(data)
+    if setup.partition.index >= len(sites):
+        raise DataError(
+            f"virtual site {setup.partition.index} has no data: the data set has {len(sites)} sites"
         )
-    if keys.PARTITION_ID in node_config:
-        sites = load_sites(cfg.data)
-        pid = int(node_config[keys.PARTITION_ID])
-        if pid >= len(sites):
-            raise DataError(f"virtual site {pid} has no data: the data set has {len(sites)} sites")
-        return sites[pid]
-    raise DataError(f"node config names no data: set {keys.NODE_DATA_PATH!r}")
+    return sites[setup.partition.index]
 
 
-def site_session(cfg: RunConfig, node_config: dict[str, Any]) -> SiteSession:
-    """The cached session for this site and config, built on first use."""
-    node_key = repr(sorted((str(k), str(v)) for k, v in node_config.items()))
-    cfg_key = repr(
-        (cfg.model, cfg.data, cfg.seed, cfg.train.val_fraction, cfg.train.dropout, cfg.device)
+def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
+    """The cached session for this site and run config, built on first use. The key holds only
+    what shapes the rows and the base model (the site's own data settings; the run's model,
+    seed, split and dropout), none of which changes from round to round: sessions stay warm."""
+    cache_key = (
+        setup.data_key(),
+        repr((cfg.model, cfg.seed, cfg.test_fraction, cfg.train.val_fraction, cfg.train.dropout)),
     )
-    cache_key = (node_key, cfg_key)
     if cache_key in _SESSIONS:
         return _SESSIONS[cache_key]
-    site = _site_data(cfg, node_config)
-    split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
+    site = _site_data(setup)
+    split = split_site(site, cfg.seed, cfg.test_fraction, cfg.train.val_fraction)
     tokenizer = load_tokenizer(cfg.model)
     rows = encode_site(tokenizer, site, split, cfg.model.max_length)
-    device = resolve_device(cfg.device)
+    device = resolve_device(setup.device)
     session = SiteSession(
         site=site.name,
         base=load_base_model(cfg.model, cfg.train.dropout, cfg.seed).to(device),
@@ -112,36 +116,12 @@ def site_session(cfg: RunConfig, node_config: dict[str, Any]) -> SiteSession:
     return session
 
 
-_TRUST: dict[str, SiteTrust] = {}
-
-
-def load_site_trust(node_config: dict[str, Any]) -> SiteTrust:
-    """The site's identity key and the coordinator's public key, from the node config
-    (``identity-key``, ``coordinator-key``) or, for a virtual site, the simulation's key folder."""
-    if keys.NODE_IDENTITY_KEY in node_config:
-        identity = Path(str(node_config[keys.NODE_IDENTITY_KEY]))
-        coordinator = Path(str(node_config.get(keys.NODE_COORDINATOR_KEY, "")))
-    elif keys.PARTITION_ID in node_config and os.environ.get(SIMULATION_KEYS_ENV):
-        folder = Path(os.environ[SIMULATION_KEYS_ENV])
-        identity = folder / f"partition-{int(node_config[keys.PARTITION_ID])}.key"
-        coordinator = folder / "coordinator.pub"
-    else:
-        raise KeyFileError(
-            f"node config names no identity key: set {keys.NODE_IDENTITY_KEY!r} and "
-            f"{keys.NODE_COORDINATOR_KEY!r} (fedpeft site enroll makes them)"
-        )
-    cache_key = f"{identity}|{coordinator}"
-    if cache_key not in _TRUST:
-        _TRUST[cache_key] = site_trust(identity, coordinator)
-    return _TRUST[cache_key]
-
-
 def site_seed(seed: int, rnd: int, site: str) -> int:
     """Per site and round, stable across processes (``hash()`` is salted per process)."""
     return (seed * 1_000_003 + rnd * 10_007 + zlib.crc32(site.encode())) % (2**31)
 
 
-def _model_with(session: SiteSession, cfg: RunConfig, state: State) -> torch.nn.Module:
+def _model_with(session: SiteSession, cfg: SiteRunConfig, state: State) -> torch.nn.Module:
     model = build_method(cfg.method, copy.deepcopy(session.base))
     load_shared_state(model, to_torch(state))
     return model.to(session.device)
@@ -159,7 +139,7 @@ def _metrics(ev: Evaluation) -> dict[str, float]:
 
 
 def handle_train(
-    cfg: RunConfig, rnd: int, fingerprint: str, global_state: State, session: SiteSession
+    cfg: SiteRunConfig, rnd: int, fingerprint: str, global_state: State, session: SiteSession
 ) -> tuple[State, dict[str, float]]:
     """Local training from the global state; returns the delta and the reply metrics."""
     if fingerprint != session.fingerprint:
@@ -193,7 +173,7 @@ def handle_train(
 
 
 def handle_evaluate(
-    cfg: RunConfig, global_state: State, session: SiteSession
+    cfg: SiteRunConfig, global_state: State, session: SiteSession
 ) -> tuple[Evaluation, dict[str, float]]:
     """The global state on the test rows (reported) and its loss on the validation rows (for
     choosing the round, as early stopping does in local training)."""
@@ -241,17 +221,18 @@ def error_reply(msg: Any, site: str, error: str) -> Any:
     return _reply(msg, site, error=error)
 
 
-def _handle(msg: Any, context: Any, kind: Phase) -> Any:
-    node_config = dict(context.node_config)
-    site = str(node_config.get(keys.NODE_SITE, f"partition-{node_config.get(keys.PARTITION_ID)}"))
+def handle(msg: Any, setup: SiteSetup) -> Any:
+    """The site's reply to one message from the coordinator (``train`` or ``evaluate``), with
+    the site's own settings; the run's settings come only from the signed global state."""
+    site, kind = setup.site, str(msg.metadata.message_type)
     try:
-        info = msg.content[keys.CONFIG]
-        cfg = RunConfig.from_json(str(info[keys.RUN_CONFIG_JSON]))
-        rnd = int(info[keys.ROUND])
-        trust = load_site_trust(node_config)
-        signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), trust.coordinator)
-        _check_global(signed, cfg, rnd)
-        session = site_session(cfg, node_config)
+        if kind not in tuple(Phase):
+            raise FedpeftError(f"unknown message type {kind[:32]!r}")
+        rnd = int(msg.content[keys.CONFIG][keys.ROUND])
+        signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), setup.trust.coordinator)
+        _check_global(signed, rnd)
+        cfg = signed.config
+        session = site_session(cfg, setup)
         site = session.site
         if kind == Phase.TRAIN:
             delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
@@ -264,30 +245,44 @@ def _handle(msg: Any, context: Any, kind: Phase) -> Any:
                 method=cfg.method.name,
                 fingerprint=signed.fingerprint,
                 num_examples=len(session.train),
-                codec=cfg.federation.codec,
+                codec=cfg.codec,
                 run_public=signed.run_public,
-                identity=trust.identity,
+                identity=setup.trust.identity,
             )
             return _reply(msg, site, sealed=sealed, metrics=metrics)
         ev, metrics = handle_evaluate(cfg, signed.state, session)
         return _reply(msg, site, metrics=metrics, ev=ev)
     except FedpeftError as exc:
-        log.error("site %s: %s", site, exc)
-        # The coordinator sees the kind of failure, not local detail (paths, rows).
-        shown = (FingerprintMismatch, ForgedGlobalState)
-        public = str(exc) if isinstance(exc, shown) else "failed its checks"
-        return _reply(msg, site, error=f"{exc.__class__.__name__}: {public}")
+        return _failed(msg, site, exc)
     except Exception:
         log.exception("site %s: %s failed", site, kind)
         return _reply(msg, site, error="internal error at the site (see the site's log)")
 
 
-def _check_global(signed: GlobalState, cfg: RunConfig, rnd: int) -> None:
+def _failed(msg: Any, site: str, exc: FedpeftError) -> Any:
+    log.error("site %s: %s", site, exc)
+    # The coordinator sees the kind of failure, not local detail (paths, rows).
+    shown = (FingerprintMismatch, ForgedGlobalState)
+    public = str(exc) if isinstance(exc, shown) else "failed its checks"
+    return _reply(msg, site, error=f"{exc.__class__.__name__}: {public}")
+
+
+def handle_in_context(msg: Any, context: Any) -> Any:
+    """The Flower shell: the site's setup from the node config (``site-config`` or a virtual
+    site's ``partition-id``), then :func:`handle`."""
+    node_config = dict(context.node_config)
+    try:
+        setup = setup_from_node_config(node_config)
+    except FedpeftError as exc:
+        return _failed(msg, site_name(node_config), exc)
+    return handle(msg, setup)
+
+
+def _check_global(signed: GlobalState, rnd: int) -> None:
     """The signed global state must be the one this message is about."""
-    if signed.round != rnd or signed.method != cfg.method.name:
+    if signed.round != rnd:
         raise ForgedGlobalState(
-            f"the signed global state is for round {signed.round} ({signed.method}), the message "
-            f"for round {rnd} ({cfg.method.name})"
+            f"the signed global state is for round {signed.round}, the message for round {rnd}"
         )
 
 
@@ -298,11 +293,11 @@ def build_client_app() -> Any:
 
     @client.train()
     def train(msg: Any, context: Any) -> Any:
-        return _handle(msg, context, Phase.TRAIN)
+        return handle_in_context(msg, context)
 
     @client.evaluate()
     def evaluate_(msg: Any, context: Any) -> Any:
-        return _handle(msg, context, Phase.EVALUATE)
+        return handle_in_context(msg, context)
 
     return client
 

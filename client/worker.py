@@ -14,7 +14,10 @@ the same SuperExec task protocol over the SuperNode's local runtime API (the ste
    failed by the SuperNode), ``PullTaskInput`` (context, run, FAB) and ``PullMessages``;
 3. the FAB's ``pyproject.toml`` is read **as data** (never extracted, installed or imported):
    unless its ClientApp reference is one the site allows, the task is answered with a refusal;
-   otherwise the allowed app, imported from what the site installed, handles the message;
+   otherwise the allowed app, imported from what the site installed, handles the message:
+   fedpeft's own with the site's setup (client/setup.py: read once at start from the setup file
+   ``fedpeft site start`` writes from site.toml), any other allowed ClientApp through Flower's
+   context (its node config names the same file);
 4. ``PushMessages`` (the reply) and ``PushTaskOutput`` (the task status and context).
 
 The model, tokenizer and tokenized rows stay in this process between messages and rounds
@@ -40,13 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.client.setup import DEFAULT_ALLOWED_APPS, SiteSetup, read_setup_file
 from fedpeft.common import keys
 from fedpeft.common.errors import FedpeftError
 
 log = logging.getLogger("fedpeft.worker")
 
-#: The ClientApps a site runs unless its policy says otherwise: fedpeft's own, as installed.
-DEFAULT_ALLOWED_APPS: tuple[str, ...] = ("fedpeft.client.app:app",)
+#: Allowed ClientApps whose message handler takes the site's setup directly, by reference.
+SITE_HANDLERS = {"fedpeft.client.app:app": "fedpeft.client.app:handle"}
 #: Flower's task type for a ClientApp task ("clientapp" silently matches nothing).
 CLIENT_APP_TASK = "flwr-clientapp"
 #: The prefix of every refusal's error text, as the coordinator records it.
@@ -109,15 +113,26 @@ def check_app(content: bytes, fab_hash: str, allowed: Sequence[str]) -> str:
 _LOADED: dict[str, Any] = {}
 
 
+def _import(ref: str) -> Any:
+    if ref not in _LOADED:
+        module, _, attribute = ref.partition(":")
+        _LOADED[ref] = getattr(importlib.import_module(module), attribute or "app")
+    return _LOADED[ref]
+
+
 def load_allowed_app(ref: str, allowed: Sequence[str]) -> Any:
     """The installed ClientApp object ``ref`` names, imported from this site's own Python path
     (never from a FAB); only references in ``allowed`` are ever imported."""
     if ref not in allowed:
         raise AppRefused(f"app {ref!r} is not allowed at this site")
-    if ref not in _LOADED:
-        module, _, attribute = ref.partition(":")
-        _LOADED[ref] = getattr(importlib.import_module(module), attribute or "app")
-    return _LOADED[ref]
+    return _import(ref)
+
+
+def site_handler(ref: str, allowed: Sequence[str]) -> Callable[[Any, SiteSetup], Any] | None:
+    """The handler that takes the site's setup for the allowed app ``ref``
+    (:data:`SITE_HANDLERS`); None for a ClientApp that only takes Flower's context."""
+    load_allowed_app(ref, allowed)
+    return _import(SITE_HANDLERS[ref]) if ref in SITE_HANDLERS else None
 
 
 def refusal_reply(message: Any, node_config: dict[str, Any], reason: str) -> Any:
@@ -134,10 +149,10 @@ class WorkerSettings:
 
     #: The SuperNode's runtime API, HOST:PORT (loopback).
     runtime_address: str
+    #: The site's own settings (from site.toml), its allowed ClientApps among them.
+    setup: SiteSetup
     #: The SuperExec secret the SuperNode was started with; None when it has none.
     auth_secret: bytes | None = None
-    #: ClientApp references this site runs.
-    allowed_apps: tuple[str, ...] = DEFAULT_ALLOWED_APPS
     #: Seconds between two AcquireTask calls when there is no task (a local HTTP call).
     poll_interval: float = 0.2
 
@@ -285,14 +300,18 @@ def push_task_output(client: Any, context: Any, sub_status: str, details: str) -
     )
 
 
-def answer(message: Any, context: Any, fab: Any, allowed: Sequence[str]) -> tuple[Any, str]:
+def answer(message: Any, context: Any, fab: Any, setup: SiteSetup) -> tuple[Any, str]:
     """The reply to one task's message and a one-line account of it: a refusal unless the FAB
-    names an allowed app, else that app's own reply."""
+    names an app the site allows, else that app's own reply (fedpeft's with ``setup``)."""
+    allowed = setup.allowed_apps
     try:
         ref = check_app(fab.content, fab.hash_str, allowed)
     except AppRefused as exc:
         log.warning("refused a task of run %s: %s", context.run_id, exc)
         return refusal_reply(message, dict(context.node_config), str(exc)), f"{REFUSED}: {exc}"
+    handler = site_handler(ref, allowed)
+    if handler is not None:
+        return handler(message, setup), f"answered with {ref}"
     app = load_allowed_app(ref, allowed)
     return app(message=message, context=context), f"answered with {ref}"
 
@@ -322,7 +341,7 @@ def run_task(settings: WorkerSettings, token: str) -> None:
     try:
         heartbeat.start()
         message, context, _run, fab = pull_task_input(client)
-        reply, details = answer(message, context, fab, settings.allowed_apps)
+        reply, details = answer(message, context, fab, settings.setup)
         sub_status = SubStatus.COMPLETED
     except Exception as exc:  # the SuperNode must still get a reply and a status
         log.exception("task failed")
@@ -388,6 +407,12 @@ def parser() -> argparse.ArgumentParser:
         "ClientApp (started by `fedpeft site start`).",
     )
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
+    p.add_argument(
+        "--site-setup",
+        type=Path,
+        required=True,
+        help="the site's setup file (fedpeft site start writes it from site.toml)",
+    )
     p.add_argument("--superexec-auth-secret-file", type=Path, default=None)
     p.add_argument(
         "--allow-app",
@@ -409,10 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     secret = None
     if args.superexec_auth_secret_file is not None:
         secret = args.superexec_auth_secret_file.read_bytes()
+    try:
+        setup = read_setup_file(args.site_setup, tuple(args.allow_app or DEFAULT_ALLOWED_APPS))
+    except FedpeftError as exc:
+        log.error("site settings: %s", exc)
+        return 2
     settings = WorkerSettings(
         runtime_address=args.runtime_api_address,
+        setup=setup,
         auth_secret=secret,
-        allowed_apps=tuple(args.allow_app or DEFAULT_ALLOWED_APPS),
         poll_interval=args.poll_interval,
     )
     if args.parent_pid is not None:
@@ -425,16 +455,17 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, leave)
-    for ref in settings.allowed_apps:  # import torch and the app before the first task arrives
+    allowed = setup.allowed_apps
+    for ref in allowed:  # import torch and the app before the first task arrives
         try:
-            load_allowed_app(ref, settings.allowed_apps)
+            site_handler(ref, allowed)
         except Exception:
             log.exception("allowed app %s cannot be imported at this site", ref)
     log.info(
         "serving %s at %s (allowed apps: %s)",
         CLIENT_APP_TASK,
         settings.runtime_address,
-        ", ".join(settings.allowed_apps),
+        ", ".join(allowed),
     )
     serve(settings)
     return 0

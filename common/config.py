@@ -1,14 +1,22 @@
 """Run configuration: frozen dataclasses, loaded from TOML, validated once at the entry point.
 
 A run config is data. It is built once (file values, then CLI overrides, in :func:`load_config`),
-validated with every problem reported together, and then passed down unchanged. It travels to
-sites as JSON inside the train message, so both sides always train with the same settings.
+validated with every problem reported together, and then passed down unchanged.
+
+Sites never see the whole of it: :meth:`RunConfig.for_sites` keeps only what a site acts on
+(:class:`SiteRunConfig`: seed, model, method, local training, codec, rounds, upload bound and test
+fraction), which travels inside the coordinator's signed global state (common/envelope.py), so
+both sides train with the same settings and no relay can alter them. What a site's rows look
+like (:class:`DataSchema`) and the device it trains on are the site's own settings (site.toml);
+the store URL (``db``) is the coordinator's and is never serialized.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -90,6 +98,19 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class DataSchema:
+    """How a site's records file reads: the site's own setting (site.toml ``[data]``; in a
+    simulation, the simulation's ``[data]``), never the coordinator's."""
+
+    text_column: str = "text"
+    label_column: str = "label"
+    #: Optional column with ``train`` / ``test`` per row; otherwise a stratified split is drawn.
+    split_column: str = "split"
+    #: Skip (and count) bad rows instead of failing on the first one.
+    skip_bad_rows: bool = False
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where site records come from and how they are split."""
 
@@ -102,6 +123,61 @@ class DataConfig:
     test_fraction: float = 0.3
     #: Skip (and count) bad rows instead of failing on the first one.
     skip_bad_rows: bool = False
+
+    @property
+    def schema(self) -> DataSchema:
+        """The columns and bad-row rule: what the simulation's virtual sites read their files
+        with."""
+        return DataSchema(
+            self.text_column, self.label_column, self.split_column, self.skip_bad_rows
+        )
+
+
+@dataclass(frozen=True)
+class SiteRunConfig:
+    """What a site acts on: exactly the settings a site reads to train, evaluate and seal (and a
+    site policy may check). The coordinator signs it with each global state; a site takes its
+    settings from nowhere else. No store, no data set or columns, no device, no key paths."""
+
+    seed: int
+    model: ModelConfig
+    method: MethodConfig
+    train: TrainConfig
+    #: How the site encodes its delta before sealing (``federation.codec``).
+    codec: str
+    #: Rounds in the run (``federation.rounds``).
+    rounds: int
+    #: Largest sealed upload the coordinator accepts (``federation.max_upload_bytes``; 0 = its
+    #: automatic bound, twice the fp32 size of the shared state plus 64 KiB).
+    max_upload_bytes: int
+    #: Fraction of the site's rows held out for testing when its file has no split column.
+    test_fraction: float
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no spaces; what is signed and hashed."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SiteRunConfig:
+        """Parse and check a site config; ``ConfigError`` naming every problem (every setting
+        must be there: a signed config is complete)."""
+        try:
+            values = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"site config: not valid JSON ({exc.__class__.__name__})") from None
+        if not isinstance(values, dict):
+            raise ConfigError("site config: expected a JSON object")
+        problems: list[str] = []
+        cfg = _build(cls, values, "", problems, complete=True)
+        if not problems:
+            _check_site(cfg, problems)
+        if problems:
+            raise ConfigError(problems)
+        return cfg  # type: ignore[no-any-return]
+
+    def config_hash(self) -> str:
+        """SHA-256 (hex) of :meth:`to_json`: names this config in a site's ledger and approvals."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -120,17 +196,38 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """Everything but ``db``: the store URL (which may carry a password) is the coordinator's
+        own setting and is never serialized (the stored config, the app bundle)."""
+        values = dataclasses.asdict(self)
+        del values["db"]
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
         return build_config(json.loads(text))
 
+    def for_sites(self) -> SiteRunConfig:
+        """The part of this config that sites act on (see :class:`SiteRunConfig`)."""
+        return SiteRunConfig(
+            seed=self.seed,
+            model=self.model,
+            method=self.method,
+            train=self.train,
+            codec=self.federation.codec,
+            rounds=self.federation.rounds,
+            max_upload_bytes=self.federation.max_upload_bytes,
+            test_fraction=self.data.test_fraction,
+        )
+
 
 # -- building and validation -------------------------------------------------------------------
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+def _build(
+    cls: type, values: dict[str, Any], prefix: str, problems: list[str], complete: bool = False
+) -> Any:
+    """``cls`` from nested ``values``; problems are collected. With ``complete``, every field
+    must be given (no defaults)."""
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     for key in values:
@@ -139,17 +236,21 @@ def _build(cls: type, values: dict[str, Any], prefix: str, problems: list[str]) 
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in values:
+            if complete:
+                problems.append(f"{prefix}{f.name}: missing")
             continue
         value, hint, where = values[f.name], hints[f.name], f"{prefix}{f.name}"
         if is_dataclass(hint):
             if not isinstance(value, dict):
                 problems.append(f"{where}: expected a table of settings")
                 continue
-            kwargs[f.name] = _build(hint, value, where + ".", problems)  # type: ignore[arg-type]
+            kwargs[f.name] = _build(hint, value, where + ".", problems, complete)  # type: ignore[arg-type]
         else:
             converted = _convert(value, hint, where, problems)
             if converted is not None:
                 kwargs[f.name] = converted
+    if complete and len(kwargs) < len(known):
+        return None  # a problem is recorded; a dataclass without defaults cannot be built
     return cls(**kwargs)
 
 
@@ -171,18 +272,23 @@ def _convert(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
-def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
+def _needs(problems: list[str]) -> Callable[[bool, str], None]:
     def need(ok: bool, message: str) -> None:
         if not ok:
             problems.append(message)
 
-    need(cfg.device in DEVICES, f"device: must be one of {', '.join(DEVICES)}")
-    need(bool(cfg.db), "db: must be a SQLAlchemy URL")
-    need(cfg.model.max_length >= 8, "model.max_length: must be at least 8")
+    return need
+
+
+def _check_model_and_training(
+    model: ModelConfig, method: MethodConfig, t: TrainConfig, problems: list[str]
+) -> None:
+    """What a coordinator's run config and a site's signed config check alike."""
+    need = _needs(problems)
+    need(model.max_length >= 8, "model.max_length: must be at least 8")
     for spec in specs():
         if spec.config is not None:
-            problems.extend(spec.check(getattr(cfg.method, spec.name)))
-    t = cfg.train
+            problems.extend(spec.check(getattr(method, spec.name)))
     need(t.local_epochs >= 1, "train.local_epochs: must be at least 1")
     need(t.batch_size >= 1, "train.batch_size: must be at least 1")
     need(t.lr >= 0, "train.lr: must not be negative (0 = the method's own rate)")
@@ -191,6 +297,23 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(t.grad_clip >= 0, "train.grad_clip: must not be negative (0 disables clipping)")
     need(0 < t.val_fraction < 0.5, "train.val_fraction: must be in (0, 0.5)")
     need(t.patience >= 1, "train.patience: must be at least 1")
+
+
+def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
+    need = _needs(problems)
+    _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
+    need(cfg.train.lr > 0, "train.lr: must be positive (resolved by the coordinator)")
+    need(cfg.rounds >= 1, "rounds: must be at least 1")
+    need(cfg.codec in CODECS, f"codec: must be one of {', '.join(CODECS)}")
+    need(cfg.max_upload_bytes >= 0, "max_upload_bytes: must not be negative (0 = auto)")
+    need(0 < cfg.test_fraction < 1, "test_fraction: must be in (0, 1)")
+
+
+def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
+    need = _needs(problems)
+    need(cfg.device in DEVICES, f"device: must be one of {', '.join(DEVICES)}")
+    need(bool(cfg.db), "db: must be a SQLAlchemy URL")
+    _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     f = cfg.federation
     need(f.rounds >= 1, "federation.rounds: must be at least 1")
     need(f.sites_per_round >= 0, "federation.sites_per_round: must be 0 (all) or more")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedpeft.common.config import DataConfig
+from fedpeft.common.config import DataConfig, DataSchema
 from fedpeft.common.errors import DataError
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -78,7 +78,7 @@ def _parse_label(value: object) -> int | None:
     return {"0": 0, "1": 1, "0.0": 0, "1.0": 1}.get(text)
 
 
-def load_site_file(path: Path, cfg: DataConfig, name: str | None = None) -> SiteData:
+def load_site_file(path: Path, cfg: DataSchema, name: str | None = None) -> SiteData:
     """Load one site's file. A bad row raises :class:`DataError` naming the file, row and field,
     unless ``cfg.skip_bad_rows`` is set, in which case it is skipped and counted.
 
@@ -128,7 +128,7 @@ def load_site_file(path: Path, cfg: DataConfig, name: str | None = None) -> Site
     )
 
 
-def load_site_folder(folder: Path, cfg: DataConfig) -> list[SiteData]:
+def load_site_folder(folder: Path, cfg: DataSchema) -> list[SiteData]:
     """One site per data file in ``folder``, named after the file, in name order."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -145,7 +145,7 @@ def load_sites(cfg: DataConfig) -> list[SiteData]:
         return heart_sites()
     if cfg.dataset == "pima":
         return pima_sites()
-    return load_site_folder(Path(cfg.dataset), cfg)
+    return load_site_folder(Path(cfg.dataset), cfg.schema)
 
 
 # -- split -------------------------------------------------------------------------------------

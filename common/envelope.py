@@ -13,8 +13,10 @@ decryption (``tampered``), then the signature (``bad-signature``: intact bytes, 
 then the payload's layout. Finite values and the norm bound are checked on the decoded tensors
 by the caller (``server/validation.py``), as for any update.
 
-The coordinator's global state goes down signed (:func:`sign_global` / :func:`open_global`) so
-that a relay cannot hand sites a forged model.
+The coordinator's global state goes down signed (:func:`sign_global` / :func:`open_global`)
+together with the run's site config (:class:`~fedpeft.common.config.SiteRunConfig`, canonical
+JSON in the signed header), so that a relay can hand sites neither a forged model nor altered
+settings.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from google.protobuf.message import DecodeError
 
 from fedpeft.common import crypto
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
-from fedpeft.common.errors import DeltaRejected, FedpeftError, Reason
+from fedpeft.common.config import SiteRunConfig
+from fedpeft.common.errors import ConfigError, DeltaRejected, FedpeftError, Reason
 from fedpeft.common.state import State
 from fedpeft.common.wire import CODECS, decode, encode
 
@@ -212,12 +215,18 @@ class ForgedGlobalState(FedpeftError):
 
 @dataclass(frozen=True)
 class GlobalState:
+    """A global state as a site opened it: everything in it was signed by the coordinator."""
+
     run_token: str
     round: int
     method: str
     fingerprint: str
     run_public: bytes
     state: State
+    #: The run's site config: the only settings a site acts on.
+    config: SiteRunConfig
+    #: SHA-256 (hex) of the config's canonical JSON, as signed.
+    config_hash: str
 
 
 def sign_global(
@@ -228,11 +237,15 @@ def sign_global(
     method: str,
     fingerprint: str,
     run_public: bytes,
+    config: SiteRunConfig,
     coordinator: ec.EllipticCurvePrivateKey,
 ) -> bytes:
-    """The coordinator's global state for one round: fp32 values, signed with its identity key."""
+    """The coordinator's global state for one round: fp32 values and the run's site config,
+    signed with its identity key."""
+    if config.method.name != method:
+        raise ValueError(f"the site config's method {config.method.name!r} is not {method!r}")
     header = _header_bytes(
-        pb.GlobalStateHeader(run_public_key=run_public),
+        pb.GlobalStateHeader(run_public_key=run_public, site_config_json=config.to_json()),
         state,
         run_token,
         round,
@@ -260,10 +273,22 @@ def open_global(data: bytes, coordinator: ec.EllipticCurvePublicKey) -> GlobalSt
         raise ForgedGlobalState("the global state is not signed by the coordinator's key")
     if header.schema_version != SCHEMA_VERSION:
         raise ForgedGlobalState(f"global state schema version {header.schema_version}")
+    # Signed but inconsistent: the coordinator's bug, still refused.
+    try:
+        config = SiteRunConfig.from_json(header.site_config_json)
+    except ConfigError as exc:
+        raise ForgedGlobalState(f"the signed site config is not valid ({exc})") from None
+    if config.to_json() != header.site_config_json:  # its hash must name the bytes signed
+        raise ForgedGlobalState("the signed site config is not in canonical form")
+    if config.method.name != header.method:
+        raise ForgedGlobalState(
+            f"the signed site config's method {config.method.name!r} is not the global "
+            f"state's {header.method!r}"
+        )
     shapes = {t.name: tuple(t.shape) for t in header.tensors}
     try:
         state = decode(signed.payload, shapes, "fp32")
-    except DeltaRejected as exc:  # signed but inconsistent: the coordinator's bug, still refuse
+    except DeltaRejected as exc:
         raise ForgedGlobalState(f"signed global state is inconsistent ({exc})") from None
     return GlobalState(
         header.run_token,
@@ -272,4 +297,6 @@ def open_global(data: bytes, coordinator: ec.EllipticCurvePublicKey) -> GlobalSt
         header.model_fingerprint,
         bytes(header.run_public_key),
         state,
+        config,
+        config.config_hash(),
     )

@@ -13,9 +13,15 @@ from typing import Final
 #: Server side: the coordinator's identity key file and the registered sites file.
 COORDINATOR_KEY_ENV: Final = "FEDPEFT_COORDINATOR_KEY"
 SITES_ENV: Final = "FEDPEFT_SITES"
+#: Server side, deployment: the run store's SQLAlchemy URL (coordinator.toml ``store``). It may
+#: carry a password: it reaches the ServerApp this way only, never in a run config or app bundle.
+STORE_ENV: Final = "FEDPEFT_STORE"
 #: Site side, simulation only: the folder with every virtual site's key (partition-N.key) and
 #: the coordinator's public key (coordinator.pub).
 SIMULATION_KEYS_ENV: Final = "FEDPEFT_SIMULATION_KEYS"
+#: Site side, simulation only: the virtual sites' own settings (data set, columns, bad-row rule,
+#: device) as JSON, from the simulation's config: the same party runs coordinator and sites.
+SIMULATION_SITES_ENV: Final = "FEDPEFT_SIMULATION_SITES"
 #: The key of the store's encrypted checkpoints: a file, or base64 of 32 bytes.
 STORE_KEY_FILE_ENV: Final = "FEDPEFT_STORE_KEY_FILE"
 STORE_KEY_ENV: Final = "FEDPEFT_STORE_KEY"

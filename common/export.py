@@ -1,7 +1,8 @@
 """Export a run's global state in formats the ecosystem loads, and load it back.
 
-An export directory always holds ``fedpeft-export.json`` (run, round, method, the run config and
-the base model's fingerprint). Beside it:
+An export directory always holds ``fedpeft-export.json`` (run, round, method, the run's site
+config (what sites trained with: :class:`~fedpeft.common.config.SiteRunConfig`, no store, data
+set or paths) with its hash, and the base model's fingerprint). Beside it:
 
 * a method whose spec exports :attr:`ExportFormat.PEFT` (``fedpeft export --help`` names them):
   peft's own ``adapter_config.json`` + ``adapter_model.safetensors``, with the classification
@@ -28,12 +29,14 @@ from typing import Any
 
 import torch
 
-from fedpeft.common.config import RunConfig
+from fedpeft.common.config import RunConfig, SiteRunConfig
 from fedpeft.common.errors import FingerprintMismatch, ModelError
 from fedpeft.common.methods import ExportFormat, build_model, get_spec, load_shared_state
 from fedpeft.common.model import load_base_model, model_fingerprint, resolve_model_path
 
 MANIFEST = "fedpeft-export.json"
+#: 2: ``config`` is the site config; 1 (read still): the whole run config.
+FORMAT = 2
 STATE_FILE = "fedpeft_state.safetensors"
 
 
@@ -69,15 +72,17 @@ def export_state(
             metadata={"fedpeft.method": cfg.method.name, "fedpeft.fingerprint": fingerprint},
         )
         files = [out / STATE_FILE]
+    site_config = cfg.for_sites()
     manifest = {
-        "format": 1,
+        "format": FORMAT,
         "run_id": run_id,
         "round": round,
         "method": cfg.method.name,
         "base_model": resolve_model_path(cfg.model),
         "base_model_fingerprint": fingerprint,
         "files": [f.name for f in files],
-        "config": json.loads(cfg.to_json()),
+        "config": json.loads(site_config.to_json()),
+        "config_hash": site_config.config_hash(),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return [*files, out / MANIFEST]
@@ -102,7 +107,10 @@ def load_export(folder: Path, base_model: str | None = None) -> torch.nn.Module:
     values = manifest["config"]
     if base_model is not None:
         values = {**values, "model": {**values["model"], "name_or_path": base_model}}
-    cfg = RunConfig.from_json(json.dumps(values))
+    text = json.dumps(values)
+    cfg: RunConfig | SiteRunConfig = (
+        RunConfig.from_json(text) if manifest.get("format") == 1 else SiteRunConfig.from_json(text)
+    )
     path = resolve_model_path(cfg.model)
     if model_fingerprint(path) != manifest["base_model_fingerprint"]:
         raise FingerprintMismatch(

@@ -20,12 +20,11 @@ class Phase(StrEnum):
 # Record names inside a Flower Message's RecordDict.
 GLOBAL: Final = "global"  # blob: the signed global state (server -> site)
 SEALED: Final = "sealed"  # blob: the sealed delta (site -> server)
-CONFIG: Final = "config"  # ConfigRecord: run config and round info
+CONFIG: Final = "config"  # ConfigRecord: round info (the run's settings are in GLOBAL, signed)
 METRICS: Final = "metrics"  # MetricRecord: scalar metrics of the reply
 HISTOGRAM: Final = "histogram"  # MetricRecord: score histogram by label
 
 # ConfigRecord keys, server -> site.
-RUN_CONFIG_JSON: Final = "run-config-json"
 ROUND: Final = "round"
 
 # ConfigRecord keys, site -> server.
@@ -53,6 +52,4 @@ HIST_NEG: Final = "neg"
 PARTITION_ID: Final = "partition-id"
 # Deployment node config keys (a site's SuperNode passes these to its ClientApp).
 NODE_SITE: Final = "site"
-NODE_DATA_PATH: Final = "data-path"
-NODE_IDENTITY_KEY: Final = "identity-key"  # the site's private key file (ECDSA P-384, OpenSSH)
-NODE_COORDINATOR_KEY: Final = "coordinator-key"  # the coordinator's public key file
+NODE_SITE_SETUP: Final = "site-setup"  # the site's setup file (client/setup.py), from site.toml

@@ -345,6 +345,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.common.config import load_config
     from fedpeft.report import plot_auc, render_table, summarize
     from fedpeft.server.store import open_store
+    from fedpeft.settings import shown_url
     from fedpeft.simulate import record_baselines, run_simulation
 
     started = time.perf_counter()
@@ -353,7 +354,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _say(
         f"fedpeft simulate: dataset {cfg.data.dataset}, method {cfg.method.name}, "
         f"{cfg.federation.rounds} rounds x {cfg.train.local_epochs} local epoch(s), "
-        f"sites per round {sites}, seed {cfg.seed}, store {cfg.db}"
+        f"sites per round {sites}, seed {cfg.seed}, store {shown_url(cfg.db)}"
     )
     result = run_simulation(
         cfg,
@@ -539,7 +540,6 @@ def _start_coordinator(args: argparse.Namespace) -> int:
 
 def _start_site(args: argparse.Namespace) -> int:
     from fedpeft import processes
-    from fedpeft.common.config import DataConfig
     from fedpeft.common.data import load_site_file
     from fedpeft.common.trust import site_trust
     from fedpeft.settings import load_site_config
@@ -547,7 +547,7 @@ def _start_site(args: argparse.Namespace) -> int:
     cfg = load_site_config(args.config, args.insecure)
     processes.supernode_command(cfg, args.insecure)  # ConfigError before anything is written
     site_trust(cfg.identity_key, cfg.coordinator_key)  # keys readable, private, right type
-    rows = load_site_file(cfg.data, DataConfig(), name=cfg.name)
+    rows = load_site_file(cfg.data, cfg.schema, name=cfg.name)
     if cfg.ca is None:
         print(processes.INSECURE_WARNING, file=sys.stderr, flush=True)
     _say(f"site {cfg.name}: {len(rows.labels)} records in {cfg.data}; dialing {cfg.coordinator}")
@@ -555,12 +555,14 @@ def _start_site(args: argparse.Namespace) -> int:
     folder = args.config.resolve().parent
     home = processes.flwr_home(args.config)
     env = processes.site_env(home)
+    setup = processes.write_site_setup(cfg, home)
     if args.per_message_process:
-        cmd = processes.supernode_command(cfg, args.insecure, worker=False)
+        cmd = processes.supernode_command(cfg, args.insecure, worker=False, setup_file=setup)
         return processes.run_foreground(cmd, env, folder)
     secret = processes.write_auth_secret(home)
-    cmd = processes.supernode_command(cfg, args.insecure, auth_secret_file=secret)
-    worker = processes.worker_command(cfg, secret, args.allow_app or cfg.policy.apps)
+    cmd = processes.supernode_command(cfg, args.insecure, auth_secret_file=secret, setup_file=setup)
+    apps = args.allow_app or cfg.policy.apps
+    worker = processes.worker_command(cfg, secret, apps, setup_file=setup)
     return processes.supervise_site(cmd, worker, env, folder, _say)
 
 

@@ -24,6 +24,7 @@ from fedpeft.common.environment import (
     FLWR_HOME_ENV,
     QUIET,
     SITES_ENV,
+    STORE_ENV,
     STORE_KEY_ENV,
     STORE_KEY_FILE_ENV,
 )
@@ -119,22 +120,25 @@ def superlink_command(cfg: CoordinatorConfig, insecure: bool) -> list[str]:
 
 
 def supernode_command(
-    cfg: SiteConfig, insecure: bool, auth_secret_file: Path | None = None, worker: bool = True
+    cfg: SiteConfig,
+    insecure: bool,
+    auth_secret_file: Path | None = None,
+    worker: bool = True,
+    setup_file: Path | None = None,
 ) -> list[str]:
-    """The ``flower-supernode`` command line for ``cfg``: its node config tells the ClientApp the
-    site's name, data and keys; ``ConfigError`` without a CA unless ``insecure``.
+    """The ``flower-supernode`` command line for ``cfg``: its node config tells a ClientApp the
+    site's name and its setup file (``setup_file``: data, schema, device and key paths, written
+    from site.toml by :func:`write_site_setup`); ``ConfigError`` without a CA unless
+    ``insecure``.
 
     With ``worker`` (the default) the SuperNode runs no ClientApp itself (``--isolation
     process``): fedpeft's site worker (:func:`worker_command`) takes its tasks from the runtime
     API, which listens on 127.0.0.1 only, and ``auth_secret_file`` lets only the worker acquire
     them. Without it, stock Flower starts a ``flwr-clientapp`` per message (kept for the
     benchmark only: it installs and runs whatever app the coordinator ships)."""
-    node_config = {
-        keys.NODE_SITE: cfg.name,
-        keys.NODE_DATA_PATH: cfg.data,
-        keys.NODE_IDENTITY_KEY: cfg.identity_key,
-        keys.NODE_COORDINATOR_KEY: cfg.coordinator_key,
-    }
+    node_config: dict[str, object] = {keys.NODE_SITE: cfg.name}
+    if setup_file is not None:
+        node_config[keys.NODE_SITE_SETUP] = setup_file
     cmd = [
         *(str(BIN / "flower-supernode"), "--superlink", cfg.coordinator),
         *("--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())),
@@ -155,19 +159,40 @@ def supernode_command(
     ]
 
 
+def write_site_setup(cfg: SiteConfig, folder: Path) -> Path:
+    """The site's own settings from site.toml, as the worker and a ClientApp read them
+    (client/setup.py): ``folder``/site-setup.json, written anew at every start."""
+    from fedpeft.client.setup import write_setup_file
+
+    return write_setup_file(
+        folder / "site-setup.json",
+        site=cfg.name,
+        data_file=cfg.data,
+        schema=cfg.schema,
+        device=cfg.device,
+        identity_key=cfg.identity_key,
+        coordinator_key=cfg.coordinator_key,
+        ledger=cfg.ledger,
+    )
+
+
 def worker_command(
     cfg: SiteConfig,
     auth_secret_file: Path | None,
     allowed_apps: Sequence[str] = (),
     poll_interval: float = 0.2,
+    setup_file: Path | None = None,
 ) -> list[str]:
-    """The site worker's command line: it serves the SuperNode of ``cfg`` on 127.0.0.1 and exits
-    when the process that started it does."""
+    """The site worker's command line: it serves the SuperNode of ``cfg`` on 127.0.0.1 with the
+    site's own settings (``setup_file``, :func:`write_site_setup`) and exits when the process
+    that started it does."""
     cmd = [
         *(sys.executable, "-m", "fedpeft.client.worker"),
         *("--runtime-api-address", f"{RUNTIME_HOST}:{cfg.api_port}"),
         *("--poll-interval", str(poll_interval), "--parent-pid", str(os.getpid())),
     ]
+    if setup_file is not None:
+        cmd += ["--site-setup", str(setup_file)]
     if auth_secret_file is not None:
         cmd += ["--superexec-auth-secret-file", str(auth_secret_file)]
     for ref in allowed_apps:
@@ -307,6 +332,7 @@ def coordinator_env(cfg: CoordinatorConfig, flwr_home: Path) -> dict[str, str]:
         FLWR_HOME_ENV: str(flwr_home),
         COORDINATOR_KEY_ENV: str(cfg.identity_key),
         SITES_ENV: str(cfg.sites),
+        STORE_ENV: cfg.store,  # the store URL travels this way only (never a bundle or config)
         STORE_KEY_FILE_ENV: str(cfg.store_key_file),
     }
 

@@ -5,6 +5,10 @@ made for this run (its ``pyproject.toml`` names fedpeft's ServerApp and ClientAp
 coordinator and sites have installed), then ``flwr run --stream`` shows the ServerApp's
 progress. Flower's own exit code can be 0 for a crashed ServerApp, so the result is read from
 the run store: the command exits non-zero unless the run is recorded as finished.
+
+The store is the coordinator's (coordinator.toml ``store``): the app carries no store URL (the
+ServerApp gets it from the coordinator's environment), and the store is named on screen
+without its password.
 """
 
 from __future__ import annotations
@@ -18,17 +22,15 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from fedpeft.allowlist import flower_cli_home
 from fedpeft.common.config import RunConfig
 from fedpeft.common.environment import FLWR_HOME_ENV
-from fedpeft.common.errors import FedpeftError
+from fedpeft.common.errors import ConfigError, FedpeftError
 from fedpeft.processes import BIN, child_env
 from fedpeft.server.app import CONFIG_KEY
 from fedpeft.server.store import RunInfo, open_store
 from fedpeft.server.store.base import utcnow
-from fedpeft.settings import CoordinatorConfig
+from fedpeft.settings import CoordinatorConfig, absolute_store, shown_url
 
 APP_TOML = """\
 [build-system]
@@ -56,19 +58,9 @@ clientapp = "fedpeft.client.app:app"
 """
 
 
-def with_absolute_store(cfg: RunConfig, folder: Path) -> RunConfig:
-    """A SQLite store path relative to the coordinator's folder, made absolute: the ServerApp
-    process does not run in the folder the operator typed the command in."""
-    url = make_url(cfg.db)
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return cfg
-    path = Path(url.database)
-    if path.is_absolute():
-        return cfg
-    return dataclasses.replace(cfg, db=str(url.set(database=str(folder / path))))
-
-
 def write_app(folder: Path, cfg: RunConfig) -> Path:
+    """The app bundle's folder for a run of ``cfg``: the ServerApp's run config (no store URL:
+    ``RunConfig.to_json`` leaves it out) and the references to fedpeft's installed apps."""
     (folder / "pyproject.toml").write_text(
         APP_TOML.format(key=json.dumps(CONFIG_KEY), value=json.dumps(cfg.to_json()))
     )
@@ -93,21 +85,21 @@ def start_run(
             [str(BIN / "flwr"), "run", str(app), "coordinator", "--stream"],
             env=child_env({FLWR_HOME_ENV: str(home)}),
         )
-    fed = cfg.federation
+    fed, db = cfg.federation, coordinator.store
     deadline = time.monotonic() + fed.rounds * 2 * fed.round_timeout_s + 300
     seen_rounds, run = 0, None
     while True:
-        run = _latest_run(cfg.db, started)
+        run = _latest_run(db, started)
         if run is not None and run.status != "running":
             break
         if run is not None:
-            seen_rounds = _report_new_rounds(cfg.db, run.id, seen_rounds, say)
+            seen_rounds = _report_new_rounds(db, run.id, seen_rounds, say)
         if time.monotonic() > deadline:
             break
         time.sleep(3)
     if run is None:
         raise FedpeftError(
-            f"the coordinator recorded no run in {make_url(cfg.db).render_as_string()} "
+            f"the coordinator recorded no run in {shown_url(db)} "
             f"(flwr run exited {done.returncode}); see the coordinator's log"
         )
     if run.status != "finished":
@@ -145,18 +137,31 @@ def run_and_report(
     coordinator: CoordinatorConfig,
     say: Callable[[str], None],
 ) -> RunInfo:
-    """``fedpeft run start``: load the run config (a relative SQLite store is taken relative to
-    the coordinator's folder), start the run, follow it, then print its report table."""
+    """``fedpeft run start``: load the run config, start the run, follow it in the coordinator's
+    store, then print its report table. A run config that names a ``db`` other than the
+    coordinator's store is refused (it would be followed in the wrong place)."""
     from fedpeft.common.config import load_config
+    from fedpeft.common.tomlfile import read_toml
     from fedpeft.report import render_table, summarize
 
-    cfg = with_absolute_store(load_config(run_toml), coordinator_toml.resolve().parent)
+    cfg = load_config(run_toml)
+    named = read_toml(run_toml).get("db")
+    if isinstance(named, str):
+        folder = coordinator_toml.resolve().parent
+        problems: list[str] = []
+        if absolute_store(named, folder, problems, coordinator_toml) != coordinator.store:
+            raise ConfigError(
+                f"{run_toml}: db: runs are recorded in the coordinator's store "
+                f"({shown_url(coordinator.store)}, coordinator.toml store); remove db from the "
+                "run config"
+            )
+    cfg = dataclasses.replace(cfg, db=coordinator.store)
     say(
         f"starting a run: method {cfg.method.name}, {cfg.federation.rounds} rounds, "
-        f"min sites {cfg.federation.min_sites}, store {cfg.db}"
+        f"min sites {cfg.federation.min_sites}, store {shown_url(coordinator.store)}"
     )
     run = start_run(cfg, coordinator_toml, coordinator, say=say)
-    store = open_store(cfg.db)
+    store = open_store(coordinator.store)
     try:
         print(render_table(summarize(store, run.id)), flush=True)
     finally:

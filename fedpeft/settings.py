@@ -3,7 +3,9 @@
 
 coordinator.toml has a ``[coordinator]`` table (the fields of :class:`CoordinatorConfig`) and,
 for TLS, a ``[tls]`` table (:class:`Tls`); site.toml has a ``[site]`` table (the fields of
-:class:`SiteConfig`) and an optional ``[policy]`` table: what the site allows a run to do
+:class:`SiteConfig`), an optional ``[data]`` table (how the site's records file reads: its
+columns and whether bad rows are skipped, the site's to say, never the coordinator's) and an
+optional ``[policy]`` table: what the site allows a run to do
 (:class:`~fedpeft.client.policy.SitePolicy`, safe defaults). ``fedpeft rehearsal init`` writes
 a complete example of each.
 
@@ -21,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from fedpeft.client.policy import DEFAULT_APPROVALS, SitePolicy
+from fedpeft.common.config import DEVICES, DataSchema
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import method_names
 from fedpeft.common.tomlfile import read_toml
@@ -57,6 +63,15 @@ class _Reader:
         value = self.values.get(key, default)
         if not isinstance(value, bool):
             self.problems.append(f"{self.path}: [{self.table}] {key}: expected true or false")
+            return default
+        return value
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        value = self.text(key, default)
+        if value and value not in choices:
+            self.problems.append(
+                f"{self.path}: [{self.table}] {key}: expected one of {', '.join(choices)}"
+            )
             return default
         return value
 
@@ -156,6 +171,10 @@ class CoordinatorConfig:
     #: Serve the Control and Runtime APIs on a non-loopback ``api_address`` (a private network
     #: of the consortium's operators); needs ``[tls]``, and warns at every start [false].
     expose_api: bool = False
+    #: The run store, a SQLAlchemy URL; a relative SQLite file is beside coordinator.toml
+    #: ["sqlite:///runs.db"]. It reaches the ServerApp through the coordinator's environment
+    #: only: never a run config, an app bundle or a message (it may carry a password).
+    store: str = "sqlite:///runs.db"
 
 
 def is_loopback(host: str) -> bool:
@@ -197,8 +216,37 @@ def load_coordinator_config(path: Path) -> CoordinatorConfig:
                 f"{path}: [coordinator] expose_api: needs a [tls] table (the exposed APIs would "
                 "otherwise travel in clear text)"
             )
+    store = absolute_store(r.text("store", "sqlite:///runs.db"), r.folder, r.problems, path)
     r.done(tls_problems)
-    return CoordinatorConfig(cfg_fleet, cfg_api, state, identity, sites, store_key, tls, expose_api)
+    return CoordinatorConfig(
+        cfg_fleet, cfg_api, state, identity, sites, store_key, tls, expose_api, store
+    )
+
+
+def shown_url(url: str) -> str:
+    """A store URL as it may be shown or logged: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(a store URL that does not parse)"
+
+
+def absolute_store(url: str, folder: Path, problems: list[str], path: Path) -> str:
+    """``url`` with a relative SQLite file made absolute under ``folder``: the ServerApp process
+    does not run in the folder of coordinator.toml. A URL that does not parse is a problem
+    (named without the URL, which may hold a password)."""
+    if not url:
+        return url
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        problems.append(f"{path}: [coordinator] store: not a SQLAlchemy URL")
+        return url
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return url
+    if parsed.database == ":memory:" or Path(parsed.database).is_absolute():
+        return url
+    return parsed.set(database=str(folder / parsed.database)).render_as_string(hide_password=False)
 
 
 DEFAULT_LEDGER = "ledger.jsonl"
@@ -227,6 +275,13 @@ class SiteConfig:
     ledger: Path
     #: What the site allows a run to do (the ``[policy]`` table; client/policy.py).
     policy: SitePolicy
+    #: site.toml itself.
+    path: Path
+    #: Where the site trains: auto (CUDA when present), cpu or cuda ["auto"].
+    device: str = "auto"
+    #: How the records file reads (the ``[data]`` table: text_column ["text"], label_column
+    #: ["label"], split_column ["split"], skip_bad_rows [false]).
+    schema: DataSchema = DataSchema()
 
 
 def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
@@ -235,6 +290,10 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
     values = _read_table(path, "site")
     r = _Reader(path, values, "site")
     p = _policy_reader(path, values)
+    d = _Reader(path, values, "data")
+    if not isinstance(values.get("data", {}), dict):
+        d.values = {}
+        d.problems.append(f"{path}: [data] must be a table")
     name = r.text("name")
     coordinator = r.text("coordinator")
     coordinator_key = r.file("coordinator_key")
@@ -251,11 +310,25 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         api_port=r.number("api_port", 9094),
         ledger=r.file("ledger", DEFAULT_LEDGER, must_exist=False),
         policy=_site_policy(p, coordinator_key),
+        path=Path(path).resolve(),
+        device=r.choice("device", "auto", DEVICES),
+        schema=_data_schema(d),
     )
     if not cfg.ledger.parent.is_dir():
         r.problems.append(f"{path}: [site] ledger: {cfg.ledger.parent}: no such folder")
-    r.done(p.collect())
+    r.done(p.collect(), d.collect())
     return cfg
+
+
+def _data_schema(r: _Reader) -> DataSchema:
+    """site.toml's ``[data]`` table (every key optional)."""
+    default = DataSchema()
+    return DataSchema(
+        text_column=r.text("text_column", default.text_column),
+        label_column=r.text("label_column", default.label_column),
+        split_column=r.text("split_column", default.split_column),
+        skip_bad_rows=r.flag("skip_bad_rows", default.skip_bad_rows),
+    )
 
 
 #: A ClientApp reference: ``package.module:attribute``.

@@ -3,7 +3,10 @@
 Runs the same ServerApp and ClientApp as a deployment, one virtual SuperNode per site, then the
 alone and centralized baselines, and records everything in the store. Deltas are sealed and
 signed as in a deployment: the simulation makes fresh keys for the coordinator and every virtual
-site in a private temporary folder and deletes it when the simulation ends.
+site in a private temporary folder and deletes it when the simulation ends. The virtual sites
+take their own settings (data set, columns, bad-row rule, device) from this simulation's config,
+through the environment, as a deployed site takes them from its site.toml; the run's settings
+reach them only inside the signed global state.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpeft.client.setup import simulation_sites_env
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import load_sites, split_site
-from fedpeft.common.environment import SIMULATION_KEYS_ENV
+from fedpeft.common.environment import SIMULATION_KEYS_ENV, SIMULATION_SITES_ENV
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.model import resolve_device
 from fedpeft.common.trust import make_simulation_keys
@@ -86,8 +90,12 @@ def run_simulation(
     # find their keys through the environment.
     with tempfile.TemporaryDirectory(prefix="fedpeft-keys-") as folder:
         trust = make_simulation_keys(Path(folder), sites)
-        previous = os.environ.get(SIMULATION_KEYS_ENV)
-        os.environ[SIMULATION_KEYS_ENV] = folder
+        site_env = {
+            SIMULATION_KEYS_ENV: folder,
+            SIMULATION_SITES_ENV: simulation_sites_env(cfg.data, cfg.device),
+        }
+        previous = {name: os.environ.get(name) for name in site_env}
+        os.environ.update(site_env)
         try:
             flwr_run_simulation(
                 server_app=build_server_app(cfg, progress, handle, trust, store_key),
@@ -98,10 +106,11 @@ def run_simulation(
             )
         finally:
             flower_log.setLevel(level)
-            if previous is None:
-                os.environ.pop(SIMULATION_KEYS_ENV, None)
-            else:
-                os.environ[SIMULATION_KEYS_ENV] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     if handle.run_id is None:
         raise FedpeftError("the simulation ended before the run was created (see the log above)")
     if handle.error is not None:

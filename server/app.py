@@ -2,18 +2,26 @@
 
 The same app runs under Flower's simulation engine (``fedpeft simulate``) and its deployment
 engine. In simulation the caller hands the config in; in deployment it comes from the run
-config that Flower passes in ``context.run_config`` (dotted keys, e.g. ``federation.rounds``).
+config that Flower passes in ``context.run_config`` (dotted keys, e.g. ``federation.rounds``),
+and the store from the coordinator's environment (``FEDPEFT_STORE``, coordinator.toml
+``store``): a run config that names a ``db`` is refused, so that a store URL (which may carry a
+password) never travels in an app bundle or a run config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.environment import STORE_ENV
+from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import build_model, count_parameters, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
 from fedpeft.common.tensors import to_numpy
@@ -91,10 +99,36 @@ CONFIG_KEY = "fedpeft-config"
 
 
 def config_from_flower(run_config: dict[str, Any]) -> RunConfig:
-    """The run config from Flower's: one JSON value (``fedpeft run start``), or dotted keys."""
+    """The run config from Flower's: one JSON value (``fedpeft run start``), or dotted keys;
+    its store is the coordinator's (:func:`store_from_env`). ``ConfigError`` if it names a
+    ``db``: the store is not a run setting."""
     if CONFIG_KEY in run_config:
-        return RunConfig.from_json(str(run_config[CONFIG_KEY]))
-    return load_config(overrides=run_config)
+        values = json.loads(str(run_config[CONFIG_KEY]))
+        if "db" in values:
+            raise ConfigError(_NO_DB)
+        cfg = RunConfig.from_json(json.dumps(values))
+    else:
+        if "db" in run_config:
+            raise ConfigError(_NO_DB)
+        cfg = load_config(overrides=run_config)
+    return dataclasses.replace(cfg, db=store_from_env())
+
+
+_NO_DB = (
+    "db: the store is the coordinator's (coordinator.toml store), not a run setting; remove "
+    "db from the run config"
+)
+
+
+def store_from_env() -> str:
+    """The coordinator's store URL, from its environment (:data:`STORE_ENV`)."""
+    url = os.environ.get(STORE_ENV)
+    if not url:
+        raise ConfigError(
+            f"{STORE_ENV} is not set: start the coordinator with `fedpeft coordinator start`, "
+            "which passes coordinator.toml's store"
+        )
+    return url
 
 
 def _stream(text: str) -> None:

@@ -59,6 +59,7 @@ class FederatedRun:
         progress: Progress | None = None,
     ):
         self.cfg = cfg
+        self.site_config = cfg.for_sites()
         self.trust = trust
         self.store_key = store_key
         # This run's key pair: sites seal their deltas for it. The private half lives only in
@@ -156,12 +157,8 @@ class FederatedRun:
         """One message per node: the signed global state and the run config."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        config = ConfigRecord(
-            {
-                keys.RUN_CONFIG_JSON: self.cfg.to_json(),
-                keys.ROUND: rnd,
-            }
-        )
+        config = ConfigRecord({keys.ROUND: rnd})
+        # The settings sites act on travel inside the signed global state, nowhere else.
         signed = sign_global(
             self.state,
             run_token=self.run_token,
@@ -169,6 +166,7 @@ class FederatedRun:
             method=self.cfg.method.name,
             fingerprint=self.fingerprint,
             run_public=crypto.raw_public(self.run_key),
+            config=self.site_config,
             coordinator=self.trust.identity,
         )
         return [

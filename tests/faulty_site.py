@@ -47,10 +47,10 @@ def _tamper(reply: Any) -> None:
 @app.train()
 def train(msg: Any, context: Any) -> Any:
     if int(context.node_config[keys.PARTITION_ID]) != 1:
-        return site_app._handle(msg, context, "train")
+        return site_app.handle_in_context(msg, context)
     fault = os.environ.get(FAULT_ENV, "nan")
     if fault == "tamper":
-        reply = site_app._handle(msg, context, "train")
+        reply = site_app.handle_in_context(msg, context)
         _tamper(reply)
         return reply
     return train_with_hook(msg, context, _corrupt_delta)
@@ -58,4 +58,4 @@ def train(msg: Any, context: Any) -> Any:
 
 @app.evaluate()
 def evaluate(msg: Any, context: Any) -> Any:
-    return site_app._handle(msg, context, "evaluate")
+    return site_app.handle_in_context(msg, context)

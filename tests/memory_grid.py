@@ -118,7 +118,7 @@ class ScriptedSite:
                     method=signed.method,
                     fingerprint=signed.fingerprint,
                     num_examples=self.n_train,
-                    codec="fp32",
+                    codec=signed.config.codec,  # as the signed site config says
                     run_public=signed.run_public,
                     identity=self.key,
                 )

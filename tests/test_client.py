@@ -1,4 +1,5 @@
-"""The ClientApp's message handling, called directly with real Flower messages (no network)."""
+"""The site's message handler, called directly with real Flower messages (no network): with a
+SiteSetup (as the site worker calls it) and through the Flower ClientApp shell (node config)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedpeft.client.app import _handle
+from fedpeft.client.app import handle, handle_in_context
+from fedpeft.client.setup import SiteSetup
 from fedpeft.common import crypto, keys
-from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
+from fedpeft.common.config import DataSchema, RunConfig, load_config
 from fedpeft.common.envelope import Expected, open_delta, sign_global
 from fedpeft.common.methods import build_model, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
 from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.tensors import to_numpy
+from fedpeft.common.trust import SiteTrust
+from fedpeft.processes import write_site_setup
+from fedpeft.settings import load_site_config
 
 RUN_KEY = crypto.new_run_key()
 COORDINATOR = crypto.new_identity()
@@ -48,31 +54,36 @@ def _message(
         method=cfg.method.name,
         fingerprint=fingerprint,
         run_public=crypto.raw_public(RUN_KEY),
+        config=cfg.for_sites(),
         coordinator=signer,  # type: ignore[arg-type]
     )
-    config = ConfigRecord({keys.RUN_CONFIG_JSON: cfg.to_json(), keys.ROUND: 1})
+    config = ConfigRecord({keys.ROUND: 1})
     content = RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config})
     return Message(content, dst_node_id=7, message_type=kind)
 
 
-def _context(path: Path) -> Context:
-    folder = path.parent / "keys"
-    if not folder.exists():
-        folder.mkdir()
-        crypto.write_private_key(folder / "site.key", SITE_KEY)
-        (folder / "coordinator.pub").write_text(crypto.public_openssh(COORDINATOR.public_key()))
-    return Context(
-        run_id=1,
-        node_id=7,
-        node_config={
-            keys.NODE_DATA_PATH: str(path),
-            keys.NODE_SITE: "site-x",
-            keys.NODE_IDENTITY_KEY: str(folder / "site.key"),
-            keys.NODE_COORDINATOR_KEY: str(folder / "coordinator.pub"),
-        },
-        state=RecordDict(),
-        run_config={},
+def _setup(path: Path) -> SiteSetup:
+    """The site's own settings, as the worker builds them from site.toml."""
+    trust = SiteTrust(SITE_KEY, COORDINATOR.public_key())
+    return SiteSetup("site-x", path, DataSchema(), "cpu", trust)
+
+
+def _site_setup(path: Path, data_table: str = "") -> str:
+    """The setup file ``fedpeft site start`` writes from a site.toml for ``path``'s records
+    (keys beside them)."""
+    folder = path.parent
+    crypto.write_private_key(folder / "site.key", SITE_KEY)
+    (folder / "coordinator.pub").write_text(crypto.public_openssh(COORDINATOR.public_key()))
+    toml = folder / "site.toml"
+    toml.write_text(
+        f'[site]\nname = "site-x"\ncoordinator = "127.0.0.1:1"\nidentity_key = "site.key"\n'
+        f'coordinator_key = "coordinator.pub"\ndata = "{path.name}"\ndevice = "cpu"\n{data_table}'
     )
+    return str(write_site_setup(load_site_config(toml, insecure=True), folder / "home"))
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 
 @pytest.fixture(autouse=True)
@@ -86,9 +97,7 @@ def task_identity() -> None:
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> RunConfig:
-    return load_config(
-        overrides={"data.dataset": str(tmp_path), "model.max_length": 32, "device": "cpu"}
-    )
+    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
 
 
 def test_train_replies_with_a_sealed_delta_of_the_shared_state(
@@ -96,7 +105,7 @@ def test_train_replies_with_a_sealed_delta_of_the_shared_state(
 ) -> None:
     path = _site_file(tmp_path)
     fp = model_fingerprint(resolve_model_path(cfg.model))
-    reply = _handle(_message(cfg, fp), _context(path), "train")
+    reply = handle(_message(cfg, fp), _setup(path))
     info = reply.content[keys.CONFIG]
     assert info[keys.STATUS] == "ok" and info[keys.SITE] == "site-x"
     state = _state(cfg)
@@ -121,7 +130,7 @@ def test_train_replies_with_a_sealed_delta_of_the_shared_state(
 def test_evaluate_replies_with_a_histogram_not_predictions(tmp_path: Path, cfg: RunConfig) -> None:
     path = _site_file(tmp_path)
     fp = model_fingerprint(resolve_model_path(cfg.model))
-    reply = _handle(_message(cfg, fp, "evaluate"), _context(path), "evaluate")
+    reply = handle(_message(cfg, fp, "evaluate"), _setup(path))
     hist = reply.content[keys.HISTOGRAM]
     n_test = int(reply.content[keys.METRICS][keys.N_TEST])
     assert sum(hist[keys.HIST_POS]) + sum(hist[keys.HIST_NEG]) == n_test
@@ -134,24 +143,23 @@ def test_a_global_state_not_signed_by_the_coordinator_is_refused(
     path = _site_file(tmp_path)
     fp = model_fingerprint(resolve_model_path(cfg.model))
     forged = _message(cfg, fp, signer=crypto.new_identity())
-    reply = _handle(forged, _context(path), "train")
+    reply = handle(forged, _setup(path))
     info = reply.content[keys.CONFIG]
     assert info[keys.STATUS] == "error"
     assert "not signed by the coordinator's key" in info[keys.ERROR]
     assert keys.SEALED not in reply.content
 
 
-def test_a_site_without_keys_is_a_clear_error(tmp_path: Path, cfg: RunConfig) -> None:
-    path = _site_file(tmp_path)
-    context = _context(path)
-    del context.node_config[keys.NODE_IDENTITY_KEY]
-    reply = _handle(_message(cfg, "sha256:x"), context, "train")
+def test_a_site_without_settings_is_a_clear_error(tmp_path: Path, cfg: RunConfig) -> None:
+    context = _context({keys.NODE_SITE: "site-x"})
+    reply = handle_in_context(_message(cfg, "sha256:x"), context)
     assert reply.content[keys.CONFIG][keys.ERROR].startswith("KeyFileError")
+    assert reply.content[keys.CONFIG][keys.SITE] == "site-x"
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path: Path, cfg: RunConfig) -> None:
     path = _site_file(tmp_path)
-    reply = _handle(_message(cfg, "sha256:" + "0" * 64), _context(path), "train")
+    reply = handle(_message(cfg, "sha256:" + "0" * 64), _setup(path))
     info = reply.content[keys.CONFIG]
     assert info[keys.STATUS] == "error"
     assert "fingerprint mismatch" in info[keys.ERROR]
@@ -161,7 +169,59 @@ def test_fingerprint_mismatch_is_refused(tmp_path: Path, cfg: RunConfig) -> None
 def test_bad_site_data_reply_carries_no_local_detail(tmp_path: Path, cfg: RunConfig) -> None:
     path = _site_file(tmp_path, bad_row=True)
     fp = model_fingerprint(resolve_model_path(cfg.model))
-    reply = _handle(_message(cfg, fp), _context(path), "train")
+    reply = handle(_message(cfg, fp), _setup(path))
     error = reply.content[keys.CONFIG][keys.ERROR]
     assert error.startswith("DataError")
     assert str(tmp_path) not in error and "site-x.csv" not in error and "row" not in error
+
+
+def _alter_config(msg: Message, old: bytes, new: bytes) -> Message:
+    """``msg`` with ``old`` replaced by ``new`` inside the site config of its signed global state
+    (the signature left as it was): a relay altering the run's settings in transit."""
+    signed, header = pb.SignedGlobalState(), pb.GlobalStateHeader()
+    signed.ParseFromString(from_blob_record(msg.content[keys.GLOBAL]))
+    header.ParseFromString(signed.header)
+    assert old.decode() in header.site_config_json
+    header.site_config_json = header.site_config_json.replace(old.decode(), new.decode())
+    signed.header = header.SerializeToString()
+    msg.content[keys.GLOBAL] = blob_record(signed.SerializeToString())
+    return msg
+
+
+def test_a_config_altered_in_transit_is_refused_as_forged(tmp_path: Path, cfg: RunConfig) -> None:
+    """One byte of the signed config changed (one local epoch becomes nine): refused before any
+    data is read or any model loaded, with the forged reason the coordinator records."""
+    path = _site_file(tmp_path)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    msg = _alter_config(_message(cfg, fp), b'"local_epochs":1', b'"local_epochs":9')
+    reply = handle(msg, _setup(tmp_path / "absent.csv"))  # no rows are read: the file is absent
+    info = reply.content[keys.CONFIG]
+    assert info[keys.STATUS] == "error"
+    assert info[keys.ERROR] == (
+        "ForgedGlobalState: the global state is not signed by the coordinator's key"
+    )
+    assert keys.SEALED not in reply.content
+    assert path.exists()
+
+
+def test_the_site_reads_its_rows_with_its_own_schema_from_site_toml(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    """The columns come from site.toml's [data] table (through the setup file that site start
+    writes and the Flower shell's node config names),
+    never from the coordinator: a file whose columns are ``note`` and ``y`` trains."""
+    path = _site_file(tmp_path)
+    pd.read_csv(path).rename(columns={"text": "note", "label": "y"}).to_csv(path, index=False)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    context = _context({keys.NODE_SITE: "site-x", keys.NODE_SITE_SETUP: _site_setup(path)})
+    refused = handle_in_context(_message(cfg, fp, "evaluate"), context)
+    assert refused.content[keys.CONFIG][keys.ERROR] == "DataError: failed its checks"
+    table = '[data]\ntext_column = "note"\nlabel_column = "y"\n'
+    other = tmp_path / "other"
+    other.mkdir()
+    moved = other / path.name
+    path.rename(moved)
+    context = _context({keys.NODE_SITE: "site-x", keys.NODE_SITE_SETUP: _site_setup(moved, table)})
+    reply = handle_in_context(_message(cfg, fp, "evaluate"), context)
+    assert reply.content[keys.CONFIG][keys.STATUS] == "ok", reply.content[keys.CONFIG][keys.ERROR]
+    assert reply.content[keys.METRICS][keys.N_TEST] > 0

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpeft.common.config import DataConfig
+from fedpeft.common.config import DataSchema
 from fedpeft.common.data import (
     HEART_SITES,
     heart_sites,
@@ -18,7 +18,7 @@ from fedpeft.common.data import (
 )
 from fedpeft.common.errors import DataError
 
-CFG = DataConfig()
+CFG = DataSchema()
 
 
 def _rows(n: int = 20) -> list[dict[str, object]]:
@@ -45,7 +45,7 @@ def test_each_format_loads(tmp_path: Path, suffix: str) -> None:
 def test_configurable_columns(tmp_path: Path) -> None:
     path = tmp_path / "a.csv"
     pd.DataFrame({"note": ["x", "y"], "y": [1, 0]}).to_csv(path, index=False)
-    site = load_site_file(path, DataConfig(text_column="note", label_column="y"))
+    site = load_site_file(path, DataSchema(text_column="note", label_column="y"))
     assert site.labels.tolist() == [1, 0]
 
 
@@ -80,7 +80,7 @@ def test_skip_bad_rows_counts_them(tmp_path: Path) -> None:
     pd.DataFrame({"text": ["a", "", "c", "d"], "label": ["1", "0", "yes", "0"]}).to_csv(
         path, index=False
     )
-    site = load_site_file(path, DataConfig(skip_bad_rows=True))
+    site = load_site_file(path, DataSchema(skip_bad_rows=True))
     assert len(site) == 2
     assert site.skipped_rows == 2
 

@@ -5,6 +5,7 @@ process started gets the one quiet environment (no telemetry, Hugging Face offli
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -15,16 +16,17 @@ import pytest
 from fedpeft import allowlist, processes
 from fedpeft.cli import main
 from fedpeft.common import keys
-from fedpeft.common.config import load_config
+from fedpeft.common.config import DataSchema, load_config
 from fedpeft.common.environment import (
     COORDINATOR_KEY_ENV,
     FLWR_HOME_ENV,
     QUIET,
     SITES_ENV,
+    STORE_ENV,
     STORE_KEY_FILE_ENV,
 )
 from fedpeft.common.errors import ConfigError
-from fedpeft.settings import load_coordinator_config, load_site_config
+from fedpeft.settings import load_coordinator_config, load_site_config, shown_url
 
 
 def test_the_coordinator_does_not_start_without_tls(
@@ -114,16 +116,67 @@ def _site(tmp_path: Path) -> Path:
     return toml
 
 
-def test_the_supernode_tells_the_client_app_its_site_data_and_keys(tmp_path: Path) -> None:
-    cmd = processes.supernode_command(load_site_config(_site(tmp_path)), insecure=False)
+def test_the_supernode_tells_a_client_app_its_site_and_its_setup_file(tmp_path: Path) -> None:
+    """A ClientApp reads the site's own settings (data, schema, device, key paths) from the
+    setup file site start writes from site.toml; the node config names only it and the site."""
+    cfg = load_site_config(_site(tmp_path))
+    setup = processes.write_site_setup(cfg, tmp_path / "home")
+    assert json.loads(setup.read_text()) == {
+        "site": "A",
+        "data_file": str(tmp_path / "records.csv"),
+        "schema": {
+            "text_column": "text",
+            "label_column": "label",
+            "split_column": "split",
+            "skip_bad_rows": False,
+        },
+        "device": "auto",
+        "identity_key": str(tmp_path / "A.key"),
+        "coordinator_key": str(tmp_path / "c.pub"),
+        "ledger": str(tmp_path / "ledger.jsonl"),
+    }
+    cmd = processes.supernode_command(cfg, insecure=False, setup_file=setup)
     node_config = cmd[cmd.index("--node-config") + 1]
-    assert node_config == (
-        f'{keys.NODE_SITE}="A" {keys.NODE_DATA_PATH}="{tmp_path / "records.csv"}" '
-        f'{keys.NODE_IDENTITY_KEY}="{tmp_path / "A.key"}" '
-        f'{keys.NODE_COORDINATOR_KEY}="{tmp_path / "c.pub"}"'
-    )
-    assert node_config.startswith('site="A" data-path="')  # what deployed ClientApps read
+    assert node_config == f'{keys.NODE_SITE}="A" {keys.NODE_SITE_SETUP}="{setup}"'
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "A.key")
+
+
+def test_the_site_s_schema_and_device_come_from_site_toml(tmp_path: Path) -> None:
+    toml = _site(tmp_path)
+    cfg = load_site_config(toml)
+    assert (cfg.device, cfg.schema) == ("auto", DataSchema())  # the defaults
+    assert cfg.data == tmp_path / "records.csv"  # [site] data, as before
+    toml.write_text(
+        toml.read_text() + 'device = "cpu"\n[data]\ntext_column = "note"\nlabel_column = "y"\n'
+        'split_column = "part"\nskip_bad_rows = true\n'
+    )
+    cfg = load_site_config(toml)
+    assert cfg.device == "cpu"
+    assert cfg.schema == DataSchema("note", "y", "part", skip_bad_rows=True)
+    text = toml.read_text().replace('device = "cpu"', 'device = "tpu"')
+    toml.write_text(text.replace("skip_bad_rows = true", 'skip_bad_rows = "yes"\nbogus = 1'))
+    with pytest.raises(ConfigError) as info:
+        load_site_config(toml)
+    assert sorted(info.value.problems) == sorted(
+        [
+            f"{toml}: [site] device: expected one of auto, cpu, cuda",
+            f"{toml}: [data] skip_bad_rows: expected true or false",
+            f"{toml}: [data] bogus: unknown setting",
+        ]
+    )
+
+
+def test_the_coordinator_s_store_is_beside_its_config_unless_absolute(tmp_path: Path) -> None:
+    toml = _coordinator(tmp_path)
+    assert load_coordinator_config(toml).store == f"sqlite:///{tmp_path / 'runs.db'}"
+    toml.write_text('[coordinator]\nstore = "postgresql+psycopg://u:s3cret-pw@db/x"\n')
+    cfg = load_coordinator_config(toml)
+    assert cfg.store == "postgresql+psycopg://u:s3cret-pw@db/x"
+    assert processes.coordinator_env(cfg, tmp_path)[STORE_ENV] == cfg.store
+    assert shown_url(cfg.store) == "postgresql+psycopg://u:***@db/x"
+    toml.write_text('[coordinator]\nstore = "not a url"\n')
+    with pytest.raises(ConfigError, match=r"\[coordinator\] store: not a SQLAlchemy URL"):
+        load_coordinator_config(toml)
 
 
 def _coordinator(tmp_path: Path) -> Path:
@@ -153,6 +206,7 @@ def test_every_process_we_start_has_telemetry_off_and_hugging_face_offline(
     assert coordinator[COORDINATOR_KEY_ENV] == str(tmp_path / "keys" / "coordinator.key")
     assert coordinator[SITES_ENV] == str(tmp_path / "sites.txt")
     assert coordinator[STORE_KEY_FILE_ENV] == str(tmp_path / "store.key")
+    assert coordinator[STORE_ENV] == f"sqlite:///{tmp_path / 'runs.db'}"
 
 
 def test_the_flower_cli_runs_with_the_same_environment(

@@ -123,7 +123,7 @@ def _site_toml(home: Path, site: str, fleet: int, coord: Path) -> Path:
         f'[site]\nname = "{site}"\ncoordinator = "127.0.0.1:{fleet}"\n'
         f'ca = "{coord / "certs" / "ca.crt"}"\nidentity_key = "keys/{site}.key"\n'
         f'coordinator_key = "{coord / "keys" / "coordinator.pub"}"\n'
-        f'data = "records.csv"\napi_port = {_free_port()}\n'
+        f'data = "records.csv"\napi_port = {_free_port()}\ndevice = "cpu"\n'
     )
     return home / "site.toml"
 
@@ -217,8 +217,10 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
     refused = _start(processes, stranger, "site.log", "site", "start", "--config", "site.toml")
     assert refused.wait(timeout=120) != 0
 
+    # The coordinator's store (coordinator.toml's default, runs.db beside it): a run config names
+    # none.
     db = f"sqlite:///{coord / 'runs.db'}"
-    run_config = f'db="{db}" data.dataset="{tmp_path}" federation.min_sites=2'
+    run_config = f'data.dataset="{tmp_path}" federation.min_sites=2'
     run = subprocess.run(
         [str(BIN / "flwr"), "run", str(APP), "coordinator", "--stream", "--run-config", run_config],
         env=_env(coord / "flwr-cli"),
@@ -279,8 +281,11 @@ def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
     file on import and when called): each site's worker refuses it by name, the store records
     that per site, and no marker exists anywhere."""
     coord = deployment.coord
-    db = f"sqlite:///{coord / 'evil.db'}"
-    run_config = f'db="{db}" data.dataset="{deployment.root}" federation.min_sites=2'
+    db = f"sqlite:///{coord / 'runs.db'}"  # the coordinator's store, shared with other tests
+    store = open_store(db)
+    before = {r.id for r in store.list_runs()}
+    store.close()
+    run_config = f'data.dataset="{deployment.root}" federation.min_sites=2'
     run = subprocess.run(
         [str(BIN / "flwr"), "run", str(EVIL_APP), "coordinator", "--stream"]
         + ["--run-config", run_config],
@@ -291,7 +296,7 @@ def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
         timeout=600,
     )
     store = open_store(db)
-    (info,) = store.list_runs()
+    (info,) = [r for r in store.list_runs() if r.id not in before]
     assert info.status == "failed", run.stdout[-3000:] + run.stderr[-3000:]
     rows = store.site_results(info.id)
     store.close()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from fedpeft.common import crypto
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
+from fedpeft.common.config import load_config
 from fedpeft.common.envelope import (
     Expected,
     ForgedGlobalState,
@@ -28,6 +29,9 @@ from fedpeft.common.envelope import (
 )
 from fedpeft.common.errors import DeltaRejected, KeyFileError
 from fedpeft.common.wire import CODECS, decode, encode
+
+#: The settings sites act on, as the coordinator signs them with every global state.
+SITE_CONFIG = load_config().for_sites()
 
 # -- published test vectors, through our wrappers --------------------------------------------------
 
@@ -305,12 +309,18 @@ def test_header_bytes_match_the_wire_format_v1(world: World) -> None:
             method="lora",
             fingerprint="sha256:base",
             run_public=bytes(range(32)),
+            config=SITE_CONFIG,
             coordinator=crypto.new_identity(),
         )
     )
+    config = SITE_CONFIG.to_json().encode()
+    assert len(config) >= 128  # a two-byte length below
     assert signed.header.hex() == (
         "08011203746f6b180322046c6f72612a0b7368613235363a6261736532070a0177120202033a20"
         + bytes(range(32)).hex()
+        + "42"  # field 8, length-delimited: the site config, canonical JSON
+        + bytes([len(config) & 0x7F | 0x80, len(config) >> 7]).hex()
+        + config.hex()
     )
 
 
@@ -388,11 +398,14 @@ def test_global_state_is_signed_by_the_coordinator(world: World) -> None:
         method="lora",
         fingerprint="sha256:base",
         run_public=run_public,
+        config=SITE_CONFIG,
         coordinator=coordinator,
     )
     got = open_global(data, coordinator.public_key())
     got_fields = (got.run_token, got.round, got.method, got.run_public)
     assert got_fields == ("run-1", 3, "lora", run_public)
+    assert got.config == SITE_CONFIG
+    assert got.config_hash == hashlib.sha256(SITE_CONFIG.to_json().encode()).hexdigest()
     assert all(np.array_equal(got.state[k], v) for k, v in world.state.items())
     signed = pb.SignedGlobalState()
     signed.ParseFromString(data)
@@ -403,3 +416,72 @@ def test_global_state_is_signed_by_the_coordinator(world: World) -> None:
         open_global(data, crypto.new_identity().public_key())
     with pytest.raises(ForgedGlobalState, match="not a signed global state"):
         open_global(b"\xff\xff", coordinator.public_key())
+
+
+def _signed_with_header(edit: object) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+    """A global state whose header ``edit`` changed before the coordinator signed it."""
+    coordinator = crypto.new_identity()
+    header = pb.GlobalStateHeader(
+        schema_version=1, run_token="t", round=1, method="lora", run_public_key=bytes(32)
+    )
+    header.site_config_json = SITE_CONFIG.to_json()
+    edit(header)  # type: ignore[operator]
+    raw = header.SerializeToString()
+    signature = crypto.sign(coordinator, crypto.DOMAIN_GLOBAL, raw, b"")
+    data = pb.SignedGlobalState(header=raw, payload=b"", signature=signature)
+    return data.SerializeToString(), coordinator
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda h: setattr(h, "site_config_json", ""), "site config is not valid"),
+        (
+            lambda h: setattr(h, "site_config_json", h.site_config_json.replace('"rounds":5,', "")),
+            "rounds: missing",
+        ),
+        (
+            lambda h: setattr(h, "site_config_json", h.site_config_json.replace(":", ": ", 1)),
+            "not in canonical form",
+        ),
+        (lambda h: setattr(h, "method", "prefix"), "method 'lora' is not the global state's"),
+    ],
+)
+def test_a_signed_but_unusable_site_config_is_refused(edit: object, match: str) -> None:
+    """Signed by the coordinator and still refused: a config that does not parse, lacks a
+    setting, is not canonical (its hash would not name the signed bytes), or disagrees with the
+    global state's method."""
+    data, coordinator = _signed_with_header(edit)
+    with pytest.raises(ForgedGlobalState, match=match):
+        open_global(data, coordinator.public_key())
+
+
+def test_every_byte_of_the_site_config_is_covered_by_the_signature() -> None:
+    data, coordinator = _signed_with_header(lambda h: None)
+    assert open_global(data, coordinator.public_key()).config == SITE_CONFIG
+    signed = pb.SignedGlobalState()
+    signed.ParseFromString(data)
+    config = SITE_CONFIG.to_json().encode()
+    start = signed.header.index(config)
+    for i in range(start, start + len(config), 7):
+        header = bytearray(signed.header)
+        header[i] ^= 0x01
+        forged = pb.SignedGlobalState(
+            header=bytes(header), payload=signed.payload, signature=signed.signature
+        )
+        with pytest.raises(ForgedGlobalState, match="not signed by the coordinator"):
+            open_global(forged.SerializeToString(), coordinator.public_key())
+
+
+def test_the_coordinator_signs_only_a_config_of_the_global_state_s_method() -> None:
+    with pytest.raises(ValueError, match="method 'lora' is not 'prefix'"):
+        sign_global(
+            {},
+            run_token="t",
+            round=1,
+            method="prefix",
+            fingerprint="f",
+            run_public=bytes(32),
+            config=SITE_CONFIG,
+            coordinator=crypto.new_identity(),
+        )

@@ -75,13 +75,18 @@ def test_export_loads_with_the_ecosystems_tools_and_predicts_the_same(
 
 
 def test_export_refuses_another_base_model(tmp_path: Path) -> None:
-    cfg = load_config(overrides={"method.name": "bitfit"})
+    db = "postgresql+psycopg://u:s3cret-pw@127.0.0.1/x"
+    cfg = load_config(overrides={"method.name": "bitfit", "db": db})
     _, state = _trained_state(cfg)
     with pytest.raises(FingerprintMismatch, match="not the run's"):
         export_state(cfg, state, tmp_path / "x", run_id=1, round=1, fingerprint="sha256:other")
     out = tmp_path / "ok"
     export_state(cfg, state, out, run_id=1, round=1, fingerprint=_fingerprint())
     manifest = json.loads((out / MANIFEST).read_text())
+    # The manifest holds the site config (what sites trained with) and its hash, no store.
+    assert manifest["config"] == json.loads(cfg.for_sites().to_json())
+    assert manifest["config_hash"] == cfg.for_sites().config_hash()
+    assert all(b"s3cret-pw" not in p.read_bytes() for p in out.iterdir())
     (out / MANIFEST).write_text(json.dumps({**manifest, "base_model_fingerprint": "sha256:x"}))
     with pytest.raises(FingerprintMismatch, match="not the base model"):
         load_export(out)

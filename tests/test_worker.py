@@ -22,8 +22,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft import processes
 from fedpeft.client import worker
-from fedpeft.common import keys
-from fedpeft.common.config import RunConfig
+from fedpeft.client.setup import SiteSetup
+from fedpeft.common import crypto, keys
+from fedpeft.common.config import DataSchema, RunConfig
+from fedpeft.common.trust import SiteTrust
 from fedpeft.runs import write_app
 from fedpeft.settings import load_site_config
 
@@ -59,6 +61,14 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
+def _setup(allowed: tuple[str, ...] = worker.DEFAULT_ALLOWED_APPS) -> SiteSetup:
+    key = crypto.new_identity()
+    trust = SiteTrust(key, key.public_key())
+    return SiteSetup(
+        "Cleveland", Path("/secret/site/records.csv"), DataSchema(), "cpu", trust, None, allowed
+    )
+
+
 def _message() -> Message:
     return Message(RecordDict(), dst_node_id=7, message_type="train")
 
@@ -67,7 +77,7 @@ def _context(site: str = "Cleveland") -> Context:
     return Context(
         run_id=1,
         node_id=7,
-        node_config={keys.NODE_SITE: site, keys.NODE_DATA_PATH: "/secret/site/records.csv"},
+        node_config={keys.NODE_SITE: site, keys.NODE_SITE_SETUP: "/secret/site/site-setup.json"},
         state=RecordDict(),
         run_config={},
     )
@@ -133,7 +143,7 @@ def test_a_refused_task_gets_fedpeft_error_reply_naming_the_app_and_no_local_pat
     evil_fab: Fab,
 ) -> None:
     msg = _message()
-    reply, account = worker.answer(msg, _context(), evil_fab, worker.DEFAULT_ALLOWED_APPS)
+    reply, account = worker.answer(msg, _context(), evil_fab, _setup())
     info = reply.content[keys.CONFIG]
     assert info[keys.STATUS] == "error" and info[keys.SITE] == "Cleveland"
     assert info[keys.ERROR] == "refused: app 'evil_client:app' is not allowed at this site"
@@ -149,8 +159,28 @@ def test_an_allowed_task_is_answered_by_the_installed_app(tmp_path: Path) -> Non
         '[project]\nname = "x"\nversion = "0.1.0"\n[tool.flwr.app]\npublisher = "t"\n'
         f'[tool.flwr.app.components]\nserverapp = "a:b"\nclientapp = "{ref}"\n'
     )
-    reply, account = worker.answer(_message(), _context(), _fab(tmp_path), [ref])
+    reply, account = worker.answer(_message(), _context(), _fab(tmp_path), _setup((ref,)))
     assert reply.content["echo"]["site"] == "warm" and account == f"answered with {ref}"
+
+
+def test_fedpeft_s_app_is_handed_the_site_s_setup_other_apps_flower_s_context(
+    fedpeft_fab: Fab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker calls fedpeft's handler with the setup it built from site.toml (the site's
+    schema, device, keys), not the ClientApp with a node config."""
+    import fedpeft.client.app as site_app
+
+    got: list[Any] = []
+    monkeypatch.setattr(site_app, "handle", lambda msg, setup: got.append(setup) or "reply")
+    worker._LOADED.pop("fedpeft.client.app:handle", None)
+    setup = _setup()
+    try:
+        reply, account = worker.answer(_message(), _context(), fedpeft_fab, setup)
+    finally:
+        worker._LOADED.pop("fedpeft.client.app:handle", None)
+    assert (reply, account, got) == ("reply", "answered with fedpeft.client.app:app", [setup])
+    ref = f"{__name__}:ECHO"
+    assert worker.site_handler(ref, [ref]) is None
 
 
 def _site_toml(tmp_path: Path) -> Path:
@@ -175,8 +205,10 @@ def test_site_start_runs_the_supernode_without_executor_and_the_worker_beside_it
     assert node[node.index("--host") + 1] == "127.0.0.1"
     assert node[node.index("--port") + 1] == "9123"
     assert node[node.index("--superexec-auth-secret-file") + 1] == str(secret)
-    work = processes.worker_command(cfg, secret, ["fedpeft.client.app:app"])
+    setup = processes.write_site_setup(cfg, tmp_path / "home")
+    work = processes.worker_command(cfg, secret, ["fedpeft.client.app:app"], setup_file=setup)
     assert work[:3] == [sys.executable, "-m", "fedpeft.client.worker"]
+    assert work[work.index("--site-setup") + 1] == str(setup)
     assert work[work.index("--runtime-api-address") + 1] == "127.0.0.1:9123"
     assert work[work.index("--superexec-auth-secret-file") + 1] == str(secret)
     assert work[work.index("--allow-app") + 1] == "fedpeft.client.app:app"

@@ -28,6 +28,6 @@ def train_with_hook(msg: Any, context: Any, hook: Hook) -> Any:
 
     site_app.handle_train = handle_train
     try:
-        return site_app._handle(msg, context, "train")
+        return site_app.handle_in_context(msg, context)
     finally:
         site_app.handle_train = REAL_HANDLE_TRAIN

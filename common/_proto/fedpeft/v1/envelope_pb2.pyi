@@ -63,7 +63,7 @@ class SealedDelta(_message.Message):
     def __init__(self, header: _Optional[bytes] = ..., ephemeral_public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class GlobalStateHeader(_message.Message):
-    __slots__ = ("schema_version", "run_token", "round", "method", "model_fingerprint", "tensors", "run_public_key")
+    __slots__ = ("schema_version", "run_token", "round", "method", "model_fingerprint", "tensors", "run_public_key", "site_config_json")
     SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class GlobalStateHeader(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     RUN_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SITE_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     schema_version: int
     run_token: str
     round: int
@@ -78,7 +79,8 @@ class GlobalStateHeader(_message.Message):
     model_fingerprint: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     run_public_key: bytes
-    def __init__(self, schema_version: _Optional[int] = ..., run_token: _Optional[str] = ..., round: _Optional[int] = ..., method: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_public_key: _Optional[bytes] = ...) -> None: ...
+    site_config_json: str
+    def __init__(self, schema_version: _Optional[int] = ..., run_token: _Optional[str] = ..., round: _Optional[int] = ..., method: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., run_public_key: _Optional[bytes] = ..., site_config_json: _Optional[str] = ...) -> None: ...
 
 class SignedGlobalState(_message.Message):
     __slots__ = ("header", "payload", "signature")

@@ -1,0 +1,183 @@
+"""What a site is, by its own settings: :class:`SiteSetup`, built once where a site starts.
+
+Everything here is the site's to say, never the coordinator's: which rows are the text and the
+label, whether bad rows are skipped, the device, the keys it trusts, where its ledger lives and
+which ClientApps it runs. The coordinator's signed site config
+(:class:`~fedpeft.common.config.SiteRunConfig`) says only how to train.
+
+Where it comes from:
+
+* deployment: ``fedpeft site start`` reads site.toml and writes what the site's handler needs
+  (names and paths, no key material) to a setup file (:func:`write_setup_file`); the site worker
+  reads it once at start (:func:`read_setup_file`), a Flower ClientApp through the node config's
+  ``site-setup``;
+* simulation: each virtual site's keys from the simulation's key folder and its data set,
+  columns and device from the simulation's own config (:data:`SIMULATION_SITES_ENV`, written by
+  :func:`simulation_sites_env`): one party runs coordinator and sites there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.client.policy import DEFAULT_APPS
+from fedpeft.common import keys
+from fedpeft.common.config import DEVICES, DataConfig, DataSchema
+from fedpeft.common.environment import SIMULATION_KEYS_ENV, SIMULATION_SITES_ENV
+from fedpeft.common.errors import ConfigError, KeyFileError
+from fedpeft.common.trust import SiteTrust, site_trust
+
+#: The ClientApps a site runs unless its policy says otherwise: fedpeft's own, as installed.
+DEFAULT_ALLOWED_APPS: tuple[str, ...] = DEFAULT_APPS
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A simulation's virtual site: the ``index``-th site of a data set."""
+
+    dataset: str
+    index: int
+
+
+@dataclass(frozen=True)
+class SiteSetup:
+    """One site's own settings, built once and handed to the ClientApp's handler."""
+
+    #: The site's name (a virtual site's is ``partition-N`` until its rows are read).
+    site: str
+    #: The site's records file; None for a virtual site (see ``partition``).
+    data_file: Path | None
+    #: How the records read: columns and the bad-row rule.
+    schema: DataSchema
+    #: auto (CUDA when present), cpu or cuda.
+    device: str
+    #: The site's identity key and the coordinator key it trusts.
+    trust: SiteTrust
+    #: The site ledger (client/ledger.py); None in a simulation.
+    ledger: Path | None = None
+    #: ClientApp references this site runs.
+    allowed_apps: tuple[str, ...] = DEFAULT_ALLOWED_APPS
+    #: Simulation only: which virtual site this is.
+    partition: Partition | None = None
+
+    def data_key(self) -> tuple[Any, ...]:
+        """What decides the site's rows and where they are trained: a session cache key part."""
+        return (self.site, self.data_file, self.partition, self.schema, self.device)
+
+
+def write_setup_file(
+    path: Path,
+    *,
+    site: str,
+    data_file: Path,
+    schema: DataSchema,
+    device: str,
+    identity_key: Path,
+    coordinator_key: Path,
+    ledger: Path | None,
+) -> Path:
+    """Write a deployed site's setup (from its site.toml) as JSON: names and absolute paths only,
+    the keys stay in their own files. Returns ``path``."""
+    values = {
+        "site": site,
+        "data_file": str(Path(data_file).resolve()),
+        "schema": dataclasses.asdict(schema),
+        "device": device,
+        "identity_key": str(Path(identity_key).resolve()),
+        "coordinator_key": str(Path(coordinator_key).resolve()),
+        "ledger": None if ledger is None else str(Path(ledger).resolve()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_setup_file(path: Path, allowed_apps: tuple[str, ...] = DEFAULT_ALLOWED_APPS) -> SiteSetup:
+    """The setup :func:`write_setup_file` wrote, with the site's keys read;
+    ``ConfigError``/``KeyFileError`` naming what is wrong."""
+    try:
+        values = json.loads(Path(path).read_text())
+        device = str(values["device"])
+        setup = SiteSetup(
+            site=str(values["site"]),
+            data_file=Path(values["data_file"]),
+            schema=DataSchema(**values["schema"]),
+            device=device,
+            trust=site_trust(Path(values["identity_key"]), Path(values["coordinator_key"])),
+            ledger=None if values["ledger"] is None else Path(values["ledger"]),
+            allowed_apps=allowed_apps,
+        )
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the site setup ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a site setup file ({exc!r})") from None
+    if device not in DEVICES:
+        raise ConfigError(f"{path}: device {device!r} is not one of {', '.join(DEVICES)}")
+    return setup
+
+
+def simulation_sites_env(data: DataConfig, device: str) -> str:
+    """The value of :data:`SIMULATION_SITES_ENV` for a simulation over ``data`` on ``device``."""
+    return json.dumps(
+        {"dataset": data.dataset, "schema": dataclasses.asdict(data.schema), "device": device},
+        sort_keys=True,
+    )
+
+
+def setup_for_partition(index: int) -> SiteSetup:
+    """A simulation's virtual site ``index``: its key and the coordinator's from the simulation's
+    key folder, its data set, columns and device from the simulation's config (environment)."""
+    folder, sites = os.environ.get(SIMULATION_KEYS_ENV), os.environ.get(SIMULATION_SITES_ENV)
+    if not folder:
+        raise KeyFileError(f"a virtual site needs {SIMULATION_KEYS_ENV} (fedpeft simulate sets it)")
+    if not sites:
+        raise ConfigError(f"a virtual site needs {SIMULATION_SITES_ENV} (fedpeft simulate sets it)")
+    values = json.loads(sites)
+    device = str(values["device"])
+    if device not in DEVICES:
+        raise ConfigError(f"{SIMULATION_SITES_ENV}: device {device!r} is not one of {DEVICES}")
+    return SiteSetup(
+        site=f"partition-{index}",
+        data_file=None,
+        schema=DataSchema(**values["schema"]),
+        device=device,
+        trust=site_trust(Path(folder) / f"partition-{index}.key", Path(folder) / "coordinator.pub"),
+        partition=Partition(str(values["dataset"]), index),
+    )
+
+
+def site_name(node_config: dict[str, Any]) -> str:
+    """The name a reply carries before the setup is read (deployment: the SuperNode's
+    ``site``; simulation: ``partition-N``)."""
+    return str(node_config.get(keys.NODE_SITE, f"partition-{node_config.get(keys.PARTITION_ID)}"))
+
+
+_SETUPS: dict[tuple[str, ...], SiteSetup] = {}
+
+
+def setup_from_node_config(node_config: dict[str, Any]) -> SiteSetup:
+    """The setup of the site a Flower ClientApp runs at, from its node config: ``site-setup``
+    (deployment) or ``partition-id`` (simulation). Built once per process and source
+    (a simulation's key folder is part of the key: each simulation makes new keys)."""
+    if keys.NODE_SITE_SETUP in node_config:
+        path = str(node_config[keys.NODE_SITE_SETUP])
+        key: tuple[str, ...] = ("file", path)
+        if key not in _SETUPS:
+            _SETUPS[key] = read_setup_file(Path(path))
+        return _SETUPS[key]
+    if keys.PARTITION_ID in node_config:
+        index = int(node_config[keys.PARTITION_ID])
+        env = tuple(os.environ.get(v, "") for v in (SIMULATION_KEYS_ENV, SIMULATION_SITES_ENV))
+        key = ("partition", str(index), *env)
+        if key not in _SETUPS:
+            _SETUPS[key] = setup_for_partition(index)
+        return _SETUPS[key]
+    raise KeyFileError(
+        f"node config names no site settings: set {keys.NODE_SITE_SETUP!r} to the site's setup "
+        "file (fedpeft site start writes it from site.toml)"
+    )
