@@ -12,12 +12,10 @@ from fedpeft.common.model import model_fingerprint, resolve_model_path
 
 
 def site_config_json(cfg: RunConfig) -> str:
-    """The run config exactly as the sites receive it, whose :func:`config_hash` names the run.
-
-    Today that is the whole run config (the train message's ``run-config-json``). Once the
-    signed site config lands, this becomes ``cfg.for_sites().to_json()`` (the JSON whose hash is
-    ``SiteRunConfig.config_hash()``): one line, here."""
-    return cfg.to_json()
+    """The run config exactly as the sites receive it, whose :func:`config_hash` names the run:
+    the signed site config's canonical JSON (its hash is ``SiteRunConfig.config_hash()``, the
+    ``config_hash`` of every global state a site opens)."""
+    return cfg.for_sites().to_json()
 
 
 def build_manifest(cfg: RunConfig) -> RunManifest:

@@ -412,6 +412,8 @@ def test_the_coordinator_writes_the_manifest_of_the_run_sites_will_see(tmp_path:
     shapes = {k: tuple(v.shape) for k, v in shared_state(model).items()}
     assert dict(manifest.tensors) == shapes and list(dict(manifest.tensors)) == list(shapes)
     assert (manifest.method, manifest.codec, manifest.rounds) == ("lora", "int8", 2)
-    assert manifest.config_sha256 == config_hash(cfg.to_json())  # what the sites receive
+    # What the sites receive, signed: every global state they open names this hash.
+    assert manifest.config_sha256 == config_hash(cfg.for_sites().to_json())
+    assert manifest.config_sha256 == cfg.for_sites().config_hash()
     assert manifest.model_fingerprint
     assert 0 < manifest.upload_bytes <= SitePolicy(coordinator_keys=()).max_upload_bytes
