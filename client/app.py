@@ -13,6 +13,11 @@ The site worker (client/worker.py) calls :func:`handle` with the setup it read a
 Flower ClientApp (:data:`app`) is a thin shell that builds the setup from its node config
 (simulation, or stock Flower).
 
+Before any row is read, the global state must be signed by a coordinator key the site trusts
+and, at a deployed site, its policy (client/policy.py) must allow the task; a refused task's
+reply says ``refused: <reason>``. A deployed site writes every task and every reply that leaves
+to its ledger (client/ledger.py, :class:`TaskRecord`), and refuses a task it cannot record.
+
 A failure at the site becomes a reply with status ``error`` and a short reason free of local
 detail (no paths, no rows); the detail goes to the site's own log.
 """
@@ -22,20 +27,37 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import zlib
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
 
+from fedpeft.client.approvals import read_approvals
+from fedpeft.client.ledger import Ledger, LedgerError
+from fedpeft.client.policy import (
+    REFUSED,
+    PolicyRefusal,
+    SitePolicy,
+    TaskFacts,
+    check_task,
+    check_upload,
+    expected_upload_bytes,
+)
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
-from fedpeft.common import keys
+from fedpeft.common import crypto, keys
+from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import DataConfig, SiteRunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
 from fedpeft.common.envelope import ForgedGlobalState, GlobalState, open_global, seal_delta
-from fedpeft.common.errors import DataError, FedpeftError, FingerprintMismatch
+from fedpeft.common.errors import ConfigError, DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.keys import Phase
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation
@@ -221,17 +243,206 @@ def error_reply(msg: Any, site: str, error: str) -> Any:
     return _reply(msg, site, error=error)
 
 
+class TaskRefused(FedpeftError):
+    """The site refuses a task for a reason it tells the coordinator (``refused: <reason>``);
+    ``reason`` is public: no paths, no rows."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+#: The public reason of a task refused because the ledger cannot be written: nothing leaves
+#: the site without a ledger entry.
+LEDGER_UNWRITABLE = "the site's ledger cannot be written"
+_LEDGER_TYPE = re.compile(r"[a-z][a-z0-9._-]{0,31}")
+
+
+def message_round(msg: Any) -> int:
+    """The round a message says it is about, as far as it can be read (0 when it cannot):
+    for the ledger line of a message that may be refused before anything in it is checked."""
+    try:
+        rnd = int(msg.content[keys.CONFIG][keys.ROUND])
+    except Exception:
+        return 0
+    return max(rnd, 0)
+
+
+@dataclass
+class TaskRecord:
+    """What the site's ledger (client/ledger.py) says of one task, filled in as the task is
+    read: one ``task`` line when it arrives, then one ``upload`` line for the reply that leaves
+    or one ``refused`` line. Without a ledger (a simulation) it writes nothing.
+
+    An append that fails raises :class:`TaskRefused` (:data:`LEDGER_UNWRITABLE`) with the detail
+    in the site's log: the task is refused rather than answered without a record."""
+
+    ledger: Ledger | None
+    message_type: str
+    round: int = 0
+    run_token: str = ""
+    config: str | None = None
+    method: str = ""
+    codec: str = ""
+    task_written: bool = False
+
+    @classmethod
+    def of(cls, ledger: Path | None, msg: Any) -> TaskRecord:
+        kind = str(msg.metadata.message_type)
+        return cls(
+            ledger=None if ledger is None else Ledger(ledger),
+            message_type=kind if _LEDGER_TYPE.fullmatch(kind) else "unknown",
+            round=message_round(msg),
+        )
+
+    def opened(self, signed: GlobalState) -> None:
+        """The task's facts from its signed global state."""
+        self.run_token, self.round = signed.run_token, signed.round
+        self.config = signed.config.to_json()  # hashed in the ledger: the run's config hash
+        self.method, self.codec = signed.config.method.name, signed.config.codec
+
+    def _append(self, write: Callable[[Ledger], object]) -> None:
+        if self.ledger is None:
+            return
+        try:
+            write(self.ledger)
+        except LedgerError as exc:
+            log.error("site ledger: %s", exc)
+            raise TaskRefused(LEDGER_UNWRITABLE) from None
+
+    def task(self) -> None:
+        """The ``task`` line (once per task)."""
+        if self.task_written:
+            return
+        self._append(
+            lambda ledger: ledger.record_task(
+                run_token=self.run_token,
+                round=self.round,
+                message_type=self.message_type,
+                config=self.config,
+                method=self.method,
+                codec=self.codec,
+            )
+        )
+        self.task_written = True
+
+    def upload(self, sealed: bytes | None) -> None:
+        """The ``upload`` line of a reply that leaves with the site's result."""
+        self._append(
+            lambda ledger: ledger.record_upload(
+                run_token=self.run_token,
+                round=self.round,
+                message_type=self.message_type,
+                config=self.config or "",
+                sealed=sealed,
+                method=self.method,
+                codec=self.codec,
+            )
+        )
+
+    def refused(self, error: str) -> str:
+        """The ``task`` line if not yet written and the ``refused`` line naming ``error``; the
+        error text to send, which names the ledger instead when it cannot be written."""
+        try:
+            self.task()
+            self._append(
+                lambda ledger: ledger.record_refusal(
+                    run_token=self.run_token,
+                    round=self.round,
+                    message_type=self.message_type,
+                    reason=error,
+                    config=self.config,
+                    method=self.method,
+                    codec=self.codec,
+                )
+            )
+        except TaskRefused as exc:
+            return f"{REFUSED}: {exc.reason}"
+        return error
+
+
+def open_trusted(
+    data: bytes, trusted: Mapping[str, ec.EllipticCurvePublicKey]
+) -> tuple[GlobalState, str]:
+    """The global state and the fingerprint of the trusted coordinator key that signed it; a
+    state signed by none of them is ``ForgedGlobalState``, as :func:`open_global` says it."""
+    for fingerprint, key in trusted.items():
+        if signed_by(data, key):
+            return open_global(data, key), fingerprint
+    if not trusted:
+        raise ForgedGlobalState("the site trusts no coordinator key")
+    return open_global(data, next(iter(trusted.values()))), ""  # raises: names why
+
+
+def signed_by(data: bytes, key: ec.EllipticCurvePublicKey) -> bool:
+    """Whether ``data`` is a signed global state whose signature ``key`` verifies (its contents
+    are checked by :func:`open_global`)."""
+    signed = pb.SignedGlobalState()
+    try:
+        signed.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError):
+        return False
+    return crypto.verify(key, signed.signature, crypto.DOMAIN_GLOBAL, signed.header, signed.payload)
+
+
+def task_facts(signed: GlobalState, coordinator_key: str, site: str) -> TaskFacts:
+    """What the site's policy judges, from the signed global state alone (no row is read)."""
+    cfg = signed.config
+    return TaskFacts(
+        method=cfg.method.name,
+        local_epochs=cfg.train.local_epochs,
+        rounds=cfg.rounds,
+        round=signed.round,
+        codec=cfg.codec,
+        upload_bytes=expected_upload_bytes(
+            {name: tuple(v.shape) for name, v in signed.state.items()},
+            cfg.codec,
+            method=cfg.method.name,
+            fingerprint=signed.fingerprint,
+            site_id=site,
+            run_token=signed.run_token,
+        ),
+        config_hash=signed.config_hash,
+        model_fingerprint=signed.fingerprint,
+        coordinator_key=coordinator_key,
+    )
+
+
+def check_policy(policy: SitePolicy, facts: TaskFacts, trusted: Collection[str]) -> None:
+    """``PolicyRefusal`` unless ``policy`` allows the task; approved runs are read anew for
+    every task (an approval needs no restart)."""
+    approvals = {}
+    if policy.approved_runs_only:
+        try:
+            approvals = read_approvals(policy.approvals)
+        except ConfigError as exc:
+            log.error("approved runs: %s", exc)
+            raise TaskRefused("the site's approved runs cannot be read") from None
+    check_task(policy, facts, approvals, trusted)
+
+
 def handle(msg: Any, setup: SiteSetup) -> Any:
     """The site's reply to one message from the coordinator (``train`` or ``evaluate``), with
-    the site's own settings; the run's settings come only from the signed global state."""
+    the site's own settings; the run's settings come only from the signed global state.
+
+    In order: the global state must be signed by a coordinator key the site trusts; the site's
+    policy (if any) must allow the task, judged before any row is read; the sealed upload is
+    checked again before it leaves. With a ledger, the task, and the reply that leaves or the
+    refusal, are written to it first (:class:`TaskRecord`)."""
+    record = TaskRecord.of(setup.ledger, msg)
     site, kind = setup.site, str(msg.metadata.message_type)
     try:
         if kind not in tuple(Phase):
             raise FedpeftError(f"unknown message type {kind[:32]!r}")
         rnd = int(msg.content[keys.CONFIG][keys.ROUND])
-        signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), setup.trust.coordinator)
+        trusted = setup.coordinator_keys()
+        signed, signer = open_trusted(from_blob_record(msg.content[keys.GLOBAL]), trusted)
+        record.opened(signed)
+        record.task()
         _check_global(signed, rnd)
         cfg = signed.config
+        if setup.policy is not None:
+            check_policy(setup.policy, task_facts(signed, signer, site), trusted)
         session = site_session(cfg, setup)
         site = session.site
         if kind == Phase.TRAIN:
@@ -249,22 +460,34 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 run_public=signed.run_public,
                 identity=setup.trust.identity,
             )
+            if setup.policy is not None:
+                check_upload(setup.policy, sealed)
+            record.upload(sealed)
             return _reply(msg, site, sealed=sealed, metrics=metrics)
         ev, metrics = handle_evaluate(cfg, signed.state, session)
+        record.upload(None)
         return _reply(msg, site, metrics=metrics, ev=ev)
+    except (TaskRefused, PolicyRefusal) as exc:
+        log.warning("site %s: refused a %s task: %s", site, kind[:32], exc.reason)
+        error = f"{REFUSED}: {exc.reason}"
     except FedpeftError as exc:
-        return _failed(msg, site, exc)
+        error = _public_error(site, exc)
     except Exception:
         log.exception("site %s: %s failed", site, kind)
-        return _reply(msg, site, error="internal error at the site (see the site's log)")
+        error = "internal error at the site (see the site's log)"
+    return _reply(msg, site, error=record.refused(error))
 
 
-def _failed(msg: Any, site: str, exc: FedpeftError) -> Any:
+def _public_error(site: str, exc: FedpeftError) -> str:
     log.error("site %s: %s", site, exc)
     # The coordinator sees the kind of failure, not local detail (paths, rows).
     shown = (FingerprintMismatch, ForgedGlobalState)
     public = str(exc) if isinstance(exc, shown) else "failed its checks"
-    return _reply(msg, site, error=f"{exc.__class__.__name__}: {public}")
+    return f"{exc.__class__.__name__}: {public}"
+
+
+def _failed(msg: Any, site: str, exc: FedpeftError) -> Any:
+    return _reply(msg, site, error=_public_error(site, exc))
 
 
 def handle_in_context(msg: Any, context: Any) -> Any:

@@ -8,9 +8,9 @@ which ClientApps it runs. The coordinator's signed site config
 Where it comes from:
 
 * deployment: ``fedpeft site start`` reads site.toml and writes what the site's handler needs
-  (names and paths, no key material) to a setup file (:func:`write_setup_file`); the site worker
-  reads it once at start (:func:`read_setup_file`), a Flower ClientApp through the node config's
-  ``site-setup``;
+  (names and paths, no key material; the ``[policy]`` as its fields) to a setup file
+  (:func:`write_setup_file`); the site worker reads it once at start (:func:`read_setup_file`),
+  a Flower ClientApp through the node config's ``site-setup``;
 * simulation: each virtual site's keys from the simulation's key folder and its data set,
   columns and device from the simulation's own config (:data:`SIMULATION_SITES_ENV`, written by
   :func:`simulation_sites_env`): one party runs coordinator and sites there.
@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.client.policy import DEFAULT_APPS
-from fedpeft.common import keys
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedpeft.client.policy import DEFAULT_APPS, SitePolicy, read_coordinator_keys
+from fedpeft.common import crypto, keys
 from fedpeft.common.config import DEVICES, DataConfig, DataSchema
 from fedpeft.common.environment import SIMULATION_KEYS_ENV, SIMULATION_SITES_ENV
 from fedpeft.common.errors import ConfigError, KeyFileError
@@ -60,14 +62,27 @@ class SiteSetup:
     trust: SiteTrust
     #: The site ledger (client/ledger.py); None in a simulation.
     ledger: Path | None = None
-    #: ClientApp references this site runs.
+    #: ClientApp references this site runs (a deployed site's: its policy's ``apps``).
     allowed_apps: tuple[str, ...] = DEFAULT_ALLOWED_APPS
     #: Simulation only: which virtual site this is.
     partition: Partition | None = None
+    #: What the site allows a run to do (site.toml's ``[policy]``), checked before any data is
+    #: read. None in a simulation: one party runs coordinator and sites there, and its numbers
+    #: stay those of the run config (a default policy would refuse ``full`` and cap epochs).
+    policy: SitePolicy | None = None
 
     def data_key(self) -> tuple[Any, ...]:
         """What decides the site's rows and where they are trained: a session cache key part."""
         return (self.site, self.data_file, self.partition, self.schema, self.device)
+
+    def coordinator_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
+        """The coordinator keys whose global states this site opens, by fingerprint: its
+        policy's ``coordinator_keys`` (read anew, so a key file that went missing is noticed),
+        or, without a policy, the one key of its trust."""
+        if self.policy is not None:
+            return read_coordinator_keys(self.policy)
+        key = self.trust.coordinator
+        return {crypto.fingerprint(key): key}
 
 
 def write_setup_file(
@@ -80,9 +95,10 @@ def write_setup_file(
     identity_key: Path,
     coordinator_key: Path,
     ledger: Path | None,
+    policy: SitePolicy,
 ) -> Path:
     """Write a deployed site's setup (from its site.toml) as JSON: names and absolute paths only,
-    the keys stay in their own files. Returns ``path``."""
+    the keys stay in their own files; the policy as its fields. Returns ``path``."""
     values = {
         "site": site,
         "data_file": str(Path(data_file).resolve()),
@@ -91,18 +107,61 @@ def write_setup_file(
         "identity_key": str(Path(identity_key).resolve()),
         "coordinator_key": str(Path(coordinator_key).resolve()),
         "ledger": None if ledger is None else str(Path(ledger).resolve()),
+        "policy": _policy_values(policy),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def read_setup_file(path: Path, allowed_apps: tuple[str, ...] = DEFAULT_ALLOWED_APPS) -> SiteSetup:
-    """The setup :func:`write_setup_file` wrote, with the site's keys read;
-    ``ConfigError``/``KeyFileError`` naming what is wrong."""
+def _policy_values(policy: SitePolicy) -> dict[str, Any]:
+    """The policy's fields as JSON values: paths absolute, tuples as lists."""
+    values = dataclasses.asdict(policy)
+    values["coordinator_keys"] = [str(Path(p).resolve()) for p in policy.coordinator_keys]
+    values["approvals"] = str(Path(policy.approvals).resolve())
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _policy_from(values: dict[str, Any]) -> SitePolicy:
+    def names(key: str) -> tuple[str, ...]:
+        if not isinstance(values[key], list):
+            raise TypeError(f"policy {key} is not a list")
+        return tuple(str(v) for v in values[key])
+
+    def number(key: str) -> int:
+        if not isinstance(values[key], int) or isinstance(values[key], bool):
+            raise TypeError(f"policy {key} is not an integer")
+        return int(values[key])
+
+    def flag(key: str) -> bool:
+        if not isinstance(values[key], bool):
+            raise TypeError(f"policy {key} is not true or false")
+        return bool(values[key])
+
+    return SitePolicy(
+        coordinator_keys=tuple(Path(p) for p in names("coordinator_keys")),
+        methods=names("methods"),
+        max_local_epochs=number("max_local_epochs"),
+        max_rounds=number("max_rounds"),
+        codecs=names("codecs"),
+        max_upload_bytes=number("max_upload_bytes"),
+        apps=names("apps"),
+        require_secure_aggregation=flag("require_secure_aggregation"),
+        require_dp=flag("require_dp"),
+        approved_runs_only=flag("approved_runs_only"),
+        approvals=Path(values["approvals"]),
+    )
+
+
+def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> SiteSetup:
+    """The setup :func:`write_setup_file` wrote, with the site's keys read (the policy's
+    coordinator keys too: a bad one is named at start, not at the first task);
+    ``ConfigError``/``KeyFileError`` naming what is wrong. The ClientApps the site runs are
+    ``allowed_apps`` when given (the worker's ``--allow-app``), else its policy's ``apps``."""
     try:
         values = json.loads(Path(path).read_text())
         device = str(values["device"])
+        policy = _policy_from(values["policy"])
         setup = SiteSetup(
             site=str(values["site"]),
             data_file=Path(values["data_file"]),
@@ -110,7 +169,8 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] = DEFAULT_ALLOWED_
             device=device,
             trust=site_trust(Path(values["identity_key"]), Path(values["coordinator_key"])),
             ledger=None if values["ledger"] is None else Path(values["ledger"]),
-            allowed_apps=allowed_apps,
+            allowed_apps=policy.apps if allowed_apps is None else allowed_apps,
+            policy=policy,
         )
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the site setup ({exc.strerror})") from None
@@ -118,6 +178,7 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] = DEFAULT_ALLOWED_
         raise ConfigError(f"{path}: not a site setup file ({exc!r})") from None
     if device not in DEVICES:
         raise ConfigError(f"{path}: device {device!r} is not one of {', '.join(DEVICES)}")
+    setup.coordinator_keys()
     return setup
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.client.policy import REFUSED
 from fedpeft.client.setup import DEFAULT_ALLOWED_APPS, SiteSetup, read_setup_file
 from fedpeft.common import keys
 from fedpeft.common.errors import FedpeftError
@@ -53,8 +54,6 @@ log = logging.getLogger("fedpeft.worker")
 SITE_HANDLERS = {"fedpeft.client.app:app": "fedpeft.client.app:handle"}
 #: Flower's task type for a ClientApp task ("clientapp" silently matches nothing).
 CLIENT_APP_TASK = "flwr-clientapp"
-#: The prefix of every refusal's error text, as the coordinator records it.
-REFUSED = "refused"
 #: Runtime API methods signed with the SuperExec secret (Flower's run_superexec.py protects
 #: the same three).
 SUPEREXEC_AUTH_METHODS = frozenset(
@@ -302,16 +301,24 @@ def push_task_output(client: Any, context: Any, sub_status: str, details: str) -
 
 def answer(message: Any, context: Any, fab: Any, setup: SiteSetup) -> tuple[Any, str]:
     """The reply to one task's message and a one-line account of it: a refusal unless the FAB
-    names an app the site allows, else that app's own reply (fedpeft's with ``setup``)."""
+    names an app the site allows (written to the site's ledger), else that app's own reply
+    (fedpeft's with ``setup``; it keeps the ledger itself)."""
+    from fedpeft.client.app import TaskRecord
+
     allowed = setup.allowed_apps
     try:
         ref = check_app(fab.content, fab.hash_str, allowed)
     except AppRefused as exc:
         log.warning("refused a task of run %s: %s", context.run_id, exc)
-        return refusal_reply(message, dict(context.node_config), str(exc)), f"{REFUSED}: {exc}"
+        error = TaskRecord.of(setup.ledger, message).refused(f"{REFUSED}: {exc}")
+        return refusal_reply(
+            message, dict(context.node_config), error.removeprefix(f"{REFUSED}: ")
+        ), error
     handler = site_handler(ref, allowed)
     if handler is not None:
         return handler(message, setup), f"answered with {ref}"
+    # Another app the site installed and allows: fedpeft's wrapped (a test's site_dump) keeps the
+    # ledger through fedpeft's handler, with the setup its node config names.
     app = load_allowed_app(ref, allowed)
     return app(message=message, context=context), f"answered with {ref}"
 
@@ -418,8 +425,8 @@ def parser() -> argparse.ArgumentParser:
         "--allow-app",
         action="append",
         default=None,
-        help="a ClientApp reference this site runs (repeatable; default "
-        f"{DEFAULT_ALLOWED_APPS[0]})",
+        help="a ClientApp reference this site runs (repeatable; default: the site policy's "
+        f"apps, {DEFAULT_ALLOWED_APPS[0]} unless site.toml says otherwise)",
     )
     p.add_argument("--poll-interval", type=float, default=0.2)
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process ends")
@@ -435,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.superexec_auth_secret_file is not None:
         secret = args.superexec_auth_secret_file.read_bytes()
     try:
-        setup = read_setup_file(args.site_setup, tuple(args.allow_app or DEFAULT_ALLOWED_APPS))
+        setup = read_setup_file(args.site_setup, tuple(args.allow_app) if args.allow_app else None)
     except FedpeftError as exc:
         log.error("site settings: %s", exc)
         return 2

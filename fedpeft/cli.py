@@ -561,8 +561,8 @@ def _start_site(args: argparse.Namespace) -> int:
         return processes.run_foreground(cmd, env, folder)
     secret = processes.write_auth_secret(home)
     cmd = processes.supernode_command(cfg, args.insecure, auth_secret_file=secret, setup_file=setup)
-    apps = args.allow_app or cfg.policy.apps
-    worker = processes.worker_command(cfg, secret, apps, setup_file=setup)
+    # The worker runs the policy's apps (from the setup file) unless --allow-app names others.
+    worker = processes.worker_command(cfg, secret, args.allow_app or (), setup_file=setup)
     return processes.supervise_site(cmd, worker, env, folder, _say)
 
 

@@ -173,6 +173,7 @@ def write_site_setup(cfg: SiteConfig, folder: Path) -> Path:
         identity_key=cfg.identity_key,
         coordinator_key=cfg.coordinator_key,
         ledger=cfg.ledger,
+        policy=cfg.policy,
     )
 
 
