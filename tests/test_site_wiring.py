@@ -1,0 +1,399 @@
+"""The site policy and ledger wired into the site's handler (client/app.py ``handle``) and
+worker: refusals before any row is read, approved runs, the upload guard, the ledger of every
+task and reply, and the setup file that carries the policy from site.toml to the worker.
+
+Real Flower messages, the real handler on a tiny site (40 rows, 32 tokens) or the in-memory
+grid (tests/memory_grid.py) with scripted sites; no network."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from memory_grid import MemoryGrid, ScriptedSite, constant
+
+from fedpeft.client import worker
+from fedpeft.client.app import handle
+from fedpeft.client.approvals import approve
+from fedpeft.client.ledger import Ledger
+from fedpeft.client.policy import DEFAULT_APPS, SitePolicy, expected_upload_bytes
+from fedpeft.client.setup import SiteSetup, read_setup_file
+from fedpeft.common import crypto, keys
+from fedpeft.common.config import DataSchema, RunConfig, load_config
+from fedpeft.common.envelope import open_global, sign_global
+from fedpeft.common.keys import Phase
+from fedpeft.common.manifest import RunManifest
+from fedpeft.common.methods import build_model, shared_state
+from fedpeft.common.model import model_fingerprint, resolve_model_path
+from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.state import State
+from fedpeft.common.tensors import to_numpy
+from fedpeft.common.trust import CoordinatorTrust, SiteTrust
+from fedpeft.processes import write_site_setup
+from fedpeft.server.store import open_store
+from fedpeft.server.strategy import FederatedRun
+from fedpeft.settings import load_site_config
+
+RUN_KEY = crypto.new_run_key()
+COORDINATOR = crypto.new_identity()
+SITE_KEY = crypto.new_identity()
+LEDGER_REFUSAL = "refused: the site's ledger cannot be written"
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> RunConfig:
+    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
+
+
+def _rows(folder: Path, rows: int = 40) -> Path:
+    texts = [f"{50 + i % 20} y. bp {120 + i}. {'pain' if i % 2 else 'none'}." for i in range(rows)]
+    path = folder / "site-x.csv"
+    pd.DataFrame({"text": texts, "label": [i % 2 for i in range(rows)]}).to_csv(path, index=False)
+    return path
+
+
+def _pub(folder: Path, key: object, name: str = "coordinator.pub") -> Path:
+    path = folder / name
+    path.write_text(crypto.public_openssh(key.public_key()) + "\n")  # type: ignore[attr-defined]
+    return path
+
+
+def _policy(folder: Path, **changes: object) -> SitePolicy:
+    policy = SitePolicy(
+        coordinator_keys=(_pub(folder, COORDINATOR),), approvals=folder / "approved.jsonl"
+    )
+    return dataclasses.replace(policy, **changes)  # type: ignore[arg-type]
+
+
+def _setup(
+    data: Path, policy: SitePolicy | None, ledger: Path | None, site: str = "site-x"
+) -> SiteSetup:
+    trust = SiteTrust(SITE_KEY, COORDINATOR.public_key())
+    return SiteSetup(site, data, DataSchema(), "cpu", trust, ledger=ledger, policy=policy)
+
+
+_STATES: dict[str, State] = {}
+
+
+def _state(cfg: RunConfig) -> State:
+    if cfg.method.name not in _STATES:
+        model = build_model(cfg.model, cfg.method, 0.0, cfg.seed)
+        _STATES[cfg.method.name] = to_numpy(shared_state(model))
+    return _STATES[cfg.method.name]
+
+
+def _message(
+    cfg: RunConfig, fp: str, kind: str = "train", rnd: int = 1, signer: object = COORDINATOR
+) -> Message:
+    signed = sign_global(
+        _state(cfg),
+        run_token="run-token",
+        round=rnd,
+        method=cfg.method.name,
+        fingerprint=fp,
+        run_public=crypto.raw_public(RUN_KEY),
+        config=cfg.for_sites(),
+        coordinator=signer,  # type: ignore[arg-type]
+    )
+    content = RecordDict(
+        {keys.GLOBAL: blob_record(signed), keys.CONFIG: ConfigRecord({keys.ROUND: rnd})}
+    )
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def _fp(cfg: RunConfig) -> str:
+    return model_fingerprint(resolve_model_path(cfg.model))
+
+
+def _error(reply: Message) -> str:
+    info = reply.content[keys.CONFIG]
+    assert info[keys.STATUS] == "error" and keys.SEALED not in reply.content
+    return str(info[keys.ERROR])
+
+
+def _events(ledger: Path) -> list[tuple[str, int, str, str]]:
+    return [
+        (r.entry.event, r.entry.round, r.entry.message_type, r.entry.reason)
+        for r in Ledger(ledger).entries()
+    ]
+
+
+# -- the policy, before any row is read ----------------------------------------------------------
+
+IDENTITY = {name: crypto.new_identity() for name in ("A", "B", "D")}
+INITIAL: State = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+
+
+def test_a_site_whose_policy_forbids_the_method_refuses_and_the_others_are_aggregated(
+    tmp_path: Path,
+) -> None:
+    """Site D allows only prompt tuning; the run is LoRA. D refuses every task before reading a
+    row (its records file does not exist), writes each refusal to its ledger, and the
+    coordinator records D's reason per round and phase while A and B are aggregated."""
+    ledger = tmp_path / "ledger.jsonl"
+    policy = _policy(tmp_path, methods=("prompt",))
+    setup = SiteSetup(
+        "D",
+        tmp_path / "absent.csv",
+        DataSchema(),
+        "cpu",
+        SiteTrust(IDENTITY["D"], COORDINATOR.public_key()),
+        ledger=ledger,
+        policy=policy,
+    )
+    scripted = {
+        name: ScriptedSite(name, IDENTITY[name], COORDINATOR.public_key(), constant(1.0))
+        for name in "AB"
+    }
+    run_cfg = load_config(overrides={"federation.rounds": 2})
+    store = open_store("sqlite://")
+    run_id = store.create_run(
+        config_json=run_cfg.to_json(),
+        dataset="heart",
+        method="lora",
+        model_name="tiny",
+        model_fingerprint="sha256:tiny",
+        trainable_params=10,
+        total_params=10,
+        seed=0,
+    )
+    trust = CoordinatorTrust(COORDINATOR, {n: k.public_key() for n, k in IDENTITY.items()})
+    grid = MemoryGrid({1: scripted["A"], 2: scripted["B"], 3: lambda m: handle(m, setup)})
+    FederatedRun(
+        run_cfg, store, run_id, dict(INITIAL), "sha256:tiny", trust, os.urandom(32), print
+    ).start(grid)
+
+    reason = "refused: policy: method 'lora' is not allowed at this site (allowed: prompt)"
+    rows = store.site_results(run_id)
+    refused = [r for r in rows if r.site == "D"]
+    assert {(r.round, r.phase) for r in refused} == {(n, p) for n in (1, 2) for p in Phase}
+    assert all((r.status, r.reason) == ("failed", f"site-error: {reason}") for r in refused)
+    assert all(r.status == "ok" for r in rows if r.site in "AB")
+    rounds = store.rounds(run_id)
+    assert [(r.accepted, r.applied) for r in rounds] == [(2, True), (2, True)]
+    assert Ledger(ledger).verify().ok
+    assert _events(ledger) == [
+        (event, n, str(p), reason if event == "refused" else "")
+        for n in (1, 2)
+        for p in Phase
+        for event in ("task", "refused")
+    ]
+
+
+def test_any_trusted_coordinator_key_opens_the_global_state_and_no_other(tmp_path: Path) -> None:
+    """A policy that trusts two coordinator keys opens a state signed by the second (and then
+    judges it: here its method is refused); a state signed by a third key is forged."""
+    cfg = load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
+    second = crypto.new_identity()
+    policy = _policy(tmp_path, methods=("prompt",))
+    policy = dataclasses.replace(
+        policy, coordinator_keys=(*policy.coordinator_keys, _pub(tmp_path, second, "second.pub"))
+    )
+    setup = _setup(tmp_path / "absent.csv", policy, None)
+    opened = _error(handle(_message(cfg, "sha256:x", "evaluate", signer=second), setup))
+    assert opened.startswith("refused: policy: method 'lora'")
+    forged = _error(handle(_message(cfg, "sha256:x", signer=crypto.new_identity()), setup))
+    assert forged == "ForgedGlobalState: the global state is not signed by the coordinator's key"
+
+
+def test_an_approved_runs_only_site_trains_only_an_approved_run(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    data, fp = _rows(tmp_path), _fp(cfg)
+    policy = _policy(tmp_path, approved_runs_only=True)
+    setup = _setup(data, policy, tmp_path / "ledger.jsonl")
+    msg = _message(cfg, fp)
+    signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), COORDINATOR.public_key())
+    assert _error(handle(msg, setup)).startswith(
+        f"refused: policy: run not approved (config sha256 {signed.config_hash[:12]}"
+    )
+    shapes = {name: tuple(v.shape) for name, v in signed.state.items()}
+    bound = expected_upload_bytes(
+        shapes, "fp32", method="lora", fingerprint=fp, site_id="site-x", run_token="run-token"
+    )
+    approve(
+        policy.approvals,
+        RunManifest(
+            method="lora",
+            model_fingerprint=fp,
+            config_sha256=signed.config_hash,
+            rounds=cfg.federation.rounds,
+            local_epochs=cfg.train.local_epochs,
+            codec="fp32",
+            tensors=tuple(shapes.items()),
+            upload_bytes=bound,
+        ),
+    )
+    reply = handle(_message(cfg, fp), setup)
+    assert reply.content[keys.CONFIG][keys.STATUS] == "ok", reply.content[keys.CONFIG][keys.ERROR]
+    assert [e[0] for e in _events(tmp_path / "ledger.jsonl")] == [
+        "task",
+        "refused",
+        "task",
+        "upload",
+    ]
+
+
+def test_an_upload_over_the_site_s_maximum_is_refused(
+    tmp_path: Path, cfg: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before training when the bound says so; and, should the bound be wrong, refused
+    again on the sealed bytes before they leave."""
+    data, fp = _rows(tmp_path), _fp(cfg)
+    ledger = tmp_path / "ledger.jsonl"
+    setup = _setup(tmp_path / "absent.csv", _policy(tmp_path, max_upload_bytes=1000), ledger)
+    early = _error(handle(_message(cfg, fp), setup))
+    assert early.startswith("refused: policy: upload of ") and "maximum of 1,000" in early
+    monkeypatch.setattr("fedpeft.client.app.expected_upload_bytes", lambda *a, **k: 1)
+    late = _error(handle(_message(cfg, fp), dataclasses.replace(setup, data_file=data)))
+    assert late.startswith("refused: policy: upload of ") and "maximum of 1,000" in late
+    assert [e[0] for e in _events(ledger)] == ["task", "refused", "task", "refused"]
+    assert all(r.entry.upload_bytes == 0 for r in Ledger(ledger).entries())
+
+
+# -- the ledger ----------------------------------------------------------------------------------
+
+
+def test_a_three_round_run_leaves_a_ledger_that_verifies_with_what_left(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    """Each round: a train task and its sealed upload, an evaluate task and its reply; the
+    upload lines carry the SHA-256 and size of exactly the bytes sent, and the run's config
+    hash (the signed one, which approvals name)."""
+    data, fp = _rows(tmp_path), _fp(cfg)
+    ledger = tmp_path / "ledger.jsonl"
+    setup = _setup(data, _policy(tmp_path), ledger)
+    sent, config_hash = [], ""
+    for rnd in (1, 2, 3):
+        for kind in ("train", "evaluate"):
+            msg = _message(cfg, fp, kind, rnd)
+            config_hash = open_global(
+                from_blob_record(msg.content[keys.GLOBAL]), COORDINATOR.public_key()
+            ).config_hash
+            reply = handle(msg, setup)
+            assert reply.content[keys.CONFIG][keys.STATUS] == "ok"
+            if kind == "train":
+                sent.append(from_blob_record(reply.content[keys.SEALED]))
+    result = Ledger(ledger).verify()
+    assert result.ok and result.entries == 12, result.message
+    records = Ledger(ledger).entries()
+    assert [(r.entry.event, r.entry.round, r.entry.message_type) for r in records] == [
+        (event, rnd, kind)
+        for rnd in (1, 2, 3)
+        for kind in ("train", "evaluate")
+        for event in ("task", "upload")
+    ]
+    assert {r.entry.config_sha256 for r in records} == {config_hash}
+    assert all((r.entry.run_token, r.entry.method) == ("run-token", "lora") for r in records)
+    uploads = [r.entry for r in records if r.entry.event == "upload"]
+    assert [(u.upload_sha256, u.upload_bytes) for u in uploads if u.message_type == "train"] == [
+        (hashlib.sha256(s).hexdigest(), len(s)) for s in sent
+    ]
+    assert all(u.upload_bytes == 0 for u in uploads if u.message_type == "evaluate")
+
+
+def test_a_ledger_that_cannot_be_written_makes_the_site_refuse(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    """No folder for the ledger, or a torn last line: nothing leaves without an entry."""
+    missing = _setup(tmp_path / "absent.csv", _policy(tmp_path), tmp_path / "none" / "l.jsonl")
+    assert _error(handle(_message(cfg, "sha256:x"), missing)) == LEDGER_REFUSAL
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(b'{"seq":1')
+    setup = _setup(tmp_path / "absent.csv", _policy(tmp_path), torn)
+    assert _error(handle(_message(cfg, "sha256:x", "evaluate"), setup)) == LEDGER_REFUSAL
+    assert torn.read_bytes() == b'{"seq":1'
+
+
+def test_a_forged_state_and_a_fingerprint_mismatch_are_ledger_refusals(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    setup = _setup(_rows(tmp_path), _policy(tmp_path), ledger)
+    forged = _error(handle(_message(cfg, _fp(cfg), signer=crypto.new_identity()), setup))
+    mismatch = _error(handle(_message(cfg, "sha256:" + "0" * 64), setup))
+    assert "fingerprint mismatch" in mismatch
+    records = Ledger(ledger).entries()
+    assert [(r.entry.event, r.entry.run_token, r.entry.reason) for r in records] == [
+        ("task", "", ""),
+        ("refused", "", forged),
+        ("task", "run-token", ""),
+        ("refused", "run-token", mismatch),
+    ]
+
+
+def _fab(clientapp: str) -> SimpleNamespace:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", f'[tool.flwr.app.components]\nclientapp = "{clientapp}"\n')
+    content = buf.getvalue()
+    return SimpleNamespace(content=content, hash_str=hashlib.sha256(content).hexdigest())
+
+
+def test_the_worker_writes_an_app_it_refuses_to_the_ledger(tmp_path: Path, cfg: RunConfig) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    setup = _setup(tmp_path / "absent.csv", _policy(tmp_path), ledger)
+    context = Context(
+        run_id=5,
+        node_id=7,
+        node_config={keys.NODE_SITE: "site-x"},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply, account = worker.answer(_message(cfg, "sha256:x"), context, _fab("evil:app"), setup)
+    reason = "refused: app 'evil:app' is not allowed at this site"
+    assert _error(reply) == reason and account == reason
+    assert _events(ledger) == [("task", 1, "train", ""), ("refused", 1, "train", reason)]
+
+
+# -- the setup file: site.toml's policy reaches the worker -----------------------------------
+
+
+def test_the_setup_file_carries_the_policy_and_the_worker_runs_its_apps(tmp_path: Path) -> None:
+    crypto.write_private_key(tmp_path / "site.key", SITE_KEY)
+    _pub(tmp_path, COORDINATOR)
+    _pub(tmp_path, crypto.new_identity(), "other.pub")
+    _rows(tmp_path)
+    toml = tmp_path / "site.toml"
+    toml.write_text(
+        '[site]\nname = "site-x"\ncoordinator = "127.0.0.1:1"\nidentity_key = "site.key"\n'
+        'coordinator_key = "coordinator.pub"\ndata = "site-x.csv"\ndevice = "cpu"\n'
+        '[policy]\ncoordinator_keys = ["coordinator.pub", "other.pub"]\nmethods = ["prompt"]\n'
+        "max_local_epochs = 2\nmax_upload_bytes = 5000\napproved_runs_only = true\n"
+        'apps = ["fedpeft.client.app:app", "site_dump:app"]\n'
+    )
+    site = load_site_config(toml, insecure=True)
+    path = write_site_setup(site, tmp_path / "home")
+    text = path.read_text()
+    assert "PRIVATE" not in text and "ecdsa-sha2" not in text  # names and paths only
+    assert json.loads(text)["policy"]["methods"] == ["prompt"]
+    setup = read_setup_file(path)
+    assert setup.policy == site.policy and setup.ledger == site.ledger.resolve()
+    assert setup.allowed_apps == ("fedpeft.client.app:app", "site_dump:app")
+    assert len(setup.coordinator_keys()) == 2
+    assert read_setup_file(path, ("x:app",)).allowed_apps == ("x:app",)  # --allow-app wins
+    (tmp_path / "other.pub").unlink()
+    with pytest.raises(Exception, match="other.pub"):  # named at start, not at the first task
+        read_setup_file(path)
+
+
+def test_a_simulated_site_has_no_policy_and_the_default_apps() -> None:
+    assert SiteSetup.__dataclass_fields__["policy"].default is None
+    assert SiteSetup.__dataclass_fields__["allowed_apps"].default is DEFAULT_APPS
