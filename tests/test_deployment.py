@@ -312,6 +312,44 @@ def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
         assert "refused" in (deployment.root / site / "site.log").read_text()
 
 
+def test_a_run_the_site_policies_forbid_is_refused_with_the_reason_and_ledgered(
+    deployment: Deployment,
+) -> None:
+    """Six local epochs, above the default policy's five: every site refuses each task before
+    reading a row, the store records the policy's reason per site, and each site's ledger (the
+    default, ledger.jsonl beside site.toml) verifies and holds the refusals. (The shared sites
+    keep the default policy so the other tests' LoRA runs train: no site is restarted.)"""
+    coord = deployment.coord
+    db = f"sqlite:///{coord / 'runs.db'}"
+    store = open_store(db)
+    before = {r.id for r in store.list_runs()}
+    store.close()
+    run_config = f'data.dataset="{deployment.root}" federation.min_sites=2 train.local_epochs=6'
+    run = subprocess.run(
+        [str(BIN / "flwr"), "run", str(APP), "coordinator", "--stream"]
+        + ["--run-config", run_config],
+        env=_env(coord / "flwr-cli"),
+        cwd=coord,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    store = open_store(db)
+    (info,) = [r for r in store.list_runs() if r.id not in before]
+    assert info.status == "failed", run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [r for r in store.site_results(info.id) if r.phase == "train"]
+    store.close()
+    assert sorted(r.site for r in rows) == sorted(SITES)
+    reason = "site-error: refused: policy: 6 local epochs above the site's maximum of 5"
+    assert all((r.status, r.reason) == ("failed", reason) for r in rows), rows
+    for site in SITES:
+        home = deployment.root / site
+        checked = _fedpeft("site", "ledger", "--config", "site.toml", "--verify", cwd=home)
+        assert checked.returncode == 0, checked.stdout
+        table = _fedpeft("site", "ledger", "--config", "site.toml", cwd=home).stdout
+        assert "6 local epochs above" in table
+
+
 def test_a_site_killed_during_a_round_does_not_stop_the_run(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
