@@ -121,7 +121,10 @@ def test_the_supernode_tells_a_client_app_its_site_and_its_setup_file(tmp_path: 
     setup file site start writes from site.toml; the node config names only it and the site."""
     cfg = load_site_config(_site(tmp_path))
     setup = processes.write_site_setup(cfg, tmp_path / "home")
-    assert json.loads(setup.read_text()) == {
+    written = json.loads(setup.read_text())
+    policy = written.pop("policy")  # the [policy] as its fields: paths, names, numbers
+    assert policy["coordinator_keys"] == [str(tmp_path / "c.pub")] and policy["max_rounds"] == 100
+    assert written == {
         "site": "A",
         "data_file": str(tmp_path / "records.csv"),
         "schema": {
