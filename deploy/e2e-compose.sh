@@ -9,7 +9,8 @@
 #   4. the wheelhouse (deploy/build-wheelhouse.sh) and the image, built with no network;
 #   5. `setup`, then `up --exit-code-from coordinator`: one federated run of the heart
 #      benchmark at three hospitals; then deploy/e2e_check.py reads the coordinator's store
-#      (every round applied, an AUC per site and round) and checks the network isolation;
+#      (every round applied, an AUC per site and round) and checks the network isolation, and
+#      deploy/e2e_site_check.py, in each hospital's container, verifies that site's ledger;
 #   6. everything torn down: containers, network, volumes (keys and store). Images are kept, so
 #      a second run is warm.
 # FEDPEFT_ROUNDS sets the run's rounds (default 2 here, to keep CI short; the compose file's
@@ -118,4 +119,9 @@ step "docker compose up: a federated run of $FEDPEFT_ROUNDS round(s) at three ho
 "${compose[@]}" run --rm -T --no-deps -e FEDPEFT_ROUNDS --entrypoint python coordinator - \
     < deploy/e2e_check.py
 step "store and isolation checked"
+for site in cleveland hungary va-long-beach; do
+    "${compose[@]}" run --rm -T --no-deps -e FEDPEFT_ROUNDS --entrypoint python "$site" - \
+        < deploy/e2e_site_check.py
+done
+step "each hospital's ledger verified: one sealed train upload per round, no refusal"
 say "passed"
