@@ -25,7 +25,7 @@ from fedpeft.common.environment import FLWR_HOME_ENV
 from fedpeft.common.state import state_from_bytes
 from fedpeft.processes import BIN, child_env
 from fedpeft.server.checkpoints import write_store_key
-from fedpeft.server.store import open_store
+from fedpeft.server.store import RunInfo, SiteResult, open_store
 
 pytestmark = pytest.mark.slow
 APP = Path(__file__).parent / "deploy_app"
@@ -274,20 +274,16 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
             assert needle not in data, f"plaintext delta bytes found in {path}"
 
 
-def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
-    deployment: Deployment,
-) -> None:
-    """The coordinator submits a run whose ClientApp is its own module (it would leave a marker
-    file on import and when called): each site's worker refuses it by name, the store records
-    that per site, and no marker exists anywhere."""
+def _submit(deployment: Deployment, app: Path, run_config: str) -> tuple[RunInfo, list[SiteResult]]:
+    """Submit ``app`` to the shared coordinator with ``run_config``; the run it made (expected
+    to fail: no site trains) and its site rows, from the coordinator's store."""
     coord = deployment.coord
     db = f"sqlite:///{coord / 'runs.db'}"  # the coordinator's store, shared with other tests
     store = open_store(db)
     before = {r.id for r in store.list_runs()}
     store.close()
-    run_config = f'data.dataset="{deployment.root}" federation.min_sites=2'
     run = subprocess.run(
-        [str(BIN / "flwr"), "run", str(EVIL_APP), "coordinator", "--stream"]
+        [str(BIN / "flwr"), "run", str(app), "coordinator", "--stream"]
         + ["--run-config", run_config],
         env=_env(coord / "flwr-cli"),
         cwd=coord,
@@ -300,6 +296,17 @@ def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
     assert info.status == "failed", run.stdout[-3000:] + run.stderr[-3000:]
     rows = store.site_results(info.id)
     store.close()
+    return info, rows
+
+
+def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
+    deployment: Deployment,
+) -> None:
+    """The coordinator submits a run whose ClientApp is its own module (it would leave a marker
+    file on import and when called): each site's worker refuses it by name, the store records
+    that per site, and no marker exists anywhere."""
+    run_config = f'data.dataset="{deployment.root}" federation.min_sites=2'
+    _, rows = _submit(deployment, EVIL_APP, run_config)
     assert {(r.site, r.phase) for r in rows} == {
         (s, p) for s in SITES for p in ("train", "evaluate")
     }
@@ -319,26 +326,9 @@ def test_a_run_the_site_policies_forbid_is_refused_with_the_reason_and_ledgered(
     reading a row, the store records the policy's reason per site, and each site's ledger (the
     default, ledger.jsonl beside site.toml) verifies and holds the refusals. (The shared sites
     keep the default policy so the other tests' LoRA runs train: no site is restarted.)"""
-    coord = deployment.coord
-    db = f"sqlite:///{coord / 'runs.db'}"
-    store = open_store(db)
-    before = {r.id for r in store.list_runs()}
-    store.close()
     run_config = f'data.dataset="{deployment.root}" federation.min_sites=2 train.local_epochs=6'
-    run = subprocess.run(
-        [str(BIN / "flwr"), "run", str(APP), "coordinator", "--stream"]
-        + ["--run-config", run_config],
-        env=_env(coord / "flwr-cli"),
-        cwd=coord,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    store = open_store(db)
-    (info,) = [r for r in store.list_runs() if r.id not in before]
-    assert info.status == "failed", run.stdout[-3000:] + run.stderr[-3000:]
-    rows = [r for r in store.site_results(info.id) if r.phase == "train"]
-    store.close()
+    _, rows = _submit(deployment, APP, run_config)
+    rows = [r for r in rows if r.phase == "train"]
     assert sorted(r.site for r in rows) == sorted(SITES)
     reason = "site-error: refused: policy: 6 local epochs above the site's maximum of 5"
     assert all((r.status, r.reason) == ("failed", reason) for r in rows), rows
