@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="[fedpeft worker %(asctime)s] %(levelname)s %(message)s"
     )
+    # httpx logs every request at INFO: one line per task poll (5 a second) in the site's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     secret = None
     if args.superexec_auth_secret_file is not None:
         secret = args.superexec_auth_secret_file.read_bytes()
