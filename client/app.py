@@ -29,15 +29,13 @@ import dataclasses
 import logging
 import re
 import zlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric import ec
-from google.protobuf.message import DecodeError
 
 from fedpeft.client.approvals import read_approvals
 from fedpeft.client.ledger import Ledger, LedgerError
@@ -52,11 +50,15 @@ from fedpeft.client.policy import (
 )
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
-from fedpeft.common import crypto, keys
-from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
+from fedpeft.common import keys
 from fedpeft.common.config import DataConfig, SiteRunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
-from fedpeft.common.envelope import ForgedGlobalState, GlobalState, open_global, seal_delta
+from fedpeft.common.envelope import (
+    ForgedGlobalState,
+    GlobalState,
+    open_global_signed_by,
+    seal_delta,
+)
 from fedpeft.common.errors import ConfigError, DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.keys import Phase
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
@@ -361,30 +363,6 @@ class TaskRecord:
         return error
 
 
-def open_trusted(
-    data: bytes, trusted: Mapping[str, ec.EllipticCurvePublicKey]
-) -> tuple[GlobalState, str]:
-    """The global state and the fingerprint of the trusted coordinator key that signed it; a
-    state signed by none of them is ``ForgedGlobalState``, as :func:`open_global` says it."""
-    for fingerprint, key in trusted.items():
-        if signed_by(data, key):
-            return open_global(data, key), fingerprint
-    if not trusted:
-        raise ForgedGlobalState("the site trusts no coordinator key")
-    return open_global(data, next(iter(trusted.values()))), ""  # raises: names why
-
-
-def signed_by(data: bytes, key: ec.EllipticCurvePublicKey) -> bool:
-    """Whether ``data`` is a signed global state whose signature ``key`` verifies (its contents
-    are checked by :func:`open_global`)."""
-    signed = pb.SignedGlobalState()
-    try:
-        signed.ParseFromString(data)
-    except (DecodeError, ValueError, RuntimeError):
-        return False
-    return crypto.verify(key, signed.signature, crypto.DOMAIN_GLOBAL, signed.header, signed.payload)
-
-
 def task_facts(signed: GlobalState, coordinator_key: str, site: str) -> TaskFacts:
     """What the site's policy judges, from the signed global state alone (no row is read)."""
     cfg = signed.config
@@ -436,7 +414,7 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             raise FedpeftError(f"unknown message type {kind[:32]!r}")
         rnd = int(msg.content[keys.CONFIG][keys.ROUND])
         trusted = setup.coordinator_keys()
-        signed, signer = open_trusted(from_blob_record(msg.content[keys.GLOBAL]), trusted)
+        signed, signer = open_global_signed_by(from_blob_record(msg.content[keys.GLOBAL]), trusted)
         record.opened(signed)
         record.task()
         _check_global(signed, rnd)

@@ -261,15 +261,33 @@ def sign_global(
 
 def open_global(data: bytes, coordinator: ec.EllipticCurvePublicKey) -> GlobalState:
     """The global state, after checking the coordinator's signature; else ForgedGlobalState."""
+    return open_global_signed_by(data, {"": coordinator})[0]
+
+
+def open_global_signed_by(
+    data: bytes, trusted: Mapping[str, ec.EllipticCurvePublicKey]
+) -> tuple[GlobalState, str]:
+    """The global state and the name (a site uses the fingerprint) of the one of ``trusted``
+    coordinator keys whose signature it carries; else ForgedGlobalState."""
+    if not trusted:
+        raise ForgedGlobalState("the site trusts no coordinator key")
     signed, header = pb.SignedGlobalState(), pb.GlobalStateHeader()
     try:
         signed.ParseFromString(data)
         header.ParseFromString(signed.header)
     except (DecodeError, ValueError, RuntimeError):
         raise ForgedGlobalState("the global state is not a signed global state") from None
-    if not crypto.verify(
-        coordinator, signed.signature, crypto.DOMAIN_GLOBAL, signed.header, signed.payload
-    ):
+    signer = next(
+        (
+            name
+            for name, key in trusted.items()
+            if crypto.verify(
+                key, signed.signature, crypto.DOMAIN_GLOBAL, signed.header, signed.payload
+            )
+        ),
+        None,
+    )
+    if signer is None:
         raise ForgedGlobalState("the global state is not signed by the coordinator's key")
     if header.schema_version != SCHEMA_VERSION:
         raise ForgedGlobalState(f"global state schema version {header.schema_version}")
@@ -299,4 +317,4 @@ def open_global(data: bytes, coordinator: ec.EllipticCurvePublicKey) -> GlobalSt
         state,
         config,
         config.config_hash(),
-    )
+    ), signer
