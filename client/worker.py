@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.client.policy import REFUSED
-from fedpeft.client.setup import DEFAULT_ALLOWED_APPS, SiteSetup, read_setup_file
-from fedpeft.common import keys
+from fedpeft.client.setup import DEFAULT_ALLOWED_APPS, SiteSetup, read_setup_file, site_name
 from fedpeft.common.errors import FedpeftError
 
 log = logging.getLogger("fedpeft.worker")
@@ -132,14 +131,6 @@ def site_handler(ref: str, allowed: Sequence[str]) -> Callable[[Any, SiteSetup],
     (:data:`SITE_HANDLERS`); None for a ClientApp that only takes Flower's context."""
     load_allowed_app(ref, allowed)
     return _import(SITE_HANDLERS[ref]) if ref in SITE_HANDLERS else None
-
-
-def refusal_reply(message: Any, node_config: dict[str, Any], reason: str) -> Any:
-    """fedpeft's error reply (status ``error``) whose text starts with ``refused: ``."""
-    from fedpeft.client.app import error_reply
-
-    site = str(node_config.get(keys.NODE_SITE, f"partition-{node_config.get(keys.PARTITION_ID)}"))
-    return error_reply(message, site, f"{REFUSED}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -303,7 +294,7 @@ def answer(message: Any, context: Any, fab: Any, setup: SiteSetup) -> tuple[Any,
     """The reply to one task's message and a one-line account of it: a refusal unless the FAB
     names an app the site allows (written to the site's ledger), else that app's own reply
     (fedpeft's with ``setup``; it keeps the ledger itself)."""
-    from fedpeft.client.app import TaskRecord
+    from fedpeft.client.app import TaskRecord, error_reply
 
     allowed = setup.allowed_apps
     try:
@@ -311,9 +302,7 @@ def answer(message: Any, context: Any, fab: Any, setup: SiteSetup) -> tuple[Any,
     except AppRefused as exc:
         log.warning("refused a task of run %s: %s", context.run_id, exc)
         error = TaskRecord.of(setup.ledger, message).refused(f"{REFUSED}: {exc}")
-        return refusal_reply(
-            message, dict(context.node_config), error.removeprefix(f"{REFUSED}: ")
-        ), error
+        return error_reply(message, site_name(dict(context.node_config)), error), error
     handler = site_handler(ref, allowed)
     if handler is not None:
         return handler(message, setup), f"answered with {ref}"
