@@ -4,8 +4,10 @@ warm site worker, side by side on the same machine.
 For each mode: a TLS coordinator and 3 sites (60 heart-disease rows each) on 127.0.0.1, started
 with ``fedpeft coordinator start`` / ``fedpeft site start`` (the stock mode with the hidden
 ``--per-message-process``), then one 3-round LoRA run with ``fedpeft run start``. From the run
-store: each round's wall time (train + evaluate messages), the slowest site's training seconds
-and the difference, which is what the deployment adds on top of training.
+store: each round's wall time (its exchange, one message per site that also evaluates the
+previous round's state, and its aggregation; the last round's also the final evaluate
+exchange: the rounds add up to the run), the slowest site's training seconds and the
+difference, which is what the deployment adds on top of training.
 
     .venv/bin/python bench/worker.py [--rounds 3] [--rows 60] [--keep DIR]
 
@@ -170,6 +172,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rows", type=int, default=60, help="records per site")
     p.add_argument("--keep", type=Path, default=None, help="keep folders and logs here")
+    p.add_argument(
+        "--mode", choices=sorted(MODES), action="append", help="only this mode (repeatable)"
+    )
     args = p.parse_args()
     root = (
         Path(tempfile.mkdtemp(prefix="fedpeft-bench-worker-")) if args.keep is None else args.keep
@@ -177,6 +182,8 @@ def main() -> int:
     results: dict[str, list[tuple[int, float, float]]] = {}
     try:
         for mode, flags in MODES.items():
+            if args.mode and mode not in args.mode:
+                continue
             started: list[subprocess.Popen[bytes]] = []
             try:
                 folder = root / mode.replace(" ", "-")

@@ -40,7 +40,6 @@ import torch
 from fedpeft.client.approvals import read_approvals
 from fedpeft.client.ledger import Ledger, LedgerError
 from fedpeft.client.policy import (
-    REFUSED,
     PolicyRefusal,
     SitePolicy,
     TaskFacts,
@@ -60,7 +59,7 @@ from fedpeft.common.envelope import (
     seal_delta,
 )
 from fedpeft.common.errors import ConfigError, DataError, FedpeftError, FingerprintMismatch
-from fedpeft.common.keys import Phase
+from fedpeft.common.keys import Phase, SiteStatus
 from fedpeft.common.methods import build_method, load_shared_state, shared_state
 from fedpeft.common.metrics import Evaluation
 from fedpeft.common.model import (
@@ -210,11 +209,16 @@ def handle_evaluate(
 def _reply(
     msg: Any,
     site: str,
-    error: str | None = None,
+    status: SiteStatus = SiteStatus.OK,
+    error: str = "",
     sealed: bytes | None = None,
     metrics: dict[str, float] | None = None,
     ev: Evaluation | None = None,
+    ev_metrics: dict[str, float] | None = None,
 ) -> Any:
+    """A reply's records. ``ev``: a global state's evaluation, sent as its score histogram;
+    ``ev_metrics``: that evaluation's metrics when the reply's own ``metrics`` are another's
+    (a train reply's are the local model's)."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     content = RecordDict(
@@ -222,8 +226,8 @@ def _reply(
             keys.CONFIG: ConfigRecord(
                 {
                     keys.SITE: site,
-                    keys.STATUS: "error" if error else "ok",
-                    keys.ERROR: error or "",
+                    keys.STATUS: status.value,
+                    keys.ERROR: error,
                 }
             ),
         }
@@ -232,6 +236,8 @@ def _reply(
         content[keys.SEALED] = blob_record(sealed)
     if metrics is not None:
         content[keys.METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
+    if ev_metrics is not None:
+        content[keys.EVALUATION] = MetricRecord({k: float(v) for k, v in ev_metrics.items()})
     if ev is not None:
         content[keys.HISTOGRAM] = MetricRecord(
             {keys.HIST_POS: list(ev.hist_pos), keys.HIST_NEG: list(ev.hist_neg)}
@@ -239,14 +245,21 @@ def _reply(
     return Message(content, reply_to=msg)
 
 
-def error_reply(msg: Any, site: str, error: str) -> Any:
-    """The reply of a site that does not answer ``msg``: status ``error`` and a short public
-    reason (no local detail); the coordinator records it per site and round."""
-    return _reply(msg, site, error=error)
+def folds_evaluation(rnd: int) -> bool:
+    """Whether a train message of round ``rnd`` also asks for the evaluation of the global state
+    it carries: every round after the first (that state is the previous round's result)."""
+    return rnd > 1
+
+
+def error_reply(msg: Any, site: str, status: SiteStatus, error: str) -> Any:
+    """The reply of a site that does not answer ``msg``: ``status`` (``error`` or ``refused``)
+    and a short public reason (no local detail); the coordinator records it per site and
+    round."""
+    return _reply(msg, site, status, error)
 
 
 class TaskRefused(FedpeftError):
-    """The site refuses a task for a reason it tells the coordinator (``refused: <reason>``);
+    """The site refuses a task for a reason it tells the coordinator (status ``refused``);
     ``reason`` is public: no paths, no rows."""
 
     def __init__(self, reason: str):
@@ -342,9 +355,11 @@ class TaskRecord:
             )
         )
 
-    def refused(self, error: str) -> str:
-        """The ``task`` line if not yet written and the ``refused`` line naming ``error``; the
-        error text to send, which names the ledger instead when it cannot be written."""
+    def refused(self, status: SiteStatus, error: str) -> tuple[SiteStatus, str]:
+        """The ``task`` line if not yet written and the ``refused`` line naming ``error`` (a
+        refusal's as ``refused: <reason>``); the status and error text to send, which are the
+        ledger's refusal instead when it cannot be written."""
+        reason = f"{SiteStatus.REFUSED}: {error}" if status == SiteStatus.REFUSED else error
         try:
             self.task()
             self._append(
@@ -352,15 +367,15 @@ class TaskRecord:
                     run_token=self.run_token,
                     round=self.round,
                     message_type=self.message_type,
-                    reason=error,
+                    reason=reason,
                     config=self.config,
                     method=self.method,
                     codec=self.codec,
                 )
             )
         except TaskRefused as exc:
-            return f"{REFUSED}: {exc.reason}"
-        return error
+            return SiteStatus.REFUSED, exc.reason
+        return status, error
 
 
 def task_facts(signed: GlobalState, coordinator_key: str, site: str) -> TaskFacts:
@@ -424,6 +439,12 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
         session = site_session(cfg, setup)
         site = session.site
         if kind == Phase.TRAIN:
+            # After round 1 the state a site trains from is the previous round's new global
+            # state: the site evaluates it first and sends that with its update, one message a
+            # round instead of a train and an evaluate message.
+            ev, ev_metrics = None, None
+            if folds_evaluation(rnd):
+                ev, ev_metrics = handle_evaluate(cfg, signed.state, session)
             delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             sealed = seal_delta(
@@ -441,19 +462,19 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             if setup.policy is not None:
                 check_upload(setup.policy, sealed)
             record.upload(sealed)
-            return _reply(msg, site, sealed=sealed, metrics=metrics)
+            return _reply(msg, site, sealed=sealed, metrics=metrics, ev=ev, ev_metrics=ev_metrics)
         ev, metrics = handle_evaluate(cfg, signed.state, session)
         record.upload(None)
         return _reply(msg, site, metrics=metrics, ev=ev)
     except (TaskRefused, PolicyRefusal) as exc:
         log.warning("site %s: refused a %s task: %s", site, kind[:32], exc.reason)
-        error = f"{REFUSED}: {exc.reason}"
+        status, error = SiteStatus.REFUSED, exc.reason
     except FedpeftError as exc:
-        error = _public_error(site, exc)
+        status, error = SiteStatus.ERROR, _public_error(site, exc)
     except Exception:
         log.exception("site %s: %s failed", site, kind)
-        error = "internal error at the site (see the site's log)"
-    return _reply(msg, site, error=record.refused(error))
+        status, error = SiteStatus.ERROR, "internal error at the site (see the site's log)"
+    return error_reply(msg, site, *record.refused(status, error))
 
 
 def _public_error(site: str, exc: FedpeftError) -> str:
@@ -465,7 +486,7 @@ def _public_error(site: str, exc: FedpeftError) -> str:
 
 
 def _failed(msg: Any, site: str, exc: FedpeftError) -> Any:
-    return _reply(msg, site, error=_public_error(site, exc))
+    return error_reply(msg, site, SiteStatus.ERROR, _public_error(site, exc))
 
 
 def handle_in_context(msg: Any, context: Any) -> Any:

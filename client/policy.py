@@ -37,8 +37,6 @@ DEFAULT_MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 DEFAULT_APPROVALS = "approved-runs.jsonl"
 #: The prefix of every policy reason.
 POLICY = "policy"
-#: The prefix of the error text of every task a site refuses, as the coordinator records it.
-REFUSED = "refused"
 
 
 def default_methods() -> tuple[str, ...]:

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpeft.client.policy import REFUSED
 from fedpeft.client.setup import DEFAULT_ALLOWED_APPS, SiteSetup, read_setup_file, site_name
 from fedpeft.common.errors import FedpeftError
+from fedpeft.common.keys import SiteStatus
 
 log = logging.getLogger("fedpeft.worker")
 
@@ -301,8 +301,9 @@ def answer(message: Any, context: Any, fab: Any, setup: SiteSetup) -> tuple[Any,
         ref = check_app(fab.content, fab.hash_str, allowed)
     except AppRefused as exc:
         log.warning("refused a task of run %s: %s", context.run_id, exc)
-        error = TaskRecord.of(setup.ledger, message).refused(f"{REFUSED}: {exc}")
-        return error_reply(message, site_name(dict(context.node_config)), error), error
+        status, error = TaskRecord.of(setup.ledger, message).refused(SiteStatus.REFUSED, str(exc))
+        reply = error_reply(message, site_name(dict(context.node_config)), status, error)
+        return reply, f"{status}: {error}"
     handler = site_handler(ref, allowed)
     if handler is not None:
         return handler(message, setup), f"answered with {ref}"

@@ -62,6 +62,7 @@ class Reason(StrEnum):
     NORM = "norm"
     # The reply around it (server/replies.py).
     SITE_ERROR = "site-error"
+    REFUSED = "refused"  # the site refused the task: its policy, an app it does not run, ...
     NO_REPLY = "no-reply"
 
 

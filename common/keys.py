@@ -17,12 +17,23 @@ class Phase(StrEnum):
     EVALUATE = "evaluate"
 
 
+class SiteStatus(StrEnum):
+    """What a site's reply says of the task (its config record's ``status``)."""
+
+    OK = "ok"  # done: the reply carries the result
+    ERROR = "error"  # failed at the site; ``error`` says how, without local detail
+    REFUSED = "refused"  # refused by the site (its policy, an app it does not run, its ledger)
+
+
 # Record names inside a Flower Message's RecordDict.
 GLOBAL: Final = "global"  # blob: the signed global state (server -> site)
 SEALED: Final = "sealed"  # blob: the sealed delta (site -> server)
 CONFIG: Final = "config"  # ConfigRecord: round info (the run's settings are in GLOBAL, signed)
 METRICS: Final = "metrics"  # MetricRecord: scalar metrics of the reply
 HISTOGRAM: Final = "histogram"  # MetricRecord: score histogram by label
+#: MetricRecord of a train reply after round 1: the evaluation of the global state it trained
+#: from (the previous round's), as an evaluate reply's METRICS; its histogram is HISTOGRAM.
+EVALUATION: Final = "evaluation"
 
 # ConfigRecord keys, server -> site.
 ROUND: Final = "round"

@@ -6,8 +6,8 @@ hand-made messages.
 
 A train reply is used only if each step passes, in this order:
 
-1. Flower carries no error for it, and the site reports success (else ``failed``,
-   ``site-error``);
+1. Flower carries no error for it, and the site reports success (else ``failed``, with
+   ``site-error``, or ``refused`` for a task the site refused);
 2. its records are there and of the right types (else ``rejected``, ``malformed``);
 3. its sealed delta opens for this run and round (:func:`open_delta`, which also fixes the
    tensors' names, shapes and dtype; its reason codes);
@@ -15,7 +15,8 @@ A train reply is used only if each step passes, in this order:
    before in this round (else ``bad-signature``);
 5. its values pass :func:`validate_delta` (``non-finite``, ``examples``, ``norm``).
 
-An evaluate reply needs steps 1 and 2, with a score histogram.
+An evaluate reply needs steps 1 and 2, with a score histogram. After round 1 a train reply
+also carries the evaluation of the global state it trained from, read the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from fedpeft.common import keys
 from fedpeft.common.envelope import Expected, open_delta
 from fedpeft.common.errors import DeltaRejected, Reason
-from fedpeft.common.keys import Phase
+from fedpeft.common.keys import Phase, SiteStatus
 from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import from_blob_record
 from fedpeft.common.state import State
@@ -38,9 +39,6 @@ from fedpeft.server.validation import validate_delta
 
 if TYPE_CHECKING:
     from flwr.app import Message
-
-#: What a site reports in its reply's ``status`` when it did its part.
-SITE_OK = "ok"
 
 
 @dataclass
@@ -107,9 +105,12 @@ def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Rep
     return reply
 
 
-def read_evaluate(msg: Message, name: str) -> Reply:
-    """An evaluate reply as metrics and a score histogram to pool, or rejected with its reason."""
-    reply = _read(msg, name)
+def read_evaluate(msg: Message, name: str, *, in_train: bool = False) -> Reply:
+    """An evaluate reply as metrics and a score histogram to pool, or rejected with its reason.
+
+    ``in_train``: read the evaluation a train reply carries after round 1 (its ``evaluation``
+    record and histogram; a train reply that failed carries none and fails the same way)."""
+    reply = _read(msg, name, keys.EVALUATION if in_train else keys.METRICS)
     if reply.status is not ReplyStatus.OK:
         return reply
     try:
@@ -137,8 +138,9 @@ def no_reply(node: int, name: str, phase: Phase, timeout_s: float) -> Reply:
     )
 
 
-def _read(msg: Message, name: str) -> Reply:
-    """What every reply holds: the site's name, its status and its metrics."""
+def _read(msg: Message, name: str, metrics: str = keys.METRICS) -> Reply:
+    """What every reply holds: the site's name, its status and its metrics (the record named
+    ``metrics``)."""
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
         return _refused(node, name, ReplyStatus.FAILED, Reason.SITE_ERROR, str(msg.error.reason))
@@ -146,13 +148,15 @@ def _read(msg: Message, name: str) -> Reply:
     try:
         info = msg.content[keys.CONFIG]
         site = str(info[keys.SITE])
-        if info[keys.STATUS] != SITE_OK:
+        status = info[keys.STATUS]
+        if status != SiteStatus.OK:
             detail = str(info.get(keys.ERROR, ""))
-            return _refused(node, site, ReplyStatus.FAILED, Reason.SITE_ERROR, detail)
-        metrics = {k: float(v) for k, v in msg.content[keys.METRICS].items()}  # type: ignore[arg-type]
+            code = Reason.REFUSED if status == SiteStatus.REFUSED else Reason.SITE_ERROR
+            return _refused(node, site, ReplyStatus.FAILED, code, detail)
+        values = {k: float(v) for k, v in msg.content[metrics].items()}  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         return _malformed(Reply(node, site), exc)
-    return Reply(node, site, metrics=metrics)
+    return Reply(node, site, metrics=values)
 
 
 def _refused(node: int, site: str, status: ReplyStatus, code: Reason, detail: str) -> Reply:

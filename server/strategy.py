@@ -3,8 +3,10 @@
 One round: send the global shared state (signed by the coordinator) to the sampled sites,
 collect their sealed deltas, read each one on its own (server/replies.py: a bad reply is
 rejected for that site in that round and recorded; the round goes on), aggregate the valid ones
-with FedAvg (server/aggregation.py), apply, ask every site to evaluate the new global state,
-and write the round to the store (server/rounds.py makes its rows).
+with FedAvg (server/aggregation.py) and apply. Every site evaluates the new global state: the
+sampled ones at the start of the next round's train message (one message per site and round),
+the others with an evaluate message sent in the same exchange, and every site with one after the
+last round. Then the round is written to the store (server/rounds.py makes its rows).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -42,6 +46,25 @@ def sample_nodes(nodes: list[int], k: int, rng: np.random.Generator) -> list[int
     if k == 0 or k >= len(nodes):
         return list(nodes)
     return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+
+
+@dataclass
+class _Trained:
+    """A round whose new global state is not yet evaluated: what its store row needs."""
+
+    round: int
+    started: datetime
+    train: list[Reply]
+    applied: bool
+    state: State  # the global state after the round
+    seconds: float  # its exchange and aggregation (the last round's: and its evaluation)
+
+    def evaluators(self, nodes: list[int], training: list[int]) -> list[int]:
+        """The nodes that get an evaluate message for this state: all but those training from it
+        (their train reply carries the evaluation) and those silent in this round, most likely
+        gone (their failure is recorded with the train reply; a sampled one is still asked)."""
+        silent = {r.node_id for r in self.train if r.code == Reason.NO_REPLY}
+        return [n for n in nodes if n not in training and n not in silent]
 
 
 class FederatedRun:
@@ -77,39 +100,37 @@ class FederatedRun:
     # -- the round loop ------------------------------------------------------------------------
 
     def start(self, grid: object) -> int | None:
-        """Run every round; return the round whose global state the run delivers."""
+        """Run every round; return the round whose global state the run delivers.
+
+        One message per site and round: the train message of round r carries the global state
+        of round r-1, which the site evaluates before it trains from it (client/app.py), so a
+        round's row is written once the next round's replies are in; a site not sampled for
+        training gets an evaluate message in the same exchange, and after the last round every
+        site gets one (:meth:`_exchange`)."""
         fed = self.cfg.federation
         nodes = self._wait_for_nodes(grid)
         history: list[RoundResult] = []
+        pending: _Trained | None = None  # the last round, its new state not yet evaluated
         for rnd in range(1, fed.rounds + 1):
             started, t0 = utcnow(), time.perf_counter()
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
-
-            # -- training at the sampled sites -----------------------------------------------
             sampled = sample_nodes(nodes, fed.sites_per_round, self.rng)
-            self.progress(f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)")
-            train = self._send_and_receive(grid, Phase.TRAIN, sampled, rnd)
-            applied = self._aggregate_train(rnd, train)
-
-            # -- evaluation of the new global state at every site ----------------------------
-            # A site that did not answer the train message in time is not waited for again in
-            # this round: it is most likely gone (its failure is recorded with the train reply).
-            silent = {r.node_id for r in train if r.code == Reason.NO_REPLY}
-            evaluate = [n for n in nodes if n not in silent]
-            evaluations = self._send_and_receive(grid, Phase.EVALUATE, evaluate, rnd)
-
-            # -- record ------------------------------------------------------------------------
-            seconds = time.perf_counter() - t0
-            result = round_result(rnd, started, utcnow(), seconds, train, evaluations, applied)
-            self.store.add_round(
-                self.run_id,
-                result,
-                site_rows(rnd, train, Phase.TRAIN) + site_rows(rnd, evaluations, Phase.EVALUATE),
-                seal_state(self.store_key, self.run_id, rnd, self.state),
+            evaluate = [] if pending is None else pending.evaluators(nodes, sampled)
+            self.progress(
+                f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)"
+                + ("" if pending is None else f" (evaluating round {pending.round}'s state first)")
             )
-            for line in round_summary(result, train, evaluations):
-                self.progress(line)
-            history.append(result)
+            train, evaluations = self._exchange(grid, rnd - 1, sampled, evaluate)
+            if pending is not None:
+                history.append(self._record(pending, evaluations))
+            applied = self._aggregate_train(rnd, train)
+            pending = _Trained(rnd, started, train, applied, self.state, time.perf_counter() - t0)
+        if pending is not None:
+            # The last round's global state, evaluated by every site still there.
+            t0 = time.perf_counter()
+            _, evaluations = self._exchange(grid, fed.rounds, [], pending.evaluators(nodes, []))
+            pending.seconds += time.perf_counter() - t0
+            history.append(self._record(pending, evaluations))
         if not any(r.applied for r in history):
             raise FedpeftError(
                 f"no round had the {fed.min_sites} valid update(s) it needs (federation."
@@ -120,6 +141,23 @@ class FederatedRun:
             f"selected the global state of round {chosen} (lowest validation loss across sites)"
         )
         return chosen
+
+    def _record(self, trained: _Trained, evaluations: list[Reply]) -> RoundResult:
+        """Write a round to the store once its global state is evaluated: its row, its sites'
+        train and evaluate rows and the (sealed) global state it ended with."""
+        rnd, train = trained.round, trained.train
+        result = round_result(
+            rnd, trained.started, utcnow(), trained.seconds, train, evaluations, trained.applied
+        )
+        self.store.add_round(
+            self.run_id,
+            result,
+            site_rows(rnd, train, Phase.TRAIN) + site_rows(rnd, evaluations, Phase.EVALUATE),
+            seal_state(self.store_key, self.run_id, rnd, trained.state),
+        )
+        for line in round_summary(result, train, evaluations):
+            self.progress(line)
+        return result
 
     def _aggregate_train(self, rnd: int, train: list[Reply]) -> bool:
         """Apply the FedAvg of the valid updates when there are at least ``min_sites`` of them;
@@ -154,7 +192,8 @@ class FederatedRun:
             time.sleep(1.0)
 
     def _configure(self, phase: Phase, nodes: list[int], rnd: int) -> list[object]:
-        """One message per node: the signed global state and the run config."""
+        """One ``phase`` message of round ``rnd`` per node: the signed global state (with the
+        run's site config) and the round."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
         config = ConfigRecord({keys.ROUND: rnd})
@@ -179,33 +218,47 @@ class FederatedRun:
             for node in nodes
         ]
 
-    def _send_and_receive(
-        self, grid: object, phase: Phase, nodes: list[int], rnd: int
-    ) -> list[Reply]:
-        """Send one phase's messages, wait for the replies, read each; one reply per node."""
+    def _exchange(
+        self, grid: object, state_round: int, train: list[int], evaluate: list[int]
+    ) -> tuple[list[Reply], list[Reply]]:
+        """Send the global state of round ``state_round`` (0: the initial one) in one exchange:
+        to ``train`` as round ``state_round + 1``'s train message, to ``evaluate`` as an
+        evaluate message; wait for the replies and read each. Returns the train replies, one per
+        node of ``train``, and the evaluations of that state: one per node of ``evaluate`` and,
+        after round 1, one per node of ``train`` (its train reply carries it)."""
         timeout = self.cfg.federation.round_timeout_s
-        messages = self._configure(phase, nodes, rnd)
+        messages = self._configure(Phase.TRAIN, train, state_round + 1) if train else []
+        if evaluate:
+            messages += self._configure(Phase.EVALUATE, evaluate, state_round)
         received = exchange(grid, messages, timeout)
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}  # type: ignore[attr-defined]
-        intake = self._intake(rnd)
+        intake = self._intake(state_round + 1)
         opened: set[str] = set()
-        replies: dict[int, Reply] = {}
+        trained: dict[int, Reply] = {}
+        evaluated: dict[int, Reply] = {}
         for msg in received:
             node = int(msg.metadata.src_node_id)
-            if phase == Phase.TRAIN:
-                reply = read_train(msg, intake, opened, self._name(node))
+            if node in trained or node in evaluated:
+                continue  # one reply per node and exchange
+            name = self._name(node)
+            if node in train:
+                reply = trained[node] = read_train(msg, intake, opened, name)
+                if reply.opened:
+                    opened.add(reply.site)
+                if state_round >= 1:
+                    evaluated[node] = read_evaluate(msg, name, in_train=True)
             else:
-                reply = read_evaluate(msg, self._name(node))
-            if reply.opened:
-                opened.add(reply.site)
+                reply = evaluated[node] = read_evaluate(msg, name)
             self.site_names[node] = reply.site
-            reply.bytes_up = message_nbytes(msg)
-            reply.bytes_down = sent.get(node, 0)
-            replies[node] = reply
-        for node in nodes:
-            if node not in replies:
-                replies[node] = no_reply(node, self._name(node), phase, timeout)
-        return [replies[n] for n in nodes]
+            # The bytes of a train reply count once, with its update.
+            reply.bytes_up, reply.bytes_down = message_nbytes(msg), sent.get(node, 0)
+        for node in train:
+            if node not in trained:
+                trained[node] = no_reply(node, self._name(node), Phase.TRAIN, timeout)
+        for node in (train if state_round >= 1 else []) + evaluate:
+            if node not in evaluated:
+                evaluated[node] = no_reply(node, self._name(node), Phase.EVALUATE, timeout)
+        return [trained[n] for n in train], [evaluated[n] for n in sorted(evaluated)]
 
     def _name(self, node: int) -> str:
         return self.site_names.get(node, f"node-{node}")

@@ -82,6 +82,13 @@ def histogram() -> dict[str, list[int]]:
     return {keys.HIST_POS: pos, keys.HIST_NEG: neg}
 
 
+def evaluation_metrics() -> MetricRecord:
+    """A site's metrics of a global state's evaluation."""
+    return MetricRecord(
+        {keys.N_TEST: 7, keys.AUC: 0.75, keys.LOSS: 0.5, keys.VAL_LOSS: 0.6, keys.N_VAL: 3}
+    )
+
+
 @dataclass
 class ScriptedSite:
     """A site that answers as the real one does, with a delta chosen by the test.
@@ -124,10 +131,11 @@ class ScriptedSite:
                 )
             )
             records[keys.METRICS] = MetricRecord({keys.N_TRAIN: self.n_train, keys.AUC: 0.5})
+            if signed.round > 1:  # and the evaluation of the state it trained from
+                records[keys.EVALUATION] = evaluation_metrics()
+                records[keys.HISTOGRAM] = MetricRecord(histogram())  # type: ignore[arg-type]
         else:
-            records[keys.METRICS] = MetricRecord(
-                {keys.N_TEST: 7, keys.AUC: 0.75, keys.LOSS: 0.5, keys.VAL_LOSS: 0.6, keys.N_VAL: 3}
-            )
+            records[keys.METRICS] = evaluation_metrics()
             records[keys.HISTOGRAM] = MetricRecord(histogram())  # type: ignore[arg-type]
         if self.tamper is not None:
             self.tamper(phase, signed.round, records)

@@ -45,19 +45,23 @@ def _state(cfg: RunConfig) -> dict:
 
 
 def _message(
-    cfg: RunConfig, fingerprint: str, kind: str = "train", signer: object = COORDINATOR
+    cfg: RunConfig,
+    fingerprint: str,
+    kind: str = "train",
+    signer: object = COORDINATOR,
+    rnd: int = 1,
 ) -> Message:
     signed = sign_global(
         _state(cfg),
         run_token="run-token",
-        round=1,
+        round=rnd,
         method=cfg.method.name,
         fingerprint=fingerprint,
         run_public=crypto.raw_public(RUN_KEY),
         config=cfg.for_sites(),
         coordinator=signer,  # type: ignore[arg-type]
     )
-    config = ConfigRecord({keys.ROUND: 1})
+    config = ConfigRecord({keys.ROUND: rnd})
     content = RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config})
     return Message(content, dst_node_id=7, message_type=kind)
 
@@ -125,6 +129,27 @@ def test_train_replies_with_a_sealed_delta_of_the_shared_state(
     assert any(abs(v).max() > 0 for v in delta.values())
     metrics = reply.content[keys.METRICS]
     assert metrics[keys.N_TRAIN] > 0 and 0.0 <= metrics[keys.AUC] <= 1.0
+    # Round 1 trains from the initial state: nothing to evaluate first.
+    assert keys.EVALUATION not in reply.content and keys.HISTOGRAM not in reply.content
+
+
+def test_a_later_train_message_also_evaluates_the_state_it_trains_from(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    """After round 1 the train reply carries what an evaluate message for the same global
+    state gets: the same metrics and histogram (one message a round instead of two)."""
+    path = _site_file(tmp_path)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    trained = handle(_message(cfg, fp, "train", rnd=2), _setup(path))
+    evaluated = handle(_message(cfg, fp, "evaluate", rnd=2), _setup(path))
+    assert trained.content[keys.CONFIG][keys.STATUS] == "ok" and keys.SEALED in trained.content
+    folded = dict(trained.content[keys.EVALUATION])
+    assert folded == dict(evaluated.content[keys.METRICS])
+    assert folded[keys.N_TEST] > 0 and keys.VAL_LOSS in folded
+    for key in (keys.HIST_POS, keys.HIST_NEG):
+        assert trained.content[keys.HISTOGRAM][key] == evaluated.content[keys.HISTOGRAM][key]
+    # The reply's own metrics stay those of the locally trained model.
+    assert keys.N_TRAIN in trained.content[keys.METRICS]
 
 
 def test_evaluate_replies_with_a_histogram_not_predictions(tmp_path: Path, cfg: RunConfig) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedpeft.client.policy import default_methods
 from fedpeft.common.data import heart_sites
 from fedpeft.common.environment import FLWR_HOME_ENV
 from fedpeft.common.state import state_from_bytes
@@ -118,12 +119,18 @@ def _start(
     return proc
 
 
+#: Hungary's policy leaves out ia3 (every other method of the default policy stays allowed).
+POLICY_METHODS = {"Hungary": tuple(m for m in default_methods() if m != "ia3")}
+
+
 def _site_toml(home: Path, site: str, fleet: int, coord: Path) -> Path:
+    methods = POLICY_METHODS.get(site)
     (home / "site.toml").write_text(
         f'[site]\nname = "{site}"\ncoordinator = "127.0.0.1:{fleet}"\n'
         f'ca = "{coord / "certs" / "ca.crt"}"\nidentity_key = "keys/{site}.key"\n'
         f'coordinator_key = "{coord / "keys" / "coordinator.pub"}"\n'
         f'data = "records.csv"\napi_port = {_free_port()}\ndevice = "cpu"\n'
+        + ("" if methods is None else f"\n[policy]\nmethods = {list(methods)!r}\n")
     )
     return home / "site.toml"
 
@@ -274,9 +281,12 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
             assert needle not in data, f"plaintext delta bytes found in {path}"
 
 
-def _submit(deployment: Deployment, app: Path, run_config: str) -> tuple[RunInfo, list[SiteResult]]:
+def _submit(
+    deployment: Deployment, app: Path, run_config: str, status: str = "failed"
+) -> tuple[RunInfo, list[SiteResult]]:
     """Submit ``app`` to the shared coordinator with ``run_config``; the run it made (expected
-    to fail: no site trains) and its site rows, from the coordinator's store."""
+    to end with ``status``: by default it fails, no site trains) and its site rows, from the
+    coordinator's store."""
     coord = deployment.coord
     db = f"sqlite:///{coord / 'runs.db'}"  # the coordinator's store, shared with other tests
     store = open_store(db)
@@ -293,7 +303,7 @@ def _submit(deployment: Deployment, app: Path, run_config: str) -> tuple[RunInfo
     )
     store = open_store(db)
     (info,) = [r for r in store.list_runs() if r.id not in before]
-    assert info.status == "failed", run.stdout[-3000:] + run.stderr[-3000:]
+    assert info.status == status, run.stdout[-3000:] + run.stderr[-3000:]
     rows = store.site_results(info.id)
     store.close()
     return info, rows
@@ -312,32 +322,40 @@ def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
     }
     for r in rows:
         assert r.status == "failed", r
-        assert r.reason == "site-error: refused: app 'evil_client:app' is not allowed at this site"
+        assert r.reason == "refused: app 'evil_client:app' is not allowed at this site"
     markers = [p for p in deployment.root.rglob("EVIL-MARKER*")]
     assert not markers, f"coordinator code ran at a site: {markers}"
     for site in SITES:  # and each site says so in its own log
         assert "refused" in (deployment.root / site / "site.log").read_text()
 
 
-def test_a_run_the_site_policies_forbid_is_refused_with_the_reason_and_ledgered(
+def test_a_site_whose_policy_forbids_the_method_refuses_and_the_other_trains(
     deployment: Deployment,
 ) -> None:
-    """Six local epochs, above the default policy's five: every site refuses each task before
-    reading a row, the store records the policy's reason per site, and each site's ledger (the
-    default, ledger.jsonl beside site.toml) verifies and holds the refusals. (The shared sites
-    keep the default policy so the other tests' LoRA runs train: no site is restarted.)"""
-    run_config = f'data.dataset="{deployment.root}" federation.min_sites=2 train.local_epochs=6'
-    _, rows = _submit(deployment, APP, run_config)
-    rows = [r for r in rows if r.phase == "train"]
-    assert sorted(r.site for r in rows) == sorted(SITES)
-    reason = "site-error: refused: policy: 6 local epochs above the site's maximum of 5"
-    assert all((r.status, r.reason) == ("failed", reason) for r in rows), rows
-    for site in SITES:
+    """An ia3 run: Hungary's policy leaves ia3 out, so Hungary refuses each task before reading
+    a row, the store records the policy's reason for it, and Cleveland trains alone (min_sites
+    1): the run finishes. Each site's ledger (the default, ledger.jsonl beside site.toml)
+    verifies; Hungary's holds the refusals, Cleveland's the ia3 upload."""
+    run_config = f'data.dataset="{deployment.root}" federation.min_sites=1 method.name="ia3"'
+    info, rows = _submit(deployment, APP, run_config, status="finished")
+    allowed = ", ".join(POLICY_METHODS["Hungary"])
+    reason = f"refused: policy: method 'ia3' is not allowed at this site (allowed: {allowed})"
+    assert sorted((r.site, r.phase, r.status, r.reason) for r in rows) == [
+        ("Cleveland", "evaluate", "ok", None),
+        ("Cleveland", "train", "ok", None),
+        ("Hungary", "evaluate", "failed", reason),
+        ("Hungary", "train", "failed", reason),
+    ]
+    store = open_store(f"sqlite:///{deployment.coord / 'runs.db'}")
+    (rnd,) = store.rounds(info.id)
+    store.close()
+    assert rnd.applied and (rnd.accepted, rnd.rejected) == (1, 1)
+    for site, expected in (("Hungary", "not allowed at this site"), ("Cleveland", "upload")):
         home = deployment.root / site
         checked = _fedpeft("site", "ledger", "--config", "site.toml", "--verify", cwd=home)
         assert checked.returncode == 0, checked.stdout
         table = _fedpeft("site", "ledger", "--config", "site.toml", cwd=home).stdout
-        assert "6 local epochs above" in table
+        assert expected in table and "ia3" in table, table
 
 
 def test_a_site_killed_during_a_round_does_not_stop_the_run(
@@ -367,17 +385,13 @@ def test_a_site_killed_during_a_round_does_not_stop_the_run(
     processes.append(follow)
     db = f"sqlite:///{coord / 'runs.db'}"
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # until round 1 is in the store
-        if (coord / "runs.db").exists():
-            store = open_store(db)
-            done = [rnd for run in store.list_runs() for rnd in store.rounds(run.id)]
-            store.close()
-            if done:
-                break
+    while time.monotonic() < deadline:  # until round 2's train messages are sent
+        if "round 2/3: training" in (coord / "run.log").read_text():
+            break
         assert follow.poll() is None, (coord / "run.log").read_text()[-3000:]
-        time.sleep(1)
+        time.sleep(0.5)
     else:
-        raise TimeoutError("round 1 did not finish in 600 s")
+        raise TimeoutError("round 2 did not begin in 600 s")
     os.killpg(sites["Switzerland"].pid, signal.SIGKILL)
     assert follow.wait(timeout=900) == 0, (coord / "run.log").read_text()[-3000:]
 

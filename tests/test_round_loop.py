@@ -197,7 +197,12 @@ def test_sites_per_round_samples_that_many_sites_by_seed() -> None:
     assert len({tuple(s) for s in sampled}) > 1  # not the same two sites every round
     for rnd, chosen in enumerate(sampled, start=1):
         assert len(chosen) == 2
-        assert sorted(h.grid.sent_to(Phase.EVALUATE, rnd)) == [1, 2, 3, 4]  # all evaluate
+        # Every site evaluates each round's state: the next round's trainers in their train
+        # message, the others (after the last round: all) with an evaluate message.
+        trainers = h.grid.sent_to(Phase.TRAIN, rnd + 1)
+        evaluators = h.grid.sent_to(Phase.EVALUATE, rnd)
+        assert sorted(trainers + evaluators) == [1, 2, 3, 4]
+        assert len(evaluators) == (2 if rnd < 4 else 4)
     assert _sampled(seed=3)[0] == sampled  # the same seed, the same sites
     assert _sampled(seed=4)[0] != sampled
 
@@ -242,11 +247,55 @@ def test_a_round_below_min_sites_keeps_the_state_and_the_run_goes_on(
     assert (a.status, b.status, c.status) == ("ok", "rejected", "failed")
     assert b.reason == "non-finite: a holds NaN or Inf"
     assert c.reason is not None and c.reason.startswith("no-reply: no reply to the train message")
-    # A site silent in training is not asked to evaluate in that round, and is back after.
-    assert h.grid.sent_to(Phase.EVALUATE, 1) == [1, 2]
-    assert [r.site for r in h.rows(1, Phase.EVALUATE)] == ["A", "B"]
+    # A site silent in training is asked again in the next round (all sites train), and its
+    # train reply carries the evaluation of round 1's state, as the others' do.
+    assert h.grid.sent_to(Phase.EVALUATE, 1) == []
+    assert [(r.site, r.status) for r in h.rows(1, Phase.EVALUATE)] == [
+        ("A", "ok"),
+        ("B", "ok"),
+        ("C", "ok"),
+    ]
     assert [r.status for r in h.rows(2, Phase.TRAIN)] == ["ok", "ok", "ok"]
     assert any("fewer than min_sites=2" in line for line in h.lines)
+
+
+def test_one_message_per_site_and_round_then_a_final_evaluation(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness({1: site("A", constant(1.0)), 2: site("B", constant(3.0))}, rounds=3)
+    h.start()
+    assert [(m.metadata.message_type, m.metadata.group_id) for m in h.grid.sent] == [
+        *[("train", str(rnd)) for rnd in (1, 2, 3) for _node in (1, 2)],
+        ("evaluate", "3"),
+        ("evaluate", "3"),
+    ]
+    for rnd in (1, 2, 3):  # each round's state evaluated by both sites, recorded with its round
+        assert [(r.site, r.status, r.n) for r in h.rows(rnd, Phase.EVALUATE)] == [
+            ("A", "ok", 7),
+            ("B", "ok", 7),
+        ]
+        # The bytes of a train reply count once, with the update it carries.
+        if rnd < 3:
+            assert all(r.bytes_up == 0 for r in h.rows(rnd, Phase.EVALUATE))
+        assert all(r.bytes_up > 0 for r in h.rows(rnd, Phase.TRAIN))
+    assert [r.round for r in h.rounds()] == [1, 2, 3]
+    assert all(r.pooled_auc == 1.0 for r in h.rounds())
+
+
+def test_a_site_silent_in_the_last_round_gets_no_final_evaluate_message(
+    harness: Callable[..., Harness],
+) -> None:
+    def gone_in_round_2(rnd: int, state: State) -> State | None:
+        return None if rnd == 2 else constant(2.0)(rnd, state)
+
+    h = harness({1: site("A", constant(1.0)), 2: site("B", gone_in_round_2)}, rounds=2)
+    h.start()
+    assert h.grid.sent_to(Phase.EVALUATE, 2) == [1]
+    assert [(r.site, r.status) for r in h.rows(2, Phase.EVALUATE)] == [("A", "ok")]
+    # Its silent train message of round 2 was also its evaluation of round 1's state.
+    [_, b] = h.rows(1, Phase.EVALUATE)
+    assert (b.site, b.status) == ("B", "failed")
+    assert b.reason is not None and b.reason.startswith("no-reply: no reply to the evaluate")
 
 
 def test_every_round_below_min_sites_fails_the_run(harness: Callable[..., Harness]) -> None:
@@ -326,13 +375,15 @@ MALFORMED = {
         "failed",
         "site-error: E",
     ),
-    "no histogram": (Phase.EVALUATE, _drop(keys.HISTOGRAM), "B", "rejected", "malformed: KeyError"),
-    "a histogram of two bins": (
-        Phase.EVALUATE,
-        _set(keys.HISTOGRAM, MetricRecord({keys.HIST_POS: [1, 2], keys.HIST_NEG: [3, 4]})),
+    "the site refuses the task": (
+        Phase.TRAIN,
+        _set(
+            keys.CONFIG,
+            ConfigRecord({keys.SITE: "B", keys.STATUS: "refused", keys.ERROR: "policy: P"}),
+        ),
         "B",
-        "rejected",
-        "malformed: ValueError",
+        "failed",
+        "refused: policy: P",
     ),
 }
 
@@ -355,13 +406,60 @@ def test_a_malformed_reply_is_refused_and_the_run_goes_on(
     assert row.reason is not None and row.reason.startswith(reason), row.reason
     first, second = h.rounds()
     assert first.applied and second.applied
-    if phase == Phase.TRAIN:
-        assert (first.accepted, first.rejected) == (1, 1)
-        assert_state(h.state(1), plus(1.0))  # A's update alone
-    else:
-        assert (first.accepted, first.rejected) == (2, 0)
+    assert (first.accepted, first.rejected) == (1, 1)
+    assert_state(h.state(1), plus(1.0))  # A's update alone
     # Round 2: B answers properly again and is used.
     assert [(r.site, r.status) for r in h.rows(2, phase)] == [("A", "ok"), ("B", "ok")]
+
+
+BAD_HISTOGRAM = _set(keys.HISTOGRAM, MetricRecord({keys.HIST_POS: [1, 2], keys.HIST_NEG: [3, 4]}))
+
+#: A malformed evaluation: in round 2's train reply (round 1's state) or the final evaluate
+#: reply (round 2's state); the message it travels in, the change, the reason.
+MALFORMED_EVALUATION = {
+    "no evaluation in a train reply": (Phase.TRAIN, _drop(keys.EVALUATION), "malformed: KeyError"),
+    "no histogram in a train reply": (Phase.TRAIN, _drop(keys.HISTOGRAM), "malformed: KeyError"),
+    "a histogram of two bins in a train reply": (
+        Phase.TRAIN,
+        BAD_HISTOGRAM,
+        "malformed: ValueError",
+    ),
+    "no histogram in an evaluate reply": (
+        Phase.EVALUATE,
+        _drop(keys.HISTOGRAM),
+        "malformed: KeyError",
+    ),
+    "a histogram of two bins in an evaluate reply": (
+        Phase.EVALUATE,
+        BAD_HISTOGRAM,
+        "malformed: ValueError",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_EVALUATION))
+def test_a_malformed_evaluation_is_refused_and_the_run_goes_on(
+    harness: Callable[..., Harness], case: str
+) -> None:
+    phase, change, reason = MALFORMED_EVALUATION[case]
+
+    def tamper(p: Phase, rnd: int, records: RecordDict) -> None:
+        if p == phase and rnd == 2:
+            change(records)
+
+    bad = site("B", constant(3.0), n_train=30, tamper=tamper)
+    h = harness({1: site("A", constant(1.0)), 2: bad}, rounds=2)
+    assert h.start() is not None
+    evaluated = 1 if phase == Phase.TRAIN else 2  # the round whose state it evaluated
+    a, b = h.rows(evaluated, Phase.EVALUATE)
+    assert (a.site, a.status, b.site, b.status) == ("A", "ok", "B", "rejected")
+    assert b.reason is not None and b.reason.startswith(reason), b.reason
+    # The update beside a malformed evaluation is used; the round's AUC is A's alone.
+    assert all(r.applied and (r.accepted, r.rejected) == (2, 0) for r in h.rounds())
+    assert_state(h.state(2), plus(5.0))
+    assert h.rounds()[evaluated - 1].macro_auc == 0.75
+    other = 3 - evaluated
+    assert [r.status for r in h.rows(other, Phase.EVALUATE)] == ["ok", "ok"]
 
 
 def test_a_flower_error_reply_is_recorded_as_failed(harness: Callable[..., Harness]) -> None:

@@ -123,9 +123,11 @@ def _fp(cfg: RunConfig) -> str:
 
 
 def _error(reply: Message) -> str:
+    """What a reply that is not ok says: a refusal's reason as ``refused: <reason>``."""
     info = reply.content[keys.CONFIG]
-    assert info[keys.STATUS] == "error" and keys.SEALED not in reply.content
-    return str(info[keys.ERROR])
+    assert info[keys.STATUS] in ("error", "refused") and keys.SEALED not in reply.content
+    error = str(info[keys.ERROR])
+    return f"refused: {error}" if info[keys.STATUS] == "refused" else error
 
 
 def _events(ledger: Path) -> list[tuple[str, int, str, str]]:
@@ -184,15 +186,16 @@ def test_a_site_whose_policy_forbids_the_method_refuses_and_the_others_are_aggre
     rows = store.site_results(run_id)
     refused = [r for r in rows if r.site == "D"]
     assert {(r.round, r.phase) for r in refused} == {(n, p) for n in (1, 2) for p in Phase}
-    assert all((r.status, r.reason) == ("failed", f"site-error: {reason}") for r in refused)
+    assert all((r.status, r.reason) == ("failed", reason) for r in refused)
     assert all(r.status == "ok" for r in rows if r.site in "AB")
     rounds = store.rounds(run_id)
     assert [(r.accepted, r.applied) for r in rounds] == [(2, True), (2, True)]
     assert Ledger(ledger).verify().ok
+    # D's tasks: a train message a round (round 2's would also evaluate round 1's state),
+    # then the final evaluate message.
     assert _events(ledger) == [
         (event, n, str(p), reason if event == "refused" else "")
-        for n in (1, 2)
-        for p in Phase
+        for n, p in ((1, Phase.TRAIN), (2, Phase.TRAIN), (2, Phase.EVALUATE))
         for event in ("task", "refused")
     ]
 

@@ -139,14 +139,14 @@ def test_only_allowed_references_are_ever_imported() -> None:
     assert worker.load_allowed_app(ref, [ref]) is ECHO
 
 
-def test_a_refused_task_gets_fedpeft_error_reply_naming_the_app_and_no_local_path(
+def test_a_refused_task_gets_a_refusal_naming_the_app_and_no_local_path(
     evil_fab: Fab,
 ) -> None:
     msg = _message()
     reply, account = worker.answer(msg, _context(), evil_fab, _setup())
     info = reply.content[keys.CONFIG]
-    assert info[keys.STATUS] == "error" and info[keys.SITE] == "Cleveland"
-    assert info[keys.ERROR] == "refused: app 'evil_client:app' is not allowed at this site"
+    assert info[keys.STATUS] == "refused" and info[keys.SITE] == "Cleveland"
+    assert info[keys.ERROR] == "app 'evil_client:app' is not allowed at this site"
     assert "/secret" not in info[keys.ERROR] and str(EVIL_APP) not in info[keys.ERROR]
     assert account.startswith("refused: ")
     assert reply.metadata.reply_to_message_id == msg.metadata.message_id
