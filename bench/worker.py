@@ -7,7 +7,9 @@ with ``fedpeft coordinator start`` / ``fedpeft site start`` (the stock mode with
 store: each round's wall time (its exchange, one message per site that also evaluates the
 previous round's state, and its aggregation; the last round's also the final evaluate
 exchange: the rounds add up to the run), the slowest site's training seconds and the
-difference, which is what the deployment adds on top of training.
+difference, which is what the deployment adds on top of training. The difference splits into
+what the sites spend beyond training (evaluating, sealing; each reply says how long the site
+spent on its message) and the rest: messaging (Flower's polls, transfers) and the coordinator.
 
     .venv/bin/python bench/worker.py [--rounds 3] [--rows 60] [--keep DIR]
 
@@ -33,6 +35,7 @@ import pandas as pd
 
 from fedpeft.common.data import heart_sites
 from fedpeft.common.environment import FLWR_HOME_ENV
+from fedpeft.common.keys import TASK_SECONDS
 from fedpeft.processes import BIN, child_env
 from fedpeft.server.checkpoints import write_store_key
 from fedpeft.server.store import open_store
@@ -71,12 +74,18 @@ def fedpeft(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"fedpeft {' '.join(args)}: {done.stderr[-2000:]}")
 
 
-def start(started: list[subprocess.Popen[bytes]], cwd: Path, *args: str) -> subprocess.Popen[bytes]:
+def start(
+    started: list[subprocess.Popen[bytes]], cwd: Path, *args: str, threads: int = 0
+) -> subprocess.Popen[bytes]:
+    """``fedpeft *args`` in ``cwd``; ``threads``: its torch threads (0: torch's default)."""
+    extra = {FLWR_HOME_ENV: str(cwd / "flwr-home")}
+    if threads:
+        extra |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with (cwd / "process.log").open("ab") as out:
         proc = subprocess.Popen(
             [str(BIN / "fedpeft"), *args],
             cwd=cwd,
-            env=child_env({FLWR_HOME_ENV: str(cwd / "flwr-home")}),
+            env=child_env(extra),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -98,7 +107,11 @@ def stop(started: list[subprocess.Popen[bytes]]) -> None:
 
 
 def deploy(
-    root: Path, flags: tuple[str, ...], rows: int, started: list[subprocess.Popen[bytes]]
+    root: Path,
+    flags: tuple[str, ...],
+    rows: int,
+    started: list[subprocess.Popen[bytes]],
+    threads: int = 0,
 ) -> Path:
     """A TLS coordinator and the sites, running; returns the coordinator's folder."""
     coord = root / "coordinator"
@@ -135,12 +148,17 @@ def deploy(
             f'coordinator_key = "{coord / "keys" / "coordinator.pub"}"\n'
             f'data = "records.csv"\napi_port = {free_port()}\n'
         )
-        start(started, home, "site", "start", "--config", "site.toml", *flags)
+        start(started, home, "site", "start", "--config", "site.toml", *flags, threads=threads)
     return coord
 
 
-def run(coord: Path, rounds: int) -> list[tuple[int, float, float]]:
-    """One LoRA run; per round: (round, wall seconds, slowest site's training seconds)."""
+#: Per round: round, wall seconds, slowest site's training seconds, the sites' time beyond it.
+Row = tuple[int, float, float, float]
+
+
+def run(coord: Path, rounds: int) -> list[Row]:
+    """One LoRA run; per round: its :data:`Row`. The sites' time beyond training: the longest
+    train message minus the longest training, plus the longest final evaluate message."""
     (coord / "run.toml").write_text(
         'device = "cpu"\ndb = "sqlite:///runs.db"\n[method]\nname = "lora"\n'
         f"[federation]\nrounds = {rounds}\nmin_sites = {len(SITES)}\nround_timeout_s = 600.0\n"
@@ -158,11 +176,15 @@ def run(coord: Path, rounds: int) -> list[tuple[int, float, float]]:
         raise RuntimeError(f"the run failed: see {coord / 'run.log'}")
     store = open_store(f"sqlite:///{coord / 'runs.db'}")
     (info,) = store.list_runs()
-    train = [r for r in store.site_results(info.id) if r.phase == "train"]
-    out = [
-        (r.round, r.seconds, max(s.seconds or 0.0 for s in train if s.round == r.round))
-        for r in store.rounds(info.id)
-    ]
+    sites = store.site_results(info.id)
+    out = []
+    for r in store.rounds(info.id):
+        train = [s for s in sites if s.round == r.round and s.phase == "train"]
+        evaluate = [s for s in sites if s.round == r.round and s.phase == "evaluate"]
+        training = max(s.seconds or 0.0 for s in train)
+        task = max(float(s.extra.get(TASK_SECONDS, 0.0)) for s in train)
+        final = max((float(s.extra.get(TASK_SECONDS, 0.0)) for s in evaluate), default=0.0)
+        out.append((r.round, r.seconds, training, task - training + final))
     store.close()
     return out
 
@@ -175,11 +197,18 @@ def main() -> int:
     p.add_argument(
         "--mode", choices=sorted(MODES), action="append", help="only this mode (repeatable)"
     )
+    p.add_argument(
+        "--site-threads",
+        type=int,
+        default=0,
+        help="torch threads of each site (OMP_NUM_THREADS; default: torch's, one per core): "
+        "the sites share this machine's cores, where each hospital would have its own",
+    )
     args = p.parse_args()
     root = (
         Path(tempfile.mkdtemp(prefix="fedpeft-bench-worker-")) if args.keep is None else args.keep
     )
-    results: dict[str, list[tuple[int, float, float]]] = {}
+    results: dict[str, list[Row]] = {}
     try:
         for mode, flags in MODES.items():
             if args.mode and mode not in args.mode:
@@ -188,7 +217,7 @@ def main() -> int:
             try:
                 folder = root / mode.replace(" ", "-")
                 say(f"{mode}: starting a coordinator and {len(SITES)} sites in {folder}")
-                coord = deploy(folder, flags, args.rows, started)
+                coord = deploy(folder, flags, args.rows, started, args.site_threads)
                 say(f"{mode}: {args.rounds}-round LoRA run")
                 t0 = time.monotonic()
                 results[mode] = run(coord, args.rounds)
@@ -199,13 +228,21 @@ def main() -> int:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     print()
-    print("| mode | round | round wall (s) | slowest site's training (s) | difference (s) |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| mode | round | round wall (s) | slowest site's training (s) | difference (s) "
+        "| of which at the sites (s) | of which messaging (s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, rows in results.items():
-        for rnd, wall, slowest in rows:
-            print(f"| {mode} | {rnd} | {wall:.1f} | {slowest:.1f} | {wall - slowest:.1f} |")
-        mean = sum(w - s for _, w, s in rows) / len(rows)
-        print(f"| {mode} | mean | | | {mean:.1f} |")
+        for rnd, wall, slowest, at_sites in rows:
+            print(
+                f"| {mode} | {rnd} | {wall:.1f} | {slowest:.1f} | {wall - slowest:.1f} "
+                f"| {at_sites:.1f} | {wall - slowest - at_sites:.1f} |"
+            )
+        n = len(rows)
+        diff = sum(w - s for _, w, s, _ in rows) / n
+        at = sum(a for *_, a in rows) / n
+        print(f"| {mode} | mean | | | {diff:.1f} | {at:.1f} | {diff - at:.1f} |")
     return 0
 
 

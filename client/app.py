@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import logging
 import re
+import time
 import zlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -424,6 +425,7 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
     refusal, are written to it first (:class:`TaskRecord`)."""
     record = TaskRecord.of(setup.ledger, msg)
     site, kind = setup.site, str(msg.metadata.message_type)
+    started = time.perf_counter()
     try:
         if kind not in tuple(Phase):
             raise FedpeftError(f"unknown message type {kind[:32]!r}")
@@ -462,9 +464,11 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             if setup.policy is not None:
                 check_upload(setup.policy, sealed)
             record.upload(sealed)
+            metrics[keys.TASK_SECONDS] = time.perf_counter() - started
             return _reply(msg, site, sealed=sealed, metrics=metrics, ev=ev, ev_metrics=ev_metrics)
         ev, metrics = handle_evaluate(cfg, signed.state, session)
         record.upload(None)
+        metrics[keys.TASK_SECONDS] = time.perf_counter() - started
         return _reply(msg, site, metrics=metrics, ev=ev)
     except (TaskRefused, PolicyRefusal) as exc:
         log.warning("site %s: refused a %s task: %s", site, kind[:32], exc.reason)

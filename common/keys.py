@@ -54,6 +54,8 @@ AUPRC: Final = "auprc"
 ACCURACY: Final = "accuracy"
 BRIER: Final = "brier"
 TRAIN_SECONDS: Final = "train-seconds"
+#: The site's whole time on the message: checks, evaluation, training, sealing.
+TASK_SECONDS: Final = "task-seconds"
 STEPS: Final = "steps"
 EPOCHS_RUN: Final = "epochs-run"
 HIST_POS: Final = "pos"

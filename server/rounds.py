@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from fedpeft.server.replies import Reply
 
 #: Reply metrics kept in a site result's ``extra`` column.
-EXTRA_METRICS = (keys.STEPS, keys.EPOCHS_RUN, keys.VAL_LOSS, keys.N_VAL, "seconds-per-step")
+EXTRA_METRICS = (
+    keys.STEPS,
+    keys.EPOCHS_RUN,
+    keys.VAL_LOSS,
+    keys.N_VAL,
+    "seconds-per-step",
+    keys.TASK_SECONDS,
+)
 
 
 def _finite_mean(values: Iterable[float], weights: Iterable[float] | None = None) -> float | None:

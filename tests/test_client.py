@@ -129,6 +129,7 @@ def test_train_replies_with_a_sealed_delta_of_the_shared_state(
     assert any(abs(v).max() > 0 for v in delta.values())
     metrics = reply.content[keys.METRICS]
     assert metrics[keys.N_TRAIN] > 0 and 0.0 <= metrics[keys.AUC] <= 1.0
+    assert metrics[keys.TASK_SECONDS] > metrics[keys.TRAIN_SECONDS] > 0  # the whole message
     # Round 1 trains from the initial state: nothing to evaluate first.
     assert keys.EVALUATION not in reply.content and keys.HISTOGRAM not in reply.content
 
@@ -144,7 +145,9 @@ def test_a_later_train_message_also_evaluates_the_state_it_trains_from(
     evaluated = handle(_message(cfg, fp, "evaluate", rnd=2), _setup(path))
     assert trained.content[keys.CONFIG][keys.STATUS] == "ok" and keys.SEALED in trained.content
     folded = dict(trained.content[keys.EVALUATION])
-    assert folded == dict(evaluated.content[keys.METRICS])
+    alone = dict(evaluated.content[keys.METRICS])
+    assert alone.pop(keys.TASK_SECONDS) > 0  # the evaluate message's own time
+    assert folded == alone
     assert folded[keys.N_TEST] > 0 and keys.VAL_LOSS in folded
     for key in (keys.HIST_POS, keys.HIST_NEG):
         assert trained.content[keys.HISTOGRAM][key] == evaluated.content[keys.HISTOGRAM][key]
