@@ -77,6 +77,10 @@ class TrainConfig:
     patience: int = 2
 
 
+#: ``federation.aggregator`` values (server/aggregation.py).
+AGGREGATORS = ("fedavg", "trimmed-mean")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """The round loop at the coordinator."""
@@ -92,6 +96,22 @@ class FederationConfig:
     codec: str = "fp32"
     #: Largest L2 norm of one site's update that is accepted; 0 = no bound.
     max_update_norm: float = 0.0
+    #: Largest example count one site's update is weighted by in FedAvg: a larger signed count
+    #: is capped to it (recorded for that site and round); 0 = no cap.
+    max_examples: int = 100_000
+    #: A signed example count above this many times the round's median count is capped to it
+    #: (with at least 3 valid updates; recorded): no site outweighs the typical one by more;
+    #: 0 = off.
+    examples_bound_factor: float = 10.0
+    #: An update whose L2 norm is above this many times the round's median update norm is
+    #: scaled down to that bound (with at least 3 valid updates; recorded); 0 = off.
+    norm_bound_factor: float = 5.0
+    #: ``fedavg`` (weighted by example counts) or ``trimmed-mean`` (coordinate-wise: drops the
+    #: extremes of every coordinate, then an unweighted mean).
+    aggregator: str = "fedavg"
+    #: trimmed-mean: the share of updates dropped at each end of every coordinate (rounded up,
+    #: leaving at least one update).
+    trim_fraction: float = 0.2
     #: Largest sealed upload accepted, in bytes; 0 = twice the fp32 size of the shared state
     #: plus 64 KiB.
     max_upload_bytes: int = 0
@@ -325,6 +345,15 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(f.round_timeout_s > 0, "federation.round_timeout_s: must be positive")
     need(f.codec in CODECS, f"federation.codec: must be one of {', '.join(CODECS)}")
     need(f.max_update_norm >= 0, "federation.max_update_norm: must not be negative (0 = none)")
+    need(f.max_examples >= 0, "federation.max_examples: must not be negative (0 = no cap)")
+    for name in ("examples_bound_factor", "norm_bound_factor"):
+        value = getattr(f, name)
+        need(value == 0 or value >= 1, f"federation.{name}: must be 0 (off) or at least 1")
+    need(
+        f.aggregator in AGGREGATORS,
+        f"federation.aggregator: {f.aggregator!r} is not one of {', '.join(AGGREGATORS)}",
+    )
+    need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction: must be in [0, 0.5)")
     need(f.max_upload_bytes >= 0, "federation.max_upload_bytes: must not be negative (0 = auto)")
     need(0 < cfg.data.test_fraction < 1, "data.test_fraction: must be in (0, 1)")
     need(

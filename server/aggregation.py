@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,3 +36,116 @@ def fedavg(deltas: Sequence[tuple[State, int]]) -> State:
 def apply_delta(state: State, delta: State) -> State:
     """``state + delta`` by name."""
     return {name: (value + delta[name]).astype(np.float32) for name, value in state.items()}
+
+
+def update_norm(delta: State) -> float:
+    """The L2 norm of an update over all its tensors (float64)."""
+    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values())))
+
+
+def scale(delta: State, factor: float) -> State:
+    """``delta * factor`` by name, in float32."""
+    return {
+        name: (value.astype(np.float64) * factor).astype(np.float32)
+        for name, value in delta.items()
+    }
+
+
+def trimmed_mean(deltas: Sequence[State], trim: int) -> tuple[State, list[float]]:
+    """Coordinate-wise trimmed mean: in every coordinate the ``trim`` largest and ``trim``
+    smallest values are dropped and the rest averaged (unweighted), which bounds what any
+    ``trim`` sites can do to a coordinate. Also returns, per delta, the share of its coordinates
+    that were dropped.
+
+    Needs more than ``2 * trim`` deltas with identical names and shapes."""
+    n = len(deltas)
+    if trim < 0 or n <= 2 * trim:
+        raise ValueError(f"a trimmed mean of {n} update(s) cannot drop {trim} from each end")
+    dropped = np.zeros(n, dtype=np.int64)
+    size = 0
+    out: State = {}
+    for name in deltas[0]:
+        stacked = np.stack([d[name].astype(np.float64).ravel() for d in deltas])  # (n, k)
+        order = np.argsort(stacked, axis=0, kind="stable")
+        kept = np.take_along_axis(stacked, order[trim : n - trim], axis=0)
+        out[name] = kept.mean(axis=0).reshape(deltas[0][name].shape).astype(np.float32)
+        if trim:
+            gone = np.concatenate([order[:trim], order[n - trim :]]).ravel()
+            dropped += np.bincount(gone, minlength=n)
+        size += stacked.shape[1]
+    return out, [float(d) / max(size, 1) for d in dropped]
+
+
+#: What :func:`aggregate` records of each site's update (a site result's ``extra``): its weight
+#: in the aggregate (FedAvg) or the share of its coordinates dropped (trimmed mean), its norm as
+#: sent, and what was bounded.
+WEIGHT, NORM, CLIPPED_TO, CAPPED_EXAMPLES, TRIMMED = (
+    "weight",
+    "update-norm",
+    "clipped-to",
+    "examples-capped-to",
+    "trimmed-share",
+)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How far one site's update may move the global state (``[federation]``)."""
+
+    #: Largest example count an update is weighted by; 0: no cap.
+    max_examples: int = 0
+    #: Counts above this many times the round's median count are capped to it (with at least 3
+    #: updates); 0: off.
+    examples_factor: float = 0.0
+    #: Updates with a norm above this many times the round's median norm are scaled down to it
+    #: (with at least 3 updates); 0: off.
+    norm_factor: float = 0.0
+    #: ``fedavg`` (example-weighted) or ``trimmed-mean`` (coordinate-wise, unweighted).
+    aggregator: str = "fedavg"
+    #: Trimmed mean: the share of updates dropped at each end of every coordinate (rounded up,
+    #: leaving at least one).
+    trim_fraction: float = 0.2
+
+
+def trim_count(n: int, fraction: float) -> int:
+    """Updates dropped at each end by a trimmed mean of ``n``: ``ceil(fraction * n)``, at most
+    ``(n - 1) // 2`` (so at least one is kept)."""
+    return min(math.ceil(fraction * n), (n - 1) // 2)
+
+
+def aggregate(
+    updates: Sequence[tuple[str, State, int]], bounds: Bounds
+) -> tuple[State, dict[str, dict[str, float]]]:
+    """The round's aggregate of ``(site, delta, signed example count)`` updates (validated, in
+    site order), bounded: counts capped at ``max_examples``, norms above ``norm_factor`` times
+    the median scaled down to it, then FedAvg or a trimmed mean. Returns the aggregate and, per
+    site, what :data:`WEIGHT` ... :data:`TRIMMED` say of its update."""
+    if not updates:
+        raise ValueError("aggregate needs at least one update")
+    notes: dict[str, dict[str, float]] = {site: {} for site, _, _ in updates}
+    counts = [min(n, bounds.max_examples or n) for _, _, n in updates]
+    if bounds.examples_factor and len(updates) >= 3:
+        relative = bounds.examples_factor * float(np.median(counts))
+        counts = [min(n, max(1, math.floor(relative))) for n in counts]
+    for (site, _, signed), n in zip(updates, counts, strict=True):
+        if n < signed:
+            notes[site][CAPPED_EXAMPLES] = float(n)
+    norms = [update_norm(delta) for _, delta, _ in updates]
+    deltas = [delta for _, delta, _ in updates]
+    if bounds.norm_factor and len(updates) >= 3:
+        bound = bounds.norm_factor * float(np.median(norms))
+        for i, (site, delta, _) in enumerate(updates):
+            if norms[i] > bound > 0:
+                deltas[i] = scale(delta, bound / norms[i])
+                notes[site][CLIPPED_TO] = bound
+    for (site, _, _), norm in zip(updates, norms, strict=True):
+        notes[site][NORM] = norm
+    if bounds.aggregator == "trimmed-mean":
+        mean, dropped = trimmed_mean(deltas, trim_count(len(deltas), bounds.trim_fraction))
+        for (site, _, _), share in zip(updates, dropped, strict=True):
+            notes[site][TRIMMED] = share
+        return mean, notes
+    total = float(sum(counts))
+    for (site, _, _), n in zip(updates, counts, strict=True):
+        notes[site][WEIGHT] = n / total
+    return fedavg(list(zip(deltas, counts, strict=True))), notes

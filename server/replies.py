@@ -59,6 +59,9 @@ class Reply:
     opened: bool = False
     bytes_up: int = 0  # the whole reply as serialized by Flower
     bytes_down: int = 0  # the whole message sent to the site
+    #: What the coordinator did with an accepted update (server/aggregation.py ``aggregate``:
+    #: its weight, its norm, what was bounded); kept apart from what the site reported.
+    notes: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

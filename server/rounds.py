@@ -15,7 +15,9 @@ import numpy as np
 from fedpeft.common import keys
 from fedpeft.common.keys import Phase
 from fedpeft.common.metrics import pooled_auc
+from fedpeft.server.aggregation import CAPPED_EXAMPLES, CLIPPED_TO, NORM
 from fedpeft.server.store.base import ReplyStatus, RoundResult, SiteResult
+from fedpeft.server.validation import MAX_SIGNED_EXAMPLES
 
 if TYPE_CHECKING:
     from fedpeft.server.replies import Reply
@@ -82,6 +84,14 @@ def round_result(
     )
 
 
+def _count(value: float | None) -> int | None:
+    """A row count a reply states, if it is one: a whole number from 0 to
+    :data:`~fedpeft.server.validation.MAX_SIGNED_EXAMPLES` (a site may say anything)."""
+    if value is None or not np.isfinite(value) or not float(value).is_integer():
+        return None
+    return int(value) if 0 <= value <= MAX_SIGNED_EXAMPLES else None
+
+
 def site_rows(rnd: int, replies: list[Reply], phase: Phase) -> list[SiteResult]:
     """One store row per reply of one phase, with its status, reason, metrics and bytes."""
     n_key = keys.N_TRAIN if phase == Phase.TRAIN else keys.N_TEST
@@ -95,7 +105,7 @@ def site_rows(rnd: int, replies: list[Reply], phase: Phase) -> list[SiteResult]:
                 phase=phase,
                 status=r.status,
                 reason=r.reason,
-                n=int(m[n_key]) if n_key in m else None,
+                n=_count(m.get(n_key)),
                 loss=m.get(keys.LOSS),
                 auc=m.get(keys.AUC),
                 auprc=m.get(keys.AUPRC),
@@ -104,7 +114,7 @@ def site_rows(rnd: int, replies: list[Reply], phase: Phase) -> list[SiteResult]:
                 bytes_up=r.bytes_up,
                 bytes_down=r.bytes_down,
                 seconds=m.get(keys.TRAIN_SECONDS),
-                extra={k: v for k, v in m.items() if k in EXTRA_METRICS},
+                extra={**{k: v for k, v in m.items() if k in EXTRA_METRICS}, **r.notes},
             )
         )
     return rows
@@ -131,4 +141,21 @@ def round_summary(result: RoundResult, train: list[Reply], evaluations: list[Rep
         for r in train + evaluations
         if r.status != ReplyStatus.OK
     ]
+    lines += [f"round {result.round}: {r.site} {note}" for r in train for note in bounded(r)]
     return lines
+
+
+def bounded(reply: Reply) -> list[str]:
+    """What bounded an accepted update's influence, in words (server/aggregation.py)."""
+    notes, said = reply.notes, []
+    if CAPPED_EXAMPLES in notes:
+        said.append(
+            f"signed {reply.metrics.get(keys.N_TRAIN, 0):.0f} examples, weighted as "
+            f"{notes[CAPPED_EXAMPLES]:.0f} (federation.max_examples, examples_bound_factor)"
+        )
+    if CLIPPED_TO in notes:
+        said.append(
+            f"update norm {notes[NORM]:.3g} scaled down to {notes[CLIPPED_TO]:.3g} "
+            "(federation.norm_bound_factor x the round's median)"
+        )
+    return said

@@ -29,7 +29,7 @@ from fedpeft.common.keys import Phase
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust
-from fedpeft.server.aggregation import apply_delta, fedavg
+from fedpeft.server.aggregation import Bounds, aggregate, apply_delta
 from fedpeft.server.checkpoints import seal_state
 from fedpeft.server.replies import Intake, Reply, no_reply, read_evaluate, read_train
 from fedpeft.server.rounds import round_result, round_summary, select_round, site_rows
@@ -171,7 +171,18 @@ class FederatedRun:
             )
             return False
         ordered = sorted(valid, key=lambda r: r.site)
-        delta = fedavg([(r.delta, int(r.metrics[keys.N_TRAIN])) for r in ordered])  # type: ignore[misc]
+        fed = self.cfg.federation
+        bounds = Bounds(
+            max_examples=fed.max_examples,
+            examples_factor=fed.examples_bound_factor,
+            norm_factor=fed.norm_bound_factor,
+            aggregator=fed.aggregator,
+            trim_fraction=fed.trim_fraction,
+        )
+        updates = [(r.site, r.delta, int(r.metrics[keys.N_TRAIN])) for r in ordered]
+        delta, notes = aggregate(updates, bounds)  # type: ignore[arg-type]
+        for r in ordered:
+            r.notes = notes[r.site]
         self.state = apply_delta(self.state, delta)
         return True
 

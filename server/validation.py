@@ -14,14 +14,19 @@ import numpy as np
 from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.state import State
 
+#: The largest example count a site may sign: beyond it a count is no longer exact as a float
+#: (nor fits every store's integer column); capping its weight is federation.max_examples's job.
+MAX_SIGNED_EXAMPLES = 2**53
+
 
 def validate_delta(delta: State, n_examples: float, max_norm: float | None = None) -> None:
-    """Check an opened delta's values: finite everywhere, a positive whole example count, and
-    (when ``max_norm`` is set) an L2 norm over all tensors no larger than ``max_norm``."""
+    """Check an opened delta's values: finite everywhere, a positive whole example count of at
+    most :data:`MAX_SIGNED_EXAMPLES`, and (when ``max_norm`` is set) an L2 norm over all tensors
+    no larger than ``max_norm``."""
     for name, value in delta.items():
         if not np.isfinite(value).all():
             raise DeltaRejected(Reason.NON_FINITE, f"{name} holds NaN or Inf")
-    if not (n_examples >= 1 and float(n_examples).is_integer()):
+    if not (1 <= n_examples <= MAX_SIGNED_EXAMPLES and float(n_examples).is_integer()):
         raise DeltaRejected(Reason.EXAMPLES, f"example count {n_examples!r}")
     if max_norm is not None:
         norm = float(

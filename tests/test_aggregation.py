@@ -8,7 +8,20 @@ import numpy as np
 import pytest
 
 from fedpeft.common.errors import DeltaRejected
-from fedpeft.server.aggregation import apply_delta, fedavg
+from fedpeft.server.aggregation import (
+    CAPPED_EXAMPLES,
+    CLIPPED_TO,
+    NORM,
+    TRIMMED,
+    WEIGHT,
+    Bounds,
+    aggregate,
+    apply_delta,
+    fedavg,
+    trim_count,
+    trimmed_mean,
+    update_norm,
+)
 from fedpeft.server.rounds import select_round
 from fedpeft.server.store import RoundResult
 from fedpeft.server.validation import validate_delta
@@ -93,3 +106,55 @@ def test_the_pure_parts_import_no_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code, *pure], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_trimmed_mean_drops_the_extremes_of_every_coordinate() -> None:
+    a = {"x": np.array([0.0, 10.0], np.float32)}
+    b = {"x": np.array([1.0, -100.0], np.float32)}
+    c = {"x": np.array([2.0, 20.0], np.float32)}
+    mean, dropped = trimmed_mean([a, b, c], trim=1)
+    np.testing.assert_array_equal(mean["x"], [1.0, 10.0])  # the median of three, per coordinate
+    assert dropped == [0.5, 0.5, 1.0]  # c is the largest in both coordinates
+    plain, none = trimmed_mean([a, b, c], trim=0)
+    np.testing.assert_allclose(plain["x"], [1.0, -70.0 / 3], rtol=1e-6)
+    assert none == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="cannot drop 1"):
+        trimmed_mean([a, b], trim=1)
+
+
+@pytest.mark.parametrize(("n", "trim"), [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 2), (10, 2)])
+def test_trim_count_rounds_up_and_keeps_one(n: int, trim: int) -> None:
+    assert trim_count(n, 0.2) == trim
+
+
+def test_aggregate_caps_counts_and_clips_norms_and_says_so() -> None:
+    honest = [("A", _state(1.0), 100), ("B", _state(2.0), 120)]
+    greedy = ("X", _state(40.0), 2**62)
+    delta, notes = aggregate([*honest, greedy], Bounds(examples_factor=10.0, norm_factor=5.0))
+    # X's count is capped at 10 x the median (120) and its update scaled to 5 x the median norm
+    # (B's, 2 x the norm of ones).
+    ones = update_norm(_state(1.0))
+    assert notes["X"][CAPPED_EXAMPLES] == 1200
+    assert notes["X"][CLIPPED_TO] == pytest.approx(5 * 2 * ones)
+    assert notes["X"][NORM] == pytest.approx(40 * ones)
+    assert CLIPPED_TO not in notes["A"] and CAPPED_EXAMPLES not in notes["B"]
+    assert [notes[s][WEIGHT] for s in "ABX"] == pytest.approx([100 / 1420, 120 / 1420, 1200 / 1420])
+    expected = (100 * 1.0 + 120 * 2.0 + 1200 * 10.0) / 1420
+    for value in delta.values():
+        np.testing.assert_allclose(value, expected, rtol=1e-6)
+    # Without bounds the greedy site is the aggregate.
+    unbounded, _ = aggregate([*honest, greedy], Bounds())
+    for value in unbounded.values():
+        np.testing.assert_allclose(value, 40.0, rtol=1e-6)
+    # With two updates a median says little: only the absolute cap applies.
+    _, two = aggregate([honest[0], greedy], Bounds(max_examples=500, examples_factor=10.0))
+    assert two["X"][CAPPED_EXAMPLES] == 500 and CLIPPED_TO not in two["X"]
+
+
+def test_aggregate_with_a_trimmed_mean_records_what_each_site_lost() -> None:
+    updates = [("A", _state(1.0), 10), ("B", _state(2.0), 10), ("X", _state(50.0), 10**6)]
+    delta, notes = aggregate(updates, Bounds(aggregator="trimmed-mean"))
+    for value in delta.values():  # X's extreme values dropped everywhere
+        np.testing.assert_allclose(value, 2.0)
+    assert [notes[s][TRIMMED] for s in "ABX"] == [1.0, 0.0, 1.0]
+    assert all(WEIGHT not in n for n in notes.values())

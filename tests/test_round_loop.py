@@ -323,6 +323,65 @@ def test_the_norm_bound_from_config(harness: Callable[..., Harness], bound: floa
         assert_state(h.state(1), plus(5.05))
 
 
+def test_a_site_signing_an_outsized_example_count_does_not_take_over(
+    harness: Callable[..., Harness],
+) -> None:
+    """D signs a million examples next to two honest sites signing 100. Unbounded, the global
+    state would be D's update (50 in every entry); with the defaults its count is capped at
+    10 x the round's median and its update scaled to 5 x the median norm, both recorded."""
+    h = harness(
+        {
+            1: site("A", constant(1.0), n_train=100),
+            2: site("B", constant(1.0), n_train=100),
+            3: site("D", constant(50.0), n_train=10**6),
+        },
+        rounds=2,
+    )
+    h.start()
+    for rnd in (1, 2):
+        a, b, d = h.rows(rnd, Phase.TRAIN)
+        assert (d.site, d.status, d.n) == ("D", "ok", 10**6)  # what it signed, as signed
+        assert d.extra["examples-capped-to"] == 1000
+        assert d.extra["clipped-to"] == pytest.approx(5 * np.sqrt(10))  # 10 values of 1.0
+        assert d.extra["weight"] == pytest.approx(1000 / 1200)
+        assert "examples-capped-to" not in a.extra and "clipped-to" not in b.extra
+    # Each round: (100 * 1 + 100 * 1 + 1000 * 5) / 1200, not 50.
+    assert_state(h.state(2), plus(2 * 5200 / 1200))
+    said = [line for line in h.lines if "round 1: D" in line]
+    assert any("signed 1000000 examples, weighted as 1000" in line for line in said)
+    assert any("scaled down to 15.8" in line for line in said)
+
+
+@pytest.mark.parametrize("count", [2**62, 2**64 - 1])
+def test_an_impossible_example_count_is_rejected(
+    harness: Callable[..., Harness], count: int
+) -> None:
+    """The counts of issue 12: beyond 2**53 no count is exact, and 2**64 - 1 overflowed the
+    store's column and ended the run. Rejected for that site; the rounds are written."""
+    h = harness({1: site("A", constant(1.0)), 2: site("D", constant(2.0), n_train=count)}, rounds=2)
+    h.start()
+    for rnd in (1, 2):
+        a, d = h.rows(rnd, Phase.TRAIN)
+        assert (d.status, d.reason) == ("rejected", f"examples: example count {count}")
+        assert d.n is None  # the count it claimed is not stored as a number
+        assert h.rounds()[rnd - 1].applied
+    assert_state(h.state(2), plus(2.0))
+
+
+def test_the_trimmed_mean_from_config_drops_an_outlying_site(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(
+        {1: site("A", constant(1.0)), 2: site("B", constant(2.0)), 3: site("D", constant(9.0))},
+        aggregator="trimmed-mean",
+        norm_bound_factor=0.0,
+    )
+    h.start()
+    assert_state(h.state(1), plus(2.0))  # the middle value of every coordinate
+    shares = {r.site: r.extra["trimmed-share"] for r in h.rows(1, Phase.TRAIN)}
+    assert shares == {"A": 1.0, "B": 0.0, "D": 1.0}
+
+
 def _set(name: str, record: Any) -> Callable[[RecordDict], None]:
     def change(records: RecordDict) -> None:
         records[name] = record
