@@ -58,6 +58,7 @@ from fedpeft.common.envelope import (
     GlobalState,
     open_global_signed_by,
     seal_delta,
+    seal_evaluation,
 )
 from fedpeft.common.errors import ConfigError, DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.keys import Phase, SiteStatus
@@ -214,12 +215,10 @@ def _reply(
     error: str = "",
     sealed: bytes | None = None,
     metrics: dict[str, float] | None = None,
-    ev: Evaluation | None = None,
-    ev_metrics: dict[str, float] | None = None,
+    evaluation: bytes | None = None,
 ) -> Any:
-    """A reply's records. ``ev``: a global state's evaluation, sent as its score histogram;
-    ``ev_metrics``: that evaluation's metrics when the reply's own ``metrics`` are another's
-    (a train reply's are the local model's)."""
+    """A reply's records: the site's status, its sealed delta, its own metrics (a train reply's
+    are the local model's), and a global state's evaluation, sealed (:func:`seal_evaluation`)."""
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     content = RecordDict(
@@ -237,13 +236,28 @@ def _reply(
         content[keys.SEALED] = blob_record(sealed)
     if metrics is not None:
         content[keys.METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
-    if ev_metrics is not None:
-        content[keys.EVALUATION] = MetricRecord({k: float(v) for k, v in ev_metrics.items()})
-    if ev is not None:
-        content[keys.HISTOGRAM] = MetricRecord(
-            {keys.HIST_POS: list(ev.hist_pos), keys.HIST_NEG: list(ev.hist_neg)}
-        )
+    if evaluation is not None:
+        content[keys.EVALUATION] = blob_record(evaluation)
     return Message(content, reply_to=msg)
+
+
+def seal_site_evaluation(
+    signed: GlobalState, rnd: int, site: str, setup: SiteSetup, session: SiteSession
+) -> bytes:
+    """The evaluation of the global state in ``signed`` (that of round ``rnd``), sealed for the
+    run's key and signed by the site: only the coordinator reads it, and it knows who sent it."""
+    ev, metrics = handle_evaluate(signed.config, signed.state, session)
+    return seal_evaluation(
+        metrics,
+        ev.hist_pos,
+        ev.hist_neg,
+        run_token=signed.run_token,
+        round=rnd,
+        site_id=site,
+        fingerprint=signed.fingerprint,
+        run_public=signed.run_public,
+        identity=setup.trust.identity,
+    )
 
 
 def folds_evaluation(rnd: int) -> bool:
@@ -444,9 +458,9 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             # After round 1 the state a site trains from is the previous round's new global
             # state: the site evaluates it first and sends that with its update, one message a
             # round instead of a train and an evaluate message.
-            ev, ev_metrics = None, None
+            evaluation = None
             if folds_evaluation(rnd):
-                ev, ev_metrics = handle_evaluate(cfg, signed.state, session)
+                evaluation = seal_site_evaluation(signed, rnd - 1, site, setup, session)
             delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             sealed = seal_delta(
@@ -465,11 +479,11 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 check_upload(setup.policy, sealed)
             record.upload(sealed)
             metrics[keys.TASK_SECONDS] = time.perf_counter() - started
-            return _reply(msg, site, sealed=sealed, metrics=metrics, ev=ev, ev_metrics=ev_metrics)
-        ev, metrics = handle_evaluate(cfg, signed.state, session)
+            return _reply(msg, site, sealed=sealed, metrics=metrics, evaluation=evaluation)
+        evaluation = seal_site_evaluation(signed, rnd, site, setup, session)
         record.upload(None)
-        metrics[keys.TASK_SECONDS] = time.perf_counter() - started
-        return _reply(msg, site, metrics=metrics, ev=ev)
+        metrics = {keys.TASK_SECONDS: time.perf_counter() - started}
+        return _reply(msg, site, metrics=metrics, evaluation=evaluation)
     except (TaskRefused, PolicyRefusal) as exc:
         log.warning("site %s: refused a %s task: %s", site, kind[:32], exc.reason)
         status, error = SiteStatus.REFUSED, exc.reason

@@ -3,8 +3,9 @@ files they live in. Nothing here is home-made: this module only fixes choices an
 
 * Identity (a site's, the coordinator's): one ECDSA P-384 key in OpenSSH format, the key type
   Flower 1.39's SuperNode authentication requires. The same key signs fedpeft's messages, always
-  behind a domain-separation prefix (:data:`DOMAIN_DELTA`, :data:`DOMAIN_GLOBAL`) that no message
-  Flower signs can start with, so a signature made for one purpose never verifies for another.
+  behind a domain-separation prefix (:data:`DOMAIN_DELTA`, :data:`DOMAIN_GLOBAL`,
+  :data:`DOMAIN_EVALUATION`) that no message Flower signs can start with, so a signature made
+  for one purpose never verifies for another.
   One key per site means one enrollment, one registration and one revocation.
 * Run key: an X25519 key pair per run; its private half stays in the coordinator's ServerApp.
 * Delta key: a site's one-time X25519 key agreed with the run key, through HKDF-SHA256 bound to
@@ -30,6 +31,7 @@ from fedpeft.common.errors import KeyFileError
 
 DOMAIN_DELTA = b"fedpeft/v1 sealed-delta\x00"
 DOMAIN_GLOBAL = b"fedpeft/v1 global-state\x00"
+DOMAIN_EVALUATION = b"fedpeft/v1 sealed-evaluation\x00"
 _HKDF_INFO = b"fedpeft/v1 delta-key\x00"
 NONCE_BYTES = 12
 TAG_BYTES = 16

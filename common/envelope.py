@@ -21,7 +21,7 @@ settings.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
@@ -94,11 +94,32 @@ def seal_delta(
         method,
         fingerprint,
     )
-    epk, nonce, ciphertext = crypto.seal(
-        encode(delta, codec), header, run_public, _context(run_token, round, site_id)
+    return _seal(
+        pb.SealedDelta,
+        header,
+        encode(delta, codec),
+        crypto.DOMAIN_DELTA,
+        _context(run_token, round, site_id),
+        run_public,
+        identity,
     )
-    signature = crypto.sign(identity, crypto.DOMAIN_DELTA, header, epk, nonce, ciphertext)
-    return pb.SealedDelta(
+
+
+def _seal(
+    kind: type[pb.SealedDelta] | type[pb.SealedEvaluation],
+    header: bytes,
+    plaintext: bytes,
+    domain: bytes,
+    context: bytes,
+    run_public: bytes,
+    identity: ec.EllipticCurvePrivateKey,
+) -> bytes:
+    """``plaintext`` encrypted for ``run_public`` with ``header`` as associated data, and
+    header, key, nonce and ciphertext signed by ``identity`` for ``domain``: a serialized
+    ``kind`` (both sealed messages have these five fields)."""
+    epk, nonce, ciphertext = crypto.seal(plaintext, header, run_public, context)
+    signature = crypto.sign(identity, domain, header, epk, nonce, ciphertext)
+    return kind(
         header=header,
         ephemeral_public_key=epk,
         nonce=nonce,
@@ -318,3 +339,128 @@ def open_global_signed_by(
         config,
         config.config_hash(),
     ), signer
+
+
+# -- sealed evaluations -------------------------------------------------------------------------
+
+#: Largest sealed evaluation accepted: a few metrics and two histograms of HIST_BINS counts.
+MAX_EVALUATION_BYTES = 64 * 1024
+
+
+def _evaluation_context(run_token: str, round_: int, site_id: str) -> bytes:
+    return crypto.framed(
+        b"evaluation", (run_token.encode(), str(round_).encode(), site_id.encode())
+    )
+
+
+def seal_evaluation(
+    metrics: Mapping[str, float],
+    hist_pos: Sequence[int],
+    hist_neg: Sequence[int],
+    *,
+    run_token: str,
+    round: int,
+    site_id: str,
+    fingerprint: str,
+    run_public: bytes,
+    identity: ec.EllipticCurvePrivateKey,
+) -> bytes:
+    """A site's evaluation of the global state of ``round``: its metrics and score histogram,
+    encrypted for ``run_public`` and signed, as a delta is (only the coordinator reads it)."""
+    header = pb.EvaluationHeader(
+        schema_version=SCHEMA_VERSION,
+        run_token=run_token,
+        round=round,
+        site_id=site_id,
+        model_fingerprint=fingerprint,
+    ).SerializeToString(deterministic=True)
+    body = pb.EvaluationBody(
+        metrics={k: float(v) for k, v in metrics.items()},
+        hist_pos=[int(c) for c in hist_pos],
+        hist_neg=[int(c) for c in hist_neg],
+    ).SerializeToString(deterministic=True)
+    return _seal(
+        pb.SealedEvaluation,
+        header,
+        body,
+        crypto.DOMAIN_EVALUATION,
+        _evaluation_context(run_token, round, site_id),
+        run_public,
+        identity,
+    )
+
+
+@dataclass(frozen=True)
+class OpenedEvaluation:
+    site_id: str
+    metrics: dict[str, float]
+    hist_pos: list[int]
+    hist_neg: list[int]
+
+
+def open_evaluation(
+    data: bytes,
+    *,
+    run_token: str,
+    round: int,
+    fingerprint: str,
+    run_key: x25519.X25519PrivateKey,
+    sites: Mapping[str, ec.EllipticCurvePublicKey],
+) -> OpenedEvaluation:
+    """Open one sealed evaluation of the global state of ``round``; any fault raises
+    :class:`DeltaRejected`: size, parse, schema, known site, run, round, base model, then the
+    site's signature (before anything is decrypted), then decryption. The values are checked by
+    the caller (``server/validation.py: validate_evaluation``)."""
+    if len(data) > MAX_EVALUATION_BYTES:
+        raise DeltaRejected(
+            Reason.TOO_LARGE, f"{len(data):,} bytes, limit {MAX_EVALUATION_BYTES:,}"
+        )
+    sealed, header = pb.SealedEvaluation(), pb.EvaluationHeader()
+    try:
+        sealed.ParseFromString(data)
+        header.ParseFromString(sealed.header)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise DeltaRejected(
+            Reason.MALFORMED, f"not a sealed evaluation ({exc.__class__.__name__})"
+        ) from None
+    if header.schema_version != SCHEMA_VERSION:
+        raise DeltaRejected(Reason.SCHEMA, f"schema version {header.schema_version}")
+    site = sites.get(header.site_id)
+    if site is None:
+        raise DeltaRejected(Reason.UNKNOWN_SITE, f"site {header.site_id[:64]!r} is not registered")
+    if header.run_token != run_token:
+        raise DeltaRejected(Reason.WRONG_RUN, f"sealed for run {header.run_token[:64]!r}")
+    if header.round != round:
+        raise DeltaRejected(Reason.WRONG_ROUND, f"an evaluation of round {header.round}")
+    if header.model_fingerprint != fingerprint:
+        raise DeltaRejected(Reason.FINGERPRINT, f"base model {header.model_fingerprint[:80]!r}")
+    if not crypto.verify(
+        site,
+        sealed.signature,
+        crypto.DOMAIN_EVALUATION,
+        sealed.header,
+        sealed.ephemeral_public_key,
+        sealed.nonce,
+        sealed.ciphertext,
+    ):
+        raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {header.site_id!r}'s key")
+    plaintext = crypto.unseal(
+        run_key,
+        sealed.ephemeral_public_key,
+        sealed.nonce,
+        sealed.ciphertext,
+        sealed.header,
+        _evaluation_context(header.run_token, header.round, header.site_id),
+    )
+    if plaintext is None:
+        raise DeltaRejected(Reason.TAMPERED, "decryption failed: header or ciphertext altered")
+    body = pb.EvaluationBody()
+    try:
+        body.ParseFromString(plaintext)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise DeltaRejected(
+            Reason.MALFORMED, f"not an evaluation ({exc.__class__.__name__})"
+        ) from None
+    return OpenedEvaluation(
+        header.site_id, dict(body.metrics), list(body.hist_pos), list(body.hist_neg)
+    )

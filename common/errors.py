@@ -60,6 +60,8 @@ class Reason(StrEnum):
     NON_FINITE = "non-finite"
     EXAMPLES = "examples"
     NORM = "norm"
+    # An opened evaluation's values (server/validation.py: validate_evaluation).
+    EVALUATION = "evaluation"
     # The reply around it (server/replies.py).
     SITE_ERROR = "site-error"
     REFUSED = "refused"  # the site refused the task: its policy, an app it does not run, ...

@@ -30,9 +30,9 @@ GLOBAL: Final = "global"  # blob: the signed global state (server -> site)
 SEALED: Final = "sealed"  # blob: the sealed delta (site -> server)
 CONFIG: Final = "config"  # ConfigRecord: round info (the run's settings are in GLOBAL, signed)
 METRICS: Final = "metrics"  # MetricRecord: scalar metrics of the reply
-HISTOGRAM: Final = "histogram"  # MetricRecord: score histogram by label
-#: MetricRecord of a train reply after round 1: the evaluation of the global state it trained
-#: from (the previous round's), as an evaluate reply's METRICS; its histogram is HISTOGRAM.
+#: blob: a site's sealed evaluation of a global state (metrics and score histogram, signed and
+#: encrypted: common/envelope.py), in an evaluate reply and in a train reply after round 1 (of
+#: the global state it trained from, the previous round's).
 EVALUATION: Final = "evaluation"
 
 # ConfigRecord keys, server -> site.
@@ -58,8 +58,6 @@ TRAIN_SECONDS: Final = "train-seconds"
 TASK_SECONDS: Final = "task-seconds"
 STEPS: Final = "steps"
 EPOCHS_RUN: Final = "epochs-run"
-HIST_POS: Final = "pos"
-HIST_NEG: Final = "neg"
 
 # Simulation node config key set by Flower for each virtual SuperNode.
 PARTITION_ID: Final = "partition-id"

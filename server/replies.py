@@ -15,8 +15,10 @@ A train reply is used only if each step passes, in this order:
    before in this round (else ``bad-signature``);
 5. its values pass :func:`validate_delta` (``non-finite``, ``examples``, ``norm``).
 
-An evaluate reply needs steps 1 and 2, with a score histogram. After round 1 a train reply
-also carries the evaluation of the global state it trained from, read the same way.
+An evaluation (an evaluate reply's, or the one a train reply carries after round 1, of the
+global state it trained from) needs steps 1 and 2, then its sealed evaluation must open for this
+run and round, signed by the site the reply names (the site's signature is checked before
+anything is decrypted), and its values pass :func:`validate_evaluation` (``evaluation``).
 """
 
 from __future__ import annotations
@@ -28,14 +30,13 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from fedpeft.common import keys
-from fedpeft.common.envelope import Expected, open_delta
+from fedpeft.common.envelope import Expected, open_delta, open_evaluation
 from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.keys import Phase, SiteStatus
-from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import from_blob_record
 from fedpeft.common.state import State
 from fedpeft.server.store.base import ReplyStatus
-from fedpeft.server.validation import validate_delta
+from fedpeft.server.validation import validate_delta, validate_evaluation
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -54,8 +55,9 @@ class Reply:
     delta: State | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     histogram: tuple[list[int], list[int]] | None = None
-    #: A delta signed by this reply's site opened (whether or not its values then passed): a
-    #: second one from the same site in this round is refused.
+    #: A delta (or an evaluation) signed by this reply's site opened, whether or not its values
+    #: then passed: a second delta from the same site in a round is refused, and the node is
+    #: bound to that site.
     opened: bool = False
     bytes_up: int = 0  # the whole reply as serialized by Flower
     bytes_down: int = 0  # the whole message sent to the site
@@ -108,24 +110,58 @@ def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Rep
     return reply
 
 
-def read_evaluate(msg: Message, name: str, *, in_train: bool = False) -> Reply:
-    """An evaluate reply as metrics and a score histogram to pool, or rejected with its reason.
+@dataclass(frozen=True)
+class EvaluationIntake:
+    """What the coordinator accepts as a site's evaluation of one global state."""
 
-    ``in_train``: read the evaluation a train reply carries after round 1 (its ``evaluation``
-    record and histogram; a train reply that failed carries none and fails the same way)."""
-    reply = _read(msg, name, keys.EVALUATION if in_train else keys.METRICS)
+    run_token: str
+    #: The round whose global state was evaluated.
+    round: int
+    fingerprint: str
+    run_key: x25519.X25519PrivateKey
+    sites: Mapping[str, ec.EllipticCurvePublicKey]
+    #: Most test or validation rows an evaluation may count.
+    max_rows: int
+
+
+def read_evaluate(
+    msg: Message, intake: EvaluationIntake, name: str, *, in_train: bool = False
+) -> Reply:
+    """A site's evaluation as metrics and a score histogram to pool, or rejected with its
+    reason: its sealed evaluation must open for this run and round (common/envelope.py
+    ``open_evaluation``: signed by the site the reply names, then decrypted) and its values pass
+    ``validate_evaluation``.
+
+    ``in_train``: the evaluation a train reply carries after round 1 (a train reply that failed
+    carries none and fails the same way); its metrics are the evaluation's alone, not the local
+    model's beside it."""
+    reply = _read(msg, name)
     if reply.status is not ReplyStatus.OK:
         return reply
+    if in_train:
+        reply.metrics = {}
     try:
-        hist = msg.content[keys.HISTOGRAM]
-        pos: list[int] = list(hist[keys.HIST_POS])  # type: ignore[arg-type]
-        neg: list[int] = list(hist[keys.HIST_NEG])  # type: ignore[arg-type]
-        if len(pos) != HIST_BINS or len(neg) != HIST_BINS:
-            # Pooling sums the sites' histograms bin by bin: a ragged one would end the run.
-            raise ValueError(f"histograms of {len(pos)} and {len(neg)} bins, not {HIST_BINS}")
+        opened = open_evaluation(
+            from_blob_record(msg.content[keys.EVALUATION]),
+            run_token=intake.run_token,
+            round=intake.round,
+            fingerprint=intake.fingerprint,
+            run_key=intake.run_key,
+            sites=intake.sites,
+        )
+        if opened.site_id != reply.site:
+            raise DeltaRejected(
+                Reason.BAD_SIGNATURE,
+                f"an evaluation signed by site {opened.site_id!r} sent as site {reply.site!r}",
+            )
+        reply.opened = True
+        validate_evaluation(opened.metrics, opened.hist_pos, opened.hist_neg, intake.max_rows)
+    except DeltaRejected as exc:
+        return replace(reply, status=ReplyStatus.REJECTED, reason=str(exc), code=exc.reason)
     except (KeyError, TypeError, ValueError) as exc:
         return _malformed(reply, exc)
-    reply.histogram = (pos, neg)
+    reply.metrics.update(opened.metrics)
+    reply.histogram = (opened.hist_pos, opened.hist_neg)
     return reply
 
 

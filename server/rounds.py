@@ -58,10 +58,19 @@ def round_result(
     train: list[Reply],
     evaluations: list[Reply],
     applied: bool,
+    weight_factor: float = 0.0,
 ) -> RoundResult:
     """One round's row: the pooled AUC from the sites' histograms, the macro AUC, the loss and
-    validation loss weighted by each site's rows, and how many updates were accepted."""
+    validation loss weighted by each site's rows, and how many updates were accepted.
+
+    ``weight_factor`` (``federation.examples_bound_factor``): with 3 or more evaluations, no
+    site's validation rows weigh more than this many times the median site's, so no site moves
+    the round the run delivers (:func:`select_round`) by more than that bounded weight."""
     ok = [e for e in evaluations if e.status == ReplyStatus.OK]
+    n_val = [e.metrics.get(keys.N_VAL, 0.0) for e in ok]
+    if weight_factor and len(n_val) >= 3:
+        cap = weight_factor * float(np.median(n_val))
+        n_val = [min(n, cap) for n in n_val]
     histograms = [e.histogram for e in ok if e.histogram is not None]
     return RoundResult(
         round=rnd,
@@ -74,10 +83,7 @@ def round_result(
             (e.metrics.get(keys.LOSS, float("nan")) for e in ok),
             (e.metrics.get(keys.N_TEST, 0.0) for e in ok),
         ),
-        val_loss=_finite_mean(
-            (e.metrics.get(keys.VAL_LOSS, float("nan")) for e in ok),
-            (e.metrics.get(keys.N_VAL, 0.0) for e in ok),
-        ),
+        val_loss=_finite_mean((e.metrics.get(keys.VAL_LOSS, float("nan")) for e in ok), n_val),
         accepted=sum(r.status == ReplyStatus.OK for r in train),
         rejected=sum(r.status != ReplyStatus.OK for r in train),
         applied=applied,

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -31,9 +31,17 @@ from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust
 from fedpeft.server.aggregation import Bounds, aggregate, apply_delta
 from fedpeft.server.checkpoints import seal_state
-from fedpeft.server.replies import Intake, Reply, no_reply, read_evaluate, read_train
+from fedpeft.server.replies import (
+    EvaluationIntake,
+    Intake,
+    Reply,
+    no_reply,
+    read_evaluate,
+    read_train,
+)
 from fedpeft.server.rounds import round_result, round_summary, select_round, site_rows
 from fedpeft.server.store.base import ReplyStatus, RoundResult, RunStore, utcnow
+from fedpeft.server.validation import MAX_SIGNED_EXAMPLES
 
 log = logging.getLogger("fedpeft.server")
 
@@ -94,7 +102,8 @@ class FederatedRun:
         self.state = initial_state
         self.fingerprint = fingerprint
         self.progress = progress or log.info
-        self.site_names: dict[int, str] = {}
+        self.site_names: dict[int, str] = {}  # the name each node's last reply claimed
+        self.bound: dict[int, str] = {}  # the site each node's signed replies are from
         self.rng = np.random.default_rng(cfg.seed)
 
     # -- the round loop ------------------------------------------------------------------------
@@ -147,7 +156,14 @@ class FederatedRun:
         train and evaluate rows and the (sealed) global state it ended with."""
         rnd, train = trained.round, trained.train
         result = round_result(
-            rnd, trained.started, utcnow(), trained.seconds, train, evaluations, trained.applied
+            rnd,
+            trained.started,
+            utcnow(),
+            trained.seconds,
+            train,
+            evaluations,
+            trained.applied,
+            self.cfg.federation.examples_bound_factor,
         )
         self.store.add_round(
             self.run_id,
@@ -244,6 +260,7 @@ class FederatedRun:
         received = exchange(grid, messages, timeout)
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}  # type: ignore[attr-defined]
         intake = self._intake(state_round + 1)
+        judge = self._evaluation_intake(state_round)
         opened: set[str] = set()
         trained: dict[int, Reply] = {}
         evaluated: dict[int, Reply] = {}
@@ -253,13 +270,15 @@ class FederatedRun:
                 continue  # one reply per node and exchange
             name = self._name(node)
             if node in train:
-                reply = trained[node] = read_train(msg, intake, opened, name)
+                reply = trained[node] = self._bind(node, read_train(msg, intake, opened, name))
                 if reply.opened:
                     opened.add(reply.site)
                 if state_round >= 1:
-                    evaluated[node] = read_evaluate(msg, name, in_train=True)
+                    evaluated[node] = self._bind(
+                        node, read_evaluate(msg, judge, name, in_train=True)
+                    )
             else:
-                reply = evaluated[node] = read_evaluate(msg, name)
+                reply = evaluated[node] = self._bind(node, read_evaluate(msg, judge, name))
             self.site_names[node] = reply.site
             # The bytes of a train reply count once, with its update.
             reply.bytes_up, reply.bytes_down = message_nbytes(msg), sent.get(node, 0)
@@ -272,7 +291,38 @@ class FederatedRun:
         return [trained[n] for n in train], [evaluated[n] for n in sorted(evaluated)]
 
     def _name(self, node: int) -> str:
-        return self.site_names.get(node, f"node-{node}")
+        return self.bound.get(node) or self.site_names.get(node, f"node-{node}")
+
+    def _bind(self, node: int, reply: Reply) -> Reply:
+        """The first envelope a node's reply opened (a delta or an evaluation, signed by a
+        registered site) binds the node, authenticated by Flower with that site's key, to that
+        site for the run; a reply from that node signed by another site is refused."""
+        if not reply.opened:
+            return reply
+        bound = self.bound.setdefault(node, reply.site)
+        if bound == reply.site:
+            return reply
+        return replace(
+            reply,
+            status=ReplyStatus.REJECTED,
+            code=Reason.BAD_SIGNATURE,
+            reason=f"{Reason.BAD_SIGNATURE}: node {node} answers for site {bound!r}, this "
+            f"reply is signed by site {reply.site!r}",
+            delta=None,
+            histogram=None,
+        )
+
+    def _evaluation_intake(self, rnd: int) -> EvaluationIntake:
+        """What is accepted as an evaluation of the global state of round ``rnd``."""
+        fed = self.cfg.federation
+        return EvaluationIntake(
+            run_token=self.run_token,
+            round=rnd,
+            fingerprint=self.fingerprint,
+            run_key=self.run_key,
+            sites=self.trust.sites,
+            max_rows=fed.max_examples or MAX_SIGNED_EXAMPLES,
+        )
 
     def _intake(self, rnd: int) -> Intake:
         """What this round accepts as a train reply."""

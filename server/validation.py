@@ -9,9 +9,13 @@ the round goes on without it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
+from fedpeft.common import keys
 from fedpeft.common.errors import DeltaRejected, Reason
+from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.state import State
 
 #: The largest example count a site may sign: beyond it a count is no longer exact as a float
@@ -34,3 +38,40 @@ def validate_delta(delta: State, n_examples: float, max_norm: float | None = Non
         )
         if norm > max_norm:
             raise DeltaRejected(Reason.NORM, f"update norm {norm:.3g} above bound {max_norm:.3g}")
+
+
+#: What an evaluation must report (common/metrics.py; client/app.py handle_evaluate).
+REQUIRED_EVALUATION = (keys.N_TEST, keys.LOSS, keys.AUC, keys.VAL_LOSS, keys.N_VAL)
+#: Metrics that are a share, in [0, 1], or NaN where undefined (a test set of one class).
+_SHARES = (keys.AUC, keys.AUPRC, keys.ACCURACY, keys.BRIER)
+
+
+def validate_evaluation(
+    metrics: Mapping[str, float], hist_pos: Sequence[int], hist_neg: Sequence[int], max_rows: int
+) -> None:
+    """Check an opened evaluation's values; :class:`DeltaRejected` (``evaluation``) otherwise:
+    the required metrics present, row counts whole and at most ``max_rows``, the histograms of
+    :data:`HIST_BINS` bins holding exactly the test rows, losses finite and non-negative,
+    shares in [0, 1] or NaN, everything else finite."""
+
+    def bad(detail: str) -> DeltaRejected:
+        return DeltaRejected(Reason.EVALUATION, detail)
+
+    missing = [k for k in REQUIRED_EVALUATION if k not in metrics]
+    if missing:
+        raise bad(f"missing {', '.join(missing)}")
+    for key in (keys.N_TEST, keys.N_VAL):
+        n = metrics[key]
+        if not (np.isfinite(n) and float(n).is_integer() and 0 <= n <= max_rows):
+            raise bad(f"{key} {n!r} is not a row count of at most {max_rows:,}")
+    if len(hist_pos) != HIST_BINS or len(hist_neg) != HIST_BINS:
+        raise bad(f"histograms of {len(hist_pos)} and {len(hist_neg)} bins, not {HIST_BINS}")
+    if sum(hist_pos) + sum(hist_neg) != metrics[keys.N_TEST]:
+        total = sum(hist_pos) + sum(hist_neg)
+        raise bad(f"histograms of {total} rows, {keys.N_TEST} {metrics[keys.N_TEST]:.0f}")
+    for key, value in metrics.items():
+        if key in _SHARES:
+            if not (np.isnan(value) or 0.0 <= value <= 1.0):
+                raise bad(f"{key} {value!r} outside [0, 1]")
+        elif not np.isfinite(value) or (key in (keys.LOSS, keys.VAL_LOSS) and value < 0):
+            raise bad(f"{key} {value!r}")

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedpeft.common import keys
-from fedpeft.common.envelope import open_global, seal_delta
+from fedpeft.common.envelope import GlobalState, open_global, seal_delta, seal_evaluation
 from fedpeft.common.keys import Phase
 from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_record, from_blob_record
@@ -75,18 +75,17 @@ def client_app_site(app: Any, node_id: int, node_config: dict[str, Any]) -> Node
     return answer
 
 
-def histogram() -> dict[str, list[int]]:
-    """A valid score histogram: a few positives scored high, negatives low."""
+#: An evaluation as a site reports it: metrics, and the score histograms of positives and
+#: negatives.
+Evaluation = tuple[dict[str, float], list[int], list[int]]
+
+
+def evaluation(_rnd: int) -> Evaluation:
+    """A valid evaluation of any round: 7 test rows, a few positives scored high, negatives low."""
     pos, neg = [0] * HIST_BINS, [0] * HIST_BINS
     pos[900], neg[100] = 3, 4
-    return {keys.HIST_POS: pos, keys.HIST_NEG: neg}
-
-
-def evaluation_metrics() -> MetricRecord:
-    """A site's metrics of a global state's evaluation."""
-    return MetricRecord(
-        {keys.N_TEST: 7, keys.AUC: 0.75, keys.LOSS: 0.5, keys.VAL_LOSS: 0.6, keys.N_VAL: 3}
-    )
+    metrics = {keys.N_TEST: 7, keys.AUC: 0.75, keys.LOSS: 0.5, keys.VAL_LOSS: 0.6, keys.N_VAL: 3}
+    return metrics, pos, neg
 
 
 @dataclass
@@ -94,8 +93,10 @@ class ScriptedSite:
     """A site that answers as the real one does, with a delta chosen by the test.
 
     ``update(round, global_state)`` gives the delta it seals (None: it does not answer the train
-    message). It seals as ``seal_as`` (default: its own ``name``) and signs with ``key``; the
-    test may then alter the reply's records with ``tamper(phase, round, records)``.
+    message), ``evaluate(round)`` the evaluation of a round's global state it seals (in an
+    evaluate reply, and in a train reply after round 1). It seals as ``seal_as`` (default: its
+    own ``name``) and signs with ``key``; the test may then alter the reply's records with
+    ``tamper(phase, round, records)``.
     """
 
     name: str
@@ -105,6 +106,7 @@ class ScriptedSite:
     n_train: int = 10
     seal_as: str | None = None
     tamper: Callable[[Phase, int, RecordDict], None] | None = None
+    evaluate: Callable[[int], Evaluation] = evaluation
 
     def __call__(self, msg: Message) -> Message | None:
         phase = Phase(msg.metadata.message_type)
@@ -132,14 +134,29 @@ class ScriptedSite:
             )
             records[keys.METRICS] = MetricRecord({keys.N_TRAIN: self.n_train, keys.AUC: 0.5})
             if signed.round > 1:  # and the evaluation of the state it trained from
-                records[keys.EVALUATION] = evaluation_metrics()
-                records[keys.HISTOGRAM] = MetricRecord(histogram())  # type: ignore[arg-type]
+                records[keys.EVALUATION] = self._sealed_evaluation(signed, signed.round - 1)
         else:
-            records[keys.METRICS] = evaluation_metrics()
-            records[keys.HISTOGRAM] = MetricRecord(histogram())  # type: ignore[arg-type]
+            records[keys.METRICS] = MetricRecord({keys.TASK_SECONDS: 0.1})
+            records[keys.EVALUATION] = self._sealed_evaluation(signed, signed.round)
         if self.tamper is not None:
             self.tamper(phase, signed.round, records)
         return Message(records, reply_to=msg)
+
+    def _sealed_evaluation(self, signed: GlobalState, rnd: int) -> ArrayRecord:
+        metrics, pos, neg = self.evaluate(rnd)
+        return blob_record(
+            seal_evaluation(
+                metrics,
+                pos,
+                neg,
+                run_token=signed.run_token,
+                round=rnd,
+                site_id=self.seal_as or self.name,
+                fingerprint=signed.fingerprint,
+                run_public=signed.run_public,
+                identity=self.key,
+            )
+        )
 
 
 def constant(value: float) -> Callable[[int, State], State]:

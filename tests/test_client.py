@@ -14,7 +14,14 @@ from fedpeft.client.setup import SiteSetup
 from fedpeft.common import crypto, keys
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import DataSchema, RunConfig, load_config
-from fedpeft.common.envelope import Expected, open_delta, sign_global
+from fedpeft.common.envelope import (
+    Expected,
+    OpenedEvaluation,
+    open_delta,
+    open_evaluation,
+    sign_global,
+)
+from fedpeft.common.errors import DeltaRejected
 from fedpeft.common.methods import build_model, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
 from fedpeft.common.records import blob_record, from_blob_record
@@ -131,38 +138,54 @@ def test_train_replies_with_a_sealed_delta_of_the_shared_state(
     assert metrics[keys.N_TRAIN] > 0 and 0.0 <= metrics[keys.AUC] <= 1.0
     assert metrics[keys.TASK_SECONDS] > metrics[keys.TRAIN_SECONDS] > 0  # the whole message
     # Round 1 trains from the initial state: nothing to evaluate first.
-    assert keys.EVALUATION not in reply.content and keys.HISTOGRAM not in reply.content
+    assert keys.EVALUATION not in reply.content
+
+
+def _evaluation(reply: Message, fp: str, rnd: int) -> OpenedEvaluation:
+    """The reply's sealed evaluation of round ``rnd``'s state, opened as the coordinator does."""
+    return open_evaluation(
+        from_blob_record(reply.content[keys.EVALUATION]),
+        run_token="run-token",
+        round=rnd,
+        fingerprint=fp,
+        run_key=RUN_KEY,
+        sites={"site-x": SITE_KEY.public_key()},
+    )
 
 
 def test_a_later_train_message_also_evaluates_the_state_it_trains_from(
     tmp_path: Path, cfg: RunConfig
 ) -> None:
     """After round 1 the train reply carries what an evaluate message for the same global
-    state gets: the same metrics and histogram (one message a round instead of two)."""
+    state gets: the same metrics and histogram, sealed and signed (one message a round instead
+    of two); the train message of round 2 evaluates the state of round 1."""
     path = _site_file(tmp_path)
     fp = model_fingerprint(resolve_model_path(cfg.model))
     trained = handle(_message(cfg, fp, "train", rnd=2), _setup(path))
     evaluated = handle(_message(cfg, fp, "evaluate", rnd=2), _setup(path))
     assert trained.content[keys.CONFIG][keys.STATUS] == "ok" and keys.SEALED in trained.content
-    folded = dict(trained.content[keys.EVALUATION])
-    alone = dict(evaluated.content[keys.METRICS])
-    assert alone.pop(keys.TASK_SECONDS) > 0  # the evaluate message's own time
-    assert folded == alone
-    assert folded[keys.N_TEST] > 0 and keys.VAL_LOSS in folded
-    for key in (keys.HIST_POS, keys.HIST_NEG):
-        assert trained.content[keys.HISTOGRAM][key] == evaluated.content[keys.HISTOGRAM][key]
+    folded, alone = _evaluation(trained, fp, 1), _evaluation(evaluated, fp, 2)
+    assert folded.site_id == alone.site_id == "site-x"
+    assert folded.metrics == alone.metrics
+    assert folded.metrics[keys.N_TEST] > 0 and keys.VAL_LOSS in folded.metrics
+    assert (folded.hist_pos, folded.hist_neg) == (alone.hist_pos, alone.hist_neg)
     # The reply's own metrics stay those of the locally trained model.
     assert keys.N_TRAIN in trained.content[keys.METRICS]
+    with pytest.raises(DeltaRejected, match="wrong-round|an evaluation of round 1"):
+        _evaluation(trained, fp, 2)  # bound to the round it evaluated
 
 
-def test_evaluate_replies_with_a_histogram_not_predictions(tmp_path: Path, cfg: RunConfig) -> None:
+def test_evaluate_replies_with_a_sealed_histogram_not_predictions(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    """The evaluation travels sealed: in the clear, the reply says only how long it took."""
     path = _site_file(tmp_path)
     fp = model_fingerprint(resolve_model_path(cfg.model))
     reply = handle(_message(cfg, fp, "evaluate"), _setup(path))
-    hist = reply.content[keys.HISTOGRAM]
-    n_test = int(reply.content[keys.METRICS][keys.N_TEST])
-    assert sum(hist[keys.HIST_POS]) + sum(hist[keys.HIST_NEG]) == n_test
+    opened = _evaluation(reply, fp, 1)
+    assert sum(opened.hist_pos) + sum(opened.hist_neg) == opened.metrics[keys.N_TEST] > 0
     assert keys.SEALED not in reply.content
+    assert set(reply.content[keys.METRICS]) == {keys.TASK_SECONDS}
 
 
 def test_a_global_state_not_signed_by_the_coordinator_is_refused(
@@ -252,4 +275,4 @@ def test_the_site_reads_its_rows_with_its_own_schema_from_site_toml(
     context = _context({keys.NODE_SITE: "site-x", keys.NODE_SITE_SETUP: _site_setup(moved, table)})
     reply = handle_in_context(_message(cfg, fp, "evaluate"), context)
     assert reply.content[keys.CONFIG][keys.STATUS] == "ok", reply.content[keys.CONFIG][keys.ERROR]
-    assert reply.content[keys.METRICS][keys.N_TEST] > 0
+    assert _evaluation(reply, fp, 1).metrics[keys.N_TEST] > 0

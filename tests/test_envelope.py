@@ -22,9 +22,12 @@ from fedpeft.common.config import load_config
 from fedpeft.common.envelope import (
     Expected,
     ForgedGlobalState,
+    OpenedEvaluation,
     open_delta,
+    open_evaluation,
     open_global,
     seal_delta,
+    seal_evaluation,
     sign_global,
 )
 from fedpeft.common.errors import DeltaRejected, KeyFileError
@@ -485,3 +488,73 @@ def test_the_coordinator_signs_only_a_config_of_the_global_state_s_method() -> N
             config=SITE_CONFIG,
             coordinator=crypto.new_identity(),
         )
+
+
+# -- sealed evaluations ---------------------------------------------------------------------------
+
+EVAL_SITE, EVAL_RUN = crypto.new_identity(), crypto.new_run_key()
+EVAL_ARGS = {"run_token": "tok", "round": 3, "fingerprint": "sha256:fp"}
+
+
+def _sealed_evaluation(**changes: object) -> bytes:
+    args: dict = {
+        **EVAL_ARGS,
+        "site_id": "A",
+        "run_public": crypto.raw_public(EVAL_RUN),
+        "identity": EVAL_SITE,
+        **changes,
+    }
+    return seal_evaluation({"n-test": 3.0, "auc": 0.5}, [1, 0, 2], [0, 0, 0], **args)
+
+
+def _open_evaluation(data: bytes, **changes: object) -> object:
+    args: dict = {**EVAL_ARGS, "run_key": EVAL_RUN, "sites": {"A": EVAL_SITE.public_key()}}
+    return open_evaluation(data, **{**args, **changes})
+
+
+def test_a_sealed_evaluation_opens_only_for_its_run_key_with_what_the_site_sealed() -> None:
+    opened = _open_evaluation(_sealed_evaluation())
+    assert opened == OpenedEvaluation("A", {"n-test": 3.0, "auc": 0.5}, [1, 0, 2], [0, 0, 0])
+    assert b"auc" not in _sealed_evaluation()  # the metrics travel encrypted
+
+
+def _flip_ciphertext(data: bytes) -> bytes:
+    sealed = pb.SealedEvaluation()
+    sealed.ParseFromString(data)
+    sealed.ciphertext = bytes([sealed.ciphertext[0] ^ 1]) + sealed.ciphertext[1:]
+    return sealed.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("data", "opening", "reason"),
+    [
+        (b"\xff" * 70_000, {}, "too-large"),
+        (b"\xff\xff", {}, "malformed"),
+        (None, {"run_token": "other"}, "wrong-run"),
+        (None, {"round": 2}, "wrong-round"),
+        (None, {"fingerprint": "sha256:other"}, "fingerprint"),
+        (None, {"sites": {"B": EVAL_SITE.public_key()}}, "unknown-site"),
+        (None, {"sites": {"A": crypto.new_identity().public_key()}}, "bad-signature"),
+        (None, {"run_key": crypto.new_run_key()}, "tampered"),
+    ],
+)
+def test_a_sealed_evaluation_is_rejected_with_its_reason(
+    data: bytes | None, opening: dict, reason: str
+) -> None:
+    with pytest.raises(DeltaRejected) as info:
+        _open_evaluation(_sealed_evaluation() if data is None else data, **opening)
+    assert info.value.reason == reason
+
+
+def test_an_altered_evaluation_fails_its_signature_before_anything_is_decrypted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    altered = _flip_ciphertext(_sealed_evaluation())
+
+    def never(*_args: object) -> None:
+        raise AssertionError("decrypted before the signature was checked")
+
+    monkeypatch.setattr(crypto, "unseal", never)
+    with pytest.raises(DeltaRejected) as info:
+        _open_evaluation(altered)
+    assert info.value.reason == "bad-signature"

@@ -15,13 +15,22 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
-from memory_grid import MemoryGrid, Node, ScriptedSite, client_app_site, constant
+from memory_grid import (
+    Evaluation,
+    MemoryGrid,
+    Node,
+    ScriptedSite,
+    client_app_site,
+    constant,
+    evaluation,
+)
 
 from fedpeft.common import crypto, keys
+from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import load_config
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import Phase
-from fedpeft.common.records import blob_record
+from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust
 from fedpeft.server.checkpoints import open_state
@@ -471,45 +480,78 @@ def test_a_malformed_reply_is_refused_and_the_run_goes_on(
     assert [(r.site, r.status) for r in h.rows(2, phase)] == [("A", "ok"), ("B", "ok")]
 
 
-BAD_HISTOGRAM = _set(keys.HISTOGRAM, MetricRecord({keys.HIST_POS: [1, 2], keys.HIST_NEG: [3, 4]}))
+def _reported(**changes: Any) -> Evaluation:
+    """A valid evaluation with some metrics changed (or, with ``pos``/``neg``, histograms)."""
+    metrics, pos, neg = evaluation(0)
+    pos, neg = changes.pop("pos", pos), changes.pop("neg", neg)
+    return {**metrics, **changes}, pos, neg
 
-#: A malformed evaluation: in round 2's train reply (round 1's state) or the final evaluate
-#: reply (round 2's state); the message it travels in, the change, the reason.
-MALFORMED_EVALUATION = {
+
+def _flip_evaluation_byte(records: RecordDict) -> None:
+    sealed = pb.SealedEvaluation()
+    sealed.ParseFromString(from_blob_record(records[keys.EVALUATION]))  # type: ignore[arg-type]
+    ciphertext = bytearray(sealed.ciphertext)
+    ciphertext[3] ^= 0x01
+    sealed.ciphertext = bytes(ciphertext)
+    records[keys.EVALUATION] = blob_record(sealed.SerializeToString())
+
+
+#: A bad evaluation, in round 2's train reply (of round 1's state) or in the final evaluate
+#: reply (of round 2's state): the message it travels in, a change of the reply's records or
+#: the evaluation the site seals, and the reason it is rejected with. Issue 12's cases: a
+#: validation loss of 0 over 1e300 rows, a histogram of the wrong length, a NaN row count.
+BAD_EVALUATION: dict[str, tuple[Phase, Any, str]] = {
     "no evaluation in a train reply": (Phase.TRAIN, _drop(keys.EVALUATION), "malformed: KeyError"),
-    "no histogram in a train reply": (Phase.TRAIN, _drop(keys.HISTOGRAM), "malformed: KeyError"),
-    "a histogram of two bins in a train reply": (
-        Phase.TRAIN,
-        BAD_HISTOGRAM,
-        "malformed: ValueError",
-    ),
-    "no histogram in an evaluate reply": (
+    "no evaluation in an evaluate reply": (
         Phase.EVALUATE,
-        _drop(keys.HISTOGRAM),
+        _drop(keys.EVALUATION),
         "malformed: KeyError",
     ),
-    "a histogram of two bins in an evaluate reply": (
+    "one byte of it altered": (Phase.TRAIN, _flip_evaluation_byte, "bad-signature"),
+    "val-loss 0 over 1e300 rows": (
         Phase.EVALUATE,
-        BAD_HISTOGRAM,
-        "malformed: ValueError",
+        _reported(**{keys.VAL_LOSS: 0.0, keys.N_VAL: 1e300}),
+        "evaluation: n-val 1e+300 is not a row count",
     ),
+    "histograms of two bins": (
+        Phase.TRAIN,
+        _reported(pos=[1, 2], neg=[3, 1]),
+        "evaluation: histograms of 2 and 2 bins",
+    ),
+    "a NaN test row count": (
+        Phase.TRAIN,
+        _reported(**{keys.N_TEST: float("nan")}),
+        "evaluation: n-test nan is not a row count",
+    ),
+    "histograms that do not hold the test rows": (
+        Phase.EVALUATE,
+        _reported(**{keys.N_TEST: 9}),
+        "evaluation: histograms of 7 rows, n-test 9",
+    ),
+    "an AUC above 1": (Phase.EVALUATE, _reported(**{keys.AUC: 1.5}), "evaluation: auc 1.5"),
+    "a negative loss": (Phase.TRAIN, _reported(**{keys.LOSS: -1.0}), "evaluation: loss -1.0"),
 }
 
 
-@pytest.mark.parametrize("case", list(MALFORMED_EVALUATION))
-def test_a_malformed_evaluation_is_refused_and_the_run_goes_on(
+@pytest.mark.parametrize("case", list(BAD_EVALUATION))
+def test_a_bad_evaluation_is_refused_and_the_run_goes_on(
     harness: Callable[..., Harness], case: str
 ) -> None:
-    phase, change, reason = MALFORMED_EVALUATION[case]
+    phase, change, reason = BAD_EVALUATION[case]
+    evaluated = 1 if phase == Phase.TRAIN else 2  # the round whose state it evaluated
+    kw: dict[str, Any] = {}
+    if isinstance(change, tuple):  # the evaluation the site seals
+        kw["evaluate"] = lambda rnd: change if rnd == evaluated else evaluation(rnd)
+    else:  # the reply's records, after sealing
 
-    def tamper(p: Phase, rnd: int, records: RecordDict) -> None:
-        if p == phase and rnd == 2:
-            change(records)
+        def tamper(p: Phase, rnd: int, records: RecordDict) -> None:
+            if p == phase and rnd == 2:
+                change(records)
 
-    bad = site("B", constant(3.0), n_train=30, tamper=tamper)
+        kw["tamper"] = tamper
+    bad = site("B", constant(3.0), n_train=30, **kw)
     h = harness({1: site("A", constant(1.0)), 2: bad}, rounds=2)
     assert h.start() is not None
-    evaluated = 1 if phase == Phase.TRAIN else 2  # the round whose state it evaluated
     a, b = h.rows(evaluated, Phase.EVALUATE)
     assert (a.site, a.status, b.site, b.status) == ("A", "ok", "B", "rejected")
     assert b.reason is not None and b.reason.startswith(reason), b.reason
@@ -592,3 +634,51 @@ def test_exchange_pulls_until_every_reply_is_in_or_the_timeout(
     grid = Grid()
     got = strategy.exchange(grid, ["a", "b", "c", "d", "e"], timeout=0.0)
     assert len(grid.pulls) == 1 and [r.metadata.reply_to_message_id for r in got] == [1]
+
+
+def test_one_site_moves_the_delivered_round_by_no_more_than_its_bounded_weight(
+    harness: Callable[..., Harness],
+) -> None:
+    """D claims a perfect validation loss over 100,000 rows for round 1's state and a worse one
+    for round 2's; A, B and C (30 rows each) find round 2 much better. Weighted by the rows each
+    claims, D alone would pick round 1; capped at 10 x the median site's rows (300) it weighs
+    three times the others together, and no more."""
+
+    def honest(rnd: int) -> Evaluation:
+        return _reported(**{keys.VAL_LOSS: 1.0 if rnd == 1 else 0.0, keys.N_VAL: 30})
+
+    def loud(rnd: int) -> Evaluation:
+        return _reported(**{keys.VAL_LOSS: 0.0 if rnd == 1 else 0.2, keys.N_VAL: 100_000})
+
+    nodes: dict[int, Node] = {
+        i: site(name, constant(1.0), evaluate=honest) for i, name in enumerate("ABC", start=1)
+    }
+    nodes[4] = site("D", constant(1.0), evaluate=loud)
+    h = harness(nodes, rounds=2)
+    assert h.start() == 2
+    first, second = h.rounds()
+    assert first.val_loss == pytest.approx(1.0 * 90 / 390)  # D's rows count as 300
+    assert second.val_loss == pytest.approx(0.2 * 300 / 390)
+    unbounded = harness(nodes, rounds=2, examples_bound_factor=0.0)
+    assert unbounded.start() == 1
+
+
+def test_a_node_cannot_change_the_site_it_signs_for(harness: Callable[..., Harness]) -> None:
+    """Node 2 signs as B in round 1; in round 2 it holds C's key and signs as C. Flower
+    authenticated the node with one site's key: its replies are refused from then on."""
+    as_b = site("B", constant(3.0))
+    as_c = site("C", constant(9.0))
+
+    def switching(msg: Message) -> Message | None:
+        signed_round = int(msg.content[keys.CONFIG][keys.ROUND])
+        return (as_b if signed_round == 1 else as_c)(msg)
+
+    h = harness({1: site("A", constant(1.0)), 2: switching}, rounds=2)
+    h.start()
+    assert [(r.site, r.status) for r in h.rows(1, Phase.TRAIN)] == [("A", "ok"), ("B", "ok")]
+    a, c = h.rows(2, Phase.TRAIN)
+    assert (a.status, c.site, c.status) == ("ok", "C", "rejected")
+    assert c.reason == (
+        "bad-signature: node 2 answers for site 'B', this reply is signed by site 'C'"
+    )
+    assert_state(h.state(2), plus(2.0 + 1.0))  # round 1: A and B; round 2: A alone

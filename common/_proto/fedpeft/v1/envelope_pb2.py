@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64peft/v1/envelope.proto\x12\nfedpeft.v1\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xe4\x01\n\x0b\x44\x65ltaHeader\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\trun_token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07site_id\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12 \n\x05\x63odec\x18\x07 \x01(\x0e\x32\x11.fedpeft.v1.Codec\x12\'\n\x07tensors\x18\x08 \x03(\x0b\x32\x16.fedpeft.v1.TensorSpec\x12\x14\n\x0cnum_examples\x18\t \x01(\x04\"q\n\x0bSealedDelta\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x1c\n\x14\x65phemeral_public_key\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xd3\x01\n\x11GlobalStateHeader\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\trun_token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\'\n\x07tensors\x18\x06 \x03(\x0b\x32\x16.fedpeft.v1.TensorSpec\x12\x16\n\x0erun_public_key\x18\x07 \x01(\x0c\x12\x18\n\x10site_config_json\x18\x08 \x01(\t\"G\n\x11SignedGlobalState\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c*N\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP32\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64peft/v1/envelope.proto\x12\nfedpeft.v1\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xe4\x01\n\x0b\x44\x65ltaHeader\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\trun_token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07site_id\x18\x04 \x01(\t\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\x12 \n\x05\x63odec\x18\x07 \x01(\x0e\x32\x11.fedpeft.v1.Codec\x12\'\n\x07tensors\x18\x08 \x03(\x0b\x32\x16.fedpeft.v1.TensorSpec\x12\x14\n\x0cnum_examples\x18\t \x01(\x04\"q\n\x0bSealedDelta\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x1c\n\x14\x65phemeral_public_key\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\xd3\x01\n\x11GlobalStateHeader\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\trun_token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\'\n\x07tensors\x18\x06 \x03(\x0b\x32\x16.fedpeft.v1.TensorSpec\x12\x16\n\x0erun_public_key\x18\x07 \x01(\x0c\x12\x18\n\x10site_config_json\x18\x08 \x01(\t\"G\n\x11SignedGlobalState\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"x\n\x10\x45valuationHeader\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\trun_token\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x0f\n\x07site_id\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\"\x9e\x01\n\x0e\x45valuationBody\x12\x38\n\x07metrics\x18\x01 \x03(\x0b\x32\'.fedpeft.v1.EvaluationBody.MetricsEntry\x12\x10\n\x08hist_pos\x18\x02 \x03(\x04\x12\x10\n\x08hist_neg\x18\x03 \x03(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"v\n\x10SealedEvaluation\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x1c\n\x14\x65phemeral_public_key\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x12\n\nciphertext\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c*N\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP32\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedpeft.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=717
-  _globals['_CODEC']._serialized_end=795
+  _globals['_EVALUATIONBODY_METRICSENTRY']._loaded_options = None
+  _globals['_EVALUATIONBODY_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_CODEC']._serialized_start=1120
+  _globals['_CODEC']._serialized_end=1198
   _globals['_TENSORSPEC']._serialized_start=41
   _globals['_TENSORSPEC']._serialized_end=82
   _globals['_DELTAHEADER']._serialized_start=85
@@ -43,4 +45,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GLOBALSTATEHEADER']._serialized_end=642
   _globals['_SIGNEDGLOBALSTATE']._serialized_start=644
   _globals['_SIGNEDGLOBALSTATE']._serialized_end=715
+  _globals['_EVALUATIONHEADER']._serialized_start=717
+  _globals['_EVALUATIONHEADER']._serialized_end=837
+  _globals['_EVALUATIONBODY']._serialized_start=840
+  _globals['_EVALUATIONBODY']._serialized_end=998
+  _globals['_EVALUATIONBODY_METRICSENTRY']._serialized_start=952
+  _globals['_EVALUATIONBODY_METRICSENTRY']._serialized_end=998
+  _globals['_SEALEDEVALUATION']._serialized_start=1000
+  _globals['_SEALEDEVALUATION']._serialized_end=1118
 # @@protoc_insertion_point(module_scope)

@@ -91,3 +91,48 @@ class SignedGlobalState(_message.Message):
     payload: bytes
     signature: bytes
     def __init__(self, header: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class EvaluationHeader(_message.Message):
+    __slots__ = ("schema_version", "run_token", "round", "site_id", "model_fingerprint")
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    schema_version: int
+    run_token: str
+    round: int
+    site_id: str
+    model_fingerprint: str
+    def __init__(self, schema_version: _Optional[int] = ..., run_token: _Optional[str] = ..., round: _Optional[int] = ..., site_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class EvaluationBody(_message.Message):
+    __slots__ = ("metrics", "hist_pos", "hist_neg")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    HIST_POS_FIELD_NUMBER: _ClassVar[int]
+    HIST_NEG_FIELD_NUMBER: _ClassVar[int]
+    metrics: _containers.ScalarMap[str, float]
+    hist_pos: _containers.RepeatedScalarFieldContainer[int]
+    hist_neg: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, metrics: _Optional[_Mapping[str, float]] = ..., hist_pos: _Optional[_Iterable[int]] = ..., hist_neg: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SealedEvaluation(_message.Message):
+    __slots__ = ("header", "ephemeral_public_key", "nonce", "ciphertext", "signature")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    EPHEMERAL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    header: bytes
+    ephemeral_public_key: bytes
+    nonce: bytes
+    ciphertext: bytes
+    signature: bytes
+    def __init__(self, header: _Optional[bytes] = ..., ephemeral_public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
