@@ -3,7 +3,11 @@ FEDPEFT_TEST_POSTGRES_URL)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
+import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +23,7 @@ from fedpeft.server.store import (
     RunInfo,
     RunStore,
     SiteResult,
+    SqlRunStore,
     open_store,
 )
 from fedpeft.server.store.sql import MIGRATIONS
@@ -161,7 +166,8 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0003"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -244,9 +250,11 @@ def test_a_store_written_at_revision_0001_upgrades_to_head_with_its_rows(tmp_pat
     ]
     assert store.global_state(1) == (1, b"sealed global state of round 1 (opaque to the store)")
     assert store.baselines(1) == [BaselineResult("alone", "Cleveland", 180, 61, 0.8, 12.0)]
-    # The upgraded store takes new rounds with the new column.
+    # The upgraded store takes new rounds with the new column, and 64-bit counts (0003).
     store.add_round(1, _round(2), _sites(2), b"state 2")
     assert [r.val_loss for r in store.rounds(1)] == [None, 0.25]
+    store.add_baselines(1, [BaselineResult("alone", "Hungary", 2**40, 2**33, 0.7, 1.0)])
+    assert store.baselines(1)[-1].n_train == 2**40
     store.close()
 
 
@@ -255,3 +263,164 @@ def test_bad_url_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-
         open_store("nosuchdb://x")
     with pytest.raises(StoreError, match="cannot open store"):
         open_store(f"sqlite:///{tmp_path}/missing-dir/x.db")
+
+
+def test_counts_are_64_bit(store: RunStore) -> None:
+    # A site signs its example count; PostgreSQL's INTEGER column ended at 2**31 (migration 0003).
+    big = 2**40
+    run_id = store.create_run(
+        config_json="{}",
+        dataset="heart",
+        method="lora",
+        model_name="m",
+        model_fingerprint="f",
+        trainable_params=big,
+        total_params=big + 1,
+        seed=2**40,
+    )
+    site = SiteResult(1, "A", "train", "ok", n=big, bytes_up=big + 2, bytes_down=big + 3)
+    store.add_round(run_id, _round(1), [site], state=None)
+    store.add_baselines(run_id, [BaselineResult("alone", "A", big, big + 4, 0.5, 1.0)])
+    assert store.site_results(run_id) == [site]
+    assert (store.get_run(run_id).trainable_params, store.get_run(run_id).total_params) == (
+        big,
+        big + 1,
+    )
+    assert store.baselines(run_id)[0].n_test == big + 4
+
+
+def test_what_a_column_cannot_hold_is_refused_before_anything_is_written(store: RunStore) -> None:
+    with pytest.raises(StoreError, match=r"runs\.method is 33 characters long.*at most 32"):
+        store.create_run(
+            config_json="{}",
+            dataset="heart",
+            method="x" * 33,
+            model_name="m",
+            model_fingerprint="f",
+            trainable_params=1,
+            total_params=1,
+            seed=0,
+        )
+    assert store.list_runs() == []
+    run_id = _run(store)
+    long_site = SiteResult(1, "S" * 257, "evaluate", "ok", n=3)
+    with pytest.raises(StoreError, match=r"site_results\.site is 257 characters long.*at most 256"):
+        store.add_round(run_id, _round(1), [*_sites(1), long_site], state=b"x")
+    too_many = SiteResult(1, "A", "train", "ok", n=2**64 - 1)
+    with pytest.raises(StoreError, match=r"site_results\.n = 18446744073709551615 does not fit"):
+        store.add_round(run_id, _round(1), [too_many], state=b"x")
+    with pytest.raises(StoreError, match=r"baselines\.site is 300 characters"):
+        store.add_baselines(run_id, [BaselineResult("alone", "B" * 300, 1, 1, 0.5, 1.0)])
+    with pytest.raises(StoreError, match=r"runs\.status is 17 characters"):
+        store.finish_run(run_id, status="s" * 17, wall_seconds=1.0)
+    # Nothing of the refused writes is there; the store goes on.
+    assert store.rounds(run_id) == [] and store.site_results(run_id) == []
+    assert store.baselines(run_id) == [] and store.get_run(run_id).status == "running"
+    store.add_round(run_id, _round(1), _sites(1), state=b"x")
+    assert len(store.site_results(run_id)) == 3
+
+
+def test_a_sqlite_store_is_in_wal_mode_and_its_new_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    old_umask = os.umask(0)  # what the process allows must not matter
+    try:
+        store = open_store(f"sqlite:///{path}")
+        run_id = _run(store)
+        store.add_round(run_id, _round(1), _sites(1), state=b"x")
+        files = [tmp_path / f"new.db{suffix}" for suffix in ("", "-wal", "-shm")]
+        assert all(f.exists() for f in files)  # WAL mode keeps both beside the database
+        assert [oct(f.stat().st_mode & 0o777) for f in files] == ["0o600"] * 3
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        store.close()
+    finally:
+        os.umask(old_umask)
+
+
+class _Retries(logging.Handler):
+    """Counts the store's retry warnings; sets ``enough`` at the ``after``-th."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.after, self.enough = after, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if len(self.messages) >= self.after:
+            self.enough.set()
+
+
+def test_a_round_written_while_another_connection_locks_the_store_waits_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.db"
+    store = SqlRunStore(f"sqlite:///{path}", busy_timeout=0.05)  # fail fast, then retry
+    run_id = _run(store)
+    retries = _Retries(after=2)
+    locked = threading.Event()
+
+    def hold_the_lock() -> None:  # another process's connection: its own thread and handle
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        retries.enough.wait(timeout=60)  # until the store has tried, failed and retried twice
+        conn.execute("COMMIT")
+        conn.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    logger = logging.getLogger("fedpeft.server.store")
+    logger.addHandler(retries)
+    try:
+        holder.start()
+        assert locked.wait(timeout=60)
+        store.add_round(run_id, _round(1), _sites(1), state=b"state 1")
+    finally:
+        logger.removeHandler(retries)
+        holder.join()
+    assert len(retries.messages) >= 2
+    assert all(f"store sqlite:///{path} is locked" in m for m in retries.messages)
+    assert [r.round for r in store.rounds(run_id)] == [1]
+    assert len(store.site_results(run_id)) == 3
+    assert store.global_state(run_id) == (1, b"state 1")
+    store.close()
+
+
+def test_a_lock_held_past_the_retry_budget_is_a_store_error_naming_the_store(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "stuck.db"
+    store = SqlRunStore(f"sqlite:///{path}", busy_timeout=0.05, lock_retry_seconds=0.5)
+    run_id = _run(store)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="stayed locked by another connection") as caught:
+            store.add_round(run_id, _round(1), _sites(1), state=b"x")
+        assert f"sqlite:///{path}" in str(caught.value)
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+    assert store.rounds(run_id) == [] and store.site_results(run_id) == []
+    store.close()
+
+
+def test_opening_an_existing_store_only_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    with pytest.raises(StoreError, match=f"no store at {missing}"):
+        open_store(f"sqlite:///{missing}", create=False)
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(StoreError, match="holds no fedpeft store"):
+        open_store(f"sqlite:///{empty}", create=False)
+    assert empty.stat().st_size == 0  # no schema written into it
+    with pytest.raises(StoreError, match="holds no fedpeft store"):
+        open_store("sqlite://", create=False)
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    writer = open_store(url)
+    run_id = _run(writer)
+    writer.close()
+    reader = open_store(url, create=False)
+    assert reader.get_run().id == run_id
+    reader.close()

@@ -4,8 +4,12 @@ A :class:`RunStore` records one federated run as it happens: the run (config, ba
 method, parameter counts), one row per round, one row per site and phase in each round (with
 the rejection reason when a site's update was refused), the global shared state after each
 round, and the alone / centralized baselines computed beside the run. Every write is its own
-transaction: it commits whole or not at all, and database errors surface as ``StoreError``.
-Reads return plain frozen dataclasses, never live ORM objects.
+transaction: it commits whole or not at all (a round with its site rows and state in one), and
+database errors surface as ``StoreError``. A value its column cannot hold (a name longer than
+the column, a count beyond 64 bits) is a ``StoreError`` naming the field before anything is
+written. A write that finds the database locked by another connection is retried for a
+bounded time, then fails naming the store. Reads return plain frozen dataclasses, never live
+ORM objects.
 """
 
 from __future__ import annotations

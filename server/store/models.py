@@ -1,4 +1,8 @@
-"""SQLAlchemy models of the run store. Every schema change comes with a migration."""
+"""SQLAlchemy models of the run store. Every schema change comes with a migration.
+
+Counts (examples, bytes, parameters) and the seed are 64-bit (``BigInteger``, migration 0003):
+a site signs its example count, and PostgreSQL's ``INTEGER`` ends at 2**31.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -35,9 +40,9 @@ class RunRow(Base):
     method: Mapped[str] = mapped_column(String(32))
     model_name: Mapped[str] = mapped_column(String(512))
     model_fingerprint: Mapped[str] = mapped_column(String(80))
-    trainable_params: Mapped[int] = mapped_column(Integer)
-    total_params: Mapped[int] = mapped_column(Integer)
-    seed: Mapped[int] = mapped_column(Integer)
+    trainable_params: Mapped[int] = mapped_column(BigInteger)
+    total_params: Mapped[int] = mapped_column(BigInteger)
+    seed: Mapped[int] = mapped_column(BigInteger)
     wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
@@ -70,14 +75,14 @@ class SiteResultRow(Base):
     phase: Mapped[str] = mapped_column(String(16))  # train | evaluate
     status: Mapped[str] = mapped_column(String(16))  # ok | rejected | failed
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    n: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    n: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     auc: Mapped[float | None] = mapped_column(Float, nullable=True)
     auprc: Mapped[float | None] = mapped_column(Float, nullable=True)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     brier: Mapped[float | None] = mapped_column(Float, nullable=True)
-    bytes_up: Mapped[int] = mapped_column(Integer, default=0)
-    bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     extra: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
 
@@ -100,7 +105,7 @@ class BaselineRow(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(16))  # alone | centralized
     site: Mapped[str] = mapped_column(String(256))
-    n_train: Mapped[int] = mapped_column(Integer)
-    n_test: Mapped[int] = mapped_column(Integer)
+    n_train: Mapped[int] = mapped_column(BigInteger)
+    n_test: Mapped[int] = mapped_column(BigInteger)
     auc: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)

@@ -6,17 +6,22 @@ The schema is created and upgraded by Alembic migrations (``migrations/``), neve
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import math
-from collections.abc import Iterator
+import numbers
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import BigInteger, Integer, String, create_engine, event, inspect, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -32,6 +37,7 @@ from fedpeft.server.store.base import (
     utcnow,
 )
 from fedpeft.server.store.models import (
+    Base,
     BaselineRow,
     GlobalStateRow,
     RoundRow,
@@ -41,6 +47,14 @@ from fedpeft.server.store.models import (
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = logging.getLogger("fedpeft.server.store")
+
+#: How long one SQLite statement waits for another connection's lock before it fails.
+BUSY_TIMEOUT_S = 10.0
+#: How long, in all, a write keeps retrying while SQLite reports the database locked: past
+#: the busy timeout of each attempt, a lock held through a long checkpoint or a backup copy.
+LOCK_RETRY_S = 30.0
+_FIRST_DELAY_S, _MAX_DELAY_S = 0.1, 2.0
 
 
 def _finite(value: float | None) -> float | None:
@@ -61,23 +75,126 @@ def _safe_url(url: str) -> str:
         return "<unparseable URL>"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for any other database, in memory, or a ``file:`` URI."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return None
+    return Path(database)
+
+
+def _create_private(path: Path, shown: str) -> None:
+    """Create an empty SQLite file readable by its owner only, whatever the umask.
+
+    SQLite creates its ``-wal`` and ``-shm`` files with the mode of the database file, so
+    they are 0600 too.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another process made it first: it is theirs to have made private
+    except OSError as exc:
+        raise StoreError(f"cannot open store {shown}: {path}: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _locked(exc: BaseException | None) -> bool:
+    """SQLite's SQLITE_BUSY: another connection holds the lock this statement needs."""
+    return isinstance(exc, OperationalError) and "database is locked" in str(exc.orig)
+
+
+def _check_fits(rows: Sequence[Base], shown: str) -> None:
+    """Refuse, before anything is written, a value its column cannot hold.
+
+    A name longer than its ``String`` column: PostgreSQL would fail the transaction with a
+    driver error, SQLite would keep it against the schema. An integer outside its column
+    (32 bits for ``Integer``, what PostgreSQL keeps; 64 for ``BigInteger``): the driver would
+    fail with an overflow that names no field.
+    """
+    for row in rows:
+        for column in row.__table__.columns:
+            value = getattr(row, column.key)
+            kind = column.type
+            field = f"{row.__tablename__}.{column.name}"
+            if isinstance(kind, String) and kind.length is not None and isinstance(value, str):
+                if len(value) > kind.length:
+                    raise StoreError(
+                        f"store {shown}: {field} is {len(value)} characters long, the store "
+                        f"keeps at most {kind.length}: {value[:40]!r}..."
+                    )
+            elif isinstance(kind, Integer) and isinstance(value, numbers.Integral):
+                bits = 64 if isinstance(kind, BigInteger) else 32
+                if not -(2 ** (bits - 1)) <= int(value) < 2 ** (bits - 1):
+                    raise StoreError(
+                        f"store {shown}: {field} = {int(value)} does not fit its {bits}-bit column"
+                    )
+
+
 def upgrade_schema(engine: Engine) -> None:
-    """Bring the database to the newest schema with Alembic."""
+    """Bring the database to the newest schema with Alembic.
+
+    On SQLite, foreign keys are off while migrating: a batch migration copies a table, drops
+    the old one and renames the copy, and dropping ``runs`` with foreign keys on would
+    cascade-delete every round, site row and state of every run. They are checked after.
+    """
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        if sqlite:  # outside a transaction: SQLite ignores the pragma inside one
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    shown = engine.url.render_as_string(hide_password=True)
+                    raise StoreError(f"store {shown}: migrated rows lost their run")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
 
 
 class SqlRunStore(RunStore):
-    """A run store in any SQLAlchemy database."""
+    """A run store in any SQLAlchemy database.
 
-    def __init__(self, url: str):
+    ``create=False`` opens an existing store only: a missing SQLite file, or a database
+    without the store's schema, is a ``StoreError`` and nothing is created. On SQLite every
+    connection is in WAL mode (readers never wait for the writer) with a busy timeout of
+    ``busy_timeout`` seconds, and a write that still finds the database locked is retried
+    with backoff for ``lock_retry_seconds`` in all.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        create: bool = True,
+        busy_timeout: float = BUSY_TIMEOUT_S,
+        lock_retry_seconds: float = LOCK_RETRY_S,
+    ):
         self.url = url
+        self.lock_retry_seconds = lock_retry_seconds
+        self._shown = _safe_url(url)
+        path = _sqlite_file(url)
+        if path is not None and not path.exists():
+            if not create:
+                raise StoreError(f"no store at {path} ({self._shown}): the file does not exist")
+            _create_private(path, self._shown)
         try:
             if url in ("sqlite://", "sqlite:///:memory:"):
                 engine = create_engine(
@@ -86,17 +203,24 @@ class SqlRunStore(RunStore):
             else:
                 engine = create_engine(url, pool_pre_ping=True)
         except (ArgumentError, ImportError) as exc:
-            raise StoreError(f"cannot use store URL {_safe_url(url)}: {exc}") from None
-        if engine.dialect.name == "sqlite":
-            event.listen(engine, "connect", _sqlite_pragmas)
+            raise StoreError(f"cannot use store URL {self._shown}: {exc}") from None
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         try:
+            if not create:
+                # Before the pragmas: switching an empty file to WAL would write to it.
+                found = inspect(engine).has_table("alembic_version")
+                engine.dispose()
+                if not found:
+                    raise StoreError(f"{self._shown} holds no fedpeft store (no schema)")
+            if engine.dialect.name == "sqlite":
+                event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout))
             upgrade_schema(engine)
         except SQLAlchemyError as exc:
+            engine.dispose()
             cause = getattr(exc, "orig", None) or exc
             raise StoreError(
-                f"cannot open store {_safe_url(url)}: {exc.__class__.__name__}: {cause}"
+                f"cannot open store {self._shown}: {exc.__class__.__name__}: {cause}"
             ) from None
 
     @contextmanager
@@ -108,12 +232,46 @@ class SqlRunStore(RunStore):
             session.commit()
         except SQLAlchemyError as exc:
             session.rollback()
-            raise StoreError(f"store {_safe_url(self.url)}: {exc.__class__.__name__}") from exc
+            detail = "database is locked" if _locked(exc) else exc.__class__.__name__
+            raise StoreError(f"store {self._shown}: {detail}") from exc
         except BaseException:
             session.rollback()
             raise
         finally:
             session.close()
+
+    def _write(self, work: Callable[[Session], T]) -> T:
+        """``work`` in one transaction, tried again with backoff while the database is locked.
+
+        Each attempt starts a fresh session, so ``work`` must build its rows itself.
+        """
+        started = time.monotonic()
+        attempt = 1
+        while True:
+            try:
+                with self._transaction() as session:
+                    return work(session)
+            except StoreError as exc:
+                if not _locked(exc.__cause__):
+                    raise
+                waited = time.monotonic() - started
+                delay = min(_FIRST_DELAY_S * 2 ** (attempt - 1), _MAX_DELAY_S)
+                if waited + delay > self.lock_retry_seconds:
+                    raise StoreError(
+                        f"store {self._shown}: the database stayed locked by another connection "
+                        f"through {attempt} attempts in {waited:.1f} s; nothing of this write "
+                        "was recorded"
+                    ) from exc.__cause__
+                log.warning(
+                    "store %s is locked by another connection (attempt %d, %.1f s); "
+                    "retrying in %.1f s",
+                    self._shown,
+                    attempt,
+                    waited,
+                    delay,
+                )
+                time.sleep(delay)
+                attempt += 1
 
     def create_run(
         self,
@@ -127,38 +285,49 @@ class SqlRunStore(RunStore):
         total_params: int,
         seed: int,
     ) -> int:
-        row = RunRow(
-            created_at=utcnow(),
-            status="running",
-            config_json=config_json,
-            dataset=dataset,
-            method=method,
-            model_name=model_name,
-            model_fingerprint=model_fingerprint,
-            trainable_params=trainable_params,
-            total_params=total_params,
-            seed=seed,
-        )
-        with self._transaction() as s:
-            s.add(row)
+        def row() -> RunRow:
+            return RunRow(
+                created_at=utcnow(),
+                status="running",
+                config_json=config_json,
+                dataset=dataset,
+                method=method,
+                model_name=model_name,
+                model_fingerprint=model_fingerprint,
+                trainable_params=trainable_params,
+                total_params=total_params,
+                seed=seed,
+            )
+
+        def work(s: Session) -> int:
+            new = row()
+            s.add(new)
             s.flush()
-            return row.id
+            return new.id
+
+        _check_fits([row()], self._shown)
+        return self._write(work)
 
     def finish_run(
         self, run_id: int, *, status: str, error: str | None = None, wall_seconds: float | None
     ) -> None:
-        with self._transaction() as s:
+        def work(s: Session) -> None:
             row = s.get(RunRow, run_id)
             if row is None:
                 raise StoreError(f"no run {run_id}")
             row.status, row.error, row.finished_at = status, error, utcnow()
             row.wall_seconds = wall_seconds
 
+        _check_fits([RunRow(status=status)], self._shown)
+        self._write(work)
+
     def add_round(
         self, run_id: int, result: RoundResult, sites: list[SiteResult], state: bytes | None
     ) -> None:
-        with self._transaction() as s:
-            s.add(
+        digest = None if state is None else hashlib.sha256(state).hexdigest()
+
+        def rows() -> list[Base]:
+            out: list[Base] = [
                 RoundRow(
                     run_id=run_id,
                     round=result.round,
@@ -173,7 +342,7 @@ class SqlRunStore(RunStore):
                     applied=int(result.applied),
                     val_loss=_finite(result.val_loss),
                 )
-            )
+            ]
             for site in sites:
                 values = {f.name: getattr(site, f.name) for f in fields(SiteResult)}
                 for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
@@ -181,42 +350,44 @@ class SqlRunStore(RunStore):
                 values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
                 # The enums' plain values: every database driver takes a str.
                 values["phase"], values["status"] = str(site.phase), str(site.status)
-                s.add(SiteResultRow(run_id=run_id, **values))
-            if state is not None:
-                s.add(
-                    GlobalStateRow(
-                        run_id=run_id,
-                        round=result.round,
-                        sha256=hashlib.sha256(state).hexdigest(),
-                        data=state,
-                    )
+                out.append(SiteResultRow(run_id=run_id, **values))
+            if state is not None and digest is not None:
+                out.append(
+                    GlobalStateRow(run_id=run_id, round=result.round, sha256=digest, data=state)
                 )
+            return out
+
+        _check_fits(rows(), self._shown)
+        self._write(lambda s: s.add_all(rows()))  # the round, its sites and state: one commit
 
     def add_baselines(self, run_id: int, results: list[BaselineResult]) -> None:
-        with self._transaction() as s:
-            for r in results:
-                s.add(
-                    BaselineRow(
-                        run_id=run_id,
-                        kind=r.kind,
-                        site=r.site,
-                        n_train=r.n_train,
-                        n_test=r.n_test,
-                        auc=_finite(r.auc),
-                        seconds=r.seconds,
-                    )
+        def rows() -> list[BaselineRow]:
+            return [
+                BaselineRow(
+                    run_id=run_id,
+                    kind=r.kind,
+                    site=r.site,
+                    n_train=r.n_train,
+                    n_test=r.n_test,
+                    auc=_finite(r.auc),
+                    seconds=r.seconds,
                 )
+                for r in results
+            ]
+
+        _check_fits(rows(), self._shown)
+        self._write(lambda s: s.add_all(rows()))
 
     def get_run(self, run_id: int | None = None) -> RunInfo:
         with self._transaction() as s:
             if run_id is None:
                 row = s.scalars(select(RunRow).order_by(RunRow.id.desc()).limit(1)).first()
                 if row is None:
-                    raise StoreError(f"store {_safe_url(self.url)} holds no runs")
+                    raise StoreError(f"store {self._shown} holds no runs")
             else:
                 row = s.get(RunRow, run_id)
                 if row is None:
-                    raise StoreError(f"store {_safe_url(self.url)} has no run {run_id}")
+                    raise StoreError(f"store {self._shown} has no run {run_id}")
             return _to(RunInfo, row)
 
     def list_runs(self) -> list[RunInfo]:
@@ -271,12 +442,21 @@ class SqlRunStore(RunStore):
         self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(busy_timeout: float, dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
+    # First: switching to WAL may itself wait for another connection's lock.
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+    # Readers go on while a round is written; a no-op ("memory") for an in-memory database.
+    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.close()
 
 
-def open_store(url: str) -> RunStore:
-    """Open (creating or upgrading) the store at a SQLAlchemy URL."""
-    return SqlRunStore(url)
+def open_store(url: str, *, create: bool = True) -> RunStore:
+    """Open the store at a SQLAlchemy URL, upgrading an older schema in place.
+
+    ``create=True`` (a command that records runs) creates a missing store, a new SQLite file
+    with mode 0600; ``create=False`` (a command that only reads) refuses a missing one with a
+    ``StoreError`` naming it, and creates nothing.
+    """
+    return SqlRunStore(url, create=create)
