@@ -13,7 +13,7 @@ SITES = {"Cleveland", "Hungary", "VA-Long-Beach"}
 ROUNDS = int(os.environ.get("FEDPEFT_ROUNDS", "2"))
 problems = []
 
-store = open_store("sqlite:////coordinator/runs.db")
+store = open_store("sqlite:////coordinator/runs.db", create=False)
 runs = store.list_runs()
 if len(runs) != 1 or runs[0].status != "finished":
     problems.append(f"expected one finished run, found {[(r.id, r.status, r.error) for r in runs]}")

@@ -129,7 +129,9 @@ def parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="print the summary table of a finished run from the store")
     rep.add_argument("--run", type=int, help="run id (default: the latest)")
-    rep.add_argument("--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store")
+    rep.add_argument(
+        "--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store (must exist)"
+    )
     rep.add_argument("--plot", type=Path, help="also write the AUC-per-round PNG here")
     rep.add_argument("--list", action="store_true", help="list the runs in the store")
 
@@ -141,7 +143,9 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--run", type=int, help="run id (default: the latest)")
     exp.add_argument("--out", type=Path, required=True, help="new or empty folder to write")
     exp.add_argument("--round", type=int, help="export this round instead of the delivered one")
-    exp.add_argument("--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store")
+    exp.add_argument(
+        "--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store (must exist)"
+    )
     exp.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
 
     site = sub.add_parser(
@@ -392,7 +396,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fedpeft.report import plot_auc, render_table, summarize
     from fedpeft.server.store import open_store
 
-    store = open_store(args.db)
+    store = open_store(args.db, create=False)
     try:
         if args.list:
             for run in store.list_runs():
@@ -420,9 +424,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise FedpeftError(f"{args.out}: exists and is not an empty folder; choose a new --out")
-    store_key, _ = resolve_store_key(args.db, args.store_key_file)
-    store = open_store(args.db)
+    store = open_store(args.db, create=False)  # first: a mistyped --db names the store
     try:
+        store_key, _ = resolve_store_key(args.db, args.store_key_file)
         run = store.get_run(args.run)
         chosen = args.round if args.round is not None else select_round(store.rounds(run.id))
         if chosen is None:

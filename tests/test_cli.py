@@ -111,8 +111,26 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_report_on_an_empty_store_is_a_clear_error(tmp_path: Path) -> None:
-    out = _fedpeft("report", "--db", f"sqlite:///{tmp_path / 'e.db'}")
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    open_store(db).close()
+    out = _fedpeft("report", "--db", db)
     assert out.returncode == 2 and "holds no runs" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["report"], ["report", "--list"], ["export", "--out", "adapter", "--run", "1"]],
+    ids=["report", "report-list", "export"],
+)
+def test_commands_that_only_read_never_create_a_store(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.db"
+    command = [c if c != "adapter" else str(tmp_path / "adapter") for c in command]
+    assert main([*command, "--db", f"sqlite:///{typo}"]) == 2
+    err = capsys.readouterr().err
+    assert f"fedpeft: error: no store at {typo}" in err and "does not exist" in err
+    assert list(tmp_path.iterdir()) == []  # no database, no key, no export folder
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
