@@ -9,9 +9,12 @@ key.
 The coordinator opens it with :func:`open_delta`, which returns the decoded tensors or raises
 exactly one :class:`DeltaRejected` with a reason code. Checks, cheapest first: size, parse,
 schema, known site, run, round, base-model fingerprint, method, tensor names and shapes, then
-decryption (``tampered``), then the signature (``bad-signature``: intact bytes, wrong signer),
-then the payload's layout. Finite values and the norm bound are checked on the decoded tensors
-by the caller (``server/validation.py``), as for any update.
+the signature, then decryption, then the payload's layout. Nothing is decrypted that the named
+site did not sign: a signature that does not verify is ``bad-signature`` when another registered
+site's key made it (a site sending under another's name), else ``tampered`` (bytes altered on
+the way, or forged); a signed envelope that does not decrypt under this run's key is
+``tampered`` too. Finite values and the norm bound are checked on the decoded tensors by the
+caller (``server/validation.py``), as for any update.
 
 The coordinator's global state goes down signed (:func:`sign_global` / :func:`open_global`)
 together with the run's site config (:class:`~fedpeft.common.config.SiteRunConfig`, canonical
@@ -171,8 +174,7 @@ def open_delta(
         ) from None
     if header.schema_version != SCHEMA_VERSION:
         raise DeltaRejected(Reason.SCHEMA, f"schema version {header.schema_version}")
-    site = sites.get(header.site_id)
-    if site is None:
+    if header.site_id not in sites:
         raise DeltaRejected(Reason.UNKNOWN_SITE, f"site {header.site_id[:64]!r} is not registered")
     if header.run_token != expected.run_token:
         raise DeltaRejected(Reason.WRONG_RUN, f"sealed for run {header.run_token[:64]!r}")
@@ -203,6 +205,7 @@ def open_delta(
             raise DeltaRejected(
                 Reason.SHAPE, f"{spec.name}: {tuple(spec.shape)} != {expected.shapes[spec.name]}"
             )
+    _check_signature(sealed, header.site_id, sites)
     payload = crypto.unseal(
         run_key,
         sealed.ephemeral_public_key,
@@ -212,19 +215,37 @@ def open_delta(
         _context(header.run_token, header.round, header.site_id),
     )
     if payload is None:
-        raise DeltaRejected(Reason.TAMPERED, "decryption failed: header or ciphertext altered")
-    if not crypto.verify(
-        site,
-        sealed.signature,
-        crypto.DOMAIN_DELTA,
-        sealed.header,
-        sealed.ephemeral_public_key,
-        sealed.nonce,
-        sealed.ciphertext,
-    ):
-        raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {header.site_id!r}'s key")
+        raise DeltaRejected(
+            Reason.TAMPERED, "decryption failed: signed by the site but not sealed for this run"
+        )
     state = decode(payload, expected.shapes, codec)
     return OpenedDelta(header.site_id, header.num_examples, state)
+
+
+def _check_signature(
+    sealed: pb.SealedDelta, site_id: str, sites: Mapping[str, ec.EllipticCurvePublicKey]
+) -> None:
+    """Raise unless ``site_id``'s key signed header, key, nonce and ciphertext. Checked before
+    anything is decrypted: a forged envelope costs one hash of its bytes and no AES work.
+
+    Which code: the digest is made once; a registered site's key other than the named one that
+    verifies it means intact bytes under another site's name (``bad-signature``); no key
+    verifying means the bytes are not as any registered site signed them (``tampered``)."""
+    digest = crypto.framed_digest(
+        crypto.DOMAIN_DELTA,
+        (sealed.header, sealed.ephemeral_public_key, sealed.nonce, sealed.ciphertext),
+    )
+    if crypto.ecdsa_verify_digest(sites[site_id], sealed.signature, digest):
+        return
+    if any(
+        crypto.ecdsa_verify_digest(key, sealed.signature, digest)
+        for name, key in sites.items()
+        if name != site_id
+    ):
+        raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {site_id!r}'s key")
+    raise DeltaRejected(
+        Reason.TAMPERED, "signature does not verify: header, key, nonce or ciphertext altered"
+    )
 
 
 # -- signed global state ------------------------------------------------------------------------

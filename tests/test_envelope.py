@@ -274,7 +274,8 @@ def test_tampering_with_any_part_is_caught(world: World) -> None:
     assert _reason(world, _mutate(data, "ciphertext", 5)) == "tampered"
     assert _reason(world, _mutate(data, "nonce", 0)) == "tampered"
     assert _reason(world, _mutate(data, "ephemeral_public_key", 3)) == "tampered"
-    assert _reason(world, _mutate(data, "signature", 20)) in ("bad-signature", "malformed")
+    # A signature no registered key made: the bytes are not as any site signed them.
+    assert _reason(world, _mutate(data, "signature", 20)) == "tampered"
     # A header edit that keeps every field plausible (examples count) still breaks the AAD.
     sealed = pb.SealedDelta()
     sealed.ParseFromString(data)
@@ -283,6 +284,45 @@ def test_tampering_with_any_part_is_caught(world: World) -> None:
     header.num_examples = 4000
     sealed.header = header.SerializeToString()
     assert _reason(world, sealed.SerializeToString()) == "tampered"
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        (lambda w: w.seal(signer="b"), "bad-signature"),  # a's claim, b's key
+        (lambda w: w.seal(signer="stranger"), "tampered"),  # a's claim, an unregistered key
+        (lambda w: _mutate(w.seal(), "ciphertext", 5), "tampered"),
+        (lambda w: _mutate(w.seal(), "signature", 20), "tampered"),
+    ],
+    ids=["another-site", "unregistered-key", "altered-ciphertext", "altered-signature"],
+)
+def test_nothing_is_decrypted_before_the_signature_verifies(
+    world: World, monkeypatch: pytest.MonkeyPatch, forge: object, reason: str
+) -> None:
+    """The AEAD (and the key agreement before it) is never reached for an envelope that the
+    site it names did not sign; a genuine one still opens through the same path."""
+    world.sites["stranger"] = crypto.new_identity()
+    try:
+        data = forge(world)  # type: ignore[operator]
+    finally:
+        del world.sites["stranger"]
+    calls: list[str] = []
+    real_unseal, real_decrypt = crypto.unseal, crypto.aes_gcm_decrypt
+
+    def unseal(*args: object) -> bytes | None:
+        calls.append("unseal")
+        return real_unseal(*args)  # type: ignore[arg-type]
+
+    def decrypt(*args: object) -> bytes | None:
+        calls.append("decrypt")
+        return real_decrypt(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(crypto, "unseal", unseal)
+    monkeypatch.setattr(crypto, "aes_gcm_decrypt", decrypt)
+    assert _reason(world, data) == reason
+    assert calls == []
+    world.open(world.seal())
+    assert calls == ["unseal", "decrypt"]  # the spies are on the path a delta takes
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
