@@ -155,6 +155,14 @@ class OpenedDelta:
     delta: State
 
 
+def check_size(nbytes: int, expected: Expected) -> None:
+    """``too-large`` for an upload of ``nbytes`` over the round's limit. The coordinator calls it
+    on the size a reply's record declares (common/records.py ``blob_nbytes``) before the bytes
+    are copied out of the message; :func:`open_delta` again on the bytes it is given."""
+    if nbytes > expected.max_bytes:
+        raise DeltaRejected(Reason.TOO_LARGE, f"{nbytes:,} bytes, limit {expected.max_bytes:,}")
+
+
 def open_delta(
     data: bytes,
     expected: Expected,
@@ -162,8 +170,7 @@ def open_delta(
     sites: Mapping[str, ec.EllipticCurvePublicKey],
 ) -> OpenedDelta:
     """Open one upload; any fault raises :class:`DeltaRejected` (see the module docstring)."""
-    if len(data) > expected.max_bytes:
-        raise DeltaRejected(Reason.TOO_LARGE, f"{len(data):,} bytes, limit {expected.max_bytes:,}")
+    check_size(len(data), expected)
     sealed, header = pb.SealedDelta(), pb.DeltaHeader()
     try:
         sealed.ParseFromString(data)

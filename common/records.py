@@ -23,13 +23,34 @@ def blob_record(data: bytes) -> ArrayRecord:
     return ArrayRecord({BLOB: Array(np.frombuffer(data, dtype=np.uint8).copy())})
 
 
-def from_blob_record(record: object) -> bytes:
-    """The bytes of :func:`blob_record`; ValueError on anything else."""
+#: Most bytes a serialized blob may hold beyond its declared length: the ``.npy`` header Flower
+#: wraps an array in (128 bytes for one of uint8; ``np.load`` refuses a header over 10,000).
+NPY_HEADER_MAX = 10_000
+
+
+def blob_nbytes(record: object) -> int:
+    """The length of the bytes a :func:`blob_record` holds, read from what Flower already has in
+    hand (the array's declared dtype and shape, and the length of its serialized data) without
+    materializing or copying them: a caller checks its size limit before
+    :func:`from_blob_record` copies the bytes out. ValueError on anything else, or on data that
+    is not as long as the shape declares."""
     from flwr.app import ArrayRecord
 
     if not isinstance(record, ArrayRecord) or list(record.keys()) != [BLOB]:
         raise ValueError("expected an ArrayRecord holding one byte string")
-    value = record[BLOB].numpy()
+    array = record[BLOB]
+    if array.dtype != "uint8" or len(array.shape) != 1:
+        raise ValueError(f"expected uint8 bytes, got {array.dtype} of shape {array.shape}")
+    declared, held = int(array.shape[0]), len(array.data)
+    if not 0 <= held - declared <= NPY_HEADER_MAX:
+        raise ValueError(f"{held:,} bytes of data for {declared:,} bytes declared")
+    return declared
+
+
+def from_blob_record(record: object) -> bytes:
+    """The bytes of :func:`blob_record`; ValueError on anything else."""
+    blob_nbytes(record)  # the metadata first: no array is made of data that disagrees with it
+    value = record[BLOB].numpy()  # type: ignore[index]
     if value.dtype != np.uint8 or value.ndim != 1:
         raise ValueError(f"expected uint8 bytes, got {value.dtype} of shape {value.shape}")
     return value.tobytes()

@@ -9,11 +9,13 @@ A train reply is used only if each step passes, in this order:
 1. Flower carries no error for it, and the site reports success (else ``failed``, with
    ``site-error``, or ``refused`` for a task the site refused);
 2. its records are there and of the right types (else ``rejected``, ``malformed``);
-3. its sealed delta opens for this run and round (:func:`open_delta`, which also fixes the
+3. its sealed delta is within the round's size limit, read from the record's metadata before the
+   bytes are copied out of the message (else ``too-large``);
+4. its sealed delta opens for this run and round (:func:`open_delta`, which also fixes the
    tensors' names, shapes and dtype; its reason codes);
-4. the site that signed it is the site the reply names, and no delta of that site has opened
+5. the site that signed it is the site the reply names, and no delta of that site has opened
    before in this round (else ``bad-signature``);
-5. its values pass :func:`validate_delta` (``non-finite``, ``examples``, ``norm``).
+6. its values pass :func:`validate_delta` (``non-finite``, ``examples``, ``norm``).
 
 An evaluation (an evaluate reply's, or the one a train reply carries after round 1, of the
 global state it trained from) needs steps 1 and 2, then its sealed evaluation must open for this
@@ -30,10 +32,10 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from fedpeft.common import keys
-from fedpeft.common.envelope import Expected, open_delta, open_evaluation
+from fedpeft.common.envelope import Expected, check_size, open_delta, open_evaluation
 from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.keys import Phase, SiteStatus
-from fedpeft.common.records import from_blob_record
+from fedpeft.common.records import blob_nbytes, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.server.store.base import ReplyStatus
 from fedpeft.server.validation import validate_delta, validate_evaluation
@@ -90,7 +92,9 @@ def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Rep
     if reply.status is not ReplyStatus.OK:
         return reply
     try:
-        sealed = from_blob_record(msg.content[keys.SEALED])
+        record = msg.content[keys.SEALED]
+        check_size(blob_nbytes(record), intake.expected)  # before any copy of the bytes
+        sealed = from_blob_record(record)
         update = open_delta(sealed, intake.expected, intake.run_key, intake.sites)
         # The signature says who sealed the delta; the reply must be that site's, once a round.
         if update.site_id != reply.site or reply.site in opened:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from memory_grid import (
     Evaluation,
     MemoryGrid,
@@ -30,9 +30,10 @@ from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import load_config
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import Phase
-from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.records import BLOB, blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust
+from fedpeft.server import replies
 from fedpeft.server.checkpoints import open_state
 from fedpeft.server.store import RoundResult, RunStore, SiteResult, open_store
 from fedpeft.server.strategy import FederatedRun, sample_nodes
@@ -391,6 +392,41 @@ def test_the_trimmed_mean_from_config_drops_an_outlying_site(
     assert shares == {"A": 1.0, "B": 0.0, "D": 1.0}
 
 
+def test_an_oversized_upload_is_refused_from_its_metadata_before_any_copy(
+    harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size limit (here the default: twice the fp32 state plus 64 KiB, 65,616 bytes) is
+    checked on the length the reply's record declares: the oversized bytes never reach numpy
+    nor ``from_blob_record``, whose copies a multi-GB reply would not survive."""
+    oversized = 100_000
+
+    def tamper(p: Phase, rnd: int, records: RecordDict) -> None:
+        if p == Phase.TRAIN and rnd == 1:
+            records[keys.SEALED] = blob_record(bytes(oversized))
+
+    materialized: list[int] = []
+    real_numpy, real_from_blob = Array.numpy, replies.from_blob_record
+
+    def numpy(self: Array) -> Any:
+        materialized.append(int(self.shape[0]))
+        return real_numpy(self)
+
+    def from_blob(record: Any) -> bytes:
+        materialized.append(int(record[BLOB].shape[0]))
+        return real_from_blob(record)
+
+    monkeypatch.setattr(Array, "numpy", numpy)
+    monkeypatch.setattr(replies, "from_blob_record", from_blob)
+    h = harness({1: site("A", constant(1.0)), 2: site("B", constant(3.0), tamper=tamper)})
+    h.start()
+    a, b = h.rows(1, Phase.TRAIN)
+    assert (a.status, b.status) == ("ok", "rejected")
+    assert b.reason == "too-large: 100,000 bytes, limit 65,616"
+    assert oversized not in materialized
+    assert len(materialized) > 2  # the spies are on the path: A's delta, the global states
+    assert_state(h.state(1), plus(1.0))
+
+
 def _set(name: str, record: Any) -> Callable[[RecordDict], None]:
     def change(records: RecordDict) -> None:
         records[name] = record
@@ -428,6 +464,16 @@ MALFORMED = {
         "B",
         "rejected",
         "malformed: not a sealed delta",
+    ),
+    "bytes longer than their declared shape": (
+        Phase.TRAIN,
+        _set(
+            keys.SEALED,
+            ArrayRecord({BLOB: Array("uint8", (10,), "numpy.ndarray", bytes(100_000))}),
+        ),
+        "B",
+        "rejected",
+        "malformed: ValueError('100,000 bytes of data for 10 bytes declared')",
     ),
     "a list where a number belongs": (
         Phase.TRAIN,
