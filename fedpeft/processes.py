@@ -136,12 +136,16 @@ def supernode_command(
     API, which listens on 127.0.0.1 only, and ``auth_secret_file`` lets only the worker acquire
     them. Without it, stock Flower starts a ``flwr-clientapp`` per message (kept for the
     benchmark only: it installs and runs whatever app the coordinator ships)."""
-    node_config: dict[str, object] = {keys.NODE_SITE: cfg.name}
+    node_config = {keys.NODE_SITE: (cfg.name, f"{cfg.path}: [site] name")}
     if setup_file is not None:
-        node_config[keys.NODE_SITE_SETUP] = setup_file
+        node_config[keys.NODE_SITE_SETUP] = (
+            str(setup_file),
+            f"{cfg.path}: the path of the site setup file (in flwr-home beside it, or "
+            f"${FLWR_HOME_ENV})",
+        )
     cmd = [
         *(str(BIN / "flower-supernode"), "--superlink", cfg.coordinator),
-        *("--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())),
+        *("--node-config", node_config_arg(node_config)),
         *("--host", RUNTIME_HOST, "--port", str(cfg.api_port)),
     ]
     if worker:
@@ -157,6 +161,60 @@ def supernode_command(
         *("--root-certificates", str(cfg.ca)),
         *("--auth-supernode-private-key", str(cfg.identity_key)),
     ]
+
+
+def node_config_arg(values: Mapping[str, tuple[str, str]]) -> str:
+    """``flower-supernode --node-config`` for ``values`` (key: the value and the setting it
+    comes from, for an error), read back exactly by Flower's own parser.
+
+    Flower 1.39 (``flwr.common.config.parse_config_args``) finds ``key=value`` pairs with a
+    regular expression (a double-quoted value ends at the next ``"``, an unquoted one at the
+    next white space) and reads each pair as a TOML line. So each value goes as a TOML basic
+    string holding no ``"`` and nothing but printable ASCII: a quote, a backslash, a control
+    character (tab, newline) or any non-ASCII character is a TOML escape (``\\uXXXX``), so
+    that no value can end early or add a key. A value TOML cannot hold (a lone surrogate: a
+    path that is not valid UTF-8) is refused, as is anything Flower's parser would not give
+    back unchanged; ``ConfigError`` naming the setting."""
+    from click import ClickException
+    from flwr.common.config import parse_config_args
+
+    pairs = []
+    for key, (value, setting) in values.items():
+        try:
+            pairs.append(f"{key}={_toml_string(value)}")
+        except ValueError as exc:
+            raise ConfigError(
+                f"{setting}: {value!r} cannot be a node-config value: {exc}"
+            ) from None
+    text = " ".join(pairs)
+    try:
+        parsed = parse_config_args([text])
+    except ClickException:  # what Flower raises for a line TOML refuses
+        parsed = {}
+    for key, (value, setting) in values.items():
+        if parsed.get(key) != value or len(parsed) != len(values):
+            raise ConfigError(
+                f"{setting}: {value!r} does not survive Flower's --node-config parser "
+                f"(read back as {parsed!r})"
+            )
+    return text
+
+
+def _toml_string(value: str) -> str:
+    """``value`` as a TOML basic string of printable ASCII without an inner ``"`` (see
+    :func:`node_config_arg`); ValueError for a character TOML cannot hold."""
+    out = []
+    for char in value:
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"a lone surrogate (U+{code:04X}): not valid Unicode")
+        if char == "\\":
+            out.append("\\\\")
+        elif 0x20 <= code < 0x7F and char != '"':
+            out.append(char)
+        else:
+            out.append(f"\\u{code:04X}" if code <= 0xFFFF else f"\\U{code:08X}")
+    return '"' + "".join(out) + '"'
 
 
 def write_site_setup(cfg: SiteConfig, folder: Path) -> Path:

@@ -5,6 +5,7 @@ process started gets the one quiet environment (no telemetry, Hugging Face offli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -142,6 +143,49 @@ def test_the_supernode_tells_a_client_app_its_site_and_its_setup_file(tmp_path: 
     node_config = cmd[cmd.index("--node-config") + 1]
     assert node_config == f'{keys.NODE_SITE}="A" {keys.NODE_SITE_SETUP}="{setup}"'
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "A.key")
+
+
+#: Values that a naive ``key="value"`` node config cuts short, splits or turns into more keys.
+AWKWARD = [
+    'say "hi"',
+    "it's",
+    "tab\there",
+    "k=v",
+    'x" evil="1',
+    "a b,c;d",
+    "new\nline",
+    "C:\\a",
+    "é☃",
+]
+
+
+@pytest.mark.parametrize("value", AWKWARD)
+def test_node_config_values_round_trip_through_flowers_own_parser(
+    tmp_path: Path, value: str
+) -> None:
+    from flwr.common.config import parse_config_args
+
+    cfg = dataclasses.replace(load_site_config(_site(tmp_path)), name=value)
+    setup = tmp_path / f"home {value}" / "site-setup.json"
+    cmd = processes.supernode_command(cfg, insecure=False, setup_file=setup)
+    node_config = cmd[cmd.index("--node-config") + 1]
+    assert node_config.isascii() and node_config.isprintable()
+    assert parse_config_args([node_config]) == {
+        keys.NODE_SITE: value,
+        keys.NODE_SITE_SETUP: str(setup),
+    }
+
+
+def test_a_node_config_value_flower_cannot_carry_is_refused_naming_its_setting(
+    tmp_path: Path,
+) -> None:
+    toml = _site(tmp_path)
+    cfg = load_site_config(toml)
+    bad = "A\udcff"  # a byte that is not UTF-8, as Python decodes a file name
+    with pytest.raises(ConfigError, match=rf"{toml}: \[site\] name: 'A\\udcff' cannot be"):
+        processes.supernode_command(dataclasses.replace(cfg, name=bad), insecure=False)
+    with pytest.raises(ConfigError, match=rf"{toml}: the path of the site setup file"):
+        processes.supernode_command(cfg, insecure=False, setup_file=tmp_path / bad / "s.json")
 
 
 def test_the_site_s_schema_and_device_come_from_site_toml(tmp_path: Path) -> None:
