@@ -24,7 +24,12 @@ from fedpeft.common.errors import KeyFileError
 @dataclass(frozen=True)
 class CoordinatorTrust:
     identity: ec.EllipticCurvePrivateKey
+    #: The registered sites' public keys, by name, as read at the start.
     sites: dict[str, ec.EllipticCurvePublicKey]
+    #: The register they were read from (deployment): the round loop reads it again for every
+    #: round's replies, so that ``remove-site`` takes effect in a running run. None: the sites
+    #: are fixed for the run (a simulation's fresh keys, tests).
+    sites_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,11 @@ def coordinator_trust_from_env() -> CoordinatorTrust:
             f"set {' and '.join(missing)}: the coordinator's identity key and the registered "
             "sites file (fedpeft coordinator add-site)"
         )
+    sites_file = Path(os.environ[SITES_ENV])
     return CoordinatorTrust(
         crypto.read_private_key(Path(os.environ[COORDINATOR_KEY_ENV])),
-        read_sites_file(Path(os.environ[SITES_ENV])),
+        read_sites_file(sites_file),
+        sites_file,
     )
 
 

@@ -506,7 +506,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             if gone is not None:
                 print(f"removed site {args.name} (node {gone}) from the SuperLink's allow-list")
         remove_site(sites, args.name)
-        print(f"removed site {args.name} from {sites}: its deltas are refused from now on")
+        print(
+            f"removed site {args.name} from {sites}: its deltas are refused from now on (a "
+            "running run reads the register again for every round's replies)"
+        )
     else:
         for name, key in read_sites_file(args.sites).items():
             print(f"{name}\t{crypto.fingerprint(key)}")

@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.common import crypto, keys
 from fedpeft.common.config import RunConfig
@@ -28,7 +30,7 @@ from fedpeft.common.errors import FedpeftError, Reason
 from fedpeft.common.keys import Phase
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.state import State
-from fedpeft.common.trust import CoordinatorTrust
+from fedpeft.common.trust import CoordinatorTrust, read_sites_file
 from fedpeft.server.aggregation import Bounds, aggregate, apply_delta
 from fedpeft.server.checkpoints import seal_state
 from fedpeft.server.replies import (
@@ -88,10 +90,17 @@ class FederatedRun:
         trust: CoordinatorTrust,
         store_key: bytes,
         progress: Progress | None = None,
+        load_sites: Callable[[], Mapping[str, ec.EllipticCurvePublicKey]] | None = None,
     ):
         self.cfg = cfg
         self.site_config = cfg.for_sites()
         self.trust = trust
+        # The register of sites, read again for every round's replies (:meth:`_registered`):
+        # ``load_sites``, else the register the trust was read from, else the trust's sites.
+        self.sites = dict(trust.sites)
+        if load_sites is None and trust.sites_file is not None:
+            load_sites = partial(read_sites_file, trust.sites_file)
+        self.load_sites = load_sites
         self.store_key = store_key
         # This run's key pair: sites seal their deltas for it. The private half lives only in
         # this process, for this run; the token binds every envelope to this run.
@@ -320,7 +329,7 @@ class FederatedRun:
             round=rnd,
             fingerprint=self.fingerprint,
             run_key=self.run_key,
-            sites=self.trust.sites,
+            sites=self.sites,  # the register as :meth:`_intake` read it for this exchange
             max_rows=fed.max_examples or MAX_SIGNED_EXAMPLES,
         )
 
@@ -337,7 +346,36 @@ class FederatedRun:
             max_bytes=fed.max_upload_bytes or 2 * fp32 + 65_536,
             codec=fed.codec,
         )
-        return Intake(expected, self.run_key, self.trust.sites, fed.max_update_norm or None)
+        return Intake(expected, self.run_key, self._registered(), fed.max_update_norm or None)
+
+    def _registered(self) -> Mapping[str, ec.EllipticCurvePublicKey]:
+        """The registered sites as the register says now, read once per exchange after its
+        replies are in: a site removed (``fedpeft coordinator remove-site``) is refused
+        ``unknown-site`` from then on, a re-keyed one is checked against its new key. A
+        register that cannot be read keeps the last one read; the run goes on."""
+        if self.load_sites is None:
+            return self.sites
+        try:
+            sites = dict(self.load_sites())
+        except (FedpeftError, OSError, ValueError) as exc:
+            warning = f"warning: the register of sites could not be read ({exc}); kept the last"
+            log.warning(warning)
+            self.progress(warning)
+            return self.sites
+        changed = [n for n in sites if n in self.sites and not _same_key(sites[n], self.sites[n])]
+        for what, names in (
+            ("removed (refused from now on)", sorted(set(self.sites) - set(sites))),
+            ("added", sorted(set(sites) - set(self.sites))),
+            ("given a new key", sorted(changed)),
+        ):
+            if names:
+                self.progress(f"register of sites: {', '.join(names)} {what}")
+        self.sites = sites
+        return sites
+
+
+def _same_key(a: ec.EllipticCurvePublicKey, b: ec.EllipticCurvePublicKey) -> bool:
+    return a.public_numbers() == b.public_numbers()
 
 
 #: Seconds between two pulls of the replies. Flower 1.39's deployment Grid pulls every 3 s in

@@ -11,8 +11,9 @@ import pytest
 from fedpeft.cli import main
 from fedpeft.common import crypto
 from fedpeft.common.envelope import Expected, open_delta, seal_delta
+from fedpeft.common.environment import COORDINATOR_KEY_ENV, SITES_ENV
 from fedpeft.common.errors import DeltaRejected, KeyFileError
-from fedpeft.common.trust import read_sites_file, site_trust
+from fedpeft.common.trust import coordinator_trust_from_env, read_sites_file, site_trust
 
 
 def test_enroll_register_seal_remove(
@@ -37,6 +38,11 @@ def test_enroll_register_seal_remove(
     assert main(["coordinator", "add-site", "bad name!", line]) == 2
     sites = read_sites_file(tmp_path / "sites.txt")
     assert list(sites) == ["Cleveland"]
+    # The ServerApp's trust names its register, which its round loop reads again every round.
+    monkeypatch.setenv(COORDINATOR_KEY_ENV, str(tmp_path / "keys" / "coordinator.key"))
+    monkeypatch.setenv(SITES_ENV, str(tmp_path / "sites.txt"))
+    server = coordinator_trust_from_env()
+    assert (list(server.sites), server.sites_file) == (["Cleveland"], tmp_path / "sites.txt")
 
     run_key = crypto.new_run_key()
     delta = {"w": np.ones((2, 3), np.float32)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,8 @@ from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import Phase
 from fedpeft.common.records import BLOB, blob_record, from_blob_record
 from fedpeft.common.state import State
-from fedpeft.common.trust import CoordinatorTrust
+from fedpeft.common.trust import CoordinatorTrust, read_sites_file
+from fedpeft.identity import add_site, remove_site
 from fedpeft.server import replies
 from fedpeft.server.checkpoints import open_state
 from fedpeft.server.store import RoundResult, RunStore, SiteResult, open_store
@@ -60,7 +62,13 @@ def plus(value: float) -> State:
 class Harness:
     """One run of the real round loop over a MemoryGrid, recorded in an in-memory store."""
 
-    def __init__(self, nodes: dict[int, Node], seed: int = 0, **federation: Any):
+    def __init__(
+        self,
+        nodes: dict[int, Node],
+        seed: int = 0,
+        trust: CoordinatorTrust = TRUST,
+        **federation: Any,
+    ):
         overrides = {f"federation.{k}": v for k, v in {"rounds": 1, **federation}.items()}
         self.cfg = load_config(overrides={"seed": seed, "db": "sqlite://", **overrides})
         self.store: RunStore = open_store("sqlite://")
@@ -82,7 +90,7 @@ class Harness:
             self.run_id,
             dict(INITIAL),
             FINGERPRINT,
-            TRUST,
+            trust,
             STORE_KEY,
             self.lines.append,
         )
@@ -190,6 +198,49 @@ def test_a_site_claiming_another_sites_name_is_refused(
         ]
         assert h.rounds()[rnd - 1].applied
     assert_state(h.state(2), plus(2.0))  # A's update, twice; never B's
+
+
+def test_the_register_of_sites_is_read_again_for_every_round(
+    harness: Callable[..., Harness], tmp_path: Path
+) -> None:
+    """``remove-site`` between rounds 1 and 2: B's round-2 delta is refused ``unknown-site``
+    while A goes on; a register that cannot be read in round 3 keeps the last one read."""
+    register = tmp_path / "sites.txt"
+    for name in "AB":
+        add_site(register, name, crypto.public_openssh(IDENTITY[name].public_key()))
+    trust = CoordinatorTrust(COORDINATOR, read_sites_file(register), register)
+    h = harness({1: site("A", constant(1.0)), 2: site("B", constant(3.0))}, rounds=3, trust=trust)
+
+    def progress(line: str) -> None:  # between rounds: as the operator would
+        h.lines.append(line)
+        if line.startswith("round 2/3:"):
+            remove_site(register, "B")
+        elif line.startswith("round 3/3:"):
+            register.write_text("B not-a-key\n")
+
+    h.loop.progress = progress
+    h.start()
+    assert [(r.site, r.status, r.reason) for r in h.rows(1, Phase.TRAIN)] == [
+        ("A", "ok", None),
+        ("B", "ok", None),
+    ]
+    for rnd in (2, 3):
+        assert [(r.site, r.status, r.reason) for r in h.rows(rnd, Phase.TRAIN)] == [
+            ("A", "ok", None),
+            ("B", "rejected", "unknown-site: site 'B' is not registered"),
+        ]
+    # Its evaluations read from round 2's exchange on are refused too (of rounds 1 to 3).
+    for rnd in (1, 2, 3):
+        assert [(r.site, r.status, r.reason) for r in h.rows(rnd, Phase.EVALUATE)] == [
+            ("A", "ok", None),
+            ("B", "rejected", "unknown-site: site 'B' is not registered"),
+        ]
+    assert "register of sites: B removed (refused from now on)" in h.lines
+    assert any(
+        line.startswith(f"warning: the register of sites could not be read ({register}: line 1")
+        for line in h.lines
+    )
+    assert_state(h.state(3), plus(2.0 + 1.0 + 1.0))  # the mean of A and B, then A's alone
 
 
 def _sampled(seed: int) -> tuple[list[list[int]], Harness]:
