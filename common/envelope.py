@@ -155,12 +155,12 @@ class OpenedDelta:
     delta: State
 
 
-def check_size(nbytes: int, expected: Expected) -> None:
-    """``too-large`` for an upload of ``nbytes`` over the round's limit. The coordinator calls it
-    on the size a reply's record declares (common/records.py ``blob_nbytes``) before the bytes
-    are copied out of the message; :func:`open_delta` again on the bytes it is given."""
-    if nbytes > expected.max_bytes:
-        raise DeltaRejected(Reason.TOO_LARGE, f"{nbytes:,} bytes, limit {expected.max_bytes:,}")
+def check_size(nbytes: int, limit: int) -> None:
+    """``too-large`` for an upload of ``nbytes`` over ``limit``. The coordinator calls it on the
+    size a reply's record declares (common/records.py ``blob_nbytes``) before the bytes are
+    copied out of the message; :func:`open_delta` again on the bytes it is given."""
+    if nbytes > limit:
+        raise DeltaRejected(Reason.TOO_LARGE, f"{nbytes:,} bytes, limit {limit:,}")
 
 
 def open_delta(
@@ -170,7 +170,7 @@ def open_delta(
     sites: Mapping[str, ec.EllipticCurvePublicKey],
 ) -> OpenedDelta:
     """Open one upload; any fault raises :class:`DeltaRejected` (see the module docstring)."""
-    check_size(len(data), expected)
+    check_size(len(data), expected.max_bytes)
     sealed, header = pb.SealedDelta(), pb.DeltaHeader()
     try:
         sealed.ParseFromString(data)

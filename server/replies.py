@@ -18,9 +18,10 @@ A train reply is used only if each step passes, in this order:
 6. its values pass :func:`validate_delta` (``non-finite``, ``examples``, ``norm``).
 
 An evaluation (an evaluate reply's, or the one a train reply carries after round 1, of the
-global state it trained from) needs steps 1 and 2, then its sealed evaluation must open for this
-run and round, signed by the site the reply names (the site's signature is checked before
-anything is decrypted), and its values pass :func:`validate_evaluation` (``evaluation``).
+global state it trained from) needs steps 1 and 2, then its sealed evaluation must be within
+``MAX_EVALUATION_BYTES`` (read as in step 3) and open for this run and round, signed by the
+site the reply names (the site's signature is checked before anything is decrypted), and its
+values pass :func:`validate_evaluation` (``evaluation``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from fedpeft.common import keys
-from fedpeft.common.envelope import Expected, check_size, open_delta, open_evaluation
+from fedpeft.common.envelope import (
+    MAX_EVALUATION_BYTES,
+    Expected,
+    check_size,
+    open_delta,
+    open_evaluation,
+)
 from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.keys import Phase, SiteStatus
 from fedpeft.common.records import blob_nbytes, from_blob_record
@@ -92,9 +99,7 @@ def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Rep
     if reply.status is not ReplyStatus.OK:
         return reply
     try:
-        record = msg.content[keys.SEALED]
-        check_size(blob_nbytes(record), intake.expected)  # before any copy of the bytes
-        sealed = from_blob_record(record)
+        sealed = _sealed_bytes(msg.content[keys.SEALED], intake.expected.max_bytes)
         update = open_delta(sealed, intake.expected, intake.run_key, intake.sites)
         # The signature says who sealed the delta; the reply must be that site's, once a round.
         if update.site_id != reply.site or reply.site in opened:
@@ -146,7 +151,7 @@ def read_evaluate(
         reply.metrics = {}
     try:
         opened = open_evaluation(
-            from_blob_record(msg.content[keys.EVALUATION]),
+            _sealed_bytes(msg.content[keys.EVALUATION], MAX_EVALUATION_BYTES),
             run_token=intake.run_token,
             round=intake.round,
             fingerprint=intake.fingerprint,
@@ -200,6 +205,13 @@ def _read(msg: Message, name: str, metrics: str = keys.METRICS) -> Reply:
     except (KeyError, TypeError, ValueError) as exc:
         return _malformed(Reply(node, site), exc)
     return Reply(node, site, metrics=values)
+
+
+def _sealed_bytes(record: object, limit: int) -> bytes:
+    """The bytes of a sealed record, once the size its metadata declares is within ``limit``
+    (``too-large``): an oversized reply is refused before any copy of its bytes is made."""
+    check_size(blob_nbytes(record), limit)
+    return from_blob_record(record)
 
 
 def _refused(node: int, site: str, status: ReplyStatus, code: Reason, detail: str) -> Reply:

@@ -446,14 +446,17 @@ def test_the_trimmed_mean_from_config_drops_an_outlying_site(
 def test_an_oversized_upload_is_refused_from_its_metadata_before_any_copy(
     harness: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The size limit (here the default: twice the fp32 state plus 64 KiB, 65,616 bytes) is
-    checked on the length the reply's record declares: the oversized bytes never reach numpy
-    nor ``from_blob_record``, whose copies a multi-GB reply would not survive."""
+    """The size limits (a delta's, here the default: twice the fp32 state plus 64 KiB, 65,616
+    bytes; an evaluation's, 64 KiB) are checked on the length the reply's record declares: the
+    oversized bytes never reach numpy nor ``from_blob_record``, whose copies a multi-GB reply
+    would not survive."""
     oversized = 100_000
 
     def tamper(p: Phase, rnd: int, records: RecordDict) -> None:
         if p == Phase.TRAIN and rnd == 1:
             records[keys.SEALED] = blob_record(bytes(oversized))
+        elif p == Phase.TRAIN and rnd == 2:  # its evaluation of round 1's state
+            records[keys.EVALUATION] = blob_record(bytes(oversized))
 
     materialized: list[int] = []
     real_numpy, real_from_blob = Array.numpy, replies.from_blob_record
@@ -468,14 +471,17 @@ def test_an_oversized_upload_is_refused_from_its_metadata_before_any_copy(
 
     monkeypatch.setattr(Array, "numpy", numpy)
     monkeypatch.setattr(replies, "from_blob_record", from_blob)
-    h = harness({1: site("A", constant(1.0)), 2: site("B", constant(3.0), tamper=tamper)})
+    h = harness({1: site("A", constant(1.0)), 2: site("B", constant(3.0), tamper=tamper)}, rounds=2)
     h.start()
     a, b = h.rows(1, Phase.TRAIN)
     assert (a.status, b.status) == ("ok", "rejected")
     assert b.reason == "too-large: 100,000 bytes, limit 65,616"
+    a, b = h.rows(1, Phase.EVALUATE)
+    assert (a.status, b.status) == ("ok", "rejected")
+    assert b.reason == "too-large: 100,000 bytes, limit 65,536"
     assert oversized not in materialized
     assert len(materialized) > 2  # the spies are on the path: A's delta, the global states
-    assert_state(h.state(1), plus(1.0))
+    assert_state(h.state(2), plus(1.0 + 2.0))  # A's alone, then the mean of A and B
 
 
 def _set(name: str, record: Any) -> Callable[[RecordDict], None]:
