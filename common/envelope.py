@@ -170,25 +170,9 @@ def open_delta(
     sites: Mapping[str, ec.EllipticCurvePublicKey],
 ) -> OpenedDelta:
     """Open one upload; any fault raises :class:`DeltaRejected` (see the module docstring)."""
-    check_size(len(data), expected.max_bytes)
     sealed, header = pb.SealedDelta(), pb.DeltaHeader()
-    try:
-        sealed.ParseFromString(data)
-        header.ParseFromString(sealed.header)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise DeltaRejected(
-            Reason.MALFORMED, f"not a sealed delta ({exc.__class__.__name__})"
-        ) from None
-    if header.schema_version != SCHEMA_VERSION:
-        raise DeltaRejected(Reason.SCHEMA, f"schema version {header.schema_version}")
-    if header.site_id not in sites:
-        raise DeltaRejected(Reason.UNKNOWN_SITE, f"site {header.site_id[:64]!r} is not registered")
-    if header.run_token != expected.run_token:
-        raise DeltaRejected(Reason.WRONG_RUN, f"sealed for run {header.run_token[:64]!r}")
-    if header.round != expected.round:
-        raise DeltaRejected(Reason.WRONG_ROUND, f"sealed for round {header.round}")
-    if header.model_fingerprint != expected.fingerprint:
-        raise DeltaRejected(Reason.FINGERPRINT, f"base model {header.model_fingerprint[:80]!r}")
+    _parse(data, expected.max_bytes, sealed, header, "a sealed delta")
+    _check_addressed(header, sites, expected.run_token, expected.round, expected.fingerprint)
     if header.method != expected.method:
         raise DeltaRejected(
             Reason.METHOD, f"method {header.method[:32]!r}, run uses {expected.method}"
@@ -212,47 +196,94 @@ def open_delta(
             raise DeltaRejected(
                 Reason.SHAPE, f"{spec.name}: {tuple(spec.shape)} != {expected.shapes[spec.name]}"
             )
-    _check_signature(sealed, header.site_id, sites)
-    payload = crypto.unseal(
+    payload = _unseal_signed(
+        sealed,
+        header.site_id,
+        sites,
+        crypto.DOMAIN_DELTA,
+        run_key,
+        _context(header.run_token, header.round, header.site_id),
+    )
+    state = decode(payload, expected.shapes, codec)
+    return OpenedDelta(header.site_id, header.num_examples, state)
+
+
+Sealed = pb.SealedDelta | pb.SealedEvaluation
+Header = pb.DeltaHeader | pb.EvaluationHeader
+
+
+def _parse(data: bytes, limit: int, sealed: Sealed, header: Header, what: str) -> None:
+    """Size, parse and schema of a sealed message, read into ``sealed`` and ``header``."""
+    check_size(len(data), limit)
+    try:
+        sealed.ParseFromString(data)
+        header.ParseFromString(sealed.header)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise DeltaRejected(Reason.MALFORMED, f"not {what} ({exc.__class__.__name__})") from None
+    if header.schema_version != SCHEMA_VERSION:
+        raise DeltaRejected(Reason.SCHEMA, f"schema version {header.schema_version}")
+
+
+def _check_addressed(
+    header: Header,
+    sites: Mapping[str, ec.EllipticCurvePublicKey],
+    run_token: str,
+    round_: int,
+    fingerprint: str,
+) -> None:
+    """The header names a registered site, this run, this round and this base model."""
+    if header.site_id not in sites:
+        raise DeltaRejected(Reason.UNKNOWN_SITE, f"site {header.site_id[:64]!r} is not registered")
+    if header.run_token != run_token:
+        raise DeltaRejected(Reason.WRONG_RUN, f"sealed for run {header.run_token[:64]!r}")
+    if header.round != round_:
+        raise DeltaRejected(Reason.WRONG_ROUND, f"sealed for round {header.round}")
+    if header.model_fingerprint != fingerprint:
+        raise DeltaRejected(Reason.FINGERPRINT, f"base model {header.model_fingerprint[:80]!r}")
+
+
+def _unseal_signed(
+    sealed: Sealed,
+    site_id: str,
+    sites: Mapping[str, ec.EllipticCurvePublicKey],
+    domain: bytes,
+    run_key: x25519.X25519PrivateKey,
+    context: bytes,
+) -> bytes:
+    """The plaintext, once ``site_id``'s key is found to have signed header, key, nonce and
+    ciphertext for ``domain``. The signature is checked before anything is decrypted: a forged
+    envelope costs one hash of its bytes and no key agreement or AES work.
+
+    Which code: the digest is made once; a registered site's key other than the named one that
+    verifies it means intact bytes under another site's name (``bad-signature``); no key
+    verifying means the bytes are not as any registered site signed them (``tampered``); a
+    signed envelope that does not decrypt under this run's key is ``tampered`` too."""
+    digest = crypto.framed_digest(
+        domain, (sealed.header, sealed.ephemeral_public_key, sealed.nonce, sealed.ciphertext)
+    )
+    if not crypto.ecdsa_verify_digest(sites[site_id], sealed.signature, digest):
+        if any(
+            crypto.ecdsa_verify_digest(key, sealed.signature, digest)
+            for name, key in sites.items()
+            if name != site_id
+        ):
+            raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {site_id!r}'s key")
+        raise DeltaRejected(
+            Reason.TAMPERED, "signature does not verify: header, key, nonce or ciphertext altered"
+        )
+    plaintext = crypto.unseal(
         run_key,
         sealed.ephemeral_public_key,
         sealed.nonce,
         sealed.ciphertext,
         sealed.header,
-        _context(header.run_token, header.round, header.site_id),
+        context,
     )
-    if payload is None:
+    if plaintext is None:
         raise DeltaRejected(
             Reason.TAMPERED, "decryption failed: signed by the site but not sealed for this run"
         )
-    state = decode(payload, expected.shapes, codec)
-    return OpenedDelta(header.site_id, header.num_examples, state)
-
-
-def _check_signature(
-    sealed: pb.SealedDelta, site_id: str, sites: Mapping[str, ec.EllipticCurvePublicKey]
-) -> None:
-    """Raise unless ``site_id``'s key signed header, key, nonce and ciphertext. Checked before
-    anything is decrypted: a forged envelope costs one hash of its bytes and no AES work.
-
-    Which code: the digest is made once; a registered site's key other than the named one that
-    verifies it means intact bytes under another site's name (``bad-signature``); no key
-    verifying means the bytes are not as any registered site signed them (``tampered``)."""
-    digest = crypto.framed_digest(
-        crypto.DOMAIN_DELTA,
-        (sealed.header, sealed.ephemeral_public_key, sealed.nonce, sealed.ciphertext),
-    )
-    if crypto.ecdsa_verify_digest(sites[site_id], sealed.signature, digest):
-        return
-    if any(
-        crypto.ecdsa_verify_digest(key, sealed.signature, digest)
-        for name, key in sites.items()
-        if name != site_id
-    ):
-        raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {site_id!r}'s key")
-    raise DeltaRejected(
-        Reason.TAMPERED, "signature does not verify: header, key, nonce or ciphertext altered"
-    )
+    return plaintext
 
 
 # -- signed global state ------------------------------------------------------------------------
@@ -436,52 +467,20 @@ def open_evaluation(
     sites: Mapping[str, ec.EllipticCurvePublicKey],
 ) -> OpenedEvaluation:
     """Open one sealed evaluation of the global state of ``round``; any fault raises
-    :class:`DeltaRejected`: size, parse, schema, known site, run, round, base model, then the
-    site's signature (before anything is decrypted), then decryption. The values are checked by
-    the caller (``server/validation.py: validate_evaluation``)."""
-    if len(data) > MAX_EVALUATION_BYTES:
-        raise DeltaRejected(
-            Reason.TOO_LARGE, f"{len(data):,} bytes, limit {MAX_EVALUATION_BYTES:,}"
-        )
+    :class:`DeltaRejected`, checked as a delta's are (size, parse, schema, known site, run,
+    round, base model, the site's signature before anything is decrypted, decryption). The
+    values are checked by the caller (``server/validation.py: validate_evaluation``)."""
     sealed, header = pb.SealedEvaluation(), pb.EvaluationHeader()
-    try:
-        sealed.ParseFromString(data)
-        header.ParseFromString(sealed.header)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise DeltaRejected(
-            Reason.MALFORMED, f"not a sealed evaluation ({exc.__class__.__name__})"
-        ) from None
-    if header.schema_version != SCHEMA_VERSION:
-        raise DeltaRejected(Reason.SCHEMA, f"schema version {header.schema_version}")
-    site = sites.get(header.site_id)
-    if site is None:
-        raise DeltaRejected(Reason.UNKNOWN_SITE, f"site {header.site_id[:64]!r} is not registered")
-    if header.run_token != run_token:
-        raise DeltaRejected(Reason.WRONG_RUN, f"sealed for run {header.run_token[:64]!r}")
-    if header.round != round:
-        raise DeltaRejected(Reason.WRONG_ROUND, f"an evaluation of round {header.round}")
-    if header.model_fingerprint != fingerprint:
-        raise DeltaRejected(Reason.FINGERPRINT, f"base model {header.model_fingerprint[:80]!r}")
-    if not crypto.verify(
-        site,
-        sealed.signature,
+    _parse(data, MAX_EVALUATION_BYTES, sealed, header, "a sealed evaluation")
+    _check_addressed(header, sites, run_token, round, fingerprint)
+    plaintext = _unseal_signed(
+        sealed,
+        header.site_id,
+        sites,
         crypto.DOMAIN_EVALUATION,
-        sealed.header,
-        sealed.ephemeral_public_key,
-        sealed.nonce,
-        sealed.ciphertext,
-    ):
-        raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {header.site_id!r}'s key")
-    plaintext = crypto.unseal(
         run_key,
-        sealed.ephemeral_public_key,
-        sealed.nonce,
-        sealed.ciphertext,
-        sealed.header,
         _evaluation_context(header.run_token, header.round, header.site_id),
     )
-    if plaintext is None:
-        raise DeltaRejected(Reason.TAMPERED, "decryption failed: header or ciphertext altered")
     body = pb.EvaluationBody()
     try:
         body.ParseFromString(plaintext)

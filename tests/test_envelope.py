@@ -532,7 +532,7 @@ def test_the_coordinator_signs_only_a_config_of_the_global_state_s_method() -> N
 
 # -- sealed evaluations ---------------------------------------------------------------------------
 
-EVAL_SITE, EVAL_RUN = crypto.new_identity(), crypto.new_run_key()
+EVAL_SITE, EVAL_RUN, OTHER = crypto.new_identity(), crypto.new_run_key(), crypto.new_identity()
 EVAL_ARGS = {"run_token": "tok", "round": 3, "fingerprint": "sha256:fp"}
 
 
@@ -574,7 +574,9 @@ def _flip_ciphertext(data: bytes) -> bytes:
         (None, {"round": 2}, "wrong-round"),
         (None, {"fingerprint": "sha256:other"}, "fingerprint"),
         (None, {"sites": {"B": EVAL_SITE.public_key()}}, "unknown-site"),
-        (None, {"sites": {"A": crypto.new_identity().public_key()}}, "bad-signature"),
+        # Signed by a key not A's: another registered site's (sent under A's name), or none.
+        (None, {"sites": {"A": OTHER.public_key(), "B": EVAL_SITE.public_key()}}, "bad-signature"),
+        (None, {"sites": {"A": OTHER.public_key()}}, "tampered"),
         (None, {"run_key": crypto.new_run_key()}, "tampered"),
     ],
 )
@@ -597,4 +599,4 @@ def test_an_altered_evaluation_fails_its_signature_before_anything_is_decrypted(
     monkeypatch.setattr(crypto, "unseal", never)
     with pytest.raises(DeltaRejected) as info:
         _open_evaluation(altered)
-    assert info.value.reason == "bad-signature"
+    assert info.value.reason == "tampered"

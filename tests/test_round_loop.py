@@ -610,7 +610,7 @@ BAD_EVALUATION: dict[str, tuple[Phase, Any, str]] = {
         _drop(keys.EVALUATION),
         "malformed: KeyError",
     ),
-    "one byte of it altered": (Phase.TRAIN, _flip_evaluation_byte, "bad-signature"),
+    "one byte of it altered": (Phase.TRAIN, _flip_evaluation_byte, "tampered"),
     "val-loss 0 over 1e300 rows": (
         Phase.EVALUATE,
         _reported(**{keys.VAL_LOSS: 0.0, keys.N_VAL: 1e300}),
