@@ -33,6 +33,10 @@ class StoreError(FedpeftError):
     """The run store failed; wraps the database error without leaking its connection string."""
 
 
+class NoStore(StoreError):
+    """A command that only opens an existing store found none at its URL (nothing was created)."""
+
+
 class KeyFileError(FedpeftError):
     """A key file that is missing, unreadable, of the wrong type or readable by others."""
 

@@ -347,6 +347,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.common.config import load_config
+    from fedpeft.recovery import mark_interrupted_runs
     from fedpeft.report import plot_auc, render_table, summarize
     from fedpeft.server.store import open_store
     from fedpeft.settings import shown_url
@@ -360,6 +361,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{cfg.federation.rounds} rounds x {cfg.train.local_epochs} local epoch(s), "
         f"sites per round {sites}, seed {cfg.seed}, store {shown_url(cfg.db)}"
     )
+    mark_interrupted_runs(cfg.db, _say)
     result = run_simulation(
         cfg,
         cpus=args.cpus,
@@ -394,14 +396,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fedpeft.report import plot_auc, render_table, summarize
-    from fedpeft.server.store import open_store
+    from fedpeft.server.store import RunStatus, open_store
 
     store = open_store(args.db, create=False)
     try:
         if args.list:
             for run in store.list_runs():
+                status = run.status
+                if status == RunStatus.INTERRUPTED:
+                    last = max((r.round for r in store.rounds(run.id)), default=None)
+                    status += " before round 1" if last is None else f" after round {last}"
                 print(
-                    f"{run.id}\t{run.created_at:%Y-%m-%d %H:%M}\t{run.status}\t{run.method}\t"
+                    f"{run.id}\t{run.created_at:%Y-%m-%d %H:%M}\t{status}\t{run.method}\t"
                     f"{run.dataset}"
                 )
             return 0
@@ -520,6 +526,7 @@ def _start_coordinator(args: argparse.Namespace) -> int:
     from fedpeft import processes
     from fedpeft.common.crypto import read_private_key
     from fedpeft.common.trust import read_sites_file
+    from fedpeft.recovery import mark_interrupted_runs
     from fedpeft.server.checkpoints import read_store_key
     from fedpeft.settings import load_coordinator_config
 
@@ -540,6 +547,9 @@ def _start_coordinator(args: argparse.Namespace) -> int:
         f"coordinator: Fleet API (sites) on {cfg.fleet_address}, Control/Runtime APIs on "
         f"{cfg.api_address}, state in {cfg.state}, {len(sites)} registered site(s)"
     )
+    # A run whose ServerApp died (with an earlier coordinator, or alone) is otherwise "running"
+    # for ever; one whose ServerApp still lives is left alone.
+    mark_interrupted_runs(cfg.store, _say)
     folder = args.config.resolve().parent
     env = processes.coordinator_env(cfg, processes.flwr_home(args.config))
     return processes.run_foreground(cmd, env, folder)

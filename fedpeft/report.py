@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.server.rounds import select_round
-from fedpeft.server.store import RunStore
+from fedpeft.server.store import RunStatus, RunStore
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Summary:
     full_model_bytes: int
     rejections: list[str]
     wall_seconds: float | None
+    #: Why a run that did not finish ended (failed) or stopped (interrupted).
+    error: str | None = None
+    last_round: int | None = None  # the last round recorded
 
     def macro(self, attr: str) -> float | None:
         values = [getattr(r, attr) for r in self.rows]
@@ -90,6 +93,8 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
             if r.status != "ok"
         ],
         wall_seconds=run.wall_seconds,
+        error=run.error,
+        last_round=max((r.round for r in rounds), default=None),
     )
 
 
@@ -144,6 +149,14 @@ def render_table(s: Summary) -> str:
     if s.rejections:
         out.append("not used:")
         out += [f"  {r}" for r in s.rejections]
+    if s.status == RunStatus.INTERRUPTED:
+        after = "before round 1" if s.last_round is None else f"after round {s.last_round}"
+        out.append(
+            f"run {s.run_id} was interrupted {after}: the process running it died "
+            f"({s.error or 'no detail recorded'})"
+        )
+    elif s.status == RunStatus.FAILED:
+        out.append(f"run {s.run_id} failed: {s.error or 'no error recorded'}")
     if s.wall_seconds is not None:
         out.append(f"federated run wall time: {s.wall_seconds:.0f} s")
     return "\n".join(out)

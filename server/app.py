@@ -27,7 +27,7 @@ from fedpeft.common.model import model_fingerprint, resolve_model_path
 from fedpeft.common.tensors import to_numpy
 from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
 from fedpeft.server.checkpoints import resolve_store_key
-from fedpeft.server.store import open_store
+from fedpeft.server.store import RunStatus, open_store
 from fedpeft.server.strategy import FederatedRun
 
 log = logging.getLogger("fedpeft.server")
@@ -49,7 +49,9 @@ def run_federation(
     progress: Callable[[str], None] | None = None,
     handle: RunHandle | None = None,
 ) -> int:
-    """Create the run in the store, run every round, mark the run finished (or failed)."""
+    """Create the run in the store, run every round, mark the run finished (or failed).
+
+    The run's owner is this process: the one whose death leaves the run ``interrupted``."""
     handle = handle or RunHandle()
     started = time.perf_counter()
     model_path = resolve_model_path(cfg.model)
@@ -83,12 +85,14 @@ def run_federation(
             handle.error = f"{exc.__class__.__name__}: {exc}"
             store.finish_run(
                 run_id,
-                status="failed",
+                status=RunStatus.FAILED,
                 error=handle.error,
                 wall_seconds=time.perf_counter() - started,
             )
             raise
-        store.finish_run(run_id, status="finished", wall_seconds=time.perf_counter() - started)
+        store.finish_run(
+            run_id, status=RunStatus.FINISHED, wall_seconds=time.perf_counter() - started
+        )
         return run_id
     finally:
         store.close()

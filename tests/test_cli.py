@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -8,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from fedpeft.cli import main
-from fedpeft.server.store import BaselineResult, RoundResult, SiteResult, open_store
+from fedpeft.common.errors import FedpeftError
+from fedpeft.server.store import BaselineResult, RoundResult, RunOwner, SiteResult, open_store
 
 
 def _fedpeft(*args: str) -> subprocess.CompletedProcess[str]:
@@ -141,3 +144,128 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
     out = _fedpeft("simulate", "--device", "cuda", "--db", f"sqlite:///{tmp_path}/x.db")
     assert out.returncode == 2
     assert "no CUDA device is available" in out.stderr
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited and been reaped."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(child.stdout)
+
+
+def _left_running(db: str, pid: int, rounds: int) -> int:
+    """A run as a process that died after ``rounds`` rounds left it: still ``running``."""
+    store = open_store(db)
+    run_id = store.create_run(
+        config_json="{}",
+        dataset="heart",
+        method="lora",
+        model_name="m",
+        model_fingerprint="f",
+        trainable_params=100,
+        total_params=10_000,
+        seed=0,
+        owner=RunOwner(socket.gethostname(), pid),
+    )
+    t = datetime(2026, 1, 1)
+    for n in range(1, rounds + 1):
+        store.add_round(
+            run_id,
+            RoundResult(n, t, t, 1.0, 0.8, 0.8, 0.5, 1, 0, True, val_loss=1 / n),
+            [SiteResult(n, "A", "evaluate", "ok", n=10, auc=0.8)],
+            bytes([n]),
+        )
+    store.close()
+    return run_id
+
+
+def test_simulate_first_marks_the_runs_a_dead_process_left_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedpeft.simulate
+
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    pid = _dead_pid()
+    dead = _left_running(db, pid, rounds=2)
+    alive = _left_running(db, os.getpid(), rounds=1)  # this process: still running its run
+
+    def no_simulation(*_: object, **__: object) -> None:
+        raise FedpeftError("no simulation in this test")
+
+    monkeypatch.setattr(fedpeft.simulate, "run_simulation", no_simulation)
+    assert main(["simulate", "--db", db, "--no-baselines"]) == 2
+    captured = capsys.readouterr()
+    assert "no simulation in this test" in captured.err
+    host = socket.gethostname()
+    assert (
+        f"run {dead} was left running by process {pid} on host {host}, which is gone: "
+        "marked interrupted after round 2"
+    ) in captured.out
+    assert f"run {alive} " not in captured.out
+    store = open_store(db, create=False)
+    assert [(r.id, r.status) for r in store.list_runs()] == [
+        (dead, "interrupted"),
+        (alive, "running"),
+    ]
+    store.close()
+
+    assert main(["report", "--list", "--db", db]) == 0
+    listed = {line.split("\t")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "\tinterrupted after round 2\t" in listed[str(dead)]
+    assert "\trunning\t" in listed[str(alive)]
+    assert main(["report", "--run", str(dead), "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert f"run {dead} (interrupted)" in out
+    assert f"run {dead} was interrupted after round 2: the process running it died" in out
+    assert f"process {pid} on host {host}" in out
+
+    # A store that does not exist yet is not made by the check.
+    missing = tmp_path / "new" / "runs.db"
+    missing.parent.mkdir()
+    assert main(["simulate", "--db", f"sqlite:///{missing}", "--no-baselines"]) == 2
+    assert "no simulation in this test" in capsys.readouterr().err  # not "no store"
+    assert list(missing.parent.iterdir()) == []
+
+
+def test_the_coordinator_start_marks_the_runs_its_dead_serverapps_left_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    import fedpeft.common.crypto as crypto
+    import fedpeft.common.trust as trust
+    import fedpeft.server.checkpoints as checkpoints
+    from fedpeft import processes
+    from fedpeft.cli import _start_coordinator
+
+    toml = tmp_path / "coordinator.toml"
+    for name in ("keys/coordinator.key", "sites.txt", "store.key"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    toml.write_text("[coordinator]\n")  # its store: runs.db beside it
+    pid = _dead_pid()
+    dead = _left_running(f"sqlite:///{tmp_path / 'runs.db'}", pid, rounds=1)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_: object, **__: object) -> None:
+        raise Stop  # the start-up checks are done by then; nothing is started
+
+    monkeypatch.setattr(crypto, "read_private_key", lambda *_: None)
+    monkeypatch.setattr(trust, "read_sites_file", lambda *_: {})
+    monkeypatch.setattr(checkpoints, "read_store_key", lambda *_: b"")
+    monkeypatch.setattr(processes, "coordinator_env", stop)
+    with pytest.raises(Stop):
+        _start_coordinator(argparse.Namespace(config=toml, insecure=True))
+    assert (
+        f"run {dead} was left running by process {pid} on host {socket.gethostname()}, which "
+        "is gone: marked interrupted after round 1"
+    ) in capsys.readouterr().out
+    store = open_store(f"sqlite:///{tmp_path / 'runs.db'}", create=False)
+    assert store.get_run(dead).status == "interrupted"
+    store.close()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,12 +22,15 @@ from sqlalchemy import create_engine, inspect, text
 from fedpeft.common.errors import StoreError
 from fedpeft.server.store import (
     BaselineResult,
+    InterruptedRun,
     RoundResult,
     RunInfo,
+    RunOwner,
     RunStore,
     SiteResult,
     SqlRunStore,
     open_store,
+    pid_alive,
 )
 from fedpeft.server.store.sql import MIGRATIONS
 
@@ -43,7 +49,7 @@ def store(store_url: str) -> Iterator[RunStore]:
     s.close()
 
 
-def _run(store: RunStore, seed: int = 0) -> int:
+def _run(store: RunStore, seed: int = 0, owner: RunOwner | None = None) -> int:
     return store.create_run(
         config_json='{"seed": 0}',
         dataset="heart",
@@ -53,6 +59,7 @@ def _run(store: RunStore, seed: int = 0) -> int:
         trainable_params=10,
         total_params=1000,
         seed=seed,
+        owner=owner,
     )
 
 
@@ -89,6 +96,78 @@ def test_run_lifecycle(store: RunStore) -> None:
     info = store.get_run()
     assert info.id == run_id and info.status == "finished" and info.wall_seconds == 12.5
     assert info.finished_at is not None
+
+
+def test_a_run_is_owned_by_the_process_that_creates_it(store: RunStore) -> None:
+    run_id = _run(store)
+    assert store.get_run(run_id).owner == RunOwner(socket.gethostname(), os.getpid())
+    other = _run(store, owner=RunOwner("coordinator-2", 2**22))
+    assert store.list_runs()[-1].owner == RunOwner("coordinator-2", 2**22)
+    assert store.get_run(other).status == "running"
+
+
+def test_runs_left_running_by_a_dead_process_on_this_host_are_marked_interrupted(
+    store: RunStore,
+) -> None:
+    here = "coordinator-1"
+    dead = _run(store, owner=RunOwner(here, 101))
+    for n in (1, 2, 3):
+        store.add_round(dead, _round(n), _sites(n), state=bytes([n]))
+    dead_early = _run(store, owner=RunOwner(here, 102))  # died before its first round
+    alive = _run(store, owner=RunOwner(here, 200))
+    store.add_round(alive, _round(1), _sites(1), state=b"a")
+    elsewhere = _run(store, owner=RunOwner("coordinator-2", 101))
+    finished = _run(store, owner=RunOwner(here, 103))
+    store.finish_run(finished, status="finished", wall_seconds=1.0)
+    asked: list[tuple[str, int]] = []
+
+    def is_alive(host: str, pid: int) -> bool:
+        asked.append((host, pid))
+        return pid == 200
+
+    marked = store.mark_interrupted(is_alive, host=here)
+    assert marked == [
+        InterruptedRun(dead, RunOwner(here, 101), last_round=3),
+        InterruptedRun(dead_early, RunOwner(here, 102), last_round=None),
+    ]
+    assert sorted(asked) == [(here, 101), (here, 102), (here, 200)]  # this host's running runs
+    assert marked[0].describe() == (
+        f"run {dead} was left running by process 101 on host {here}, which is gone: marked "
+        "interrupted after round 3"
+    )
+    info = store.get_run(dead)
+    assert info.status == "interrupted" and info.finished_at is not None
+    assert info.error is not None
+    assert "process 101 on host coordinator-1" in info.error
+    assert f"last recorded round 3 (at {T0:%Y-%m-%d %H:%M:%S} UTC)" in info.error
+    assert "no round was recorded" in (store.get_run(dead_early).error or "")
+    # Its rounds and states stay, for a resume.
+    assert [r.round for r in store.rounds(dead)] == [1, 2, 3]
+    assert store.global_state(dead) == (3, bytes([3]))
+    statuses = {r.id: r.status for r in store.list_runs()}
+    assert statuses[alive] == statuses[elsewhere] == "running"
+    assert statuses[finished] == "finished"
+    # Marking again finds nothing more and changes nothing.
+    before = store.list_runs()
+    assert store.mark_interrupted(lambda host, pid: False, host=here) == [
+        InterruptedRun(alive, RunOwner(here, 200), last_round=1)
+    ]
+    after = {r.id: r for r in store.list_runs()}
+    assert [after[r.id] for r in before if r.id != alive] == [r for r in before if r.id != alive]
+    assert store.mark_interrupted(lambda host, pid: False, host=here) == []
+
+
+def test_the_default_liveness_check_sees_this_process_alive_and_a_reaped_one_gone() -> None:
+    host = socket.gethostname()
+    assert pid_alive(host, os.getpid())
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert not pid_alive(host, int(child.stdout))  # exited and reaped
+    assert not pid_alive(host, 0)
 
 
 def test_rounds_sites_and_state(store: RunStore) -> None:
@@ -167,7 +246,7 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
     } <= tables
     with engine.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0003"
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0004"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -255,6 +334,15 @@ def test_a_store_written_at_revision_0001_upgrades_to_head_with_its_rows(tmp_pat
     assert [r.val_loss for r in store.rounds(1)] == [None, 0.25]
     store.add_baselines(1, [BaselineResult("alone", "Hungary", 2**40, 2**33, 0.7, 1.0)])
     assert store.baselines(1)[-1].n_train == 2**40
+    # A run recorded before owners were (0004) has none, and is never marked interrupted,
+    # even if left running: nothing can tell whether its process lives.
+    assert store.get_run(1).owner is None
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET status = 'running', finished_at = NULL"))
+    engine.dispose()
+    assert store.mark_interrupted(lambda host, pid: False, host=socket.gethostname()) == []
+    assert store.get_run(1).status == "running"
     store.close()
 
 

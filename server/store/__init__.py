@@ -2,21 +2,29 @@
 
 from fedpeft.server.store.base import (
     BaselineResult,
+    InterruptedRun,
     ReplyStatus,
     RoundResult,
     RunInfo,
+    RunOwner,
+    RunStatus,
     RunStore,
     SiteResult,
+    pid_alive,
 )
 from fedpeft.server.store.sql import SqlRunStore, open_store
 
 __all__ = [
     "BaselineResult",
+    "InterruptedRun",
     "ReplyStatus",
     "RoundResult",
     "RunInfo",
+    "RunOwner",
+    "RunStatus",
     "RunStore",
     "SiteResult",
     "SqlRunStore",
     "open_store",
+    "pid_alive",
 ]

@@ -10,11 +10,19 @@ the column, a count beyond 64 bits) is a ``StoreError`` naming the field before 
 written. A write that finds the database locked by another connection is retried for a
 bounded time, then fails naming the store. Reads return plain frozen dataclasses, never live
 ORM objects.
+
+A run records its owner, the host and PID of the process that runs its rounds. A run still
+``running`` whose owner is on this host and no longer alive was left behind by a dead process
+(killed, out of memory): :meth:`RunStore.mark_interrupted` marks it ``interrupted`` with its
+last recorded round.
 """
 
 from __future__ import annotations
 
 import abc
+import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,6 +33,65 @@ from fedpeft.common.keys import Phase
 def utcnow() -> datetime:
     """Naive UTC timestamp, as every store timestamp is kept."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+class RunStatus(StrEnum):
+    """Where a run stands."""
+
+    RUNNING = "running"  # its rounds are being run by its owner
+    FINISHED = "finished"  # every round ran
+    FAILED = "failed"  # it ended on an error (``error`` says which)
+    INTERRUPTED = "interrupted"  # its owner died while it was running (``error`` says when)
+
+
+@dataclass(frozen=True)
+class RunOwner:
+    """The process that runs a run's rounds: in deployment the ServerApp's, in simulation the
+    ``fedpeft simulate`` process."""
+
+    host: str
+    pid: int
+
+    @classmethod
+    def current(cls) -> RunOwner:
+        return cls(socket.gethostname(), os.getpid())
+
+
+def pid_alive(host: str, pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (``host`` is this one: only its processes
+    can be checked). A PID taken over by another process since reads as alive, so a run is
+    never marked interrupted while something may still run it; permission to signal is not
+    needed to know the process exists."""
+    del host
+    if pid <= 0:
+        return False  # os.kill(0 or negative) signals a process group, not one process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+@dataclass(frozen=True)
+class InterruptedRun:
+    """A run :meth:`RunStore.mark_interrupted` found left ``running`` by a dead owner."""
+
+    run_id: int
+    owner: RunOwner
+    last_round: int | None  # the last round recorded in the store; None before round 1
+
+    def describe(self) -> str:
+        after = (
+            "before its first round"
+            if self.last_round is None
+            else (f"after round {self.last_round}")
+        )
+        return (
+            f"run {self.run_id} was left running by process {self.owner.pid} on host "
+            f"{self.owner.host}, which is gone: marked interrupted {after}"
+        )
 
 
 @dataclass(frozen=True)
@@ -43,6 +110,8 @@ class RunInfo:
     total_params: int
     seed: int
     wall_seconds: float | None
+    #: None for a run recorded before owners were (migration 0004).
+    owner: RunOwner | None = None
 
 
 @dataclass(frozen=True)
@@ -113,14 +182,31 @@ class RunStore(abc.ABC):
         trainable_params: int,
         total_params: int,
         seed: int,
+        owner: RunOwner | None = None,
     ) -> int:
-        """Record a new run with status ``running``; return its id."""
+        """Record a new run with status ``running``, owned by ``owner`` (this process when
+        None); return its id."""
 
     @abc.abstractmethod
     def finish_run(
         self, run_id: int, *, status: str, error: str | None = None, wall_seconds: float | None
     ) -> None:
-        """Mark a run ``finished`` or ``failed``."""
+        """Mark a run ``finished`` or ``failed`` (a :class:`RunStatus`)."""
+
+    @abc.abstractmethod
+    def mark_interrupted(
+        self,
+        is_alive: Callable[[str, int], bool] = pid_alive,
+        host: str | None = None,
+    ) -> list[InterruptedRun]:
+        """Mark ``interrupted`` every run still ``running`` whose owner is on ``host`` (this
+        host when None) and not ``is_alive(host, pid)``, in one transaction; return them.
+
+        Each marked run keeps its rounds; its ``error`` names the dead owner, the last
+        recorded round and when it was recorded, and ``finished_at`` when it was marked. Runs
+        of another host, or with no owner (recorded before migration 0004), are left alone: no
+        process here can tell whether their owner lives. Marking twice marks nothing more.
+        """
 
     @abc.abstractmethod
     def add_round(

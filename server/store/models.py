@@ -44,6 +44,9 @@ class RunRow(Base):
     total_params: Mapped[int] = mapped_column(BigInteger)
     seed: Mapped[int] = mapped_column(BigInteger)
     wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The process that runs the run's rounds (migration 0004); NULL for older runs.
+    owner_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    owner_pid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class RoundRow(Base):

@@ -12,6 +12,7 @@ import logging
 import math
 import numbers
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,21 +20,34 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Integer, String, create_engine, event, inspect, select
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    create_engine,
+    event,
+    inspect,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from fedpeft.common.errors import StoreError
+from fedpeft.common.errors import NoStore, StoreError
 from fedpeft.common.keys import Phase
 from fedpeft.server.store.base import (
     BaselineResult,
+    InterruptedRun,
     ReplyStatus,
     RoundResult,
     RunInfo,
+    RunOwner,
+    RunStatus,
     RunStore,
     SiteResult,
+    pid_alive,
     utcnow,
 )
 from fedpeft.server.store.models import (
@@ -55,6 +69,13 @@ BUSY_TIMEOUT_S = 10.0
 #: the busy timeout of each attempt, a lock held through a long checkpoint or a backup copy.
 LOCK_RETRY_S = 30.0
 _FIRST_DELAY_S, _MAX_DELAY_S = 0.1, 2.0
+
+
+def _run_info(row: RunRow) -> RunInfo:
+    owner = None
+    if row.owner_host is not None and row.owner_pid is not None:
+        owner = RunOwner(row.owner_host, row.owner_pid)
+    return _to(RunInfo, row, owner=owner)
 
 
 def _finite(value: float | None) -> float | None:
@@ -193,7 +214,7 @@ class SqlRunStore(RunStore):
         path = _sqlite_file(url)
         if path is not None and not path.exists():
             if not create:
-                raise StoreError(f"no store at {path} ({self._shown}): the file does not exist")
+                raise NoStore(f"no store at {path} ({self._shown}): the file does not exist")
             _create_private(path, self._shown)
         try:
             if url in ("sqlite://", "sqlite:///:memory:"):
@@ -212,7 +233,7 @@ class SqlRunStore(RunStore):
                 found = inspect(engine).has_table("alembic_version")
                 engine.dispose()
                 if not found:
-                    raise StoreError(f"{self._shown} holds no fedpeft store (no schema)")
+                    raise NoStore(f"{self._shown} holds no fedpeft store (no schema)")
             if engine.dialect.name == "sqlite":
                 event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout))
             upgrade_schema(engine)
@@ -284,11 +305,16 @@ class SqlRunStore(RunStore):
         trainable_params: int,
         total_params: int,
         seed: int,
+        owner: RunOwner | None = None,
     ) -> int:
+        owner = owner or RunOwner.current()
+
         def row() -> RunRow:
             return RunRow(
                 created_at=utcnow(),
-                status="running",
+                status=RunStatus.RUNNING.value,
+                owner_host=owner.host,
+                owner_pid=owner.pid,
                 config_json=config_json,
                 dataset=dataset,
                 method=method,
@@ -315,11 +341,60 @@ class SqlRunStore(RunStore):
             row = s.get(RunRow, run_id)
             if row is None:
                 raise StoreError(f"no run {run_id}")
-            row.status, row.error, row.finished_at = status, error, utcnow()
+            # The enum's plain value: every database driver takes a str.
+            row.status, row.error, row.finished_at = str(status), error, utcnow()
             row.wall_seconds = wall_seconds
 
         _check_fits([RunRow(status=status)], self._shown)
         self._write(work)
+
+    def mark_interrupted(
+        self,
+        is_alive: Callable[[str, int], bool] = pid_alive,
+        host: str | None = None,
+    ) -> list[InterruptedRun]:
+        here = host if host is not None else socket.gethostname()
+
+        def work(s: Session) -> list[InterruptedRun]:
+            running = s.scalars(
+                select(RunRow)
+                .where(RunRow.status == RunStatus.RUNNING.value, RunRow.owner_host == here)
+                .where(RunRow.owner_pid.is_not(None))
+                .order_by(RunRow.id)
+            ).all()
+            marked = []
+            now = utcnow()
+            for run in running:
+                owner = RunOwner(here, int(run.owner_pid or 0))
+                if is_alive(owner.host, owner.pid):
+                    continue
+                last = s.execute(
+                    select(RoundRow.round, RoundRow.finished_at)
+                    .where(RoundRow.run_id == run.id)
+                    .order_by(RoundRow.round.desc())
+                    .limit(1)
+                ).first()
+                if last is None:
+                    recorded = "no round was recorded"
+                else:
+                    recorded = f"last recorded round {last[0]} (at {last[1]:%Y-%m-%d %H:%M:%S} UTC)"
+                note = (
+                    f"interrupted: process {owner.pid} on host {owner.host} was gone at "
+                    f"{now:%Y-%m-%d %H:%M:%S} UTC; {recorded}"
+                )
+                # Only if still running: another process marking at the same time, or the
+                # owner finishing after all, wins.
+                done = s.execute(
+                    update(RunRow)
+                    .where(RunRow.id == run.id, RunRow.status == RunStatus.RUNNING.value)
+                    .values(status=RunStatus.INTERRUPTED.value, error=note, finished_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if done.rowcount == 1:
+                    marked.append(InterruptedRun(run.id, owner, None if last is None else last[0]))
+            return marked
+
+        return self._write(work)
 
     def add_round(
         self, run_id: int, result: RoundResult, sites: list[SiteResult], state: bytes | None
@@ -388,11 +463,11 @@ class SqlRunStore(RunStore):
                 row = s.get(RunRow, run_id)
                 if row is None:
                     raise StoreError(f"store {self._shown} has no run {run_id}")
-            return _to(RunInfo, row)
+            return _run_info(row)
 
     def list_runs(self) -> list[RunInfo]:
         with self._transaction() as s:
-            return [_to(RunInfo, r) for r in s.scalars(select(RunRow).order_by(RunRow.id))]
+            return [_run_info(r) for r in s.scalars(select(RunRow).order_by(RunRow.id))]
 
     def rounds(self, run_id: int) -> list[RoundResult]:
         with self._transaction() as s:
