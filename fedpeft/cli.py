@@ -6,6 +6,7 @@ Parse arguments -> build the config (file, then flags, in one place) -> run -> r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft import __version__
-from fedpeft.common.config import MethodConfig
+from fedpeft.common.config import MethodConfig, RunConfig
 from fedpeft.common.environment import QUIET
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.methods import ExportFormat, specs
@@ -124,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
         "--plot", type=Path, default=None, help="PNG of AUC per round (default fedpeft-run-ID.png)"
     )
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
+    sim.add_argument(
+        "--resume",
+        type=int,
+        metavar="RUN_ID",
+        help="take up this interrupted or failed run of the store (--db) after its last "
+        "recorded round, with its own config (other config flags and files are ignored)",
+    )
     sim.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
 
@@ -355,6 +363,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     cfg = load_config(args.config, _overrides(args))
+    if args.resume is not None:
+        cfg = stored_config(cfg.db, args.resume)
     sites = "all" if cfg.federation.sites_per_round == 0 else cfg.federation.sites_per_round
     _say(
         f"fedpeft simulate: dataset {cfg.data.dataset}, method {cfg.method.name}, "
@@ -368,6 +378,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         progress=_say,
         verbose=args.verbose,
         store_key_file=args.store_key_file,
+        resume=args.resume,
     )
     _say(f"federated run {result.run_id} done in {result.seconds:.0f} s")
     kinds = {
@@ -392,6 +403,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"AUC per round plot: {png}")
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def stored_config(db: str, run_id: int) -> RunConfig:
+    """The config run ``run_id`` of store ``db`` was run with (a resumed run keeps its own)."""
+    from fedpeft.server.store import open_store
+
+    store = open_store(db, create=False)
+    try:
+        info = store.get_run(run_id)
+    finally:
+        store.close()
+    return dataclasses.replace(RunConfig.from_json(info.config_json), db=db)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

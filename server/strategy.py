@@ -50,12 +50,29 @@ log = logging.getLogger("fedpeft.server")
 Progress = Callable[[str], None]
 
 
+def round_rng(seed: int, rnd: int) -> np.random.Generator:
+    """The sampling generator of round ``rnd``: a function of the run's seed and the round
+    alone, so a resumed run samples as the uninterrupted one would."""
+    return np.random.default_rng([seed, rnd])
+
+
 def sample_nodes(nodes: list[int], k: int, rng: np.random.Generator) -> list[int]:
     """The nodes that train this round: ``k`` of them drawn without replacement, in node order;
     all of them when ``k`` is 0 or not below their number (``federation.sites_per_round``)."""
     if k == 0 or k >= len(nodes):
         return list(nodes)
     return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed run picks up: its last recorded round (0: none), that round's global
+    state, and the rounds recorded so far. A resumed run has a new run key and token: the
+    sites need nothing but to stay connected."""
+
+    round: int
+    state: State
+    history: list[RoundResult]
 
 
 @dataclass
@@ -113,11 +130,10 @@ class FederatedRun:
         self.progress = progress or log.info
         self.site_names: dict[int, str] = {}  # the name each node's last reply claimed
         self.bound: dict[int, str] = {}  # the site each node's signed replies are from
-        self.rng = np.random.default_rng(cfg.seed)
 
     # -- the round loop ------------------------------------------------------------------------
 
-    def start(self, grid: object) -> int | None:
+    def start(self, grid: object, resume: Resume | None = None) -> int | None:
         """Run every round; return the round whose global state the run delivers.
 
         One message per site and round: the train message of round r carries the global state
@@ -128,11 +144,14 @@ class FederatedRun:
         fed = self.cfg.federation
         nodes = self._wait_for_nodes(grid)
         history: list[RoundResult] = []
+        first = 1
+        if resume is not None:  # the rounds the store holds stand; go on from the last one
+            history, first, self.state = list(resume.history), resume.round + 1, resume.state
         pending: _Trained | None = None  # the last round, its new state not yet evaluated
-        for rnd in range(1, fed.rounds + 1):
+        for rnd in range(first, fed.rounds + 1):
             started, t0 = utcnow(), time.perf_counter()
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
-            sampled = sample_nodes(nodes, fed.sites_per_round, self.rng)
+            sampled = sample_nodes(nodes, fed.sites_per_round, round_rng(self.cfg.seed, rnd))
             evaluate = [] if pending is None else pending.evaluators(nodes, sampled)
             self.progress(
                 f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)"

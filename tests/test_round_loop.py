@@ -38,7 +38,7 @@ from fedpeft.identity import add_site, remove_site
 from fedpeft.server import replies
 from fedpeft.server.checkpoints import open_state
 from fedpeft.server.store import RoundResult, RunStore, SiteResult, open_store
-from fedpeft.server.strategy import FederatedRun, sample_nodes
+from fedpeft.server.strategy import FederatedRun, Resume, round_rng, sample_nodes
 
 COORDINATOR = crypto.new_identity()
 IDENTITY = {name: crypto.new_identity() for name in "ABCD"}
@@ -253,8 +253,8 @@ def _sampled(seed: int) -> tuple[list[list[int]], Harness]:
 
 def test_sites_per_round_samples_that_many_sites_by_seed() -> None:
     sampled, h = _sampled(seed=3)
-    rng = np.random.default_rng(3)  # the run's seed; one draw a round
-    assert sampled == [sample_nodes([1, 2, 3, 4], 2, rng) for _ in range(4)]
+    # The run's seed and the round decide: a resumed run samples as the uninterrupted one.
+    assert sampled == [sample_nodes([1, 2, 3, 4], 2, round_rng(3, rnd)) for rnd in range(1, 5)]
     assert len({tuple(s) for s in sampled}) > 1  # not the same two sites every round
     for rnd, chosen in enumerate(sampled, start=1):
         assert len(chosen) == 2
@@ -785,3 +785,24 @@ def test_a_node_cannot_change_the_site_it_signs_for(harness: Callable[..., Harne
         "bad-signature: node 2 answers for site 'B', this reply is signed by site 'C'"
     )
     assert_state(h.state(2), plus(2.0 + 1.0))  # round 1: A and B; round 2: A alone
+
+
+def test_a_resumed_run_goes_on_from_its_last_recorded_round(
+    harness: Callable[..., Harness],
+) -> None:
+    """Rounds 1 and 2 ran and were recorded; the run resumes from round 2's state with a new
+    run key and token: only rounds 3 and 4 are sent, and the delivered round is chosen among
+    all four."""
+    nodes: dict[int, Node] = {1: site("A", constant(1.0)), 2: site("B", constant(3.0))}
+    first = harness(nodes, rounds=2)
+    first.start()
+    history = first.rounds()
+    resumed = harness(nodes, rounds=4)
+    for result in history:  # the store the resumed run finds: rounds 1 and 2
+        resumed.store.add_round(resumed.run_id, result, [], None)
+    token = resumed.loop.run_token
+    assert resumed.loop.start(resumed.grid, Resume(2, first.state(2), history)) in (1, 2, 3, 4)
+    assert sorted({int(m.metadata.group_id) for m in resumed.grid.sent}) == [3, 4]
+    assert [r.round for r in resumed.rounds()] == [1, 2, 3, 4]
+    assert_state(resumed.state(4), plus(2.0 * 4))  # rounds 1-2 in the state, then 3 and 4
+    assert resumed.loop.run_token == token != first.loop.run_token

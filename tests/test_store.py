@@ -106,6 +106,34 @@ def test_a_run_is_owned_by_the_process_that_creates_it(store: RunStore) -> None:
     assert store.get_run(other).status == "running"
 
 
+def test_an_interrupted_or_failed_run_resumes_and_the_resumption_is_recorded(
+    store: RunStore,
+) -> None:
+    run_id = _run(store, owner=RunOwner("coordinator-1", 101))
+    for n in (1, 2):
+        store.add_round(run_id, _round(n), _sites(n), state=bytes([n]))
+    with pytest.raises(StoreError, match="is running: only an interrupted or failed run resumes"):
+        store.resume_run(run_id, "too early")
+    store.mark_interrupted(lambda _host, _pid: False, host="coordinator-1")
+    now = RunOwner("coordinator-2", 7)
+    assert store.resume_run(run_id, "after the crash", owner=now) == 2
+    info = store.get_run(run_id)
+    assert (info.status, info.error, info.finished_at, info.owner) == ("running", None, None, now)
+    store.finish_run(run_id, status="failed", error="E", wall_seconds=1.0)
+    assert store.resume_run(run_id, "again", owner=now) == 2
+    store.finish_run(run_id, status="finished", wall_seconds=1.0)
+    with pytest.raises(StoreError, match="is finished"):
+        store.resume_run(run_id, "nothing left")
+    got = store.resumptions(run_id)
+    assert [(r.after_round, r.reason, r.owner) for r in got] == [
+        (2, "after the crash", now),
+        (2, "again", now),
+    ]
+    assert got[0].resumed_at <= got[1].resumed_at
+    with pytest.raises(StoreError, match="no run 99"):
+        store.resume_run(99, "x")
+
+
 def test_runs_left_running_by_a_dead_process_on_this_host_are_marked_interrupted(
     store: RunStore,
 ) -> None:
@@ -242,11 +270,12 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
         "site_results",
         "global_states",
         "baselines",
+        "run_resumes",
         "alembic_version",
     } <= tables
     with engine.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0004"
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0005"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -75,6 +75,20 @@ def pid_alive(host: str, pid: int) -> bool:
 
 
 @dataclass(frozen=True)
+class Resumption:
+    """One resumption of a run: when, after which recorded round, why, by which process."""
+
+    resumed_at: datetime
+    after_round: int  # 0: no round had been recorded
+    reason: str
+    owner: RunOwner | None
+
+
+#: Statuses a run may be resumed from.
+RESUMABLE = (RunStatus.INTERRUPTED, RunStatus.FAILED)
+
+
+@dataclass(frozen=True)
 class InterruptedRun:
     """A run :meth:`RunStore.mark_interrupted` found left ``running`` by a dead owner."""
 
@@ -192,6 +206,17 @@ class RunStore(abc.ABC):
         self, run_id: int, *, status: str, error: str | None = None, wall_seconds: float | None
     ) -> None:
         """Mark a run ``finished`` or ``failed`` (a :class:`RunStatus`)."""
+
+    @abc.abstractmethod
+    def resume_run(self, run_id: int, reason: str, owner: RunOwner | None = None) -> int:
+        """Set an ``interrupted`` or ``failed`` run ``running`` again, owned by ``owner`` (this
+        process when None), and record the resumption; return the last recorded round (0:
+        none). ``StoreError`` for a run in any other status: a run still running is not
+        taken over, a finished one has nothing left to run."""
+
+    @abc.abstractmethod
+    def resumptions(self, run_id: int) -> list[Resumption]:
+        """The run's resumptions, oldest first."""
 
     @abc.abstractmethod
     def mark_interrupted(

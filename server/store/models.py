@@ -112,3 +112,17 @@ class BaselineRow(Base):
     n_test: Mapped[int] = mapped_column(BigInteger)
     auc: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
+
+
+class RunResumeRow(Base):
+    """One resumption of a run (migration 0005)."""
+
+    __tablename__ = "run_resumes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    resumed_at: Mapped[datetime] = mapped_column(DateTime)
+    after_round: Mapped[int] = mapped_column(Integer)  # 0: before any round was recorded
+    reason: Mapped[str] = mapped_column(Text)
+    owner_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    owner_pid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import CursorResult, Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -38,9 +38,11 @@ from sqlalchemy.pool import StaticPool
 from fedpeft.common.errors import NoStore, StoreError
 from fedpeft.common.keys import Phase
 from fedpeft.server.store.base import (
+    RESUMABLE,
     BaselineResult,
     InterruptedRun,
     ReplyStatus,
+    Resumption,
     RoundResult,
     RunInfo,
     RunOwner,
@@ -55,6 +57,7 @@ from fedpeft.server.store.models import (
     BaselineRow,
     GlobalStateRow,
     RoundRow,
+    RunResumeRow,
     RunRow,
     SiteResultRow,
 )
@@ -348,6 +351,54 @@ class SqlRunStore(RunStore):
         _check_fits([RunRow(status=status)], self._shown)
         self._write(work)
 
+    def resume_run(self, run_id: int, reason: str, owner: RunOwner | None = None) -> int:
+        owner = owner or RunOwner.current()
+
+        def work(s: Session) -> int:
+            run = s.get(RunRow, run_id)
+            if run is None:
+                raise StoreError(f"store {self._shown} has no run {run_id}")
+            if run.status not in RESUMABLE:
+                raise StoreError(
+                    f"run {run_id} is {run.status}: only an interrupted or failed run resumes"
+                )
+            last = s.scalar(
+                select(RoundRow.round)
+                .where(RoundRow.run_id == run_id)
+                .order_by(RoundRow.round.desc())
+                .limit(1)
+            )
+            row = RunResumeRow(
+                run_id=run_id,
+                resumed_at=utcnow(),
+                after_round=int(last or 0),
+                reason=reason,
+                owner_host=owner.host,
+                owner_pid=owner.pid,
+            )
+            _check_fits([row], self._shown)
+            s.add(row)
+            run.status, run.error, run.finished_at = RunStatus.RUNNING.value, None, None
+            run.owner_host, run.owner_pid = owner.host, owner.pid
+            return int(last or 0)
+
+        return self._write(work)
+
+    def resumptions(self, run_id: int) -> list[Resumption]:
+        with self._transaction() as s:
+            rows = s.scalars(
+                select(RunResumeRow).where(RunResumeRow.run_id == run_id).order_by(RunResumeRow.id)
+            ).all()
+            return [
+                Resumption(
+                    r.resumed_at,
+                    r.after_round,
+                    r.reason,
+                    None if r.owner_host is None else RunOwner(r.owner_host, int(r.owner_pid or 0)),
+                )
+                for r in rows
+            ]
+
     def mark_interrupted(
         self,
         is_alive: Callable[[str, int], bool] = pid_alive,
@@ -384,11 +435,14 @@ class SqlRunStore(RunStore):
                 )
                 # Only if still running: another process marking at the same time, or the
                 # owner finishing after all, wins.
-                done = s.execute(
-                    update(RunRow)
-                    .where(RunRow.id == run.id, RunRow.status == RunStatus.RUNNING.value)
-                    .values(status=RunStatus.INTERRUPTED.value, error=note, finished_at=now)
-                    .execution_options(synchronize_session=False)
+                done = cast(
+                    "CursorResult[Any]",
+                    s.execute(
+                        update(RunRow)
+                        .where(RunRow.id == run.id, RunRow.status == RunStatus.RUNNING.value)
+                        .values(status=RunStatus.INTERRUPTED.value, error=note, finished_at=now)
+                        .execution_options(synchronize_session=False)
+                    ),
                 )
                 if done.rowcount == 1:
                     marked.append(InterruptedRun(run.id, owner, None if last is None else last[0]))
