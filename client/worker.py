@@ -203,6 +203,11 @@ def _heartbeat_fn(client: Any) -> Callable[[], bool]:
     return beat
 
 
+#: Seconds the worker waits for a task's message to arrive from its SuperNode before it gives
+#: the task up (failed) and serves the next one.
+TASK_PULL_MAX_S = 60.0
+
+
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
     """The task's message, context, run and FAB (as ``run_clientapp.pull_task_input``)."""
     from flwr.app import Message
@@ -237,6 +242,9 @@ def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:
             client.ConfirmMessageReceived, node, context.run_id
         ),
         return_type=Message,
+        # Flower waits up to 2 h for an object; a message whose run stopped meanwhile (the
+        # SuperNode ignores and drops it) would hold this worker, and the site, that long.
+        max_time=TASK_PULL_MAX_S,
     )
     # The deflated message does not carry its own id (its object id): Flower sets it the same way.
     message.metadata.__dict__["_message_id"] = tree.object_id

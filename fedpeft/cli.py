@@ -296,6 +296,20 @@ def parser() -> argparse.ArgumentParser:
         "--coordinator", type=Path, required=True, help="the coordinator's coordinator.toml"
     )
 
+    rres = run.add_parser(
+        "resume",
+        help="take up an interrupted or failed run after its last recorded round",
+        description="Resume run RUN_ID of the coordinator's store: runs a dead ServerApp left "
+        "running are marked interrupted first (as coordinator start does); then the run is "
+        "submitted again with its own config and goes on from its last recorded round, from "
+        "its encrypted checkpoint, with a new run key and token (the sites need nothing). Its "
+        "progress streams as for run start; exits 0 only if the run finishes.",
+    )
+    rres.add_argument("run_id", type=int, help="the run to resume (see fedpeft report --list)")
+    rres.add_argument(
+        "--coordinator", type=Path, required=True, help="the coordinator's coordinator.toml"
+    )
+
     man = run.add_parser(
         "manifest",
         help="write a run's manifest for the sites to approve (fedpeft site approve)",
@@ -663,14 +677,17 @@ def _site_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedpeft.runs import run_and_report
+    from fedpeft.runs import resume_and_report, run_and_report
     from fedpeft.settings import load_coordinator_config
 
     if args.run_command == "manifest":
         return _run_manifest(args)
 
     coordinator = load_coordinator_config(args.coordinator)
-    run_and_report(args.run_toml, args.coordinator, coordinator, say=_say)
+    if args.run_command == "resume":
+        resume_and_report(args.run_id, args.coordinator, coordinator, say=_say)
+    else:
+        run_and_report(args.run_toml, args.coordinator, coordinator, say=_say)
     return 0
 
 

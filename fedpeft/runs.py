@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import subprocess
 import tempfile
 import time
@@ -27,8 +28,8 @@ from fedpeft.common.config import RunConfig
 from fedpeft.common.environment import FLWR_HOME_ENV
 from fedpeft.common.errors import ConfigError, FedpeftError
 from fedpeft.processes import BIN, child_env
-from fedpeft.server.app import CONFIG_KEY
-from fedpeft.server.store import RunInfo, open_store
+from fedpeft.server.app import CONFIG_KEY, RESUME_KEY
+from fedpeft.server.store import RunInfo, open_store, pid_alive
 from fedpeft.server.store.base import utcnow
 from fedpeft.settings import CoordinatorConfig, absolute_store, shown_url
 
@@ -58,12 +59,15 @@ clientapp = "fedpeft.client.app:app"
 """
 
 
-def write_app(folder: Path, cfg: RunConfig) -> Path:
+def write_app(folder: Path, cfg: RunConfig, resume: int | None = None) -> Path:
     """The app bundle's folder for a run of ``cfg``: the ServerApp's run config (no store URL:
-    ``RunConfig.to_json`` leaves it out) and the references to fedpeft's installed apps."""
-    (folder / "pyproject.toml").write_text(
-        APP_TOML.format(key=json.dumps(CONFIG_KEY), value=json.dumps(cfg.to_json()))
-    )
+    ``RunConfig.to_json`` leaves it out), with ``resume``, the run it takes up, and the
+    references to fedpeft's installed apps."""
+    text = APP_TOML.format(key=json.dumps(CONFIG_KEY), value=json.dumps(cfg.to_json()))
+    if resume is not None:
+        text += f"{json.dumps(RESUME_KEY)} = {int(resume)}\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(text)
     return folder
 
 
@@ -72,15 +76,16 @@ def start_run(
     coordinator_toml: Path,
     coordinator: CoordinatorConfig,
     say: Callable[[str], None] = print,
+    resume: int | None = None,
 ) -> RunInfo:
     """Submit, stream, and return the run as the store recorded it; FedpeftError unless it
     finished. Flower's log stream can end before the run does (it did under load): the store is
     then followed until the run finishes or fails, within a bound set by the run's rounds and
-    round timeout."""
+    round timeout. ``resume``: the run taken up (followed by its id) instead of a new one."""
     started = utcnow()
     home = flower_cli_home(coordinator_toml, coordinator)
     with tempfile.TemporaryDirectory(prefix="fedpeft-run-") as tmp:
-        app = write_app(Path(tmp), cfg)
+        app = write_app(Path(tmp), cfg, resume)
         done = subprocess.run(
             [str(BIN / "flwr"), "run", str(app), "coordinator", "--stream"],
             env=child_env({FLWR_HOME_ENV: str(home)}),
@@ -89,11 +94,13 @@ def start_run(
     deadline = time.monotonic() + fed.rounds * 2 * fed.round_timeout_s + 300
     seen_rounds, run = 0, None
     while True:
-        run = _latest_run(db, started)
+        run = _latest_run(db, started) if resume is None else _resumed_run(db, resume, started)
         if run is not None and run.status != "running":
             break
         if run is not None:
             seen_rounds = _report_new_rounds(db, run.id, seen_rounds, say)
+            if _owner_gone(db, run, say):
+                continue  # marked interrupted: read its status once more
         if time.monotonic() > deadline:
             break
         time.sleep(3)
@@ -102,9 +109,25 @@ def start_run(
             f"the coordinator recorded no run in {shown_url(db)} "
             f"(flwr run exited {done.returncode}); see the coordinator's log"
         )
+    if run.status == "interrupted":
+        raise FedpeftError(
+            f"run {run.id} interrupted: {run.error}; take it up with `fedpeft run resume "
+            f"{run.id} --coordinator {coordinator_toml}`"
+        )
     if run.status != "finished":
         raise FedpeftError(f"run {run.id} {run.status}: {run.error or 'no error recorded'}")
     return run
+
+
+def _owner_gone(db: str, run: RunInfo, say: Callable[[str], None]) -> bool:
+    """Whether the ServerApp running ``run`` is a process of this host that is gone: it is
+    then marked interrupted (with every other such run), and said so."""
+    owner = run.owner
+    if owner is None or owner.host != socket.gethostname() or pid_alive(owner.host, owner.pid):
+        return False
+    from fedpeft.recovery import mark_interrupted_runs
+
+    return bool(mark_interrupted_runs(db, say))
 
 
 def _latest_run(db: str, since: datetime) -> RunInfo | None:
@@ -114,6 +137,55 @@ def _latest_run(db: str, since: datetime) -> RunInfo | None:
     finally:
         store.close()
     return max(runs, key=lambda r: r.id) if runs else None
+
+
+def _resumed_run(db: str, run_id: int, since: datetime) -> RunInfo | None:
+    """Run ``run_id`` once a ServerApp has taken it up (resumed it) since ``since``."""
+    store = open_store(db)
+    try:
+        resumed = [r for r in store.resumptions(run_id) if r.resumed_at >= since]
+        return store.get_run(run_id) if resumed else None
+    finally:
+        store.close()
+
+
+def resume_and_report(
+    run_id: int,
+    coordinator_toml: Path,
+    coordinator: CoordinatorConfig,
+    say: Callable[[str], None],
+) -> RunInfo:
+    """``fedpeft run resume``: mark runs a dead ServerApp left running (as ``coordinator
+    start`` does), then submit run ``run_id`` again with its own config from the coordinator's
+    store; the ServerApp takes it up after its last recorded round (server/app.py
+    ``resume_point``). Follow it and print its report table."""
+    from fedpeft.common.errors import StoreError
+    from fedpeft.recovery import mark_interrupted_runs
+    from fedpeft.report import render_table, summarize
+
+    mark_interrupted_runs(coordinator.store, say)
+    store = open_store(coordinator.store, create=False)
+    try:
+        info = store.get_run(run_id)
+        if info.status not in ("interrupted", "failed"):
+            raise StoreError(
+                f"run {run_id} is {info.status}: only an interrupted or failed run resumes"
+            )
+        last = max((r.round for r in store.rounds(run_id)), default=0)
+    finally:
+        store.close()
+    cfg = dataclasses.replace(RunConfig.from_json(info.config_json), db=coordinator.store)
+    say(
+        f"resuming run {run_id} ({info.status}) after round {last} of {cfg.federation.rounds}, "
+        f"store {shown_url(coordinator.store)}"
+    )
+    run = start_run(cfg, coordinator_toml, coordinator, say=say, resume=run_id)
+    store = open_store(coordinator.store)
+    try:
+        print(render_table(summarize(store, run.id)), flush=True)
+    finally:
+        store.close()
+    return run
 
 
 def _report_new_rounds(db: str, run_id: int, seen: int, say: Callable[[str], None]) -> int:

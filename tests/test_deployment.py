@@ -406,3 +406,79 @@ def test_a_site_killed_during_a_round_does_not_stop_the_run(
     assert dead[0].status == "ok" and all(r.status == "failed" for r in dead[1:])
     assert dead[1].reason is not None and dead[1].reason.split(":")[0] in ("no-reply", "site-error")
     store.close()
+
+
+def test_a_serverapp_killed_after_round_1_is_resumed_and_the_run_finishes(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Issue 12's fault (a): two hospitals, three rounds. Once round 1 is in the store, the
+    ServerApp running the rounds (the run's owner, as the store records it) is SIGKILLed.
+    `fedpeft run start` notices, marks the run interrupted and exits non-zero; `fedpeft run
+    resume` submits it again and it finishes with every round, the resumption recorded; the
+    sites were not touched."""
+    coord, fleet = _coordinator(tmp_path, processes)
+    names = ("Cleveland", "Hungary")
+    for name, data in zip(names, heart_sites()[:2], strict=True):
+        _site(tmp_path, processes, name, coord, fleet, _sample(data))
+    (coord / "run.toml").write_text(
+        'device = "cpu"\n[federation]\nrounds = 3\nmin_sites = 2\nround_timeout_s = 150.0\n'
+        "[model]\nmax_length = 64\n"
+    )
+    with (coord / "run.log").open("wb") as log:
+        follow = subprocess.Popen(
+            [str(BIN / "fedpeft"), "run", "start", "run.toml", "--coordinator", "coordinator.toml"],
+            cwd=coord,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    processes.append(follow)
+    db = f"sqlite:///{coord / 'runs.db'}"
+    deadline = time.monotonic() + 600
+    owner = None
+    while time.monotonic() < deadline:  # until round 1 is in the store
+        if (coord / "runs.db").exists():
+            store = open_store(db)
+            runs = store.list_runs()
+            if runs and store.rounds(runs[0].id):
+                owner = runs[0].owner
+            store.close()
+            if owner is not None:
+                break
+        assert follow.poll() is None, (coord / "run.log").read_text()[-3000:]
+        time.sleep(0.5)
+    else:
+        raise TimeoutError("round 1 was not recorded in 600 s")
+    assert owner is not None and owner.pid != follow.pid  # the ServerApp, not the CLI
+    os.kill(owner.pid, signal.SIGKILL)
+    # run start sees its ServerApp gone, marks the run interrupted and says how to resume it.
+    assert follow.wait(timeout=600) != 0
+    said = (coord / "run.log").read_text()
+    assert "marked interrupted" in said and "fedpeft run resume 1" in said, said[-3000:]
+    store = open_store(db)
+    (run,) = store.list_runs()
+    assert run.status == "interrupted"
+    recorded = [r.round for r in store.rounds(run.id)]
+    store.close()
+
+    resumed = subprocess.run(
+        [str(BIN / "fedpeft"), "run", "resume", str(run.id), "--coordinator", "coordinator.toml"],
+        cwd=coord,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resuming run 1 (interrupted) after round {recorded[-1]} of 3" in resumed.stdout
+    store = open_store(db)
+    try:
+        (run,) = store.list_runs()
+        assert run.status == "finished"
+        rounds = store.rounds(run.id)
+        assert [r.round for r in rounds] == [1, 2, 3] and all(r.applied for r in rounds)
+        (resumption,) = store.resumptions(run.id)
+        assert resumption.after_round == recorded[-1]
+        assert resumption.reason.startswith("resumed from interrupted")
+        assert resumption.owner is not None and resumption.owner.pid != owner.pid
+    finally:
+        store.close()

@@ -34,7 +34,7 @@ from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust, SiteTrust
 from fedpeft.runs import write_app
-from fedpeft.server.app import CONFIG_KEY, config_from_flower
+from fedpeft.server.app import CONFIG_KEY, RESUME_KEY, config_from_flower
 from fedpeft.server.store import RunStore, SiteResult, open_store
 from fedpeft.server.strategy import FederatedRun
 
@@ -191,3 +191,13 @@ def test_the_app_bundle_carries_no_store_and_the_server_app_takes_the_coordinato
     for named in ({"db": "sqlite:///x.db"}, {CONFIG_KEY: json.dumps({"db": "sqlite:///x.db"})}):
         with pytest.raises(ConfigError, match="db: the store is the coordinator's"):
             config_from_flower(named)
+
+
+def test_a_resumed_run_s_app_bundle_names_the_run_it_takes_up(tmp_path: Path) -> None:
+    import tomllib
+
+    cfg = _config()
+    fresh = tomllib.loads((write_app(tmp_path / "a", cfg) / "pyproject.toml").read_text())
+    resumed = tomllib.loads((write_app(tmp_path / "b", cfg, 7) / "pyproject.toml").read_text())
+    assert fresh["tool"]["flwr"]["app"]["config"] == {CONFIG_KEY: cfg.to_json()}
+    assert resumed["tool"]["flwr"]["app"]["config"] == {CONFIG_KEY: cfg.to_json(), RESUME_KEY: 7}

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -196,6 +198,22 @@ def test_the_default_liveness_check_sees_this_process_alive_and_a_reaped_one_gon
     )
     assert not pid_alive(host, int(child.stdout))  # exited and reaped
     assert not pid_alive(host, 0)
+
+
+def test_a_killed_process_its_parent_has_not_reaped_is_gone() -> None:
+    """A SIGKILLed ServerApp stays a zombie until its SuperLink waits for it."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert pid_alive(socket.gethostname(), child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not pid_alive(socket.gethostname(), child.pid)  # a zombie: not yet reaped
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_rounds_sites_and_state(store: RunStore) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 
 from fedpeft.common.keys import Phase
 
@@ -61,7 +62,8 @@ def pid_alive(host: str, pid: int) -> bool:
     """Whether process ``pid`` exists on this host (``host`` is this one: only its processes
     can be checked). A PID taken over by another process since reads as alive, so a run is
     never marked interrupted while something may still run it; permission to signal is not
-    needed to know the process exists."""
+    needed to know the process exists. A zombie (dead, not yet reaped by its parent: a
+    SIGKILLed ServerApp whose SuperLink has not waited for it) is dead."""
     del host
     if pid <= 0:
         return False  # os.kill(0 or negative) signals a process group, not one process
@@ -71,7 +73,17 @@ def pid_alive(host: str, pid: int) -> bool:
         return False
     except PermissionError:
         return True  # it exists, under another user
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` is a zombie, where /proc says (Linux); False where it cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # "pid (command) state ...": the command may hold spaces and parentheses.
+    return stat[stat.rfind(")") + 2 :].startswith("Z")
 
 
 @dataclass(frozen=True)
