@@ -358,6 +358,31 @@ def test_a_site_whose_policy_forbids_the_method_refuses_and_the_other_trains(
         assert expected in table and "ia3" in table, table
 
 
+#: The run the "killed mid-run" tests start: three rounds, at least two sites, a short timeout.
+THREE_ROUNDS = (
+    'device = "cpu"\n[federation]\nrounds = 3\nmin_sites = 2\nround_timeout_s = 150.0\n'
+    "[model]\nmax_length = 64\n"
+)
+
+
+def _follow_run(
+    coord: Path, processes: list[subprocess.Popen[bytes]], run_toml: str = THREE_ROUNDS
+) -> subprocess.Popen[bytes]:
+    """``fedpeft run start`` of ``run_toml`` on the coordinator in ``coord``, in the background
+    (its own process group, stopped with the test's), its output in coord/run.log."""
+    (coord / "run.toml").write_text(run_toml)
+    with (coord / "run.log").open("wb") as log:
+        follow = subprocess.Popen(
+            [str(BIN / "fedpeft"), "run", "start", "run.toml", "--coordinator", "coordinator.toml"],
+            cwd=coord,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    processes.append(follow)
+    return follow
+
+
 def test_a_site_killed_during_a_round_does_not_stop_the_run(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -370,19 +395,7 @@ def test_a_site_killed_during_a_round_does_not_stop_the_run(
         name: _site(tmp_path, processes, name, coord, fleet, _sample(data))
         for name, data in zip(names, heart_sites()[:3], strict=True)
     }
-    (coord / "run.toml").write_text(
-        'device = "cpu"\ndb = "sqlite:///runs.db"\n[federation]\nrounds = 3\nmin_sites = 2\n'
-        "round_timeout_s = 150.0\n[model]\nmax_length = 64\n"
-    )
-    with (coord / "run.log").open("wb") as log:
-        follow = subprocess.Popen(
-            [str(BIN / "fedpeft"), "run", "start", "run.toml", "--coordinator", "coordinator.toml"],
-            cwd=coord,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    processes.append(follow)
+    follow = _follow_run(coord, processes)
     db = f"sqlite:///{coord / 'runs.db'}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # until round 2's train messages are sent
@@ -420,19 +433,7 @@ def test_a_serverapp_killed_after_round_1_is_resumed_and_the_run_finishes(
     names = ("Cleveland", "Hungary")
     for name, data in zip(names, heart_sites()[:2], strict=True):
         _site(tmp_path, processes, name, coord, fleet, _sample(data))
-    (coord / "run.toml").write_text(
-        'device = "cpu"\n[federation]\nrounds = 3\nmin_sites = 2\nround_timeout_s = 150.0\n'
-        "[model]\nmax_length = 64\n"
-    )
-    with (coord / "run.log").open("wb") as log:
-        follow = subprocess.Popen(
-            [str(BIN / "fedpeft"), "run", "start", "run.toml", "--coordinator", "coordinator.toml"],
-            cwd=coord,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    processes.append(follow)
+    follow = _follow_run(coord, processes)
     db = f"sqlite:///{coord / 'runs.db'}"
     deadline = time.monotonic() + 600
     owner = None
