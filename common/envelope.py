@@ -267,7 +267,7 @@ def _unseal_signed(
             for name, key in sites.items()
             if name != site_id
         ):
-            raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by site {site_id!r}'s key")
+            raise DeltaRejected(Reason.BAD_SIGNATURE, f"not signed by the key of site {site_id!r}")
         raise DeltaRejected(
             Reason.TAMPERED, "signature does not verify: header, key, nonce or ciphertext altered"
         )

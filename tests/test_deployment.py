@@ -7,9 +7,11 @@ site, on the same SuperLink and SuperNodes."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,8 +27,9 @@ from fedpeft.common.data import heart_sites
 from fedpeft.common.environment import FLWR_HOME_ENV
 from fedpeft.common.state import state_from_bytes
 from fedpeft.processes import BIN, child_env
-from fedpeft.server.checkpoints import write_store_key
-from fedpeft.server.store import RunInfo, SiteResult, open_store
+from fedpeft.server.checkpoints import open_state, read_store_key, write_store_key
+from fedpeft.server.store import RunInfo, RunOwner, SiteResult, open_store, pid_alive
+from fedpeft.server.store.base import utcnow
 
 pytestmark = pytest.mark.slow
 APP = Path(__file__).parent / "deploy_app"
@@ -34,7 +37,18 @@ EVIL_APP = Path(__file__).parent / "evil_app"
 SITES = ("Cleveland", "Hungary")
 #: deploy_app's ClientApp is fedpeft's plus a site-local copy of each delta: the sites of these
 #: tests have it installed (on their PYTHONPATH) and allow it beside fedpeft's own.
-SITE_APPS = ("--allow-app", "fedpeft.client.app:app", "--allow-app", "site_dump:app")
+SITE_APPS = tuple(
+    arg
+    for app in (
+        "fedpeft.client.app:app",
+        "site_dump:app",
+        "site_forge:app",
+        "site_forge:withholding",
+    )
+    for arg in ("--allow-app", app)
+)
+#: The site that runs site_forge's hostile code when a run names it, and the site it poses as.
+FORGER, VICTIM = "Hungary", "Cleveland"
 
 
 def _free_port() -> int:
@@ -79,7 +93,14 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def _env(home: Path) -> dict[str, str]:
     # PYTHONPATH: what the test sites have installed beside fedpeft (deploy_app's ClientApp).
-    return child_env({FLWR_HOME_ENV: str(home), "PYTHONPATH": str(APP)})
+    return child_env(
+        {
+            FLWR_HOME_ENV: str(home),
+            "PYTHONPATH": str(APP),
+            "FEDPEFT_TEST_FORGER": FORGER,
+            "FEDPEFT_TEST_VICTIM": VICTIM,
+        }
+    )
 
 
 def _windows(state: dict[str, np.ndarray]) -> list[bytes]:
@@ -358,6 +379,158 @@ def test_a_site_whose_policy_forbids_the_method_refuses_and_the_other_trains(
         assert expected in table and "ia3" in table, table
 
 
+def _app_running(tmp: Path, clientapp: str) -> Path:
+    """deploy_app with ``clientapp`` as its ClientApp, in a new folder under ``tmp``."""
+    text = (APP / "pyproject.toml").read_text()
+    assert 'clientapp = "site_dump:app"' in text
+    folder = tmp / clientapp.replace(":", "-")
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(
+        text.replace('clientapp = "site_dump:app"', f'clientapp = "{clientapp}"')
+    )
+    return folder
+
+
+def _global_states(coord: Path, run_id: int, rounds: int) -> list[dict[str, np.ndarray]]:
+    store = open_store(f"sqlite:///{coord / 'runs.db'}")
+    try:
+        blobs = [store.global_state(run_id, rnd) for rnd in range(1, rounds + 1)]
+    finally:
+        store.close()
+    key = read_store_key(coord / "store.key")
+    return [open_state(key, run_id, rnd, blob) for rnd, blob in blobs]
+
+
+def test_a_site_forging_a_different_reply_each_round_changes_nothing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Issue 12's fault (c): Hungary runs site_forge (tests/deploy_app): each of four rounds it
+    sends another forged or malformed update (another site's name, NaN values, an altered
+    ciphertext, a replay of the previous round's) and another bad evaluation (10^300 validation
+    rows, a short histogram, NaN test rows, another site's name). Each is rejected with its
+    reason, the run finishes, and every round's global state equals, bit for bit, that of the
+    same run in which Hungary sent no update at all."""
+    run_config = f'data.dataset="{deployment.root}" federation.rounds=4 federation.min_sites=1'
+    forged, rows = _submit(
+        deployment, _app_running(tmp_path, "site_forge:app"), run_config, status="finished"
+    )
+    reference, _ = _submit(
+        deployment, _app_running(tmp_path, "site_forge:withholding"), run_config, "finished"
+    )
+    found = {
+        (r.phase, r.round): (r.status, (r.reason or "").split(":")[0])
+        for r in rows
+        if r.site == FORGER
+    }
+    assert found == {
+        ("train", 1): ("rejected", "bad-signature"),
+        ("train", 2): ("rejected", "non-finite"),
+        ("train", 3): ("rejected", "tampered"),
+        ("train", 4): ("rejected", "wrong-round"),
+        ("evaluate", 1): ("rejected", "evaluation"),
+        ("evaluate", 2): ("rejected", "evaluation"),
+        ("evaluate", 3): ("rejected", "evaluation"),
+        ("evaluate", 4): ("rejected", "bad-signature"),
+    }, rows
+    assert all(r.status == "ok" for r in rows if r.site == VICTIM)
+    store = open_store(f"sqlite:///{deployment.coord / 'runs.db'}")
+    rounds = store.rounds(forged.id)
+    store.close()
+    assert [(r.round, r.accepted, r.rejected, r.applied) for r in rounds] == [
+        (rnd, 1, 1, True) for rnd in (1, 2, 3, 4)
+    ]
+    states = _global_states(deployment.coord, forged.id, 4)
+    expected = _global_states(deployment.coord, reference.id, 4)
+    for rnd, (state, same) in enumerate(zip(states, expected, strict=True), start=1):
+        assert state.keys() == same.keys()
+        for name in state:
+            assert np.array_equal(state[name], same[name]), (rnd, name)
+    assert any(  # and the rounds did change the state
+        not np.array_equal(states[0][name], states[-1][name]) for name in states[0]
+    )
+
+
+def _ledger_lines(home: Path) -> list[dict[str, object]]:
+    """The entries of the site ledger in ``home`` (ledger.jsonl beside site.toml)."""
+    ledger = home / "ledger.jsonl"
+    lines = ledger.read_text().splitlines() if ledger.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def _wait_for_uploads(
+    homes: list[Path], since: list[int], rnd: int, proc: subprocess.Popen[bytes]
+) -> None:
+    """Until each site in ``homes`` has sent its train reply of round ``rnd`` (its ledger's
+    upload entry, written as the reply leaves), among the entries after ``since``."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if all(
+            any(
+                e["event"] == "upload" and e["round"] == rnd and e["message_type"] == "train"
+                for e in _ledger_lines(home)[skip:]
+            )
+            for home, skip in zip(homes, since, strict=True)
+        ):
+            return
+        assert proc.poll() is None, f"{proc.args!r} exited with {proc.returncode}"
+        time.sleep(0.1)
+    raise TimeoutError(f"the sites did not send round {rnd}'s updates in 600 s")
+
+
+def test_a_store_locked_for_7_s_during_a_round_write_loses_nothing(
+    deployment: Deployment, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Issue 12's fault (d): as the sites send round 2's updates (whose replies also carry
+    their evaluation of round 1's state, after which round 1 is written), another connection
+    takes the store's write lock (BEGIN EXCLUSIVE) and holds it 7 s. Round 1's write came while
+    the lock was held (its finish time, taken just before the write, lies inside the 7 s, and
+    the row was not there when the lock was let go); it waited, and the run finishes with every
+    round and every site's rows."""
+    coord, homes = deployment.coord, [deployment.root / site for site in SITES]
+    since = [len(_ledger_lines(home)) for home in homes]
+    run_config = f'data.dataset="{deployment.root}" federation.rounds=3 federation.min_sites=2'
+    with (coord / "locked-run.log").open("wb") as log:
+        run = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(APP), "coordinator", "--stream"]
+            + ["--run-config", run_config],
+            env=_env(coord / "flwr-cli"),
+            cwd=coord,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    processes.append(run)
+    _wait_for_uploads(homes, since, 2, run)
+    lock = sqlite3.connect(coord / "runs.db", isolation_level=None, timeout=60)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        locked_at = utcnow()
+        (run_id,) = lock.execute("SELECT max(id) FROM runs").fetchone()
+        time.sleep(7)
+        (written,) = lock.execute(
+            "SELECT count(*) FROM rounds WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        released_at = utcnow()
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    assert written == 0  # round 1 waited for the lock
+    assert run.wait(timeout=600) == 0, (coord / "locked-run.log").read_text()[-3000:]
+    store = open_store(f"sqlite:///{coord / 'runs.db'}")
+    try:
+        info = store.get_run(run_id)
+        rounds = store.rounds(run_id)
+        rows = store.site_results(run_id)
+    finally:
+        store.close()
+    assert info.status == "finished", info.error
+    assert [(r.round, r.accepted, r.applied) for r in rounds] == [(n, 2, True) for n in (1, 2, 3)]
+    assert locked_at <= rounds[0].finished_at <= released_at, (locked_at, released_at)
+    assert sorted((r.round, r.phase, r.site) for r in rows if r.status == "ok") == sorted(
+        (n, phase, site) for n in (1, 2, 3) for phase in ("train", "evaluate") for site in SITES
+    )
+
+
 #: The run the "killed mid-run" tests start: three rounds, at least two sites, a short timeout.
 THREE_ROUNDS = (
     'device = "cpu"\n[federation]\nrounds = 3\nmin_sites = 2\nround_timeout_s = 150.0\n'
@@ -383,12 +556,43 @@ def _follow_run(
     return follow
 
 
-def test_a_site_killed_during_a_round_does_not_stop_the_run(
+def _owner_once_round_1_is_stored(coord: Path, follow: subprocess.Popen[bytes]) -> RunOwner:
+    """The owner (the ServerApp) of the coordinator's only run, once its round 1 is stored."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if (coord / "runs.db").exists():
+            store = open_store(f"sqlite:///{coord / 'runs.db'}")
+            try:
+                runs = store.list_runs()
+                owner = runs[0].owner if runs and store.rounds(runs[0].id) else None
+            finally:
+                store.close()
+            if owner is not None:
+                assert owner.pid != follow.pid  # the ServerApp, not the CLI
+                return owner
+        assert follow.poll() is None, (coord / "run.log").read_text()[-3000:]
+        time.sleep(0.5)
+    raise TimeoutError("round 1 was not recorded in 600 s")
+
+
+def _resume(coord: Path, run_id: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "fedpeft"), "run", "resume", str(run_id), "--coordinator", "coordinator.toml"],
+        cwd=coord,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_a_site_killed_during_its_upload_does_not_stop_the_run(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    """Three hospitals, three rounds, at least two sites per round: the third site's SuperNode
-    dies (SIGKILL, with the ClientApp it started) as round 2 begins. Rounds 2 and 3 complete with
-    the two others, and the store records the dead site's failure."""
+    """Issue 12's fault (e): three hospitals, three rounds, at least two sites per round. The
+    third site's SuperNode and worker are SIGKILLed as its round 2 update leaves (its ledger's
+    upload entry, written as the reply is handed to the SuperNode). That update arrives whole
+    and is used, or is missing: never half-read or rejected. Rounds 2 and 3 complete with the
+    two others, and the store records the dead site's failure."""
     coord, fleet = _coordinator(tmp_path, processes)
     names = ("Cleveland", "Hungary", "Switzerland")
     sites = {
@@ -396,29 +600,27 @@ def test_a_site_killed_during_a_round_does_not_stop_the_run(
         for name, data in zip(names, heart_sites()[:3], strict=True)
     }
     follow = _follow_run(coord, processes)
-    db = f"sqlite:///{coord / 'runs.db'}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # until round 2's train messages are sent
-        if "round 2/3: training" in (coord / "run.log").read_text():
-            break
-        assert follow.poll() is None, (coord / "run.log").read_text()[-3000:]
-        time.sleep(0.5)
-    else:
-        raise TimeoutError("round 2 did not begin in 600 s")
+    _wait_for_uploads([tmp_path / "Switzerland"], [0], 2, follow)
     os.killpg(sites["Switzerland"].pid, signal.SIGKILL)
     assert follow.wait(timeout=900) == 0, (coord / "run.log").read_text()[-3000:]
 
-    store = open_store(db)
+    store = open_store(f"sqlite:///{coord / 'runs.db'}")
     (run,) = store.list_runs()
     assert run.status == "finished"
     rounds = store.rounds(run.id)
-    assert [r.round for r in rounds] == [1, 2, 3] and all(r.applied for r in rounds)
-    assert rounds[0].accepted == 3
-    assert rounds[1].accepted == 2 and rounds[2].accepted == 2
     dead = [r for r in store.site_results(run.id) if r.site == "Switzerland" and r.phase == "train"]
-    assert dead[0].status == "ok" and all(r.status == "failed" for r in dead[1:])
-    assert dead[1].reason is not None and dead[1].reason.split(":")[0] in ("no-reply", "site-error")
     store.close()
+    assert [r.round for r in rounds] == [1, 2, 3] and all(r.applied for r in rounds)
+    assert rounds[0].accepted == 3 and rounds[2].accepted == 2
+    assert [r.round for r in dead] == [1, 2, 3]
+    assert dead[0].status == "ok" and dead[2].status == "failed"
+    if rounds[1].accepted == 3:  # its update had left whole
+        assert dead[1].status == "ok"
+    else:
+        assert rounds[1].accepted == 2 and dead[1].status == "failed"
+    for r in dead[1:]:
+        if r.status == "failed":
+            assert r.reason is not None and r.reason.split(":")[0] in ("no-reply", "site-error")
 
 
 def test_a_serverapp_killed_after_round_1_is_resumed_and_the_run_finishes(
@@ -435,22 +637,7 @@ def test_a_serverapp_killed_after_round_1_is_resumed_and_the_run_finishes(
         _site(tmp_path, processes, name, coord, fleet, _sample(data))
     follow = _follow_run(coord, processes)
     db = f"sqlite:///{coord / 'runs.db'}"
-    deadline = time.monotonic() + 600
-    owner = None
-    while time.monotonic() < deadline:  # until round 1 is in the store
-        if (coord / "runs.db").exists():
-            store = open_store(db)
-            runs = store.list_runs()
-            if runs and store.rounds(runs[0].id):
-                owner = runs[0].owner
-            store.close()
-            if owner is not None:
-                break
-        assert follow.poll() is None, (coord / "run.log").read_text()[-3000:]
-        time.sleep(0.5)
-    else:
-        raise TimeoutError("round 1 was not recorded in 600 s")
-    assert owner is not None and owner.pid != follow.pid  # the ServerApp, not the CLI
+    owner = _owner_once_round_1_is_stored(coord, follow)
     os.kill(owner.pid, signal.SIGKILL)
     # run start sees its ServerApp gone, marks the run interrupted and says how to resume it.
     assert follow.wait(timeout=600) != 0
@@ -462,13 +649,7 @@ def test_a_serverapp_killed_after_round_1_is_resumed_and_the_run_finishes(
     recorded = [r.round for r in store.rounds(run.id)]
     store.close()
 
-    resumed = subprocess.run(
-        [str(BIN / "fedpeft"), "run", "resume", str(run.id), "--coordinator", "coordinator.toml"],
-        cwd=coord,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    resumed = _resume(coord, run.id)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming run 1 (interrupted) after round {recorded[-1]} of 3" in resumed.stdout
     store = open_store(db)
@@ -483,3 +664,56 @@ def test_a_serverapp_killed_after_round_1_is_resumed_and_the_run_finishes(
         assert resumption.owner is not None and resumption.owner.pid != owner.pid
     finally:
         store.close()
+
+
+def test_a_coordinator_restarted_between_rounds_takes_the_run_up_again(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Issue 12's fault (b): two hospitals, three rounds. Once round 1 is stored, the whole
+    coordinator service (`fedpeft coordinator start`: the SuperLink, its state in SQLite, and the
+    ServerApp it started) is stopped, as a service manager stops it, and started again. The
+    SuperNodes, left running, reconnect by themselves; the restarted coordinator finds the run
+    its ServerApp left and marks it interrupted; `fedpeft run resume` finishes it with both
+    sites in every round."""
+    coord, fleet = _coordinator(tmp_path, processes)
+    superlink = processes[0]
+    for name, data in zip(SITES, heart_sites()[:2], strict=True):
+        _site(tmp_path, processes, name, coord, fleet, _sample(data))
+    follow = _follow_run(coord, processes)
+    owner = _owner_once_round_1_is_stored(coord, follow)
+    os.killpg(superlink.pid, signal.SIGTERM)
+    superlink.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while pid_alive(owner.host, owner.pid):  # the ServerApp went with its SuperLink
+        assert time.monotonic() < deadline, "the ServerApp outlived its coordinator by 60 s"
+        time.sleep(0.5)
+    assert follow.wait(timeout=600) != 0  # run start said the run stopped, and how to resume it
+    assert "fedpeft run resume 1" in (coord / "run.log").read_text()
+
+    restarted = _start(
+        processes,
+        coord,
+        "coordinator-2.log",
+        "coordinator",
+        "start",
+        "--config",
+        "coordinator.toml",
+    )
+    _wait_for_port(fleet, restarted)
+    store = open_store(f"sqlite:///{coord / 'runs.db'}")
+    (run,) = store.list_runs()
+    stored = [r.round for r in store.rounds(run.id)]
+    store.close()
+    assert run.status == "interrupted" and stored, run
+    resumed = _resume(coord, run.id)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    store = open_store(f"sqlite:///{coord / 'runs.db'}")
+    try:
+        run = store.get_run(run.id)
+        rounds = store.rounds(run.id)
+        (resumption,) = store.resumptions(run.id)
+    finally:
+        store.close()
+    assert run.status == "finished"
+    assert [(r.round, r.accepted, r.applied) for r in rounds] == [(n, 2, True) for n in (1, 2, 3)]
+    assert resumption.after_round == stored[-1]

@@ -180,7 +180,7 @@ def test_a_second_delta_from_one_site_in_a_round_is_refused(
         # Site A's own envelope, sent under B's name.
         ("A", "A", "bad-signature: a delta signed by site 'A' sent as site 'B'"),
         # An envelope that names B, signed with A's key.
-        ("B", "A", "bad-signature: not signed by site 'B''s key"),
+        ("B", "A", "bad-signature: not signed by the key of site 'B'"),
     ],
 )
 def test_a_site_claiming_another_sites_name_is_refused(
