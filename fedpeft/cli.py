@@ -563,7 +563,7 @@ def _start_coordinator(args: argparse.Namespace) -> int:
     from fedpeft import processes
     from fedpeft.common.crypto import read_private_key
     from fedpeft.common.trust import read_sites_file
-    from fedpeft.recovery import mark_interrupted_runs
+    from fedpeft.recovery import mark_interrupted_runs, stop_serverapps
     from fedpeft.server.checkpoints import read_store_key
     from fedpeft.settings import load_coordinator_config
 
@@ -589,7 +589,10 @@ def _start_coordinator(args: argparse.Namespace) -> int:
     mark_interrupted_runs(cfg.store, _say)
     folder = args.config.resolve().parent
     env = processes.coordinator_env(cfg, processes.flwr_home(args.config))
-    return processes.run_foreground(cmd, env, folder)
+    code = processes.run_foreground(cmd, env, folder)
+    # Its ServerApps outlive it, waiting on it for ever: stopped, their runs left resumable.
+    stop_serverapps(cfg.store, _say)
+    return code
 
 
 def _start_site(args: argparse.Namespace) -> int:

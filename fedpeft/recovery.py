@@ -5,14 +5,30 @@ simulation), recorded as the run's owner. If that process is killed or runs out 
 run stays ``running`` in the store; the next ``fedpeft coordinator start`` or ``fedpeft
 simulate`` on the same host sees its owner gone and marks it ``interrupted`` with its last
 recorded round (:meth:`RunStore.mark_interrupted`).
+
+A ServerApp outlives its SuperLink: Flower starts it in a session of its own, and once the
+SuperLink is gone it waits on it for ever. ``fedpeft coordinator start`` therefore stops, when
+its SuperLink has exited, the ServerApps of this host still running its runs
+(:func:`stop_serverapps`), and marks those runs interrupted: a restarted coordinator then takes
+them up with ``fedpeft run resume``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from fedpeft.common.errors import NoStore
-from fedpeft.server.store import InterruptedRun, open_store, pid_alive
+from fedpeft.server.store import InterruptedRun, RunStatus, open_store, pid_alive
+
+#: What a ServerApp's command line holds (Flower's ``flwr-serverapp`` script).
+SERVERAPP = b"flwr-serverapp"
+#: How long a ServerApp has to exit on SIGTERM before it is killed.
+STOP_GRACE_S = 10.0
 
 
 def mark_interrupted_runs(
@@ -33,3 +49,49 @@ def mark_interrupted_runs(
     for run in marked:
         say(run.describe())
     return marked
+
+
+def is_serverapp(pid: int) -> bool:
+    """Whether process ``pid`` is a Flower ServerApp, as /proc says (Linux); False where it
+    cannot tell: nothing is stopped on a guess."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return any(Path(os.fsdecode(arg)).name == SERVERAPP.decode() for arg in command.split(b"\0"))
+
+
+def stop_serverapps(
+    db: str, say: Callable[[str], None] = print, grace_s: float = STOP_GRACE_S
+) -> list[InterruptedRun]:
+    """Stop the ServerApps of this host that still run a run of store ``db`` (SIGTERM, then
+    SIGKILL after ``grace_s``), then mark their runs interrupted; called once the coordinator's
+    SuperLink has exited. Only a process that is a ServerApp is signalled, never a PID that
+    another program has taken since."""
+    try:
+        store = open_store(db, create=False)
+    except NoStore:
+        return []
+    try:
+        runs = [r for r in store.list_runs() if r.status == RunStatus.RUNNING]
+    finally:
+        store.close()
+    here = socket.gethostname()
+    pids = {
+        r.owner.pid
+        for r in runs
+        if r.owner is not None and r.owner.host == here and is_serverapp(r.owner.pid)
+    }
+    for pid in sorted(pids):
+        say(f"stopping the ServerApp (process {pid}) of a run its SuperLink left")
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(pid_alive(here, pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in sorted(pids):
+        if pid_alive(here, pid) and is_serverapp(pid):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace_s
+    while any(pid_alive(here, pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return mark_interrupted_runs(db, say)

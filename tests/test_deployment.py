@@ -612,12 +612,14 @@ def test_a_site_killed_during_its_upload_does_not_stop_the_run(
     store.close()
     assert [r.round for r in rounds] == [1, 2, 3] and all(r.applied for r in rounds)
     assert rounds[0].accepted == 3 and rounds[2].accepted == 2
-    assert [r.round for r in dead] == [1, 2, 3]
-    assert dead[0].status == "ok" and dead[2].status == "failed"
+    by_round = {r.round: r for r in dead}
+    assert by_round[1].status == "ok"
     if rounds[1].accepted == 3:  # its update had left whole
-        assert dead[1].status == "ok"
+        assert by_round[2].status == "ok"
     else:
-        assert rounds[1].accepted == 2 and dead[1].status == "failed"
+        assert rounds[1].accepted == 2 and by_round[2].status == "failed"
+    # Round 3 is sent to the sites online then: once Flower has dropped the dead node, none.
+    assert 3 not in by_round or by_round[3].status == "failed"
     for r in dead[1:]:
         if r.status == "failed":
             assert r.reason is not None and r.reason.split(":")[0] in ("no-reply", "site-error")
@@ -669,12 +671,12 @@ def test_a_serverapp_killed_after_round_1_is_resumed_and_the_run_finishes(
 def test_a_coordinator_restarted_between_rounds_takes_the_run_up_again(
     tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    """Issue 12's fault (b): two hospitals, three rounds. Once round 1 is stored, the whole
-    coordinator service (`fedpeft coordinator start`: the SuperLink, its state in SQLite, and the
-    ServerApp it started) is stopped, as a service manager stops it, and started again. The
-    SuperNodes, left running, reconnect by themselves; the restarted coordinator finds the run
-    its ServerApp left and marks it interrupted; `fedpeft run resume` finishes it with both
-    sites in every round."""
+    """Issue 12's fault (b): two hospitals, three rounds. Once round 1 is stored, the coordinator
+    service (`fedpeft coordinator start` and its SuperLink, whose state is in SQLite) gets
+    SIGTERM, and is started again. Once its SuperLink has exited, the coordinator stops the
+    ServerApp Flower started in another session (it would wait for ever) and marks the run
+    interrupted. The SuperNodes, left running, reconnect by themselves; `fedpeft run resume`
+    finishes the run with both sites in every round."""
     coord, fleet = _coordinator(tmp_path, processes)
     superlink = processes[0]
     for name, data in zip(SITES, heart_sites()[:2], strict=True):
@@ -682,11 +684,11 @@ def test_a_coordinator_restarted_between_rounds_takes_the_run_up_again(
     follow = _follow_run(coord, processes)
     owner = _owner_once_round_1_is_stored(coord, follow)
     os.killpg(superlink.pid, signal.SIGTERM)
-    superlink.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    while pid_alive(owner.host, owner.pid):  # the ServerApp went with its SuperLink
-        assert time.monotonic() < deadline, "the ServerApp outlived its coordinator by 60 s"
-        time.sleep(0.5)
+    superlink.wait(timeout=180)
+    # Flower starts the ServerApp in a session of its own: the coordinator stopped it.
+    assert not pid_alive(owner.host, owner.pid)
+    said = (coord / "coordinator.log").read_text()
+    assert f"stopping the ServerApp (process {owner.pid})" in said, said[-3000:]
     assert follow.wait(timeout=600) != 0  # run start said the run stopped, and how to resume it
     assert "fedpeft run resume 1" in (coord / "run.log").read_text()
 

@@ -1,0 +1,96 @@
+"""fedpeft/recovery.py: a stopped coordinator stops the ServerApps its SuperLink left running,
+and only those, and their runs become resumable."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedpeft.recovery import is_serverapp, stop_serverapps
+from fedpeft.server.store import RunOwner, open_store, pid_alive
+
+#: Stands in for Flower's flwr-serverapp: a script of that name that ignores SIGTERM (as a
+#: ServerApp waiting on a gone SuperLink did), so only SIGKILL ends it.
+SERVERAPP = """\
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _start(procs: list[subprocess.Popen[str]], script: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    procs.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def _running_run(db: str, pid: int, host: str | None = None) -> int:
+    store = open_store(db)
+    try:
+        return store.create_run(
+            config_json='{"seed": 0}',
+            dataset="heart",
+            method="lora",
+            model_name="m",
+            model_fingerprint="sha256:abc",
+            trainable_params=10,
+            total_params=1000,
+            seed=0,
+            owner=RunOwner(host or socket.gethostname(), pid),
+        )
+    finally:
+        store.close()
+
+
+def test_a_stopped_coordinator_kills_its_left_serverapps_and_marks_their_runs(
+    tmp_path: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    (tmp_path / "flwr-serverapp").write_text(SERVERAPP)
+    (tmp_path / "other-program").write_text(SERVERAPP)
+    serverapp = _start(started, tmp_path / "flwr-serverapp")
+    other = _start(started, tmp_path / "other-program")  # a PID reused by something else
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    left = _running_run(db, serverapp.pid)
+    reused = _running_run(db, other.pid)
+    elsewhere = _running_run(db, serverapp.pid, host="another-host")
+    assert is_serverapp(serverapp.pid) and not is_serverapp(other.pid)
+    assert not is_serverapp(os.getpid())
+
+    said: list[str] = []
+    marked = stop_serverapps(db, said.append, grace_s=1.0)
+
+    assert serverapp.wait(timeout=10) != 0  # SIGTERM ignored, then SIGKILLed
+    time.sleep(0.2)
+    assert other.poll() is None and pid_alive(socket.gethostname(), other.pid)
+    assert [m.run_id for m in marked] == [left]
+    assert (
+        said[0] == f"stopping the ServerApp (process {serverapp.pid}) of a run its SuperLink left"
+    )
+    assert f"run {left} was left running by process {serverapp.pid}" in said[1]
+    store = open_store(db)
+    statuses = {r.id: r.status for r in store.list_runs()}
+    store.close()
+    assert statuses == {left: "interrupted", reused: "running", elsewhere: "running"}
+
+
+def test_no_store_no_action(tmp_path: Path) -> None:
+    assert stop_serverapps(f"sqlite:///{tmp_path / 'none.db'}", print) == []
+    assert not (tmp_path / "none.db").exists()
