@@ -4,6 +4,7 @@ FEDPEFT_TEST_POSTGRES_URL)."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -559,3 +560,28 @@ def test_opening_an_existing_store_only_creates_nothing(tmp_path: Path) -> None:
     reader = open_store(url, create=False)
     assert reader.get_run().id == run_id
     reader.close()
+
+
+def _open_at(url: str, start: float) -> str:
+    """Open (and so create) the store at ``url`` at time ``start``; what went wrong, or ""."""
+    time.sleep(max(0.0, start - time.time()))
+    try:
+        open_store(url).close()
+    except StoreError as exc:
+        return str(exc)
+    return ""
+
+
+def test_processes_that_create_one_new_store_at_once_all_open_it(tmp_path: Path) -> None:
+    """A ServerApp and `fedpeft run start`'s follower can open a new SQLite store at the same
+    moment: the schema is created once, and every opener gets the store."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        for attempt in range(3):
+            url = f"sqlite:///{tmp_path / f'runs-{attempt}.db'}"
+            start = time.time() + 3.0  # after the workers have imported the store
+            errors = pool.starmap(_open_at, [(url, start)] * 4)
+            assert errors == [""] * 4, errors
+            store = open_store(url)
+            assert store.list_runs() == []
+            store.close()

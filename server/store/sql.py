@@ -72,6 +72,8 @@ BUSY_TIMEOUT_S = 10.0
 #: the busy timeout of each attempt, a lock held through a long checkpoint or a backup copy.
 LOCK_RETRY_S = 30.0
 _FIRST_DELAY_S, _MAX_DELAY_S = 0.1, 2.0
+#: The PostgreSQL advisory lock key that serializes migrations (any fixed 64-bit number).
+_MIGRATION_LOCK = 0x66656470656674  # "fedpeft"
 
 
 def _run_info(row: RunRow) -> RunInfo:
@@ -169,6 +171,11 @@ def upgrade_schema(engine: Engine) -> None:
     On SQLite, foreign keys are off while migrating: a batch migration copies a table, drops
     the old one and renames the copy, and dropping ``runs`` with foreign keys on would
     cascade-delete every round, site row and state of every run. They are checked after.
+
+    Processes that open one new store at once (a ServerApp and ``fedpeft run start``'s
+    follower) migrate one after the other: the migration holds the database's write lock from
+    its start (SQLite ``BEGIN IMMEDIATE``; a PostgreSQL advisory lock), so the next one waits,
+    then finds the schema at head. Without it both created the tables, and one failed.
     """
     from alembic import command
     from alembic.config import Config
@@ -182,6 +189,10 @@ def upgrade_schema(engine: Engine) -> None:
             connection.commit()
         try:
             with connection.begin():
+                if sqlite:  # the driver begins lazily, and never before DDL: begin here
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                elif engine.dialect.name == "postgresql":
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
                 if sqlite and connection.exec_driver_sql("PRAGMA foreign_key_check").first():
