@@ -4,11 +4,12 @@ A run config is data. It is built once (file values, then CLI overrides, in :fun
 validated with every problem reported together, and then passed down unchanged.
 
 Sites never see the whole of it: :meth:`RunConfig.for_sites` keeps only what a site acts on
-(:class:`SiteRunConfig`: seed, model, method, local training, codec, rounds, upload bound and test
-fraction), which travels inside the coordinator's signed global state (common/envelope.py), so
-both sides train with the same settings and no relay can alter them. What a site's rows look
-like (:class:`DataSchema`) and the device it trains on are the site's own settings (site.toml);
-the store URL (``db``) is the coordinator's and is never serialized.
+(:class:`SiteRunConfig`: seed, model, method, local training, codec, rounds, upload bound, test
+fraction, and what it does to its update before it leaves: :class:`SitePrivacy`), which travels
+inside the coordinator's signed global state (common/envelope.py), so both sides train with the
+same settings and no relay can alter them. What a site's rows look like (:class:`DataSchema`)
+and the device it trains on are the site's own settings (site.toml); the store URL (``db``) is
+the coordinator's and is never serialized.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -79,6 +81,58 @@ class TrainConfig:
 
 #: ``federation.aggregator`` values (server/aggregation.py).
 AGGREGATORS = ("fedavg", "trimmed-mean")
+#: ``federation.dp.mode`` values: who adds the Gaussian noise (common/dp.py).
+DP_MODES = ("central", "distributed")
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """``[federation.secure_aggregation]``: sites upload their updates masked, so that the
+    coordinator learns only the round's sum (SecAgg, Bonawitz et al. 2017; SecAgg+, Bell et al.
+    2020)."""
+
+    enabled: bool = False
+    #: The share of the round's sites whose mask shares must come back for the sum to be
+    #: unmasked: a round of n sites needs t = max(2, ceil(threshold * n)) of them (see
+    #: :meth:`shares_needed`); with fewer the round is refused, never summed wrong. Higher
+    #: tolerates fewer dropouts; lower lets fewer colluding sites and the coordinator unmask.
+    threshold: float = 0.6
+    #: The L2 norm each site clips its update to before masking; also the range of the
+    #: fixed-point encoding (no coordinate of a clipped update exceeds it). With
+    #: ``federation.dp`` on, sites clip to ``dp.clip`` instead, which must not exceed this.
+    clip: float = 1.0
+
+    def shares_needed(self, n: int) -> int:
+        """t for a round of ``n`` sites: ``max(2, ceil(threshold * n))`` (more than ``n`` when
+        ``n`` < 2: such a round cannot be summed securely)."""
+        # Rounded before ceil: 0.7 * 10 is 7.000000000000001 in binary floating point.
+        return max(2, math.ceil(round(self.threshold * n, 9)))
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """``[federation.dp]``: client-level differential privacy (DP-FedAvg, McMahan et al. 2018).
+    Each site's update is clipped to ``clip``; the round's sum of updates carries Gaussian noise
+    of standard deviation ``noise_multiplier * clip``; the aggregate is the noisy sum over the
+    round's n participants, divided by n. The privacy accountant (common/dp.py, Opacus' RDP
+    analysis) gives the run's epsilon at ``delta`` after every round, and each site's over the
+    rounds it took part in."""
+
+    enabled: bool = False
+    #: The L2 norm each site clips its whole update to (the sensitivity of the round's sum).
+    clip: float = 1.0
+    #: σ: the noise on the round's sum has standard deviation σ * clip. 0 = calibrated at run
+    #: start from ``target_epsilon`` (the σ that reaches it after ``federation.rounds`` rounds),
+    #: recorded in the stored config.
+    noise_multiplier: float = 0.0
+    #: The run's privacy budget; 0 = none. With ``noise_multiplier`` 0 it sets σ (above).
+    target_epsilon: float = 0.0
+    #: The δ of the (ε, δ) guarantee: below 1 / (number of sites) to mean anything.
+    delta: float = 1e-5
+    #: ``central``: the coordinator adds the noise to the sum (it is trusted with the
+    #: updates); ``distributed``: each of the round's sites adds its share, so that the
+    #: securely aggregated sum carries it (needs ``federation.secure_aggregation``).
+    mode: str = "central"
 
 
 @dataclass(frozen=True)
@@ -115,6 +169,18 @@ class FederationConfig:
     #: Largest sealed upload accepted, in bytes; 0 = twice the fp32 size of the shared state
     #: plus 64 KiB.
     max_upload_bytes: int = 0
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+    @property
+    def site_clip(self) -> float:
+        """The L2 norm a site clips its update to: ``dp.clip`` with DP on, else
+        ``secure_aggregation.clip`` with secure aggregation on, else 0 (no clipping)."""
+        if self.dp.enabled:
+            return self.dp.clip
+        if self.secure_aggregation.enabled:
+            return self.secure_aggregation.clip
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +220,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class SitePrivacy:
+    """What a site does to its update before it leaves (``federation.dp`` and
+    ``federation.secure_aggregation``, resolved): clip it, add its share of the noise, mask it."""
+
+    #: The L2 norm the site clips its whole update to; 0 = no clipping.
+    clip: float
+    #: σ of the run's noise (the round's sum carries σ * clip); 0 = DP off.
+    noise_multiplier: float
+    #: Distributed DP: the site adds its share of the noise,
+    #: ``common.dp.noise_std_per_site(noise_multiplier, clip, n)``; otherwise the coordinator
+    #: adds it (or nobody, with DP off).
+    distributed_noise: bool
+    #: The update leaves masked (secure aggregation): the coordinator learns only the sum.
+    secure_aggregation: bool
+    #: Secure aggregation: the share of the round's sites needed to unmask
+    #: (:meth:`SecureAggregationConfig.shares_needed`); 0 without it.
+    threshold: float
+    #: Secure aggregation: the range of the fixed-point encoding; 0 without it.
+    fixed_point_range: float
+
+
+@dataclass(frozen=True)
 class SiteRunConfig:
     """What a site acts on: exactly the settings a site reads to train, evaluate and seal (and a
     site policy may check). The coordinator signs it with each global state; a site takes its
@@ -172,6 +260,8 @@ class SiteRunConfig:
     max_upload_bytes: int
     #: Fraction of the site's rows held out for testing when its file has no split column.
     test_fraction: float
+    #: What the site does to its update before it leaves.
+    privacy: SitePrivacy
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no spaces; what is signed and hashed."""
@@ -226,8 +316,37 @@ class RunConfig:
     def from_json(cls, text: str) -> RunConfig:
         return build_config(json.loads(text))
 
+    def with_noise_multiplier(self, sigma: float) -> RunConfig:
+        """This config with ``federation.dp.noise_multiplier`` set: the σ calibrated from
+        ``target_epsilon`` at run start (``common.dp.resolve_noise_multiplier``), so that the
+        stored config and the sites' signed config show the σ that was used."""
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ConfigError(f"federation.dp.noise_multiplier: must be positive, got {sigma!r}")
+        f = self.federation
+        dp = dataclasses.replace(f.dp, noise_multiplier=float(sigma))
+        return dataclasses.replace(self, federation=dataclasses.replace(f, dp=dp))
+
     def for_sites(self) -> SiteRunConfig:
-        """The part of this config that sites act on (see :class:`SiteRunConfig`)."""
+        """The part of this config that sites act on (see :class:`SiteRunConfig`).
+
+        ``ConfigError`` while DP is on with σ still to be calibrated (``noise_multiplier`` 0):
+        a site must never be told to add no noise by a config that asked for some; see
+        :meth:`with_noise_multiplier`."""
+        f = self.federation
+        if f.dp.enabled and f.dp.noise_multiplier <= 0:
+            raise ConfigError(
+                "federation.dp.noise_multiplier: not calibrated yet from target_epsilon "
+                "(RunConfig.with_noise_multiplier); sites cannot be given this config"
+            )
+        sa = f.secure_aggregation
+        privacy = SitePrivacy(
+            clip=f.site_clip,
+            noise_multiplier=f.dp.noise_multiplier if f.dp.enabled else 0.0,
+            distributed_noise=f.dp.enabled and f.dp.mode == "distributed",
+            secure_aggregation=sa.enabled,
+            threshold=sa.threshold if sa.enabled else 0.0,
+            fixed_point_range=sa.clip if sa.enabled else 0.0,
+        )
         return SiteRunConfig(
             seed=self.seed,
             model=self.model,
@@ -237,6 +356,7 @@ class RunConfig:
             rounds=self.federation.rounds,
             max_upload_bytes=self.federation.max_upload_bytes,
             test_fraction=self.data.test_fraction,
+            privacy=privacy,
         )
 
 
@@ -327,6 +447,21 @@ def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     need(cfg.codec in CODECS, f"codec: must be one of {', '.join(CODECS)}")
     need(cfg.max_upload_bytes >= 0, "max_upload_bytes: must not be negative (0 = auto)")
     need(0 < cfg.test_fraction < 1, "test_fraction: must be in (0, 1)")
+    p = cfg.privacy
+    need(p.clip >= 0 and math.isfinite(p.clip), "privacy.clip: must be 0 (none) or positive")
+    need(
+        p.noise_multiplier >= 0 and math.isfinite(p.noise_multiplier),
+        "privacy.noise_multiplier: must be 0 (none) or positive",
+    )
+    if p.noise_multiplier > 0 or p.distributed_noise:
+        need(p.clip > 0, "privacy.clip: must be positive with DP on (noise_multiplier > 0)")
+    if p.distributed_noise:
+        need(p.noise_multiplier > 0, "privacy.noise_multiplier: must be positive for site noise")
+        need(p.secure_aggregation, "privacy.distributed_noise: needs secure_aggregation")
+    if p.secure_aggregation:
+        need(0 < p.threshold <= 1, "privacy.threshold: must be in (0, 1]")
+        need(p.fixed_point_range > 0, "privacy.fixed_point_range: must be positive")
+        need(p.clip > 0, "privacy.clip: must be positive with secure aggregation")
 
 
 def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
@@ -355,12 +490,63 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     )
     need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction: must be in [0, 0.5)")
     need(f.max_upload_bytes >= 0, "federation.max_upload_bytes: must not be negative (0 = auto)")
+    _check_privacy(f, problems)
     need(0 < cfg.data.test_fraction < 1, "data.test_fraction: must be in (0, 1)")
     need(
         cfg.data.dataset in BENCHMARKS or Path(cfg.data.dataset).is_dir(),
         f"data.dataset: {cfg.data.dataset!r} is neither a benchmark "
         f"({', '.join(BENCHMARKS)}) nor an existing folder",
     )
+
+
+def _check_privacy(f: FederationConfig, problems: list[str]) -> None:
+    need = _needs(problems)
+    sa, dp = f.secure_aggregation, f.dp
+    need(
+        0 < sa.threshold <= 1,
+        f"federation.secure_aggregation.threshold: must be in (0, 1], got {sa.threshold!r}",
+    )
+    need(
+        sa.clip > 0 and math.isfinite(sa.clip),
+        f"federation.secure_aggregation.clip: must be positive, got {sa.clip!r}",
+    )
+    need(
+        dp.clip > 0 and math.isfinite(dp.clip),
+        f"federation.dp.clip: must be positive, got {dp.clip!r}",
+    )
+    need(
+        dp.noise_multiplier >= 0 and math.isfinite(dp.noise_multiplier),
+        "federation.dp.noise_multiplier: must be 0 (calibrated from target_epsilon) or positive",
+    )
+    need(
+        dp.target_epsilon >= 0 and math.isfinite(dp.target_epsilon),
+        "federation.dp.target_epsilon: must be 0 (none) or positive",
+    )
+    need(0 < dp.delta < 1, f"federation.dp.delta: must be in (0, 1), got {dp.delta!r}")
+    need(
+        dp.mode in DP_MODES,
+        f"federation.dp.mode: {dp.mode!r} is not one of {', '.join(DP_MODES)}",
+    )
+    if not dp.enabled:
+        return
+    need(
+        dp.noise_multiplier > 0 or dp.target_epsilon > 0,
+        "federation.dp: enabled needs noise_multiplier > 0 or target_epsilon > 0 (to calibrate "
+        "the noise multiplier from)",
+    )
+    if dp.mode == "distributed":
+        need(
+            sa.enabled,
+            "federation.dp.mode: distributed needs federation.secure_aggregation.enabled = "
+            "true (without it the coordinator sees each update with only its share of the "
+            "noise)",
+        )
+    if sa.enabled:
+        need(
+            dp.clip <= sa.clip,
+            f"federation.dp.clip: {dp.clip!r} is above federation.secure_aggregation.clip "
+            f"{sa.clip!r}, the range of the fixed-point encoding",
+        )
 
 
 def build_config(values: dict[str, Any]) -> RunConfig:

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.config import (
+    DPConfig,
+    RunConfig,
+    SecureAggregationConfig,
+    SitePrivacy,
+    SiteRunConfig,
+    load_config,
+)
 from fedpeft.common.errors import ConfigError
 
 
@@ -113,3 +120,132 @@ def test_the_method_tables_are_stored_as_before() -> None:
         "adapter": {"bottleneck": 16, "placement": ["attention", "ffn"]},
     }
     assert {key: stored[key] for key in expected} == expected
+
+
+# -- federation.secure_aggregation and federation.dp -------------------------------------------
+
+
+def test_privacy_is_off_by_default_and_sites_clip_nothing() -> None:
+    cfg = load_config()
+    assert not cfg.federation.dp.enabled and not cfg.federation.secure_aggregation.enabled
+    assert cfg.federation.site_clip == 0.0
+    assert cfg.for_sites().privacy == SitePrivacy(
+        clip=0.0,
+        noise_multiplier=0.0,
+        distributed_noise=False,
+        secure_aggregation=False,
+        threshold=0.0,
+        fixed_point_range=0.0,
+    )
+
+
+def test_the_privacy_tables_are_read_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        "[federation.secure_aggregation]\nenabled = true\nthreshold = 0.75\nclip = 2\n"
+        "[federation.dp]\nenabled = true\nclip = 0.5\nnoise_multiplier = 1.1\ndelta = 1e-6\n"
+        'mode = "distributed"\n'
+    )
+    cfg = load_config(path)
+    assert cfg.federation.secure_aggregation == SecureAggregationConfig(True, 0.75, 2.0)
+    assert cfg.federation.dp == DPConfig(True, 0.5, 1.1, 0.0, 1e-6, "distributed")
+    assert cfg.federation.site_clip == 0.5  # DP's clip; secure aggregation's is the range
+    assert cfg.for_sites().privacy == SitePrivacy(0.5, 1.1, True, True, 0.75, 2.0)
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    site = cfg.for_sites()
+    assert SiteRunConfig.from_json(site.to_json()) == site
+
+
+@pytest.mark.parametrize(
+    ("overrides", "privacy"),
+    [
+        ({"federation.secure_aggregation.enabled": True}, SitePrivacy(1.0, 0, False, True, 0.6, 1)),
+        ({"federation.dp.enabled": True}, SitePrivacy(1.0, 1.5, False, False, 0.0, 0.0)),
+        (
+            {"federation.dp.enabled": True, "federation.secure_aggregation.enabled": True},
+            SitePrivacy(1.0, 1.5, False, True, 0.6, 1.0),
+        ),
+    ],
+    ids=["secure-aggregation", "central-dp", "both"],
+)
+def test_what_each_setting_tells_the_sites(overrides: dict, privacy: SitePrivacy) -> None:
+    cfg = load_config(overrides={"federation.dp.noise_multiplier": 1.5, **overrides})
+    assert cfg.for_sites().privacy == privacy
+
+
+def test_every_privacy_problem_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            overrides={
+                "federation.secure_aggregation.threshold": 0.0,
+                "federation.secure_aggregation.clip": -1.0,
+                "federation.dp.enabled": True,
+                "federation.dp.clip": 0.0,
+                "federation.dp.delta": 1.0,
+                "federation.dp.mode": "local",
+            }
+        )
+    text = str(info.value)
+    for name in (
+        "federation.secure_aggregation.threshold: must be in (0, 1], got 0.0",
+        "federation.secure_aggregation.clip: must be positive, got -1.0",
+        "federation.dp.clip: must be positive, got 0.0",
+        "federation.dp.delta: must be in (0, 1), got 1.0",
+        "federation.dp.mode: 'local' is not one of central, distributed",
+        "federation.dp: enabled needs noise_multiplier > 0 or target_epsilon > 0",
+    ):
+        assert name in text
+    assert len(info.value.problems) == 6
+    # DP off: its noise settings are not needed.
+    assert not load_config(overrides={"federation.dp.mode": "distributed"}).federation.dp.enabled
+
+
+def test_distributed_noise_needs_secure_aggregation_and_a_clip_within_its_range() -> None:
+    dp = {"federation.dp.enabled": True, "federation.dp.noise_multiplier": 1.0}
+    with pytest.raises(ConfigError, match="distributed needs federation.secure_aggregation"):
+        load_config(overrides={**dp, "federation.dp.mode": "distributed"})
+    with pytest.raises(ConfigError, match="federation.dp.clip: 2.0 is above"):
+        load_config(
+            overrides={
+                **dp,
+                "federation.dp.clip": 2.0,
+                "federation.secure_aggregation.enabled": True,
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("threshold", "n", "t"),
+    [(0.6, 5, 3), (0.7, 10, 7), (0.6, 2, 2), (0.6, 3, 2), (1.0, 4, 4), (0.1, 20, 2), (1.0, 1, 2)],
+)
+def test_shares_needed_is_max_2_and_ceil_threshold_times_n(
+    threshold: float, n: int, t: int
+) -> None:
+    # 0.7 * 10 is 7.000000000000001 in floating point: t must still be 7, not 8.
+    assert SecureAggregationConfig(True, threshold).shares_needed(n) == t
+
+
+def test_a_target_epsilon_run_reaches_sites_only_with_its_calibrated_sigma() -> None:
+    cfg = load_config(
+        overrides={"federation.dp.enabled": True, "federation.dp.target_epsilon": 3.0}
+    )
+    with pytest.raises(ConfigError, match="not calibrated yet"):
+        cfg.for_sites()
+    calibrated = cfg.with_noise_multiplier(2.25)
+    assert calibrated.federation.dp.noise_multiplier == 2.25
+    assert calibrated.for_sites().privacy.noise_multiplier == 2.25
+    assert RunConfig.from_json(calibrated.to_json()) == calibrated  # stored as used
+    with pytest.raises(ConfigError, match="must be positive"):
+        cfg.with_noise_multiplier(0.0)
+
+
+def test_a_signed_site_config_with_inconsistent_privacy_is_refused() -> None:
+    site = load_config().for_sites()
+    values = json.loads(site.to_json())
+    values["privacy"].update(distributed_noise=True, noise_multiplier=1.0, clip=1.0)
+    with pytest.raises(ConfigError, match="privacy.distributed_noise: needs secure_aggregation"):
+        SiteRunConfig.from_json(json.dumps(values))
+    values = json.loads(site.to_json())
+    del values["privacy"]["clip"]
+    with pytest.raises(ConfigError, match="privacy.clip: missing"):
+        SiteRunConfig.from_json(json.dumps(values))

@@ -147,6 +147,7 @@ def test_the_site_config_holds_what_sites_read_and_no_coordinator_setting() -> N
         "rounds",
         "max_upload_bytes",
         "test_fraction",
+        "privacy",
     }
     assert (site.seed, site.model, site.method, site.train) == (
         cfg.seed,
@@ -160,6 +161,7 @@ def test_the_site_config_holds_what_sites_read_and_no_coordinator_setting() -> N
         cfg.federation.max_upload_bytes,
         cfg.data.test_fraction,
     )
+    assert site.privacy.clip == cfg.federation.site_clip
     text = site.to_json()
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
     assert SiteRunConfig.from_json(text) == site
