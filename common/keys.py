@@ -59,6 +59,11 @@ TASK_SECONDS: Final = "task-seconds"
 STEPS: Final = "steps"
 EPOCHS_RUN: Final = "epochs-run"
 
+# SiteResult.extra keys the coordinator records for a site (besides aggregation's).
+#: A DP run's epsilon for this site after the round, over the rounds it took part in
+#: (``common.dp.Accountant.site_epsilon``), at the run's delta.
+SITE_EPSILON: Final = "epsilon"
+
 # Simulation node config key set by Flower for each virtual SuperNode.
 PARTITION_ID: Final = "partition-id"
 # Deployment node config keys (a site's SuperNode passes these to its ClientApp).

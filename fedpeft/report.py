@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpeft.common.keys import SITE_EPSILON
 from fedpeft.server.rounds import select_round
 from fedpeft.server.store import RunStatus, RunStore
 
@@ -38,6 +40,12 @@ class Summary:
     #: Why a run that did not finish ended (failed) or stopped (interrupted).
     error: str | None = None
     last_round: int | None = None  # the last round recorded
+    #: A DP run's epsilon after each round that recorded one, (round, epsilon), in order.
+    epsilons: list[tuple[int, float]] = field(default_factory=list)
+    #: The delta those epsilons hold at (the run config's ``federation.dp.delta``).
+    delta: float | None = None
+    #: Each site's epsilon after the last round it took part in.
+    site_epsilons: dict[str, float] = field(default_factory=dict)
 
     def macro(self, attr: str) -> float | None:
         values = [getattr(r, attr) for r in self.rows]
@@ -71,6 +79,11 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
                 centralized=central.auc if central else None,
             )
         )
+    site_epsilons = {
+        r.site: r.extra[SITE_EPSILON]
+        for r in sorted(trains, key=lambda r: r.round)
+        if r.extra.get(SITE_EPSILON) is not None
+    }
     uploads: dict[str, list[int]] = {}
     for r in trains:
         if r.bytes_up:
@@ -95,7 +108,20 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         wall_seconds=run.wall_seconds,
         error=run.error,
         last_round=max((r.round for r in rounds), default=None),
+        epsilons=[(r.round, r.epsilon) for r in rounds if r.epsilon is not None],
+        delta=_dp_delta(run.config_json),
+        site_epsilons=site_epsilons,
     )
+
+
+def _dp_delta(config_json: str) -> float | None:
+    """The run config's ``federation.dp.delta``, read as stored (a config stored before
+    ``federation.dp`` existed has none)."""
+    try:
+        delta = json.loads(config_json).get("federation", {}).get("dp", {}).get("delta")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return float(delta) if isinstance(delta, int | float) else None
 
 
 def _f(x: float | None) -> str:
@@ -146,6 +172,17 @@ def render_table(s: Summary) -> str:
             f"bytes up per round, {site}: {b:,.0f} ({100 * b / full:.2f} % of the full model's "
             f"{full:,} fp32 bytes)"
         )
+    if s.epsilons:
+        at = "δ not recorded" if s.delta is None else f"δ = {s.delta:g}"
+        out.append(
+            f"privacy spent, the run's ε after each round ({at}): "
+            + ", ".join(f"round {r} {eps:.2f}" for r, eps in s.epsilons)
+        )
+        if s.site_epsilons:
+            out.append(
+                "ε per site, over the rounds it took part in: "
+                + ", ".join(f"{site} {eps:.2f}" for site, eps in sorted(s.site_epsilons.items()))
+            )
     if s.rejections:
         out.append("not used:")
         out += [f"  {r}" for r in s.rejections]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 from fedpeft.cli import main
 from fedpeft.common.errors import FedpeftError
+from fedpeft.common.keys import SITE_EPSILON
 from fedpeft.server.store import BaselineResult, RoundResult, RunOwner, SiteResult, open_store
 
 
@@ -111,6 +113,42 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "global state of round 1, the lowest loss" in out
     assert "0.810" in lines["pooled (all test rows)"]
     assert (tmp_path / "auc.png").stat().st_size > 1000
+    assert "ε" not in out  # no DP, no privacy lines
+
+
+def test_report_shows_a_dp_run_s_epsilon_per_round_and_per_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'dp.db'}"
+    store = open_store(db)
+    run_id = store.create_run(
+        config_json=json.dumps({"federation": {"dp": {"enabled": True, "delta": 1e-6}}}),
+        dataset="heart",
+        method="lora",
+        model_name="m",
+        model_fingerprint="f",
+        trainable_params=100,
+        total_params=10_000,
+        seed=0,
+    )
+    t = datetime(2026, 1, 1)
+    site_eps = {(1, "A"): 0.5, (1, "B"): 0.5, (2, "A"): 0.702}
+    for n, eps, trained in ((1, 0.514, ["A", "B"]), (2, 0.733, ["A"])):
+        store.add_round(
+            run_id,
+            RoundResult(n, t, t, 1.0, 0.8, 0.8, 0.5, 2, 0, True, epsilon=eps, sample_rate=1.0),
+            [
+                SiteResult(n, s, "train", "ok", n=30, extra={SITE_EPSILON: site_eps[n, s]})
+                for s in trained
+            ],
+            b"s",
+        )
+    store.close()
+    assert main(["report", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "the run's ε after each round (δ = 1e-06): round 1 0.51, round 2 0.73" in out
+    # B's is round 1's: it did not take part in round 2.
+    assert "ε per site, over the rounds it took part in: A 0.70, B 0.50" in out
 
 
 def test_report_on_an_empty_store_is_a_clear_error(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ FEDPEFT_TEST_POSTGRES_URL)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -23,9 +24,11 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect, text
 
 from fedpeft.common.errors import StoreError
+from fedpeft.common.keys import SITE_EPSILON, Phase
 from fedpeft.server.store import (
     BaselineResult,
     InterruptedRun,
+    ReplyStatus,
     RoundResult,
     RunInfo,
     RunOwner,
@@ -239,6 +242,19 @@ def test_rounds_sites_and_state(store: RunStore) -> None:
     assert store.global_state(run_id, 1) == (1, bytes([1]) * 100)
 
 
+def test_a_dp_run_s_epsilon_and_sampling_rate_are_kept_per_round(store: RunStore) -> None:
+    run_id = _run(store)
+    for n, eps in ((1, 0.61), (2, 0.87)):
+        result = dataclasses.replace(_round(n), epsilon=eps, sample_rate=0.5)
+        train = SiteResult(n, "A", Phase.TRAIN, ReplyStatus.OK, extra={SITE_EPSILON: eps + 0.1})
+        store.add_round(run_id, result, [train], state=None)
+    store.add_round(run_id, _round(3), _sites(3), state=None)  # a round without DP
+    rounds = store.rounds(run_id)
+    assert [(r.epsilon, r.sample_rate) for r in rounds] == [(0.61, 0.5), (0.87, 0.5), (None, None)]
+    trains = [s for s in store.site_results(run_id) if s.site == "A" and s.phase == "train"]
+    assert [s.extra.get(SITE_EPSILON) for s in trains] == [pytest.approx(0.71), 0.97, None]
+
+
 def test_round_is_atomic(store: RunStore) -> None:
     run_id = _run(store)
     store.add_round(run_id, _round(1), _sites(1), state=b"x")
@@ -294,7 +310,7 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
     } <= tables
     with engine.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0005"
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0006"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -344,9 +360,24 @@ def test_a_store_written_at_revision_0001_upgrades_to_head_with_its_rows(tmp_pat
             wall_seconds=90.5,
         )
     ]
-    # val_loss came with revision 0002: unknown for a round recorded before it.
+    # val_loss came with revision 0002, epsilon and sample_rate with 0006: unknown for a
+    # round recorded before them.
     assert store.rounds(1) == [
-        RoundResult(1, t0, t1, 90.5, 0.81, 0.79, 0.52, 1, 1, applied=True, val_loss=None)
+        RoundResult(
+            1,
+            t0,
+            t1,
+            90.5,
+            0.81,
+            0.79,
+            0.52,
+            1,
+            1,
+            applied=True,
+            val_loss=None,
+            epsilon=None,
+            sample_rate=None,
+        )
     ]
     assert store.site_results(1) == [
         SiteResult(
@@ -378,8 +409,9 @@ def test_a_store_written_at_revision_0001_upgrades_to_head_with_its_rows(tmp_pat
     assert store.global_state(1) == (1, b"sealed global state of round 1 (opaque to the store)")
     assert store.baselines(1) == [BaselineResult("alone", "Cleveland", 180, 61, 0.8, 12.0)]
     # The upgraded store takes new rounds with the new column, and 64-bit counts (0003).
-    store.add_round(1, _round(2), _sites(2), b"state 2")
+    store.add_round(1, dataclasses.replace(_round(2), epsilon=1.5), _sites(2), b"state 2")
     assert [r.val_loss for r in store.rounds(1)] == [None, 0.25]
+    assert [r.epsilon for r in store.rounds(1)] == [None, 1.5]
     store.add_baselines(1, [BaselineResult("alone", "Hungary", 2**40, 2**33, 0.7, 1.0)])
     assert store.baselines(1)[-1].n_train == 2**40
     # A run recorded before owners were (0004) has none, and is never marked interrupted,

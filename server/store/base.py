@@ -154,6 +154,14 @@ class RoundResult:
     applied: bool
     #: Loss of the global state after this round on the sites' validation rows, weighted by n.
     val_loss: float | None = None
+    #: A DP run's epsilon after this round, at the run's ``federation.dp.delta``
+    #: (``common.dp.Accountant.epsilon``); None without DP, and for rounds recorded before
+    #: migration 0006. Each site's, over the rounds it took part in, is in its train result's
+    #: ``extra`` under ``keys.SITE_EPSILON``.
+    epsilon: float | None = None
+    #: The share of the available sites sampled for this round, as the accountant composed it
+    #: (so that a resumed run accounts its past rounds again); None when not recorded.
+    sample_rate: float | None = None
 
 
 class ReplyStatus(StrEnum):

@@ -66,6 +66,9 @@ class RoundRow(Base):
     rejected: Mapped[int] = mapped_column(Integer)
     applied: Mapped[int] = mapped_column(Integer)  # 1 when the aggregate became the new global
     val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)  # migration 0002
+    # DP runs (migration 0006): the run's epsilon after the round, the round's sampling rate.
+    epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class SiteResultRow(Base):

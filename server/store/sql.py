@@ -481,6 +481,8 @@ class SqlRunStore(RunStore):
                     rejected=result.rejected,
                     applied=int(result.applied),
                     val_loss=_finite(result.val_loss),
+                    epsilon=_finite(result.epsilon),
+                    sample_rate=_finite(result.sample_rate),
                 )
             ]
             for site in sites:
