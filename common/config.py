@@ -94,8 +94,10 @@ class SecureAggregationConfig:
     enabled: bool = False
     #: The share of the round's sites whose mask shares must come back for the sum to be
     #: unmasked: a round of n sites needs t = max(2, ceil(threshold * n)) of them (see
-    #: :meth:`shares_needed`); with fewer the round is refused, never summed wrong. Higher
-    #: tolerates fewer dropouts; lower lets fewer colluding sites and the coordinator unmask.
+    #: :meth:`shares_needed`); with fewer the round is refused, never summed wrong. In (0.5, 1]:
+    #: more than half, so that two disjoint groups of sites never both reach it
+    #: (``common.secagg.check_threshold``). Higher tolerates fewer dropouts; lower lets fewer
+    #: colluding sites and the coordinator unmask one site's input.
     threshold: float = 0.6
     #: The L2 norm each site clips its update to before masking; also the range of the
     #: fixed-point encoding (no coordinate of a clipped update exceeds it). With
@@ -459,7 +461,7 @@ def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
         need(p.noise_multiplier > 0, "privacy.noise_multiplier: must be positive for site noise")
         need(p.secure_aggregation, "privacy.distributed_noise: needs secure_aggregation")
     if p.secure_aggregation:
-        need(0 < p.threshold <= 1, "privacy.threshold: must be in (0, 1]")
+        need(0.5 < p.threshold <= 1, "privacy.threshold: must be in (0.5, 1]")
         need(p.fixed_point_range > 0, "privacy.fixed_point_range: must be positive")
         need(p.clip > 0, "privacy.clip: must be positive with secure aggregation")
 
@@ -503,8 +505,9 @@ def _check_privacy(f: FederationConfig, problems: list[str]) -> None:
     need = _needs(problems)
     sa, dp = f.secure_aggregation, f.dp
     need(
-        0 < sa.threshold <= 1,
-        f"federation.secure_aggregation.threshold: must be in (0, 1], got {sa.threshold!r}",
+        0.5 < sa.threshold <= 1,
+        "federation.secure_aggregation.threshold: must be in (0.5, 1] (more than half of a "
+        f"round's sites, as common/secagg.py requires), got {sa.threshold!r}",
     )
     need(
         sa.clip > 0 and math.isfinite(sa.clip),

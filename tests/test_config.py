@@ -177,7 +177,7 @@ def test_every_privacy_problem_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(
             overrides={
-                "federation.secure_aggregation.threshold": 0.0,
+                "federation.secure_aggregation.threshold": 0.5,
                 "federation.secure_aggregation.clip": -1.0,
                 "federation.dp.enabled": True,
                 "federation.dp.clip": 0.0,
@@ -187,7 +187,7 @@ def test_every_privacy_problem_is_named() -> None:
         )
     text = str(info.value)
     for name in (
-        "federation.secure_aggregation.threshold: must be in (0, 1], got 0.0",
+        "federation.secure_aggregation.threshold: must be in (0.5, 1]",
         "federation.secure_aggregation.clip: must be positive, got -1.0",
         "federation.dp.clip: must be positive, got 0.0",
         "federation.dp.delta: must be in (0, 1), got 1.0",
@@ -216,13 +216,22 @@ def test_distributed_noise_needs_secure_aggregation_and_a_clip_within_its_range(
 
 @pytest.mark.parametrize(
     ("threshold", "n", "t"),
-    [(0.6, 5, 3), (0.7, 10, 7), (0.6, 2, 2), (0.6, 3, 2), (1.0, 4, 4), (0.1, 20, 2), (1.0, 1, 2)],
+    [(0.6, 5, 3), (0.7, 10, 7), (0.6, 2, 2), (0.6, 3, 2), (1.0, 4, 4), (0.51, 3, 2), (1.0, 1, 2)],
 )
 def test_shares_needed_is_max_2_and_ceil_threshold_times_n(
     threshold: float, n: int, t: int
 ) -> None:
     # 0.7 * 10 is 7.000000000000001 in floating point: t must still be 7, not 8.
     assert SecureAggregationConfig(True, threshold).shares_needed(n) == t
+
+
+def test_every_valid_threshold_gives_a_t_secure_aggregation_accepts() -> None:
+    from fedpeft.common.secagg import check_threshold
+
+    for threshold in (0.500001, 0.51, 0.6, 0.7, 0.75, 0.99, 1.0):
+        load_config(overrides={"federation.secure_aggregation.threshold": threshold})
+        for n in range(2, 41):
+            check_threshold(SecureAggregationConfig(True, threshold).shares_needed(n), n)
 
 
 def test_a_target_epsilon_run_reaches_sites_only_with_its_calibrated_sigma() -> None:
