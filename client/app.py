@@ -53,6 +53,7 @@ from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, trai
 from fedpeft.common import keys
 from fedpeft.common.config import DataConfig, SiteRunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
+from fedpeft.common.dp import clip_update
 from fedpeft.common.envelope import (
     ForgedGlobalState,
     GlobalState,
@@ -184,6 +185,14 @@ def handle_train(
     )
     local = to_numpy(shared_state(model))
     delta = {name: (local[name] - global_state[name]).astype(np.float32) for name in global_state}
+    privacy = cfg.privacy
+    if privacy.secure_aggregation or privacy.distributed_noise:
+        raise FedpeftError(
+            "this site does not mask its update or add noise to it yet (secure aggregation, "
+            "distributed DP): refused"
+        )
+    if privacy.clip > 0:  # a DP run: no update leaves this site with a norm above the clip
+        delta, _ = clip_update(delta, privacy.clip)
     metrics = _metrics(evaluate(model, session.test, session.device))
     metrics.update(
         {
@@ -413,6 +422,8 @@ def task_facts(signed: GlobalState, coordinator_key: str, site: str) -> TaskFact
         config_hash=signed.config_hash,
         model_fingerprint=signed.fingerprint,
         coordinator_key=coordinator_key,
+        secure_aggregation=cfg.privacy.secure_aggregation,
+        dp=cfg.privacy.noise_multiplier > 0,
     )
 
 

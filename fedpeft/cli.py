@@ -76,6 +76,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for splits, init, sampling and training")
     p.add_argument("--db", help="SQLAlchemy URL of the run store (default sqlite:///fedpeft.db)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
+    dp = p.add_argument_group(
+        "client-level differential privacy ([federation.dp]; any of these turns it on)",
+        "Each site clips its update to --dp-clip; the coordinator averages the clipped updates "
+        "with equal weights and adds Gaussian noise of sigma * clip to their sum (central DP: "
+        "the coordinator is trusted with the updates); the run's epsilon at --dp-delta is "
+        "recorded after every round and shown by `fedpeft report`.",
+    )
+    dp.add_argument("--dp-noise", type=float, metavar="SIGMA", help="noise multiplier sigma")
+    dp.add_argument(
+        "--dp-epsilon",
+        type=float,
+        metavar="EPSILON",
+        help="privacy budget: the run stops before a round that would pass it; without "
+        "--dp-noise, sigma is calibrated to reach it after --rounds rounds",
+    )
+    dp.add_argument("--dp-clip", type=float, metavar="C", help="L2 clip of each update (1.0)")
+    dp.add_argument("--dp-delta", type=float, metavar="DELTA", help="delta of (epsilon, delta)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,7 +110,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "db": args.db,
         "device": args.device,
+        **_dp_overrides(args),
     }
+
+
+def _dp_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    given = {
+        "federation.dp.noise_multiplier": args.dp_noise,
+        "federation.dp.target_epsilon": args.dp_epsilon,
+        "federation.dp.clip": args.dp_clip,
+        "federation.dp.delta": args.dp_delta,
+    }
+    if all(v is None for v in given.values()):
+        return {}
+    return {"federation.dp.enabled": True, **given}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedpeft.common.dp import clip_update, dp_average, sum_updates
 from fedpeft.common.state import State
 
 
@@ -149,3 +150,25 @@ def aggregate(
     for (site, _, _), n in zip(updates, counts, strict=True):
         notes[site][WEIGHT] = n / total
     return fedavg(list(zip(deltas, counts, strict=True))), notes
+
+
+def dp_aggregate(
+    updates: Sequence[tuple[str, State]], clip: float, noise_std: float, rng: np.random.Generator
+) -> tuple[State, dict[str, dict[str, float]]]:
+    """DP-FedAvg (McMahan et al. 2018; ``[federation.dp]``, central mode): each update clipped
+    to L2 norm ``clip`` (sites clip before sealing; this holds whatever a site sent), summed,
+    Gaussian noise of standard deviation ``noise_std`` added to the sum, divided by the number
+    of updates: uniform weights, so that one site moves the sum by at most ``clip``. Example
+    counts and the median-relative bounds play no part. Returns the aggregate and, per site,
+    its :data:`WEIGHT`, :data:`NORM` as sent and, when it was scaled down, :data:`CLIPPED_TO`."""
+    if not updates:
+        raise ValueError("dp_aggregate needs at least one update")
+    notes: dict[str, dict[str, float]] = {}
+    clipped = []
+    for site, delta in updates:
+        bounded, norm = clip_update(delta, clip)
+        clipped.append(bounded)
+        notes[site] = {WEIGHT: 1.0 / len(updates), NORM: norm}
+        if norm > clip:
+            notes[site][CLIPPED_TO] = clip
+    return dp_average(sum_updates(clipped), len(updates), noise_std, rng), notes

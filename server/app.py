@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.dp import resolve_noise_multiplier
 from fedpeft.common.environment import STORE_ENV
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import build_model, count_parameters, shared_state
@@ -66,6 +67,7 @@ def run_federation(
     store = open_store(cfg.db)
     try:
         if resume is None:
+            cfg = with_calibrated_noise(cfg, len(trust.sites), say)
             run_id, point = (
                 store.create_run(
                     config_json=cfg.to_json(),
@@ -110,6 +112,24 @@ def run_federation(
         return run_id
     finally:
         store.close()
+
+
+def with_calibrated_noise(cfg: RunConfig, n_sites: int, say: Callable[[str], None]) -> RunConfig:
+    """``cfg`` with the σ of its DP run set: as configured, or calibrated to reach
+    ``federation.dp.target_epsilon`` after ``federation.rounds`` rounds at the expected sampling
+    rate (``sites_per_round`` of the ``n_sites`` registered; all of them by default). The run
+    is stored with it, so a resumed run and the sites' signed config use the same σ."""
+    fed = cfg.federation
+    if not fed.dp.enabled or fed.dp.noise_multiplier > 0:
+        return cfg
+    rate = min(1.0, fed.sites_per_round / n_sites) if fed.sites_per_round and n_sites else 1.0
+    sigma = resolve_noise_multiplier(fed.dp, fed.rounds, rate)
+    say(
+        f"differential privacy: noise multiplier {sigma:.4f}, calibrated to reach epsilon "
+        f"{fed.dp.target_epsilon:g} at delta {fed.dp.delta:g} after {fed.rounds} rounds at "
+        f"sampling rate {rate:.3f}"
+    )
+    return cfg.with_noise_multiplier(sigma)
 
 
 def resume_point(

@@ -140,7 +140,9 @@ def round_summary(result: RoundResult, train: list[Reply], evaluations: list[Rep
     lines = [
         f"round {result.round}: pooled AUC {fmt(result.pooled_auc)}, macro AUC "
         f"{fmt(result.macro_auc)}, {result.accepted} update(s) accepted, {result.rejected} "
-        f"rejected, {result.seconds:.1f} s | {sites}"
+        f"rejected, {result.seconds:.1f} s"
+        + ("" if result.epsilon is None else f", privacy spent: epsilon {result.epsilon:.3f}")
+        + f" | {sites}"
     ]
     lines += [
         f"round {result.round}: {r.site} {r.status}: {r.reason}"

@@ -25,13 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.common import crypto, keys
 from fedpeft.common.config import RunConfig
+from fedpeft.common.dp import Accountant, noise_std_central
 from fedpeft.common.envelope import Expected, sign_global
-from fedpeft.common.errors import FedpeftError, Reason
+from fedpeft.common.errors import ConfigError, FedpeftError, Reason
 from fedpeft.common.keys import Phase
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust, read_sites_file
-from fedpeft.server.aggregation import Bounds, aggregate, apply_delta
+from fedpeft.server.aggregation import Bounds, aggregate, apply_delta, dp_aggregate
 from fedpeft.server.checkpoints import seal_state
 from fedpeft.server.replies import (
     EvaluationIntake,
@@ -85,6 +86,9 @@ class _Trained:
     applied: bool
     state: State  # the global state after the round
     seconds: float  # its exchange and aggregation (the last round's: and its evaluation)
+    #: A DP run: the share of the available sites sampled, and the run's ε after the round.
+    sample_rate: float | None = None
+    epsilon: float | None = None
 
     def evaluators(self, nodes: list[int], training: list[int]) -> list[int]:
         """The nodes that get an evaluate message for this state: all but those training from it
@@ -108,9 +112,22 @@ class FederatedRun:
         store_key: bytes,
         progress: Progress | None = None,
         load_sites: Callable[[], Mapping[str, ec.EllipticCurvePublicKey]] | None = None,
+        noise_rng: np.random.Generator | None = None,
     ):
+        fed = cfg.federation
+        if fed.secure_aggregation.enabled:
+            raise ConfigError(
+                "federation.secure_aggregation: not in the round loop yet (issue 13: the "
+                "protocol's core is common/secagg.py); turn it off"
+            )
         self.cfg = cfg
         self.site_config = cfg.for_sites()
+        # A DP run (federation.dp, central): the privacy spent, round after round, and the
+        # noise's source (the OS's entropy; a seeded one in tests only).
+        self.accountant = (
+            Accountant(fed.dp.noise_multiplier, fed.dp.delta) if fed.dp.enabled else None
+        )
+        self.noise_rng = noise_rng or np.random.default_rng()
         self.trust = trust
         # The register of sites, read again for every round's replies (:meth:`_registered`):
         # ``load_sites``, else the register the trust was read from, else the trust's sites.
@@ -147,11 +164,15 @@ class FederatedRun:
         first = 1
         if resume is not None:  # the rounds the store holds stand; go on from the last one
             history, first, self.state = list(resume.history), resume.round + 1, resume.state
+            self._replay_privacy(history)
         pending: _Trained | None = None  # the last round, its new state not yet evaluated
         for rnd in range(first, fed.rounds + 1):
             started, t0 = utcnow(), time.perf_counter()
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
             sampled = sample_nodes(nodes, fed.sites_per_round, round_rng(self.cfg.seed, rnd))
+            sample_rate = len(sampled) / max(len(nodes), 1)
+            if self._over_budget(rnd, sample_rate):
+                break
             evaluate = [] if pending is None else pending.evaluators(nodes, sampled)
             self.progress(
                 f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)"
@@ -160,8 +181,10 @@ class FederatedRun:
             train, evaluations = self._exchange(grid, rnd - 1, sampled, evaluate)
             if pending is not None:
                 history.append(self._record(pending, evaluations))
-            applied = self._aggregate_train(rnd, train)
+            applied = self._aggregate_train(rnd, train, sample_rate)
             pending = _Trained(rnd, started, train, applied, self.state, time.perf_counter() - t0)
+            if applied and self.accountant is not None:
+                pending.sample_rate, pending.epsilon = sample_rate, self.accountant.epsilon()
         if pending is not None:
             # The last round's global state, evaluated by every site still there.
             t0 = time.perf_counter()
@@ -193,6 +216,7 @@ class FederatedRun:
             trained.applied,
             self.cfg.federation.examples_bound_factor,
         )
+        result = replace(result, sample_rate=trained.sample_rate, epsilon=trained.epsilon)
         self.store.add_round(
             self.run_id,
             result,
@@ -203,7 +227,36 @@ class FederatedRun:
             self.progress(line)
         return result
 
-    def _aggregate_train(self, rnd: int, train: list[Reply]) -> bool:
+    def _replay_privacy(self, history: list[RoundResult]) -> None:
+        """A resumed DP run's accountant, as it stood after the rounds in ``history``: each
+        applied round at its stored sampling rate, with the sites whose updates it used."""
+        if self.accountant is None:
+            return
+        used: dict[int, list[str]] = {}
+        for row in self.store.site_results(self.run_id):
+            if row.phase == Phase.TRAIN and row.status == ReplyStatus.OK:
+                used.setdefault(row.round, []).append(row.site)
+        for r in history:
+            if r.applied and r.sample_rate:
+                self.accountant.record_round(r.sample_rate, used.get(r.round, []))
+
+    def _over_budget(self, rnd: int, sample_rate: float) -> bool:
+        """Whether round ``rnd`` would take a DP run past ``federation.dp.target_epsilon``: the
+        run then ends with the rounds it has (said so)."""
+        dp = self.cfg.federation.dp
+        if self.accountant is None or not dp.target_epsilon:
+            return False
+        after = self.accountant.peek(sample_rate)
+        if after <= dp.target_epsilon:
+            return False
+        self.progress(
+            f"round {rnd}: not run; it would spend the privacy budget (epsilon {after:.3f} > "
+            f"target {dp.target_epsilon:g} at delta {dp.delta:g}; spent "
+            f"{self.accountant.epsilon():.3f})"
+        )
+        return True
+
+    def _aggregate_train(self, rnd: int, train: list[Reply], sample_rate: float = 1.0) -> bool:
         """Apply the FedAvg of the valid updates when there are at least ``min_sites`` of them;
         whether it was applied."""
         min_sites = self.cfg.federation.min_sites
@@ -216,6 +269,16 @@ class FederatedRun:
             return False
         ordered = sorted(valid, key=lambda r: r.site)
         fed = self.cfg.federation
+        if self.accountant is not None:
+            # DP-FedAvg: clipped, uniform weights, noise of σ·C on the sum; the round is spent.
+            std = noise_std_central(fed.dp.noise_multiplier, fed.dp.clip)
+            pairs = [(r.site, r.delta) for r in ordered]
+            delta, notes = dp_aggregate(pairs, fed.dp.clip, std, self.noise_rng)  # type: ignore[arg-type]
+            self.accountant.record_round(sample_rate, [r.site for r in ordered])
+            for r in ordered:
+                r.notes = {**notes[r.site], keys.SITE_EPSILON: self.accountant.site_epsilon(r.site)}
+            self.state = apply_delta(self.state, delta)
+            return True
         bounds = Bounds(
             max_examples=fed.max_examples,
             examples_factor=fed.examples_bound_factor,

@@ -17,6 +17,7 @@ from fedpeft.server.aggregation import (
     Bounds,
     aggregate,
     apply_delta,
+    dp_aggregate,
     fedavg,
     trim_count,
     trimmed_mean,
@@ -158,3 +159,16 @@ def test_aggregate_with_a_trimmed_mean_records_what_each_site_lost() -> None:
         np.testing.assert_allclose(value, 2.0)
     assert [notes[s][TRIMMED] for s in "ABX"] == [1.0, 0.0, 1.0]
     assert all(WEIGHT not in n for n in notes.values())
+
+
+def test_dp_aggregate_adds_noise_of_sigma_c_on_the_sum_then_divides_by_the_sites() -> None:
+    """DP-FedAvg: two zero updates of 200,000 entries, σ·C = 0.5 on the sum, two sites: the
+    aggregate's entries have standard deviation 0.25 (measured within 2 %) and mean 0."""
+    zero = {"w": np.zeros(200_000, np.float32)}
+    out, notes = dp_aggregate([("A", zero), ("B", zero)], 1.0, 0.5, np.random.default_rng(7))
+    assert abs(float(out["w"].std()) - 0.25) < 0.25 * 0.02
+    assert abs(float(out["w"].mean())) < 0.005
+    assert notes == {
+        "A": {"weight": 0.5, "update-norm": 0.0},
+        "B": {"weight": 0.5, "update-norm": 0.0},
+    }

@@ -307,3 +307,17 @@ def test_the_coordinator_start_marks_the_runs_its_dead_serverapps_left_running(
     store = open_store(f"sqlite:///{tmp_path / 'runs.db'}", create=False)
     assert store.get_run(dead).status == "interrupted"
     store.close()
+
+
+def test_any_dp_flag_turns_differential_privacy_on_with_its_settings() -> None:
+    from fedpeft.cli import _overrides, parser
+    from fedpeft.common.config import load_config
+
+    plain = load_config(overrides=_overrides(parser().parse_args(["simulate"])))
+    assert not plain.federation.dp.enabled
+    args = parser().parse_args(["simulate", "--dp-epsilon", "3", "--dp-clip", "0.5"])
+    dp = load_config(overrides=_overrides(args)).federation.dp
+    assert (dp.enabled, dp.target_epsilon, dp.clip, dp.noise_multiplier) == (True, 3.0, 0.5, 0.0)
+    args = parser().parse_args(["simulate", "--dp-noise", "1.1", "--dp-delta", "1e-6"])
+    dp = load_config(overrides=_overrides(args)).federation.dp
+    assert (dp.enabled, dp.noise_multiplier, dp.delta) == (True, 1.1, 1e-6)

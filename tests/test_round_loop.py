@@ -29,6 +29,7 @@ from memory_grid import (
 from fedpeft.common import crypto, keys
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import load_config
+from fedpeft.common.dp import Accountant
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import Phase
 from fedpeft.common.records import BLOB, blob_record, from_blob_record
@@ -806,3 +807,68 @@ def test_a_resumed_run_goes_on_from_its_last_recorded_round(
     assert [r.round for r in resumed.rounds()] == [1, 2, 3, 4]
     assert_state(resumed.state(4), plus(2.0 * 4))  # rounds 1-2 in the state, then 3 and 4
     assert resumed.loop.run_token == token != first.loop.run_token
+
+
+DP = {"dp.enabled": True, "dp.clip": 1.0, "dp.delta": 1e-5}
+
+
+def test_a_dp_round_clips_each_update_weighs_sites_alike_and_spends_epsilon(
+    harness: Callable[..., Harness],
+) -> None:
+    """federation.dp (central): the updates (norms √10 and 3√10, 10 and 30 examples) are each
+    clipped to 1 and averaged with equal weights; with σ negligible the global state moves by
+    the mean of the clipped updates, not the example-weighted mean (2.5). The round stores the
+    run's ε as the accountant computes it for one round at q = 1, and each site row its own."""
+    sigma = 1e-9
+    nodes = {1: site("A", constant(1.0)), 2: site("B", constant(3.0), n_train=30)}
+    h = harness(nodes, **DP, **{"dp.noise_multiplier": sigma})
+    h.start()
+    unit = 1.0 / np.sqrt(10.0)  # a constant update of 10 entries, clipped to norm 1
+    assert_state(h.state(1), plus(unit))
+    [result] = h.rounds()
+    accountant = Accountant(sigma, 1e-5)
+    accountant.record_round(1.0, ["A", "B"])
+    assert result.sample_rate == 1.0
+    assert result.epsilon == pytest.approx(accountant.epsilon())
+    assert any(f"privacy spent: epsilon {accountant.epsilon():.3f} |" in ln for ln in h.lines)
+    for row in h.rows(1, Phase.TRAIN):
+        assert row.extra["weight"] == 0.5 and row.extra["clipped-to"] == 1.0
+        assert row.extra[keys.SITE_EPSILON] == pytest.approx(accountant.site_epsilon(row.site))
+
+
+def test_a_dp_run_stops_before_the_round_that_would_pass_its_target_epsilon(
+    harness: Callable[..., Harness],
+) -> None:
+    sigma = 2.0
+    spent = Accountant(sigma, 1e-5)
+    for _ in range(2):
+        spent.record_round(1.0, ["A", "B"])
+    after_two, after_three = spent.epsilon(), spent.peek(1.0)
+    target = (after_two + after_three) / 2
+    nodes = {1: site("A", constant(0.1)), 2: site("B", constant(0.2))}
+    h = harness(
+        nodes, rounds=10, **DP, **{"dp.noise_multiplier": sigma, "dp.target_epsilon": target}
+    )
+    h.start()
+    rounds = h.rounds()
+    assert [r.round for r in rounds] == [1, 2]
+    assert rounds[-1].epsilon == pytest.approx(after_two) and after_two <= target
+    assert any(
+        line.startswith("round 3: not run; it would spend the privacy budget") for line in h.lines
+    )
+    # A resumed run's accountant picks up where the store says it stood.
+    again = FederatedRun(
+        h.cfg, h.store, h.run_id, dict(INITIAL), FINGERPRINT, TRUST, STORE_KEY, h.lines.append
+    )
+    again._replay_privacy(rounds)
+    assert again.accountant is not None
+    assert again.accountant.epsilon() == pytest.approx(after_two)
+    assert again.accountant.site_epsilon("A") == pytest.approx(spent.site_epsilon("A"))
+
+
+def test_secure_aggregation_is_refused_until_the_round_loop_carries_it() -> None:
+    cfg = load_config(overrides={"db": "sqlite://", "federation.secure_aggregation.enabled": True})
+    store = open_store("sqlite://")
+    with pytest.raises(FedpeftError, match="federation.secure_aggregation: not in the round loop"):
+        FederatedRun(cfg, store, 1, dict(INITIAL), FINGERPRINT, TRUST, STORE_KEY)
+    store.close()

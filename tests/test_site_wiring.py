@@ -40,7 +40,7 @@ from fedpeft.common.state import State
 from fedpeft.common.tensors import to_numpy
 from fedpeft.common.trust import CoordinatorTrust, SiteTrust
 from fedpeft.processes import write_site_setup
-from fedpeft.server.store import open_store
+from fedpeft.server.store import RunStore, open_store
 from fedpeft.server.strategy import FederatedRun
 from fedpeft.settings import load_site_config
 
@@ -143,6 +143,22 @@ IDENTITY = {name: crypto.new_identity() for name in ("A", "B", "D")}
 INITIAL: State = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
 
 
+def _new_run(run_cfg: RunConfig) -> tuple[RunStore, int]:
+    """An in-memory store holding a new run of ``run_cfg`` on the tiny base model."""
+    store = open_store("sqlite://")
+    run_id = store.create_run(
+        config_json=run_cfg.to_json(),
+        dataset="heart",
+        method="lora",
+        model_name="tiny",
+        model_fingerprint="sha256:tiny",
+        trainable_params=10,
+        total_params=10,
+        seed=0,
+    )
+    return store, run_id
+
+
 def test_a_site_whose_policy_forbids_the_method_refuses_and_the_others_are_aggregated(
     tmp_path: Path,
 ) -> None:
@@ -165,17 +181,7 @@ def test_a_site_whose_policy_forbids_the_method_refuses_and_the_others_are_aggre
         for name in "AB"
     }
     run_cfg = load_config(overrides={"federation.rounds": 2})
-    store = open_store("sqlite://")
-    run_id = store.create_run(
-        config_json=run_cfg.to_json(),
-        dataset="heart",
-        method="lora",
-        model_name="tiny",
-        model_fingerprint="sha256:tiny",
-        trainable_params=10,
-        total_params=10,
-        seed=0,
-    )
+    store, run_id = _new_run(run_cfg)
     trust = CoordinatorTrust(COORDINATOR, {n: k.public_key() for n, k in IDENTITY.items()})
     grid = MemoryGrid({1: scripted["A"], 2: scripted["B"], 3: lambda m: handle(m, setup)})
     FederatedRun(
@@ -400,3 +406,33 @@ def test_the_setup_file_carries_the_policy_and_the_worker_runs_its_apps(tmp_path
 def test_a_simulated_site_has_no_policy_and_the_default_apps() -> None:
     assert SiteSetup.__dataclass_fields__["policy"].default is None
     assert SiteSetup.__dataclass_fields__["allowed_apps"].default is DEFAULT_APPS
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_site_that_requires_dp_refuses_a_run_without_it(tmp_path: Path, dp: bool) -> None:
+    """require_dp: a run without federation.dp is refused by the policy before any row is read;
+    a DP run passes the policy (and then fails on this site's missing records file)."""
+    setup = SiteSetup(
+        "D",
+        tmp_path / "absent.csv",
+        DataSchema(),
+        "cpu",
+        SiteTrust(IDENTITY["D"], COORDINATOR.public_key()),
+        policy=_policy(tmp_path, require_dp=True),
+    )
+    overrides: dict[str, object] = {"federation.rounds": 1}
+    if dp:
+        overrides |= {"federation.dp.enabled": True, "federation.dp.noise_multiplier": 1.0}
+    run_cfg = load_config(overrides=overrides)
+    store, run_id = _new_run(run_cfg)
+    scripted = ScriptedSite("A", IDENTITY["A"], COORDINATOR.public_key(), constant(0.1))
+    trust = CoordinatorTrust(COORDINATOR, {n: k.public_key() for n, k in IDENTITY.items()})
+    grid = MemoryGrid({1: scripted, 2: lambda m: handle(m, setup)})
+    FederatedRun(
+        run_cfg, store, run_id, dict(INITIAL), "sha256:tiny", trust, os.urandom(32), print
+    ).start(grid)
+    (train,) = [r for r in store.site_results(run_id) if r.site == "D" and r.phase == "train"]
+    store.close()
+    refusal = "refused: policy: differential privacy required, the run does not use it"
+    assert train.status == "failed"
+    assert (train.reason == refusal) is not dp, train.reason
