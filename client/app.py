@@ -48,12 +48,13 @@ from fedpeft.client.policy import (
     check_upload,
     expected_upload_bytes,
 )
+from fedpeft.client.secagg import answer_stage, mask_update
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
 from fedpeft.common.config import DataConfig, SiteRunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
-from fedpeft.common.dp import clip_update
+from fedpeft.common.dp import clip_update, gaussian_noise_like, noise_std_per_site
 from fedpeft.common.envelope import (
     ForgedGlobalState,
     GlobalState,
@@ -73,8 +74,11 @@ from fedpeft.common.model import (
     resolve_model_path,
 )
 from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.secagg import round_context
+from fedpeft.common.secagg_messages import STAGES, StageTask
 from fedpeft.common.state import State
 from fedpeft.common.tensors import to_numpy, to_torch
+from fedpeft.common.wire import RING
 
 log = logging.getLogger("fedpeft.client")
 
@@ -186,12 +190,7 @@ def handle_train(
     local = to_numpy(shared_state(model))
     delta = {name: (local[name] - global_state[name]).astype(np.float32) for name in global_state}
     privacy = cfg.privacy
-    if privacy.secure_aggregation or privacy.distributed_noise:
-        raise FedpeftError(
-            "this site does not mask its update or add noise to it yet (secure aggregation, "
-            "distributed DP): refused"
-        )
-    if privacy.clip > 0:  # a DP run: no update leaves this site with a norm above the clip
+    if privacy.clip > 0:  # DP or secure aggregation: no update leaves with a larger norm
         delta, _ = clip_update(delta, privacy.clip)
     metrics = _metrics(evaluate(model, session.test, session.device))
     metrics.update(
@@ -225,6 +224,7 @@ def _reply(
     sealed: bytes | None = None,
     metrics: dict[str, float] | None = None,
     evaluation: bytes | None = None,
+    secagg: bytes | None = None,
 ) -> Any:
     """A reply's records: the site's status, its sealed delta, its own metrics (a train reply's
     are the local model's), and a global state's evaluation, sealed (:func:`seal_evaluation`)."""
@@ -247,6 +247,8 @@ def _reply(
         content[keys.METRICS] = MetricRecord({k: float(v) for k, v in metrics.items()})
     if evaluation is not None:
         content[keys.EVALUATION] = blob_record(evaluation)
+    if secagg is not None:
+        content[keys.SECAGG] = blob_record(secagg)
     return Message(content, reply_to=msg)
 
 
@@ -440,6 +442,40 @@ def check_policy(policy: SitePolicy, facts: TaskFacts, trusted: Collection[str])
     check_task(policy, facts, approvals, trusted)
 
 
+def _stage_task(msg: Any, cfg: SiteRunConfig, kind: str) -> StageTask | None:
+    """The secure-aggregation task a message carries: every stage message and, in a run with
+    secure aggregation, every train message has one (None otherwise)."""
+    if kind not in STAGES and not (kind == Phase.TRAIN and cfg.privacy.secure_aggregation):
+        return None
+    if not cfg.privacy.secure_aggregation:
+        raise TaskRefused("a secure aggregation stage in a run without secure aggregation")
+    if keys.SECAGG not in msg.content:
+        raise FedpeftError(f"a {kind} message without its secure aggregation task")
+    task = StageTask.from_bytes(from_blob_record(msg.content[keys.SECAGG]))
+    if task.stage != kind:
+        raise FedpeftError(f"a {kind} message carrying a {task.stage[:32]} task")
+    return task
+
+
+def masked_update(
+    delta: State,
+    cfg: SiteRunConfig,
+    task: StageTask,
+    site: str,
+    setup: SiteSetup,
+    context: bytes,
+) -> State:
+    """The (clipped) update as it leaves with secure aggregation: with distributed DP plus this
+    site's share of the round's noise (``noise_std_per_site`` over the threshold t, so that the
+    sum of any t or more carries at least sigma * clip), then fixed-point encoded and masked."""
+    privacy = cfg.privacy
+    if privacy.distributed_noise:
+        std = noise_std_per_site(privacy.noise_multiplier, privacy.clip, task.threshold)
+        noise = gaussian_noise_like(delta, std, np.random.default_rng())
+        delta = {name: (v + noise[name]).astype(np.float32) for name, v in delta.items()}
+    return mask_update(delta, task, site, setup.trust.identity, context, privacy.fixed_point_range)
+
+
 def handle(msg: Any, setup: SiteSetup) -> Any:
     """The site's reply to one message from the coordinator (``train`` or ``evaluate``), with
     the site's own settings; the run's settings come only from the signed global state.
@@ -452,7 +488,7 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
     site, kind = setup.site, str(msg.metadata.message_type)
     started = time.perf_counter()
     try:
-        if kind not in tuple(Phase):
+        if kind not in (*Phase, *STAGES):
             raise FedpeftError(f"unknown message type {kind[:32]!r}")
         rnd = int(msg.content[keys.CONFIG][keys.ROUND])
         trusted = setup.coordinator_keys()
@@ -463,8 +499,15 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
         cfg = signed.config
         if setup.policy is not None:
             check_policy(setup.policy, task_facts(signed, signer, site), trusted)
-        session = site_session(cfg, setup)
+        context = round_context(signed.run_token, rnd)
+        stage = _stage_task(msg, cfg, kind)
+        session = site_session(cfg, setup)  # kept warm: built once per run and process
         site = session.site
+        if kind in STAGES:  # a stage of secure aggregation: keys or shares, nothing trained
+            answer = answer_stage(stage, site, setup.trust.identity, context)  # type: ignore[arg-type]
+            record.upload(answer)
+            metrics = {keys.TASK_SECONDS: time.perf_counter() - started}
+            return _reply(msg, site, metrics=metrics, secagg=answer)
         if kind == Phase.TRAIN:
             # After round 1 the state a site trains from is the previous round's new global
             # state: the site evaluates it first and sends that with its update, one message a
@@ -474,6 +517,10 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 evaluation = seal_site_evaluation(signed, rnd - 1, site, setup, session)
             delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
+            codec = cfg.codec
+            if stage is not None:  # secure aggregation: only the masked update leaves
+                delta = masked_update(delta, cfg, stage, site, setup, context)
+                codec = RING
             sealed = seal_delta(
                 delta,
                 run_token=signed.run_token,
@@ -482,7 +529,7 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 method=cfg.method.name,
                 fingerprint=signed.fingerprint,
                 num_examples=len(session.train),
-                codec=cfg.codec,
+                codec=codec,
                 run_public=signed.run_public,
                 identity=setup.trust.identity,
             )
@@ -549,6 +596,9 @@ def build_client_app() -> Any:
     @client.evaluate()
     def evaluate_(msg: Any, context: Any) -> Any:
         return handle_in_context(msg, context)
+
+    for stage in STAGES:  # "query.secagg_keys" etc.: Flower routes them by their action
+        client.query(stage.split(".", 1)[1])(handle_in_context)
 
     return client
 

@@ -35,11 +35,16 @@ from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import SiteRunConfig
 from fedpeft.common.errors import ConfigError, DeltaRejected, FedpeftError, Reason
 from fedpeft.common.state import State
-from fedpeft.common.wire import CODECS, decode, encode
+from fedpeft.common.wire import CODECS, RING, decode, encode
 
 SCHEMA_VERSION = 1
 #: The wire codecs (common/wire.py) by their value in the header.
-_CODEC_IDS = {"fp32": pb.CODEC_FP32, "fp16": pb.CODEC_FP16, "int8": pb.CODEC_INT8}
+_CODEC_IDS = {
+    "fp32": pb.CODEC_FP32,
+    "fp16": pb.CODEC_FP16,
+    "int8": pb.CODEC_INT8,
+    RING: pb.CODEC_RING32,
+}
 _CODEC_NAMES = {v: k for k, v in _CODEC_IDS.items()}
 
 
@@ -87,8 +92,8 @@ def seal_delta(
     identity: ec.EllipticCurvePrivateKey,
 ) -> bytes:
     """A site's upload: ``delta`` encoded, encrypted for ``run_public`` and signed."""
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
+    if codec not in _CODEC_IDS:
+        raise ValueError(f"unknown codec {codec!r}; known: {', '.join((*CODECS, RING))}")
     header = _header_bytes(
         pb.DeltaHeader(site_id=site_id, codec=_CODEC_IDS[codec], num_examples=num_examples),
         delta,

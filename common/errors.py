@@ -70,6 +70,9 @@ class Reason(StrEnum):
     SITE_ERROR = "site-error"
     REFUSED = "refused"  # the site refused the task: its policy, an app it does not run, ...
     NO_REPLY = "no-reply"
+    # Secure aggregation (common/secagg.py): a stage's answer was wrong or missing, or the round's
+    # sum could not be unmasked.
+    SECAGG = "secagg"
 
 
 class DeltaRejected(FedpeftError):

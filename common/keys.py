@@ -28,6 +28,7 @@ class SiteStatus(StrEnum):
 # Record names inside a Flower Message's RecordDict.
 GLOBAL: Final = "global"  # blob: the signed global state (server -> site)
 SEALED: Final = "sealed"  # blob: the sealed delta (site -> server)
+SECAGG: Final = "secagg"  # blob: a secure-aggregation task (server -> site) or answer (back)
 CONFIG: Final = "config"  # ConfigRecord: round info (the run's settings are in GLOBAL, signed)
 METRICS: Final = "metrics"  # MetricRecord: scalar metrics of the reply
 #: blob: a site's sealed evaluation of a global state (metrics and score histogram, signed and

@@ -17,6 +17,10 @@ from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.state import State
 
 CODECS = ("fp32", "fp16", "int8")
+#: The codec of a securely aggregated upload (common/secagg.py): one vector of little-endian
+#: uint32 values, masked in Z_2^32. Not a ``federation.codec`` choice: the round loop uses it
+#: when ``federation.secure_aggregation`` is on.
+RING = "ring32"
 
 #: Below this many values per row, a tensor gets one int8 scale (e.g. LoRA B, 384 x 8): a scale
 #: per row of 8 would cost half as much again as the values.
@@ -33,7 +37,7 @@ def _rows(shape: tuple[int, ...]) -> int:
 
 def encoded_size(shape: tuple[int, ...], codec: str) -> int:
     n = math.prod(shape)
-    if codec == "fp32":
+    if codec in ("fp32", RING):
         return 4 * n
     if codec == "fp16":
         return 2 * n
@@ -44,6 +48,9 @@ def encode(state: State, codec: str) -> bytes:
     """The tensors' values in ``state`` order under ``codec``."""
     parts: list[bytes | memoryview] = []
     for value in state.values():
+        if codec == RING:
+            parts.append(np.ascontiguousarray(value, dtype="<u4").data.cast("B"))
+            continue
         x = np.asarray(value, dtype=np.float32)
         if codec == "fp32":  # one copy in all: the join
             parts.append(np.ascontiguousarray(x, dtype="<f4").data.cast("B"))
@@ -62,7 +69,8 @@ def encode(state: State, codec: str) -> bytes:
 
 def decode(payload: bytes, shapes: Mapping[str, tuple[int, ...]], codec: str) -> State:
     """Inverse of :func:`encode` given the names and shapes; float32 out (for fp32, read-only
-    views into ``payload``, no copy). A payload of the wrong length is ``malformed``."""
+    views into ``payload``, no copy; uint32 for :data:`RING`). A payload of the wrong length is
+    ``malformed``."""
     if len(payload) != sum(encoded_size(s, codec) for s in shapes.values()):
         raise DeltaRejected(
             Reason.MALFORMED, f"payload of {len(payload)} bytes does not fit the specs"
@@ -79,6 +87,8 @@ def decode(payload: bytes, shapes: Mapping[str, tuple[int, ...]], codec: str) ->
             )
         elif codec == "fp16":
             out[name] = np.frombuffer(chunk, "<f2").astype(np.float32).reshape(shape)
+        elif codec == RING:
+            out[name] = np.frombuffer(chunk, "<u4").astype(np.uint32).reshape(shape)
         else:
             rows = _rows(shape)
             scale = np.frombuffer(chunk[: 4 * rows], "<f4")

@@ -93,6 +93,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     dp.add_argument("--dp-clip", type=float, metavar="C", help="L2 clip of each update (1.0)")
     dp.add_argument("--dp-delta", type=float, metavar="DELTA", help="delta of (epsilon, delta)")
+    p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        default=None,
+        help="sites upload their clipped updates masked ([federation.secure_aggregation], "
+        "SecAgg): the coordinator learns only each round's sum, in three more message "
+        "exchanges a round",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,6 +118,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "db": args.db,
         "device": args.device,
+        "federation.secure_aggregation.enabled": args.secure_aggregation,
         **_dp_overrides(args),
     }
 

@@ -207,6 +207,26 @@ def _read(msg: Message, name: str, metrics: str = keys.METRICS) -> Reply:
     return Reply(node, site, metrics=values)
 
 
+#: Largest signed answer to a secure-aggregation stage (a site's key shares for every other
+#: site of the round take a few hundred bytes each).
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+def read_answer(msg: Message, name: str) -> tuple[Reply, bytes | None]:
+    """A reply to a secure-aggregation stage: its status as any reply's (steps 1 and 2), and the
+    site's signed answer (common/secagg_messages.py ``open_answer`` checks it), once the size
+    its record declares is within :data:`MAX_ANSWER_BYTES`."""
+    reply = _read(msg, name)
+    if reply.status is not ReplyStatus.OK:
+        return reply, None
+    try:
+        return reply, _sealed_bytes(msg.content[keys.SECAGG], MAX_ANSWER_BYTES)
+    except DeltaRejected as exc:
+        return replace(reply, status=ReplyStatus.REJECTED, reason=str(exc), code=exc.reason), None
+    except (KeyError, TypeError, ValueError) as exc:
+        return _malformed(reply, exc), None
+
+
 def _sealed_bytes(record: object, limit: int) -> bytes:
     """The bytes of a sealed record, once the size its metadata declares is within ``limit``
     (``too-large``): an oversized reply is refused before any copy of its bytes is made."""

@@ -25,20 +25,42 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.common import crypto, keys
 from fedpeft.common.config import RunConfig
-from fedpeft.common.dp import Accountant, noise_std_central
+from fedpeft.common.dp import Accountant, dp_average, noise_std_central
 from fedpeft.common.envelope import Expected, sign_global
-from fedpeft.common.errors import ConfigError, FedpeftError, Reason
+from fedpeft.common.errors import FedpeftError, Reason
 from fedpeft.common.keys import Phase
 from fedpeft.common.records import blob_record, message_nbytes
+from fedpeft.common.secagg import (
+    FixedPoint,
+    SecAggError,
+    flatten,
+    round_context,
+    unflatten,
+    unmask_sum,
+)
+from fedpeft.common.secagg_messages import (
+    KEYS,
+    MASKED,
+    SHARES,
+    UNMASK,
+    Answer,
+    StageTask,
+    answer_ciphertexts,
+    answer_keys,
+    answer_revealed,
+    open_answer,
+)
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust, read_sites_file
-from fedpeft.server.aggregation import Bounds, aggregate, apply_delta, dp_aggregate
+from fedpeft.common.wire import RING
+from fedpeft.server.aggregation import WEIGHT, Bounds, aggregate, apply_delta, dp_aggregate
 from fedpeft.server.checkpoints import seal_state
 from fedpeft.server.replies import (
     EvaluationIntake,
     Intake,
     Reply,
     no_reply,
+    read_answer,
     read_evaluate,
     read_train,
 )
@@ -115,11 +137,6 @@ class FederatedRun:
         noise_rng: np.random.Generator | None = None,
     ):
         fed = cfg.federation
-        if fed.secure_aggregation.enabled:
-            raise ConfigError(
-                "federation.secure_aggregation: not in the round loop yet (issue 13: the "
-                "protocol's core is common/secagg.py); turn it off"
-            )
         self.cfg = cfg
         self.site_config = cfg.for_sites()
         # A DP run (federation.dp, central): the privacy spent, round after round, and the
@@ -178,10 +195,16 @@ class FederatedRun:
                 f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)"
                 + ("" if pending is None else f" (evaluating round {pending.round}'s state first)")
             )
-            train, evaluations = self._exchange(grid, rnd - 1, sampled, evaluate)
+            if fed.secure_aggregation.enabled:
+                train, evaluations, total = self._secure_exchange(grid, rnd - 1, sampled, evaluate)
+            else:
+                train, evaluations = self._exchange(grid, rnd - 1, sampled, evaluate)
             if pending is not None:
                 history.append(self._record(pending, evaluations))
-            applied = self._aggregate_train(rnd, train, sample_rate)
+            if fed.secure_aggregation.enabled:
+                applied = self._apply_sum(rnd, train, total, sample_rate)
+            else:
+                applied = self._aggregate_train(rnd, train, sample_rate)
             pending = _Trained(rnd, started, train, applied, self.state, time.perf_counter() - t0)
             if applied and self.accountant is not None:
                 pending.sample_rate, pending.epsilon = sample_rate, self.accountant.epsilon()
@@ -293,6 +316,173 @@ class FederatedRun:
         self.state = apply_delta(self.state, delta)
         return True
 
+    # -- secure aggregation (common/secagg.py; its messages: common/secagg_messages.py) ----------
+
+    def _secure_exchange(
+        self, grid: object, state_round: int, sampled: list[int], evaluate: list[int]
+    ) -> tuple[list[Reply], list[Reply], State | None]:
+        """Round ``state_round + 1`` with secure aggregation: keys from the sampled sites (U1),
+        their key shares (U2), the train exchange in which U2 uploads masked updates (U3) and
+        the others evaluate, then the shares that unmask the sum. Returns the train replies
+        (an accepted one holds no update: nobody knows it), the evaluations, and the sum of
+        U3's clipped updates (None if the round cannot be summed: each site's row says why)."""
+        rnd, sa = state_round + 1, self.cfg.federation.secure_aggregation
+        context = round_context(self.run_token, rnd)
+        length = sum(int(v.size) for v in self.state.values())
+        failed: dict[int, Reply] = {}
+        answers = self._stage(
+            grid, KEYS, rnd, {n: StageTask(KEYS) for n in sampled}, context, failed
+        )
+        roster = {a.site: answer_keys(a) for a in answers.values()}
+        node_of = {a.site: node for node, a in answers.items()}
+        t = sa.shares_needed(len(roster))
+        if t > len(roster):  # fewer than 2 sites: a sum would be one site's update
+            for node in answers:
+                failed[node] = self._stage_failure(
+                    node,
+                    f"{Reason.SECAGG}: {len(roster)} site(s) sent keys, secure aggregation needs "
+                    f"{t}",
+                )
+            _, evaluations = self._exchange(grid, state_round, [], evaluate)
+            return [failed[n] for n in sampled], evaluations, None
+        tasks = {node_of[v]: StageTask(SHARES, roster, t) for v in roster}
+        shares = {
+            a.site: answer_ciphertexts(a)
+            for a in self._stage(grid, SHARES, rnd, tasks, context, failed).values()
+        }
+        u2 = sorted(shares)
+
+        def addressed(v: str) -> dict[str, bytes]:
+            return {u: shares[u][v] for u in u2 if u != v and v in shares[u]}
+
+        tasks = {
+            node_of[v]: StageTask(Phase.TRAIN.value, roster, t, addressed(v), length=length)
+            for v in u2
+        }
+        train, evaluations = self._exchange(grid, state_round, sorted(tasks), evaluate, tasks)
+        masked = {
+            r.site: r.delta[MASKED]
+            for r in train
+            if r.status == ReplyStatus.OK and r.delta is not None
+        }
+        dropped = tuple(v for v in u2 if v not in masked)
+        tasks = {
+            node_of[v]: StageTask(
+                UNMASK, roster, t, addressed(v), tuple(sorted(masked)), dropped, length
+            )
+            for v in masked
+        }
+        # A site silent or wrong here still has its update in the sum (others' shares remove its
+        # masks): its train row stays; what it failed to send is only said.
+        unhelpful: dict[int, Reply] = {}
+        revealed = {
+            a.site: answer_revealed(a)
+            for a in self._stage(grid, UNMASK, rnd, tasks, context, unhelpful).values()
+        }
+        for reply in unhelpful.values():
+            self.progress(f"round {rnd}: {reply.site} sent no shares to unmask: {reply.reason}")
+        by_node = {r.node_id: r for r in train}
+        replies = [failed.get(n) or by_node.get(n) or self._stage_failure(n, "") for n in sampled]
+        for r in replies:
+            r.delta = None  # a masked vector says nothing of the site's update
+        total = None
+        if masked:
+            try:
+                ring = unmask_sum(masked, revealed, roster, u2, t, context)
+                fixed = FixedPoint(self.site_config.privacy.fixed_point_range, len(roster))
+                vector = fixed.decode_sum(ring, len(masked))
+                total = unflatten(vector.astype(np.float32), flatten(self.state)[1])
+            except SecAggError as exc:
+                self.progress(f"round {rnd}: the sum could not be unmasked: {exc}")
+                for r in replies:
+                    if r.status == ReplyStatus.OK:
+                        r.status, r.code = ReplyStatus.REJECTED, Reason.SECAGG
+                        r.reason = f"{Reason.SECAGG}: the round's sum was not unmasked ({exc})"
+        return replies, evaluations, total
+
+    def _stage(
+        self,
+        grid: object,
+        stage: str,
+        rnd: int,
+        tasks: Mapping[int, StageTask],
+        context: bytes,
+        failed: dict[int, Reply],
+    ) -> dict[int, Answer]:
+        """One secure-aggregation stage: each node's task out, its signed answer back. A node
+        that does not answer, or answers wrongly, gets its train row's failure in ``failed``
+        and drops out of the round."""
+        if not tasks:
+            return {}
+        nodes = sorted(tasks)
+        messages = self._configure(stage, nodes, rnd, tasks, {})
+        received = exchange(grid, messages, self.cfg.federation.round_timeout_s)
+        registered = self._registered()
+        answers: dict[int, Answer] = {}
+        for msg in received:
+            node = int(msg.metadata.src_node_id)  # type: ignore[attr-defined]
+            if node in answers or node in failed or node not in tasks:
+                continue
+            reply, blob = read_answer(msg, self._name(node))  # type: ignore[arg-type]
+            if blob is None:
+                failed[node] = reply
+                continue
+            try:
+                answer = open_answer(blob, context, stage, registered)
+            except SecAggError as exc:
+                failed[node] = self._stage_failure(node, f"{Reason.SECAGG}: {stage}: {exc}")
+                continue
+            if self.bound.setdefault(node, answer.site) != answer.site:
+                failed[node] = self._stage_failure(
+                    node,
+                    f"{Reason.BAD_SIGNATURE}: node {node} answers for site "
+                    f"{self.bound[node]!r}, this answer is signed by site {answer.site!r}",
+                )
+                continue
+            self.site_names[node] = answer.site
+            answers[node] = answer
+        for node in nodes:
+            if node not in answers and node not in failed:
+                failed[node] = replace(
+                    no_reply(
+                        node, self._name(node), Phase.TRAIN, self.cfg.federation.round_timeout_s
+                    ),
+                    reason=f"{Reason.NO_REPLY}: no answer to the secure aggregation stage {stage}",
+                )
+        return answers
+
+    def _stage_failure(self, node: int, reason: str) -> Reply:
+        code = Reason(reason.split(":", 1)[0]) if reason else Reason.NO_REPLY
+        return Reply(node, self._name(node), ReplyStatus.REJECTED, reason or None, code)
+
+    def _apply_sum(
+        self, rnd: int, train: list[Reply], total: State | None, sample_rate: float
+    ) -> bool:
+        """Apply a secure-aggregation round: the mean of the unmasked sum over the updates in
+        it (equal weights: the coordinator knows no single update, nor its example count), with
+        the DP noise on the sum in a DP run (central: added here; distributed: the sites
+        added theirs)."""
+        used = [r for r in train if r.status == ReplyStatus.OK]
+        fed = self.cfg.federation
+        if total is None or len(used) < fed.min_sites:
+            self.progress(
+                f"round {rnd}: {len(used)} masked update(s) summed, fewer than min_sites="
+                f"{fed.min_sites}; the global state stays as it was"
+            )
+            return False
+        std = 0.0
+        if self.accountant is not None and fed.dp.mode == "central":
+            std = noise_std_central(fed.dp.noise_multiplier, fed.dp.clip)
+        delta = dp_average(total, len(used), std, self.noise_rng)
+        if self.accountant is not None:
+            self.accountant.record_round(sample_rate, [r.site for r in used])
+        for r in used:
+            r.notes = {WEIGHT: 1.0 / len(used)}
+            if self.accountant is not None:
+                r.notes[keys.SITE_EPSILON] = self.accountant.site_epsilon(r.site)
+        self.state = apply_delta(self.state, delta)
+        return True
+
     # -- messaging -------------------------------------------------------------------------------
 
     def _wait_for_nodes(self, grid: object) -> list[int]:
@@ -309,15 +499,23 @@ class FederatedRun:
                 )
             time.sleep(1.0)
 
-    def _configure(self, phase: Phase, nodes: list[int], rnd: int) -> list[object]:
+    def _configure(
+        self,
+        phase: str,
+        nodes: list[int],
+        rnd: int,
+        tasks: Mapping[int, StageTask] | None = None,
+        state: State | None = None,
+    ) -> list[object]:
         """One ``phase`` message of round ``rnd`` per node: the signed global state (with the
-        run's site config) and the round."""
+        run's site config; ``state``, else the run's) and the round, and with ``tasks`` each
+        node's secure-aggregation task."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
         config = ConfigRecord({keys.ROUND: rnd})
         # The settings sites act on travel inside the signed global state, nowhere else.
         signed = sign_global(
-            self.state,
+            self.state if state is None else state,
             run_token=self.run_token,
             round=rnd,
             method=self.cfg.method.name,
@@ -326,18 +524,23 @@ class FederatedRun:
             config=self.site_config,
             coordinator=self.trust.identity,
         )
-        return [
-            Message(
-                RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config}),
-                dst_node_id=node,
-                message_type=phase.value,
-                group_id=str(rnd),
+        messages: list[object] = []
+        for node in nodes:
+            content = RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config})
+            if tasks is not None:
+                content[keys.SECAGG] = blob_record(tasks[node].to_bytes())
+            messages.append(
+                Message(content, dst_node_id=node, message_type=str(phase), group_id=str(rnd))
             )
-            for node in nodes
-        ]
+        return messages
 
     def _exchange(
-        self, grid: object, state_round: int, train: list[int], evaluate: list[int]
+        self,
+        grid: object,
+        state_round: int,
+        train: list[int],
+        evaluate: list[int],
+        tasks: Mapping[int, StageTask] | None = None,
     ) -> tuple[list[Reply], list[Reply]]:
         """Send the global state of round ``state_round`` (0: the initial one) in one exchange:
         to ``train`` as round ``state_round + 1``'s train message, to ``evaluate`` as an
@@ -345,12 +548,12 @@ class FederatedRun:
         node of ``train``, and the evaluations of that state: one per node of ``evaluate`` and,
         after round 1, one per node of ``train`` (its train reply carries it)."""
         timeout = self.cfg.federation.round_timeout_s
-        messages = self._configure(Phase.TRAIN, train, state_round + 1) if train else []
+        messages = self._configure(Phase.TRAIN, train, state_round + 1, tasks) if train else []
         if evaluate:
             messages += self._configure(Phase.EVALUATE, evaluate, state_round)
         received = exchange(grid, messages, timeout)
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}  # type: ignore[attr-defined]
-        intake = self._intake(state_round + 1)
+        intake = self._intake(state_round + 1, masked=tasks is not None)
         judge = self._evaluation_intake(state_round)
         opened: set[str] = set()
         trained: dict[int, Reply] = {}
@@ -415,20 +618,25 @@ class FederatedRun:
             max_rows=fed.max_examples or MAX_SIGNED_EXAMPLES,
         )
 
-    def _intake(self, rnd: int) -> Intake:
-        """What this round accepts as a train reply."""
+    def _intake(self, rnd: int, masked: bool = False) -> Intake:
+        """What this round accepts as a train reply (``masked``: a secure-aggregation round's,
+        one vector in Z_2^32 whose values say nothing on their own)."""
         fed = self.cfg.federation
         fp32 = sum(v.nbytes for v in self.state.values())
+        shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        if masked:
+            shapes = {MASKED: (sum(int(np.prod(s)) for s in shapes.values()),)}
         expected = Expected(
             run_token=self.run_token,
             round=rnd,
             method=self.cfg.method.name,
             fingerprint=self.fingerprint,
-            shapes={k: tuple(v.shape) for k, v in self.state.items()},
+            shapes=shapes,
             max_bytes=fed.max_upload_bytes or 2 * fp32 + 65_536,
-            codec=fed.codec,
+            codec=RING if masked else fed.codec,
         )
-        return Intake(expected, self.run_key, self._registered(), fed.max_update_norm or None)
+        max_norm = None if masked else fed.max_update_norm or None
+        return Intake(expected, self.run_key, self._registered(), max_norm)
 
     def _registered(self) -> Mapping[str, ec.EllipticCurvePublicKey]:
         """The registered sites as the register says now, read once per exchange after its

@@ -17,12 +17,17 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedpeft.client.secagg import answer_stage, mask_update
 from fedpeft.common import keys
+from fedpeft.common.dp import clip_update
 from fedpeft.common.envelope import GlobalState, open_global, seal_delta, seal_evaluation
 from fedpeft.common.keys import Phase
 from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_record, from_blob_record
+from fedpeft.common.secagg import round_context
+from fedpeft.common.secagg_messages import STAGES, StageTask
 from fedpeft.common.state import State
+from fedpeft.common.wire import RING
 
 #: One node: its reply to a message, or None when it does not answer.
 Node = Callable[[Message], Message | None]
@@ -107,17 +112,41 @@ class ScriptedSite:
     seal_as: str | None = None
     tamper: Callable[[Phase, int, RecordDict], None] | None = None
     evaluate: Callable[[int], Evaluation] = evaluation
+    #: Secure aggregation: the stages (message types) this site does not answer, by round.
+    silent: Callable[[str, int], bool] = lambda _stage, _rnd: False
 
     def __call__(self, msg: Message) -> Message | None:
-        phase = Phase(msg.metadata.message_type)
+        kind = msg.metadata.message_type
         signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), self.coordinator)
+        if self.silent(kind, signed.round):
+            return None
         records = RecordDict(
             {keys.CONFIG: ConfigRecord({keys.SITE: self.name, keys.STATUS: "ok", keys.ERROR: ""})}
         )
+        context = round_context(signed.run_token, signed.round)
+        task = None
+        if keys.SECAGG in msg.content:  # as client/app.py does: the real site's functions
+            task = StageTask.from_bytes(from_blob_record(msg.content[keys.SECAGG]))
+        if kind in STAGES:
+            assert task is not None
+            answer = answer_stage(task, self.seal_as or self.name, self.key, context)
+            records[keys.SECAGG] = blob_record(answer)
+            records[keys.METRICS] = MetricRecord({keys.TASK_SECONDS: 0.1})
+            return Message(records, reply_to=msg)
+        phase = Phase(kind)
         if phase == Phase.TRAIN:
             delta = self.update(signed.round, signed.state)
             if delta is None:
                 return None
+            codec = signed.config.codec  # as the signed site config says
+            privacy = signed.config.privacy
+            if privacy.clip > 0:
+                delta, _ = clip_update(delta, privacy.clip)
+            if task is not None:
+                delta = mask_update(
+                    delta, task, self.name, self.key, context, privacy.fixed_point_range
+                )
+                codec = RING
             records[keys.SEALED] = blob_record(
                 seal_delta(
                     delta,
@@ -127,7 +156,7 @@ class ScriptedSite:
                     method=signed.method,
                     fingerprint=signed.fingerprint,
                     num_examples=self.n_train,
-                    codec=signed.config.codec,  # as the signed site config says
+                    codec=codec,
                     run_public=signed.run_public,
                     identity=self.key,
                 )

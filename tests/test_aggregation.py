@@ -172,3 +172,12 @@ def test_dp_aggregate_adds_noise_of_sigma_c_on_the_sum_then_divides_by_the_sites
         "A": {"weight": 0.5, "update-norm": 0.0},
         "B": {"weight": 0.5, "update-norm": 0.0},
     }
+
+
+def test_dp_aggregate_clips_what_a_site_sent_above_the_clip() -> None:
+    big = {"w": np.full(4, 3.0, np.float32)}  # norm 6
+    small = {"w": np.full(4, 0.25, np.float32)}  # norm 0.5
+    out, notes = dp_aggregate([("A", big), ("B", small)], 1.0, 0.0, np.random.default_rng(0))
+    np.testing.assert_allclose(out["w"], (0.5 + 0.25) / 2, rtol=1e-6)
+    assert notes["A"] == {"weight": 0.5, "update-norm": 6.0, "clipped-to": 1.0}
+    assert notes["B"] == {"weight": 0.5, "update-norm": 0.5}

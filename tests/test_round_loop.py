@@ -26,7 +26,7 @@ from memory_grid import (
     evaluation,
 )
 
-from fedpeft.common import crypto, keys
+from fedpeft.common import crypto, keys, secagg_messages
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import load_config
 from fedpeft.common.dp import Accountant
@@ -122,6 +122,12 @@ def harness() -> Iterator[Callable[..., Harness]]:
     yield make
     for h in made:
         h.store.close()
+
+
+def assert_state_near(got: State, want: State, atol: float) -> None:
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=0, atol=atol)
 
 
 def assert_state(got: State, want: State) -> None:
@@ -816,9 +822,10 @@ def test_a_dp_round_clips_each_update_weighs_sites_alike_and_spends_epsilon(
     harness: Callable[..., Harness],
 ) -> None:
     """federation.dp (central): the updates (norms √10 and 3√10, 10 and 30 examples) are each
-    clipped to 1 and averaged with equal weights; with σ negligible the global state moves by
-    the mean of the clipped updates, not the example-weighted mean (2.5). The round stores the
-    run's ε as the accountant computes it for one round at q = 1, and each site row its own."""
+    clipped to 1 by their site and averaged with equal weights; with σ negligible the global
+    state moves by the mean of the clipped updates, not the example-weighted mean (2.5). The
+    round stores the run's ε as the accountant computes it for one round at q = 1, and each
+    site row its own."""
     sigma = 1e-9
     nodes = {1: site("A", constant(1.0)), 2: site("B", constant(3.0), n_train=30)}
     h = harness(nodes, **DP, **{"dp.noise_multiplier": sigma})
@@ -832,7 +839,9 @@ def test_a_dp_round_clips_each_update_weighs_sites_alike_and_spends_epsilon(
     assert result.epsilon == pytest.approx(accountant.epsilon())
     assert any(f"privacy spent: epsilon {accountant.epsilon():.3f} |" in ln for ln in h.lines)
     for row in h.rows(1, Phase.TRAIN):
-        assert row.extra["weight"] == 0.5 and row.extra["clipped-to"] == 1.0
+        # Clipped by the site itself, before sealing: it arrives with norm 1.
+        assert row.extra["weight"] == 0.5 and row.extra["update-norm"] == pytest.approx(1.0)
+        assert "clipped-to" not in row.extra
         assert row.extra[keys.SITE_EPSILON] == pytest.approx(accountant.site_epsilon(row.site))
 
 
@@ -866,9 +875,80 @@ def test_a_dp_run_stops_before_the_round_that_would_pass_its_target_epsilon(
     assert again.accountant.site_epsilon("A") == pytest.approx(spent.site_epsilon("A"))
 
 
-def test_secure_aggregation_is_refused_until_the_round_loop_carries_it() -> None:
-    cfg = load_config(overrides={"db": "sqlite://", "federation.secure_aggregation.enabled": True})
-    store = open_store("sqlite://")
-    with pytest.raises(FedpeftError, match="federation.secure_aggregation: not in the round loop"):
-        FederatedRun(cfg, store, 1, dict(INITIAL), FINGERPRINT, TRUST, STORE_KEY)
-    store.close()
+SECURE = {"secure_aggregation.enabled": True, "secure_aggregation.clip": 10.0}
+
+
+def _secure_sites(silent: dict[str, Callable[[str, int], bool]] | None = None) -> dict[int, Node]:
+    """Sites A-D with updates 0.1, 0.2, 0.3, 0.4 (norms within the clip of 10)."""
+    silent = silent or {}
+    return {
+        i + 1: site(
+            name, constant(0.1 * (i + 1)), **({"silent": silent[name]} if name in silent else {})
+        )
+        for i, name in enumerate("ABCD")
+    }
+
+
+def test_a_secure_round_applies_the_mean_the_coordinator_only_learns_as_a_sum(
+    harness: Callable[..., Harness],
+) -> None:
+    """Four sites, secure aggregation: keys, shares, masked updates, unmasking. The global state
+    moves by the mean of the four updates (0.25) to within the fixed-point step, although no
+    reply the coordinator opened held one site's update: its train rows are accepted with equal
+    weights and it held no delta (the strategy never sees one)."""
+    h = harness(_secure_sites(), **SECURE)
+    seen: list[tuple[list[State | None], State | None]] = []
+    apply_sum = h.loop._apply_sum
+
+    def watch(rnd: int, train: list[Any], total: State | None, rate: float) -> bool:
+        seen.append(([r.delta for r in train], total))
+        return apply_sum(rnd, train, total, rate)
+
+    h.loop._apply_sum = watch  # type: ignore[method-assign]
+    h.start()
+    [(deltas, total)] = seen
+    assert deltas == [None] * 4 and total is not None  # only the sum, never one update
+    assert_state_near(total, {k: np.full_like(v, 1.0) for k, v in INITIAL.items()}, 1e-6)
+    assert_state_near(h.state(1), plus(0.25), 1e-6)
+    [result] = h.rounds()
+    assert result.applied and (result.accepted, result.rejected) == (4, 0)
+    rows = h.rows(1, Phase.TRAIN)
+    assert [(r.site, r.status, r.extra.get("weight")) for r in rows] == [
+        (s, "ok", 0.25) for s in "ABCD"
+    ]
+    sent = [m.metadata.message_type for m in h.grid.sent]
+    assert sent.count(secagg_messages.KEYS) == sent.count(secagg_messages.UNMASK) == 4
+
+
+def test_a_site_that_drops_after_masking_is_recovered_from_the_others_shares(
+    harness: Callable[..., Harness],
+) -> None:
+    """D sends its masked update and then never answers the unmasking: with t = 3 of 4 shares
+    the coordinator still removes D's masks, and D's update is in the sum (the mean of all four).
+    C dropping before masking (no train answer) leaves the mean of A, B and D."""
+    silent_d = {"D": lambda stage, _rnd: stage == secagg_messages.UNMASK}
+    h = harness(_secure_sites(silent_d), **SECURE)
+    h.start()
+    assert_state_near(h.state(1), plus(0.25), 1e-6)
+    silent_c = {"C": lambda stage, _rnd: stage == "train"}
+    h2 = harness(_secure_sites(silent_c), **SECURE)
+    h2.start()
+    assert_state_near(h2.state(1), plus((0.1 + 0.2 + 0.4) / 3), 1e-6)
+    [c] = [r for r in h2.rows(1, Phase.TRAIN) if r.site == "C"]
+    assert c.status == "failed" and c.reason is not None and c.reason.startswith("no-reply")
+
+
+def test_below_the_threshold_the_round_is_refused_never_wrong(
+    harness: Callable[..., Harness],
+) -> None:
+    """Two of four sites mask and then go silent, so only two shares of each secret come back,
+    fewer than t = 3: the round is not applied and every used row says why."""
+    quiet = {s: (lambda stage, _rnd: stage == secagg_messages.UNMASK) for s in "CD"}
+    h = harness(_secure_sites(quiet), **SECURE)
+    with pytest.raises(FedpeftError, match="no round had the 1 valid update"):
+        h.start()  # its only round was not applied
+    [result] = h.rounds()
+    assert not result.applied
+    assert_state_near(h.state(1), INITIAL, 0.0)
+    for row in h.rows(1, Phase.TRAIN):
+        assert row.status == "rejected" and (row.reason or "").startswith("secagg:"), row

@@ -13,10 +13,12 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_FP32: _ClassVar[Codec]
     CODEC_FP16: _ClassVar[Codec]
     CODEC_INT8: _ClassVar[Codec]
+    CODEC_RING32: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 CODEC_FP32: Codec
 CODEC_FP16: Codec
 CODEC_INT8: Codec
+CODEC_RING32: Codec
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "shape")

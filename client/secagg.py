@@ -1,0 +1,110 @@
+"""A site's part in secure aggregation: its answer to each stage, and its masked update.
+
+The protocol is common/secagg.py's (SecAgg, Bonawitz et al. 2017), its messages
+common/secagg_messages.py's. A site keeps no protocol state between the messages of a round: its
+keys, self-mask seed and Shamir polynomials for a round are drawn from a stream that its identity
+key and the round's context (run token and round) determine, so each message rebuilds the same
+:class:`SiteSecAgg` and runs its steps up to the one asked. What must not repeat is remembered:
+a site reveals shares once per round, for one pair of survivor and dropped lists; asked again
+with other lists (which could open a site's update) it refuses.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from fedpeft.common.crypto import hkdf_sha256
+from fedpeft.common.secagg import FixedPoint, SecAggError, SiteSecAgg, flatten
+from fedpeft.common.secagg_messages import (
+    KEYS,
+    MASKED,
+    SHARES,
+    UNMASK,
+    StageTask,
+    keys_answer,
+    shares_answer,
+    sign_answer,
+    unmask_answer,
+)
+from fedpeft.common.state import State
+
+_RANDOMNESS_INFO = b"fedpeft/v1 secagg-site-randomness\x00"
+
+# context -> the (survivors, dropped) lists this site revealed shares for, in this process.
+_revealed: dict[bytes, tuple[frozenset[str], frozenset[str]]] = {}
+_lock = threading.Lock()
+
+
+def site_randomness(identity: ec.EllipticCurvePrivateKey, context: bytes) -> Callable[[int], bytes]:
+    """The site's random bytes for one round: a ChaCha20 stream keyed by HKDF of its identity
+    key and the round's context, the same at every message of the round and unknown to anyone
+    without the site's private key."""
+    secret = identity.private_numbers().private_value.to_bytes(48, "big")
+    key = hkdf_sha256(secret, None, _RANDOMNESS_INFO + context, 32)
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    def read(n: int) -> bytes:
+        return stream.update(bytes(n))
+
+    return read
+
+
+def _protocol(
+    site: str, identity: ec.EllipticCurvePrivateKey, context: bytes, task: StageTask
+) -> SiteSecAgg:
+    """The round's protocol state rebuilt through key sharing (a roster and threshold given)."""
+    protocol = SiteSecAgg(site, context, site_randomness(identity, context))
+    protocol.advertise()
+    protocol.share_keys(task.roster, task.threshold)
+    return protocol
+
+
+def answer_stage(
+    task: StageTask, site: str, identity: ec.EllipticCurvePrivateKey, context: bytes
+) -> bytes:
+    """The site's signed answer to a stage other than training."""
+    if task.stage == KEYS:
+        keys = SiteSecAgg(site, context, site_randomness(identity, context)).advertise()
+        return sign_answer(identity, context, site, KEYS, keys_answer(keys))
+    if task.stage == SHARES:
+        protocol = SiteSecAgg(site, context, site_randomness(identity, context))
+        protocol.advertise()
+        shares = protocol.share_keys(task.roster, task.threshold)
+        return sign_answer(identity, context, site, SHARES, shares_answer(shares))
+    if task.stage == UNMASK:
+        lists = (frozenset(task.survivors), frozenset(task.dropped))
+        with _lock:
+            before = _revealed.get(context)
+            if before is not None and before != lists:
+                raise SecAggError(
+                    f"site {site!r}: asked to unmask this round again with other lists; refused "
+                    "(the two answers together could open a site's update)"
+                )
+            protocol = _protocol(site, identity, context, task)
+            protocol.masked_input(np.zeros(task.length, np.uint32), task.ciphertexts)
+            revealed = protocol.unmask(task.survivors, task.dropped)
+            _revealed[context] = lists
+        return sign_answer(identity, context, site, UNMASK, unmask_answer(revealed))
+    raise SecAggError(f"unknown secure aggregation stage {task.stage[:32]!r}")
+
+
+def mask_update(
+    delta: State,
+    task: StageTask,
+    site: str,
+    identity: ec.EllipticCurvePrivateKey,
+    context: bytes,
+    bound: float,
+) -> State:
+    """The update as it leaves with secure aggregation: flattened (names in sorted order),
+    fixed-point encoded in [-bound, bound] for a sum of up to as many sites as the roster has,
+    masked. The coordinator can open the seal, and sees only this."""
+    vector, _ = flatten(delta)
+    x = FixedPoint(bound, max_sites=len(task.roster)).encode(vector)
+    masked = _protocol(site, identity, context, task).masked_input(x, task.ciphertexts)
+    return {MASKED: masked}
