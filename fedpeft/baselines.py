@@ -4,20 +4,27 @@
 ``centralized``: one model trains on the union of every site's training rows (the upper
 reference that federation tries to reach without moving a record). Both use the same split,
 model, method, trainer and epochs (``rounds × local_epochs``) as the federated run.
+
+``tfidf-alone`` / ``tfidf-pooled``: the classical reference, TF-IDF + logistic regression, on the
+same split (each site's training rows / all sites' together, scored on each site's test rows):
+what a language model has to beat to earn its cost. Seconds on a CPU, so it runs in-process.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from fedpeft.common.config import RunConfig
-from fedpeft.common.data import load_sites, split_site
+from fedpeft.common.data import SiteData, SiteSplit, load_sites, split_site
+from fedpeft.common.metrics import auc
+from fedpeft.server.store.base import ALL_TEST_ROWS
 
 
 @dataclass(frozen=True)
@@ -28,12 +35,13 @@ class BaselineTask:
 
 @dataclass(frozen=True)
 class BaselineOutcome:
-    kind: str
-    site: str
+    kind: str  # alone | centralized | tfidf-alone | tfidf-pooled
+    site: str  # ALL_TEST_ROWS: the AUC over every site's test rows together
     n_train: int
     n_test: int
     auc: float
     seconds: float
+    detail: str = ""  # for the progress line only (the regularization TF-IDF chose)
 
 
 def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[BaselineOutcome]:
@@ -77,7 +85,142 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     ]
 
 
-BASELINE_KINDS = ("centralized", "alone")
+# -- the classical reference ---------------------------------------------------------------------
+
+#: Inverse regularization strengths of the logistic regression; each model keeps the one with the
+#: lowest loss on its validation rows, as the language-model baselines keep their best epoch.
+TFIDF_C_GRID = (0.1, 1.0, 10.0)
+
+
+@dataclass(frozen=True)
+class TextRows:
+    texts: list[str]
+    labels: np.ndarray
+
+    @staticmethod
+    def of(sites: Sequence[tuple[SiteData, np.ndarray]]) -> TextRows:
+        """The rows ``idx`` of each ``(site, idx)``, in that order."""
+        parts = [site.subset(idx) for site, idx in sites]
+        return TextRows(
+            [t for texts, _ in parts for t in texts],
+            np.concatenate([labels for _, labels in parts]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass(frozen=True)
+class TfidfModel:
+    vectorizer: Any  # sklearn TfidfVectorizer, fitted
+    classifier: Any  # sklearn LogisticRegression, fitted
+    c: float  # the C chosen from TFIDF_C_GRID
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """P(label 1) of each text."""
+        return np.asarray(self.classifier.predict_proba(self.vectorizer.transform(texts))[:, 1])
+
+
+def fit_tfidf(train: TextRows, val: TextRows, seed: int) -> TfidfModel:
+    """TF-IDF of word 1-2 grams (sublinear tf) + class-balanced logistic regression, fitted on
+    ``train``; C from :data:`TFIDF_C_GRID` by class-balanced log loss on ``val`` (ties: the
+    smaller C). Deterministic: lbfgs has no randomness, and ``seed`` is passed all the same."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    # Single-character tokens kept (sklearn drops them by default): notes carry counts and codes
+    # as single digits ("0 vessels", "slope 2"), and bigrams join them to their word.
+    vectorizer = TfidfVectorizer(
+        ngram_range=(1, 2), sublinear_tf=True, min_df=1, token_pattern=r"(?u)\b\w+\b"
+    )
+    x_train = vectorizer.fit_transform(train.texts)
+    x_val = vectorizer.transform(val.texts)
+    # Weighted as the training loss is (class_weight="balanced"), so a rare class counts.
+    weights = compute_sample_weight("balanced", val.labels)
+    best: tuple[float, TfidfModel] | None = None
+    for c in TFIDF_C_GRID:
+        classifier = LogisticRegression(
+            C=c, max_iter=1000, class_weight="balanced", random_state=seed
+        )
+        classifier.fit(x_train, train.labels)
+        loss = log_loss(
+            val.labels, classifier.predict_proba(x_val)[:, 1], labels=[0, 1], sample_weight=weights
+        )
+        if best is None or loss < best[0]:
+            best = (loss, TfidfModel(vectorizer, classifier, c))
+    assert best is not None
+    return best[1]
+
+
+def tfidf_baselines(
+    sites: Sequence[SiteData], splits: Mapping[str, SiteSplit], seed: int
+) -> list[BaselineOutcome]:
+    """``tfidf-alone`` (a model per site, on its training rows) and ``tfidf-pooled`` (one model on
+    every site's training rows), each scored on every site's test rows of ``splits``; the pooled
+    model also on all test rows together (site :data:`ALL_TEST_ROWS`)."""
+    outcomes: list[BaselineOutcome] = []
+    for site in sites:
+        started = time.perf_counter()
+        split = splits[site.name]
+        model = fit_tfidf(
+            TextRows.of([(site, split.train)]), TextRows.of([(site, split.val)]), seed
+        )
+        test = TextRows.of([(site, split.test)])
+        outcomes.append(
+            BaselineOutcome(
+                "tfidf-alone",
+                site.name,
+                len(split.train),
+                len(test),
+                auc(test.labels, model.scores(test.texts)),
+                time.perf_counter() - started,
+                f"C {model.c:g}",
+            )
+        )
+    started = time.perf_counter()
+    train = TextRows.of([(s, splits[s.name].train) for s in sites])
+    model = fit_tfidf(train, TextRows.of([(s, splits[s.name].val) for s in sites]), seed)
+    tests = {s.name: TextRows.of([(s, splits[s.name].test)]) for s in sites}
+    tests[ALL_TEST_ROWS] = TextRows.of([(s, splits[s.name].test) for s in sites])
+    aucs = {name: auc(rows.labels, model.scores(rows.texts)) for name, rows in tests.items()}
+    seconds = time.perf_counter() - started
+    outcomes += [
+        BaselineOutcome(
+            "tfidf-pooled", name, len(train), len(rows), aucs[name], seconds, f"C {model.c:g}"
+        )
+        for name, rows in tests.items()
+    ]
+    return outcomes
+
+
+def run_tfidf(cfg: RunConfig) -> list[BaselineOutcome]:
+    """:func:`tfidf_baselines` on the run's sites, split as the federated run splits them."""
+    sites = load_sites(cfg.data)
+    splits = {
+        s.name: split_site(s, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
+        for s in sites
+    }
+    return tfidf_baselines(sites, splits, cfg.seed)
+
+
+def _tfidf_line(done: list[BaselineOutcome]) -> str:
+    if done[0].kind == "tfidf-alone":  # a model per site: its own time and C
+        seconds = sum(o.seconds for o in done)
+        aucs = ", ".join(f"{o.site} {o.auc:.3f} ({o.detail})" for o in done)
+        return f"baseline tfidf-alone (each site) done in {seconds:.1f} s: AUC {aucs}"
+    aucs = ", ".join(f"{o.site or 'all test rows'} {o.auc:.3f}" for o in done)
+    return (
+        f"baseline tfidf-pooled (all sites, {done[0].detail}) done in {done[0].seconds:.1f} s: "
+        f"AUC {aucs}"
+    )
+
+
+# -- all of them ---------------------------------------------------------------------------------
+
+#: What ``fedpeft simulate --baselines all`` trains: "tfidf" is both tfidf-alone and tfidf-pooled.
+BASELINE_KINDS = ("tfidf", "centralized", "alone")
 
 
 def run_baselines(
@@ -86,14 +229,21 @@ def run_baselines(
     progress: Callable[[str], None] = print,
     kinds: tuple[str, ...] = BASELINE_KINDS,
 ) -> list[BaselineOutcome]:
-    """Alone for every site and/or centralized (``kinds``), spread over ``workers``
-    single-thread processes."""
+    """The baselines of ``kinds``: TF-IDF in this process (seconds), then alone for every site
+    and/or centralized spread over ``workers`` single-thread processes."""
+    outcomes: list[BaselineOutcome] = []
+    if "tfidf" in kinds:
+        tfidf = run_tfidf(cfg)
+        outcomes += tfidf
+        progress(_tfidf_line([o for o in tfidf if o.kind == "tfidf-alone"]))
+        progress(_tfidf_line([o for o in tfidf if o.kind == "tfidf-pooled"]))
     names = tuple(s.name for s in load_sites(cfg.data))
     # Largest first, so the centralized model does not start last and leave a core idle.
     tasks = [BaselineTask("centralized", names)] if "centralized" in kinds else []
     if "alone" in kinds:
         tasks += [BaselineTask("alone", (n,)) for n in names]
-    outcomes: list[BaselineOutcome] = []
+    if not tasks:
+        return outcomes
     # A process pool that fails loudly (BrokenProcessPool) if a worker dies, instead of hanging.
     with ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")

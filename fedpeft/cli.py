@@ -148,16 +148,18 @@ def parser() -> argparse.ArgumentParser:
         "simulate",
         help="run a federated fine-tuning with many virtual sites on this machine",
         description="Run the federated loop with Flower's simulation engine (one virtual site per "
-        "data file or hospital), then the alone and centralized baselines, and print per-site "
+        "data file or hospital), then the baselines (TF-IDF + logistic regression alone and "
+        "pooled, the same method alone and centralized), and print per-site "
         "AUC. With no options: all-MiniLM-L6-v2 + LoRA on the UCI heart-disease records of four "
         "real hospitals.",
     )
     _add_run_options(sim)
     sim.add_argument(
         "--baselines",
-        choices=("all", "alone", "centralized", "none"),
+        choices=("all", "alone", "centralized", "tfidf", "none"),
         default="all",
-        help="which baselines to train after the federated run (default all)",
+        help="which baselines to train after the federated run (default all; tfidf: TF-IDF + "
+        "logistic regression, each site alone and all sites pooled, seconds)",
     )
     sim.add_argument("--no-baselines", action="store_true", help="same as --baselines none")
     sim.add_argument(
@@ -407,6 +409,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedpeft.baselines import BASELINE_KINDS
     from fedpeft.common.config import load_config
     from fedpeft.recovery import mark_interrupted_runs
     from fedpeft.report import plot_auc, render_table, summarize
@@ -434,16 +437,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     _say(f"federated run {result.run_id} done in {result.seconds:.0f} s")
-    kinds = {
-        "all": ("centralized", "alone"),
-        "alone": ("alone",),
-        "centralized": ("centralized",),
-        "none": (),
-    }[("none" if args.no_baselines else args.baselines)]
+    chosen = "none" if args.no_baselines else args.baselines
+    kinds = BASELINE_KINDS if chosen == "all" else () if chosen == "none" else (chosen,)
     if kinds:
         _say(
-            f"training the baselines ({' and '.join(kinds)}: alone = each site on its own rows, "
-            "centralized = all sites' training rows pooled)"
+            f"training the baselines ({', '.join(kinds)}: alone = each site on its own rows, "
+            "centralized = all sites' training rows pooled, tfidf = TF-IDF + logistic regression "
+            "both ways)"
         )
         record_baselines(cfg, result.run_id, progress=_say, kinds=kinds)
     store = open_store(cfg.db)

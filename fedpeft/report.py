@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpeft.common.keys import SITE_EPSILON
 from fedpeft.server.rounds import select_round
-from fedpeft.server.store import RunStatus, RunStore
+from fedpeft.server.store import ALL_TEST_ROWS, BaselineResult, RunStatus, RunStore
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class SiteRow:
     alone: float | None
     federated: float | None
     centralized: float | None
+    #: TF-IDF + logistic regression on the same split (None for runs recorded without it).
+    tfidf_alone: float | None = None
+    tfidf_pooled: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,15 @@ class Summary:
     delta: float | None = None
     #: Each site's epsilon after the last round it took part in.
     site_epsilons: dict[str, float] = field(default_factory=dict)
+    #: The pooled TF-IDF model's AUC over every site's test rows together.
+    pooled_tfidf: float | None = None
+
+    @property
+    def has_tfidf(self) -> bool:
+        """Whether the run recorded the TF-IDF reference (older runs did not)."""
+        return self.pooled_tfidf is not None or any(
+            r.tfidf_alone is not None or r.tfidf_pooled is not None for r in self.rows
+        )
 
     def macro(self, attr: str) -> float | None:
         values = [getattr(r, attr) for r in self.rows]
@@ -63,7 +76,8 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
     trains = [r for r in results if r.phase == "train"]
     n_train = {r.site: r.n for r in trains if r.n is not None}
     baselines = {(b.kind, b.site): b for b in store.baselines(run.id)}
-    sites = sorted({r.site for r in results} | {b.site for b in baselines.values()})
+    named = {r.site for r in results} | {b.site for b in baselines.values()}
+    sites = sorted(named - {ALL_TEST_ROWS})
     rows = []
     for site in sites:
         alone = baselines.get(("alone", site))
@@ -77,6 +91,8 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
                 alone=alone.auc if alone else None,
                 federated=ev.auc if ev and ev.status == "ok" else None,
                 centralized=central.auc if central else None,
+                tfidf_alone=_auc_of(baselines.get(("tfidf-alone", site))),
+                tfidf_pooled=_auc_of(baselines.get(("tfidf-pooled", site))),
             )
         )
     site_epsilons = {
@@ -111,7 +127,12 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         epsilons=[(r.round, r.epsilon) for r in rounds if r.epsilon is not None],
         delta=_dp_delta(run.config_json),
         site_epsilons=site_epsilons,
+        pooled_tfidf=_auc_of(baselines.get(("tfidf-pooled", ALL_TEST_ROWS))),
     )
+
+
+def _auc_of(baseline: BaselineResult | None) -> float | None:
+    return baseline.auc if baseline is not None else None
 
 
 def _dp_delta(config_json: str) -> float | None:
@@ -129,30 +150,21 @@ def _f(x: float | None) -> str:
 
 
 def render_table(s: Summary) -> str:
-    header = ("site", "n train / n test", "alone AUC", "federated AUC", "centralized AUC")
+    header = ["site", "n train / n test", "alone AUC", "federated AUC", "centralized AUC"]
+    attrs = ["alone", "federated", "centralized"]
+    if s.has_tfidf:  # a run recorded before the TF-IDF reference existed shows no empty columns
+        header += ["TF-IDF alone AUC", "TF-IDF pooled AUC"]
+        attrs += ["tfidf_alone", "tfidf_pooled"]
     body = [
-        (
-            r.site,
-            f"{r.n_train or '?'} / {r.n_test or '?'}",
-            _f(r.alone),
-            _f(r.federated),
-            _f(r.centralized),
-        )
+        (r.site, f"{r.n_train or '?'} / {r.n_test or '?'}", *(_f(getattr(r, a)) for a in attrs))
         for r in s.rows
     ]
-    body.append(
-        (
-            "macro (mean of sites)",
-            "",
-            _f(s.macro("alone")),
-            _f(s.macro("federated")),
-            _f(s.macro("centralized")),
-        )
-    )
-    body.append(("pooled (all test rows)", "", "", _f(s.pooled_federated), ""))
+    body.append(("macro (mean of sites)", "", *(_f(s.macro(a)) for a in attrs)))
+    pooled = {"federated": _f(s.pooled_federated), "tfidf_pooled": _f(s.pooled_tfidf)}
+    body.append(("pooled (all test rows)", "", *(pooled.get(a, "") for a in attrs)))
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
 
-    def line(row: tuple[str, ...]) -> str:
+    def line(row: Sequence[str]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
 
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -166,6 +178,11 @@ def render_table(s: Summary) -> str:
         f"federated AUC = the global state of round {s.selected_round}, the lowest loss on the "
         "sites' validation rows (alone and centralized keep their best epoch the same way)"
     )
+    if s.has_tfidf:
+        out.append(
+            "TF-IDF = TF-IDF (word 1-2 grams) + logistic regression on the same split, on each "
+            "site's training rows (alone) or all sites' (pooled), C chosen on the validation rows"
+        )
     full = s.full_model_bytes
     for site, b in sorted(s.bytes_up_per_round.items()):
         out.append(

@@ -1,9 +1,10 @@
 """``fedpeft simulate``: many virtual sites on one machine with Flower's simulation engine.
 
 Runs the same ServerApp and ClientApp as a deployment, one virtual SuperNode per site, then the
-alone and centralized baselines, and records everything in the store. Deltas are sealed and
-signed as in a deployment: the simulation makes fresh keys for the coordinator and every virtual
-site in a private temporary folder and deletes it when the simulation ends. The virtual sites
+baselines (TF-IDF alone and pooled, alone, centralized), and records everything in the store.
+Deltas are sealed and signed as in a deployment: the simulation makes fresh keys for the
+coordinator and every virtual site in a private temporary folder and deletes it when the
+simulation ends. The virtual sites
 take their own settings (data set, columns, bad-row rule, device) from this simulation's config,
 through the environment, as a deployed site takes them from its site.toml; the run's settings
 reach them only inside the signed global state.
@@ -124,9 +125,12 @@ def record_baselines(
     cfg: RunConfig,
     run_id: int,
     progress: Callable[[str], None] = print,
-    kinds: tuple[str, ...] = ("centralized", "alone"),
+    kinds: tuple[str, ...] | None = None,
 ) -> None:
-    from fedpeft.baselines import run_baselines
+    """Train the baselines of ``kinds`` (default all: ``BASELINE_KINDS``) and store them."""
+    from fedpeft.baselines import BASELINE_KINDS, run_baselines
+
+    kinds = BASELINE_KINDS if kinds is None else kinds
 
     outcomes = run_baselines(
         cfg, workers=min(2, os.cpu_count() or 1), progress=progress, kinds=kinds

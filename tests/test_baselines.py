@@ -1,4 +1,5 @@
-"""The alone and centralized baselines, trained for real on a tiny two-site folder."""
+"""The baselines: alone and centralized trained for real on a tiny two-site folder (slow), and
+the TF-IDF reference on synthetic sites whose text decides the label (fast)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpeft.baselines import run_baselines
-from fedpeft.common.config import load_config
-from fedpeft.common.data import heart_sites
+from fedpeft.baselines import BaselineOutcome, run_baselines, run_tfidf
+from fedpeft.common.config import RunConfig, load_config
+from fedpeft.common.data import SiteData, heart_sites, load_sites, split_site
+from fedpeft.server.store import ALL_TEST_ROWS
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_alone_and_centralized_cover_every_site(tmp_path: Path) -> None:
     for site, name in zip(heart_sites()[:2], ("a", "b"), strict=True):
         idx = np.random.default_rng(0).choice(len(site), 40, replace=False)
@@ -40,3 +41,92 @@ def test_alone_and_centralized_cover_every_site(tmp_path: Path) -> None:
     assert got[("alone", "a")].n_test == got[("centralized", "a")].n_test == 12
     assert all(0.0 <= o.auc <= 1.0 for o in outcomes)
     assert len(lines) == 3 and any("centralized (all sites)" in line for line in lines)
+
+
+# -- TF-IDF + logistic regression ------------------------------------------------------------
+
+FILLER = ("patient", "seen", "today", "history", "of", "smoking", "mild", "cough", "no", "fever")
+
+
+def _note(rng: np.random.Generator, positive: bool) -> str:
+    """Filler words in random order and one word that gives the label away."""
+    words = list(rng.choice(FILLER, size=6))
+    words.insert(int(rng.integers(0, 7)), "elevated" if positive else "unremarkable")
+    return " ".join(words)
+
+
+def _tfidf_config(folder: Path, seed: int = 3) -> RunConfig:
+    return load_config(overrides={"data.dataset": str(folder), "seed": seed})
+
+
+def _write_sites(
+    folder: Path, sizes: dict[str, int], flip_test_of: RunConfig | None = None
+) -> None:
+    """One CSV per site, about a third positive. With ``flip_test_of``, the rows that run's split
+    puts in test get the other label's word (the split depends on the labels and seed alone)."""
+    rng = np.random.default_rng(0)
+    for name, n in sizes.items():
+        labels = (rng.random(n) < 0.35).astype(np.int64)
+        labels[:2] = (0, 1)  # both classes, whatever the draw
+        flipped = np.zeros(n, dtype=bool)
+        if flip_test_of is not None:
+            cfg, site = flip_test_of, SiteData(name, ("x",) * n, labels)
+            split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
+            flipped[split.test] = True
+        texts = [_note(rng, bool(y) != f) for y, f in zip(labels, flipped, strict=True)]
+        pd.DataFrame({"text": texts, "label": labels}).to_csv(folder / f"{name}.csv", index=False)
+
+
+def _by(outcomes: list[BaselineOutcome]) -> dict[tuple[str, str], BaselineOutcome]:
+    return {(o.kind, o.site): o for o in outcomes}
+
+
+def test_tfidf_learns_a_label_the_text_decides_alone_and_pooled(tmp_path: Path) -> None:
+    sizes = {"a": 80, "b": 60, "c": 50}
+    _write_sites(tmp_path, sizes)
+    cfg = _tfidf_config(tmp_path)
+    outcomes = run_tfidf(cfg)
+    got = _by(outcomes)
+    expected = {(k, s) for k in ("tfidf-alone", "tfidf-pooled") for s in sizes}
+    assert set(got) == expected | {("tfidf-pooled", ALL_TEST_ROWS)}
+    assert all(o.auc > 0.9 for o in outcomes), [(o.kind, o.site, o.auc) for o in outcomes]
+    # Deterministic: the same config gives the same numbers and the same choice of C.
+    again = _by(run_tfidf(cfg))
+    assert {k: (o.auc, o.detail) for k, o in got.items()} == {
+        k: (o.auc, o.detail) for k, o in again.items()
+    }
+
+
+def test_tfidf_trains_and_scores_exactly_the_rows_the_split_gives(tmp_path: Path) -> None:
+    """The test rows carry the other label's word: a model trained on the split's training rows
+    and scored on its test rows ranks them backwards (AUC near 0). Scored on any other rows, or
+    trained with the test rows in, it would not."""
+    cfg = _tfidf_config(tmp_path)
+    _write_sites(tmp_path, {"a": 80, "b": 60}, flip_test_of=cfg)
+    sites = load_sites(cfg.data)
+    splits = {
+        s.name: split_site(s, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
+        for s in sites
+    }
+    got = _by(run_tfidf(cfg))
+    for s in sites:
+        alone, pooled = got[("tfidf-alone", s.name)], got[("tfidf-pooled", s.name)]
+        assert alone.auc < 0.1 and pooled.auc < 0.1
+        assert alone.n_train == len(splits[s.name].train)
+        assert alone.n_test == pooled.n_test == len(splits[s.name].test)
+        assert pooled.n_train == sum(len(sp.train) for sp in splits.values())
+    everything = got[("tfidf-pooled", ALL_TEST_ROWS)]
+    assert everything.n_test == sum(len(sp.test) for sp in splits.values())
+    assert everything.auc < 0.1
+
+
+def test_tfidf_alone_starts_no_language_model(tmp_path: Path) -> None:
+    _write_sites(tmp_path, {"a": 40, "b": 40})
+    lines: list[str] = []
+    outcomes = run_baselines(_tfidf_config(tmp_path), progress=lines.append, kinds=("tfidf",))
+    assert {o.kind for o in outcomes} == {"tfidf-alone", "tfidf-pooled"}
+    assert len(lines) == 2
+    assert lines[0].startswith("baseline tfidf-alone (each site)") and "a " in lines[0]
+    assert (
+        lines[1].startswith("baseline tfidf-pooled (all sites, C ") and "all test rows" in lines[1]
+    )

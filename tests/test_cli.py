@@ -13,7 +13,14 @@ import pytest
 from fedpeft.cli import main
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import SITE_EPSILON
-from fedpeft.server.store import BaselineResult, RoundResult, RunOwner, SiteResult, open_store
+from fedpeft.server.store import (
+    ALL_TEST_ROWS,
+    BaselineResult,
+    RoundResult,
+    RunOwner,
+    SiteResult,
+    open_store,
+)
 
 
 def _fedpeft(*args: str) -> subprocess.CompletedProcess[str]:
@@ -114,6 +121,57 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "0.810" in lines["pooled (all test rows)"]
     assert (tmp_path / "auc.png").stat().st_size > 1000
     assert "ε" not in out  # no DP, no privacy lines
+    assert "TF-IDF" not in out  # a run recorded without the TF-IDF reference: no such columns
+    assert lines["A"].count("|") == 6  # five columns
+
+
+def test_report_shows_the_tfidf_reference_when_the_run_has_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 't.db'}"
+    store = open_store(db)
+    run_id = store.create_run(
+        config_json="{}",
+        dataset="heart",
+        method="lora",
+        model_name="m",
+        model_fingerprint="f",
+        trainable_params=100,
+        total_params=10_000,
+        seed=0,
+    )
+    t = datetime(2026, 1, 1)
+    store.add_round(
+        run_id,
+        RoundResult(1, t, t, 1.0, 0.81, 0.8, 0.5, 2, 0, True, val_loss=0.4),
+        [
+            SiteResult(1, "A", "evaluate", "ok", n=10, auc=0.9),
+            SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.7),
+        ],
+        b"s",
+    )
+    store.add_baselines(
+        run_id,
+        [
+            BaselineResult("tfidf-alone", "A", 30, 10, 0.61, 0.1),
+            BaselineResult("tfidf-alone", "B", 20, 12, 0.52, 0.1),
+            BaselineResult("tfidf-pooled", "A", 50, 10, 0.71, 0.2),
+            BaselineResult("tfidf-pooled", "B", 50, 12, 0.66, 0.2),
+            BaselineResult("tfidf-pooled", ALL_TEST_ROWS, 50, 22, 0.687, 0.2),
+        ],
+    )
+    store.finish_run(run_id, status="finished", wall_seconds=3.0)
+    store.close()
+    assert main(["report", "--db", db]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if "|" in line]
+    header, table = rows[0], {r[0]: r for r in rows[2:]}
+    assert header[-2:] == ["TF-IDF alone AUC", "TF-IDF pooled AUC"]
+    assert set(table) == {"A", "B", "macro (mean of sites)", "pooled (all test rows)"}
+    assert table["A"][2:] == ["n/a", "0.900", "n/a", "0.610", "0.710"]
+    assert table["macro (mean of sites)"][-2:] == ["0.565", "0.685"]  # (0.61+0.52)/2, (0.71+0.66)/2
+    assert table["pooled (all test rows)"][2:] == ["", "0.810", "", "", "0.687"]
+    assert "C chosen on the validation rows" in out
 
 
 def test_report_shows_a_dp_run_s_epsilon_per_round_and_per_site(

@@ -26,6 +26,7 @@ from sqlalchemy import create_engine, inspect, text
 from fedpeft.common.errors import StoreError
 from fedpeft.common.keys import SITE_EPSILON, Phase
 from fedpeft.server.store import (
+    ALL_TEST_ROWS,
     BaselineResult,
     InterruptedRun,
     ReplyStatus,
@@ -271,12 +272,14 @@ def test_baselines(store: RunStore) -> None:
         [
             BaselineResult("alone", "A", 10, 5, 0.7, 3.0),
             BaselineResult("centralized", "A", 30, 5, float("nan"), 9.0),
+            BaselineResult("tfidf-pooled", ALL_TEST_ROWS, 30, 15, 0.8, 0.1),
         ],
     )
     got = store.baselines(run_id)
     assert [(b.kind, b.site, b.auc) for b in got] == [
         ("alone", "A", 0.7),
         ("centralized", "A", None),
+        ("tfidf-pooled", ALL_TEST_ROWS, 0.8),
     ]
 
 

@@ -1,6 +1,7 @@
 """The run store: runs, rounds, per-site results, global states and baselines."""
 
 from fedpeft.server.store.base import (
+    ALL_TEST_ROWS,
     BaselineResult,
     InterruptedRun,
     ReplyStatus,
@@ -16,6 +17,7 @@ from fedpeft.server.store.base import (
 from fedpeft.server.store.sql import SqlRunStore, open_store
 
 __all__ = [
+    "ALL_TEST_ROWS",
     "BaselineResult",
     "InterruptedRun",
     "ReplyStatus",

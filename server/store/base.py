@@ -191,10 +191,15 @@ class SiteResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+#: ``BaselineResult.site`` of an AUC over every site's test rows together. No site can have
+#: this name: a site is named after its file's stem, and a stem is never empty.
+ALL_TEST_ROWS = ""
+
+
 @dataclass(frozen=True)
 class BaselineResult:
-    kind: str  # "alone" | "centralized"
-    site: str
+    kind: str  # "alone" | "centralized" | "tfidf-alone" | "tfidf-pooled" (at most 16 chars)
+    site: str  # or ALL_TEST_ROWS
     n_train: int
     n_test: int
     auc: float | None

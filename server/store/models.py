@@ -109,7 +109,7 @@ class BaselineRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # alone | centralized
+    kind: Mapped[str] = mapped_column(String(16))  # alone | centralized | tfidf-alone | ...
     site: Mapped[str] = mapped_column(String(256))
     n_train: Mapped[int] = mapped_column(BigInteger)
     n_test: Mapped[int] = mapped_column(BigInteger)
