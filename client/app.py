@@ -48,13 +48,13 @@ from fedpeft.client.policy import (
     check_upload,
     expected_upload_bytes,
 )
-from fedpeft.client.secagg import answer_stage, mask_update
+from fedpeft.client.secagg import answer_stage, masked_update
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
 from fedpeft.common.config import DataConfig, SiteRunConfig
 from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
-from fedpeft.common.dp import clip_update, gaussian_noise_like, noise_std_per_site
+from fedpeft.common.dp import clip_update
 from fedpeft.common.envelope import (
     ForgedGlobalState,
     GlobalState,
@@ -296,7 +296,7 @@ class TaskRefused(FedpeftError):
 #: The public reason of a task refused because the ledger cannot be written: nothing leaves
 #: the site without a ledger entry.
 LEDGER_UNWRITABLE = "the site's ledger cannot be written"
-_LEDGER_TYPE = re.compile(r"[a-z][a-z0-9._-]{0,31}")
+_LEDGER_TYPE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 
 
 def message_round(msg: Any) -> int:
@@ -457,25 +457,6 @@ def _stage_task(msg: Any, cfg: SiteRunConfig, kind: str) -> StageTask | None:
     return task
 
 
-def masked_update(
-    delta: State,
-    cfg: SiteRunConfig,
-    task: StageTask,
-    site: str,
-    setup: SiteSetup,
-    context: bytes,
-) -> State:
-    """The (clipped) update as it leaves with secure aggregation: with distributed DP plus this
-    site's share of the round's noise (``noise_std_per_site`` over the threshold t, so that the
-    sum of any t or more carries at least sigma * clip), then fixed-point encoded and masked."""
-    privacy = cfg.privacy
-    if privacy.distributed_noise:
-        std = noise_std_per_site(privacy.noise_multiplier, privacy.clip, task.threshold)
-        noise = gaussian_noise_like(delta, std, np.random.default_rng())
-        delta = {name: (v + noise[name]).astype(np.float32) for name, v in delta.items()}
-    return mask_update(delta, task, site, setup.trust.identity, context, privacy.fixed_point_range)
-
-
 def handle(msg: Any, setup: SiteSetup) -> Any:
     """The site's reply to one message from the coordinator (``train`` or ``evaluate``), with
     the site's own settings; the run's settings come only from the signed global state.
@@ -519,7 +500,9 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             codec = cfg.codec
             if stage is not None:  # secure aggregation: only the masked update leaves
-                delta = masked_update(delta, cfg, stage, site, setup, context)
+                delta = masked_update(
+                    delta, cfg.privacy, stage, site, setup.trust.identity, context
+                )
                 codec = RING
             sealed = seal_delta(
                 delta,

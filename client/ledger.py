@@ -56,7 +56,7 @@ MAX_NAME = 64
 MAX_REASON = 500
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_MESSAGE_TYPE = re.compile(r"[a-z][a-z0-9._-]{0,31}")
+_MESSAGE_TYPE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 _HEADER_KEYS = ("seq", "time", "prev", "hash")
 
 

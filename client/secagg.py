@@ -18,7 +18,9 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from fedpeft.common.config import SitePrivacy
 from fedpeft.common.crypto import hkdf_sha256
+from fedpeft.common.dp import gaussian_noise_like, noise_std_per_site
 from fedpeft.common.secagg import FixedPoint, SecAggError, SiteSecAgg, flatten
 from fedpeft.common.secagg_messages import (
     KEYS,
@@ -108,3 +110,22 @@ def mask_update(
     x = FixedPoint(bound, max_sites=len(task.roster)).encode(vector)
     masked = _protocol(site, identity, context, task).masked_input(x, task.ciphertexts)
     return {MASKED: masked}
+
+
+def masked_update(
+    delta: State,
+    privacy: SitePrivacy,
+    task: StageTask,
+    site: str,
+    identity: ec.EllipticCurvePrivateKey,
+    context: bytes,
+) -> State:
+    """The (clipped) update as it leaves with secure aggregation: with distributed DP plus this
+    site's share of the round's noise (``noise_std_per_site`` over the threshold t, so that the
+    sum of any t or more carries at least sigma * clip; drawn from the OS's entropy), then fixed-
+    point encoded in ``privacy.fixed_point_range`` and masked (:func:`mask_update`)."""
+    if privacy.distributed_noise:
+        std = noise_std_per_site(privacy.noise_multiplier, privacy.clip, task.threshold)
+        noise = gaussian_noise_like(delta, std, np.random.default_rng())
+        delta = {name: (v + noise[name]).astype(np.float32) for name, v in delta.items()}
+    return mask_update(delta, task, site, identity, context, privacy.fixed_point_range)

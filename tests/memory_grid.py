@@ -17,7 +17,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedpeft.client.secagg import answer_stage, mask_update
+from fedpeft.client.secagg import answer_stage, masked_update
 from fedpeft.common import keys
 from fedpeft.common.dp import clip_update
 from fedpeft.common.envelope import GlobalState, open_global, seal_delta, seal_evaluation
@@ -143,9 +143,7 @@ class ScriptedSite:
             if privacy.clip > 0:
                 delta, _ = clip_update(delta, privacy.clip)
             if task is not None:
-                delta = mask_update(
-                    delta, task, self.name, self.key, context, privacy.fixed_point_range
-                )
+                delta = masked_update(delta, privacy, task, self.name, self.key, context)
                 codec = RING
             records[keys.SEALED] = blob_record(
                 seal_delta(

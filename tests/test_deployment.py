@@ -719,3 +719,41 @@ def test_a_coordinator_restarted_between_rounds_takes_the_run_up_again(
     assert run.status == "finished"
     assert [(r.round, r.accepted, r.applied) for r in rounds] == [(n, 2, True) for n in (1, 2, 3)]
     assert resumption.after_round == stored[-1]
+
+
+def test_a_secure_aggregation_run_survives_a_site_killed_after_masking(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Issue 13: three hospitals, two rounds with secure aggregation (four exchanges a round:
+    keys, shares, masked updates, unmasking, through the site worker). Switzerland's SuperNode
+    and worker are SIGKILLed as its masked round 1 update leaves: the two others' shares (t = 2
+    of 3) unmask the round's sum with or without it, and round 2 runs with the two. No update
+    the coordinator opened was a site's own."""
+    coord, fleet = _coordinator(tmp_path, processes)
+    names = ("Cleveland", "Hungary", "Switzerland")
+    sites = {
+        name: _site(tmp_path, processes, name, coord, fleet, _sample(data))
+        for name, data in zip(names, heart_sites()[:3], strict=True)
+    }
+    run_toml = (
+        'device = "cpu"\n[federation]\nrounds = 2\nmin_sites = 2\nround_timeout_s = 150.0\n'
+        "[federation.secure_aggregation]\nenabled = true\n[model]\nmax_length = 64\n"
+    )
+    follow = _follow_run(coord, processes, run_toml)
+    _wait_for_uploads([tmp_path / "Switzerland"], [0], 1, follow)
+    os.killpg(sites["Switzerland"].pid, signal.SIGKILL)
+    assert follow.wait(timeout=900) == 0, (coord / "run.log").read_text()[-3000:]
+
+    store = open_store(f"sqlite:///{coord / 'runs.db'}")
+    (run,) = store.list_runs()
+    rounds = store.rounds(run.id)
+    rows = store.site_results(run.id)
+    store.close()
+    assert run.status == "finished"
+    assert [r.round for r in rounds] == [1, 2] and all(r.applied for r in rounds)
+    assert rounds[0].accepted in (2, 3) and rounds[1].accepted == 2
+    used = [r for r in rows if r.phase == "train" and r.status == "ok"]
+    assert all(r.extra["weight"] == 1 / (2 if r.round == 2 else rounds[0].accepted) for r in used)
+    for name in ("Cleveland", "Hungary"):  # each site's ledger holds the four stages
+        kinds = {e["message_type"] for e in _ledger_lines(tmp_path / name)}
+        assert {"query.secagg_keys", "query.secagg_shares", "train", "query.secagg_unmask"} <= kinds

@@ -344,3 +344,16 @@ def test_the_ledger_lives_beside_site_toml_unless_it_says_otherwise(
     toml = _site_toml(tmp_path, 'ledger = "nowhere/site.jsonl"\n')
     with pytest.raises(FedpeftError, match=r"\[site\] ledger: .*nowhere: no such folder"):
         load_site_config(toml)
+
+
+def test_the_secure_aggregation_stages_are_recorded_by_their_message_type(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    for kind in ("query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"):
+        ledger.record_task(run_token=TOKEN, round=1, message_type=kind)
+    assert ledger.verify().ok
+    kinds = [json.loads(line)["message_type"] for line in ledger.path.read_text().splitlines()]
+    assert kinds == ["query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"]
+    with pytest.raises(LedgerError, match="is not a Flower message type"):
+        ledger.record_task(run_token=TOKEN, round=1, message_type="Query Secagg")
