@@ -436,3 +436,39 @@ def test_a_site_that_requires_dp_refuses_a_run_without_it(tmp_path: Path, dp: bo
     refusal = "refused: policy: differential privacy required, the run does not use it"
     assert train.status == "failed"
     assert (train.reason == refusal) is not dp, train.reason
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_site_that_requires_secure_aggregation_refuses_a_run_without_it(
+    tmp_path: Path, secure: bool
+) -> None:
+    """require_secure_aggregation: a run without it is refused before any row is read; a run
+    with it passes the policy (and this site, with no records file, then fails its first stage)."""
+    setup = SiteSetup(
+        "D",
+        tmp_path / "absent.csv",
+        DataSchema(),
+        "cpu",
+        SiteTrust(IDENTITY["D"], COORDINATOR.public_key()),
+        policy=_policy(tmp_path, require_secure_aggregation=True),
+    )
+    overrides: dict[str, object] = {"federation.rounds": 1}
+    if secure:
+        overrides["federation.secure_aggregation.enabled"] = True
+    run_cfg = load_config(overrides=overrides)
+    store, run_id = _new_run(run_cfg)
+    scripted = {
+        name: ScriptedSite(name, IDENTITY[name], COORDINATOR.public_key(), constant(0.1))
+        for name in "AB"
+    }
+    trust = CoordinatorTrust(COORDINATOR, {n: k.public_key() for n, k in IDENTITY.items()})
+    grid = MemoryGrid({1: scripted["A"], 2: scripted["B"], 3: lambda m: handle(m, setup)})
+    FederatedRun(
+        run_cfg, store, run_id, dict(INITIAL), "sha256:tiny", trust, os.urandom(32), print
+    ).start(grid)
+    (train,) = [r for r in store.site_results(run_id) if r.site == "D" and r.phase == "train"]
+    (result,) = store.rounds(run_id)
+    store.close()
+    refusal = "refused: policy: secure aggregation required, the run does not use it"
+    assert train.status == "failed" and (train.reason == refusal) is not secure, train.reason
+    assert result.applied and result.accepted == 2  # A and B go on, securely or not
