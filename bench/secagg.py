@@ -273,11 +273,15 @@ def main() -> int:
                 f"{last.stages_up:,.0f} | {last.train_down:,.0f} | {last.stages_down:,.0f} | "
                 f"{check if secure else ''} |"
             )
-        c = runs[True][-1].clock
+        clocks = [r.clock for r in runs[True]]
+
+        def median(what: str, clocks: list[Clock] = clocks) -> str:
+            return f"{statistics.median(c.seconds[what] for c in clocks):.2f}"
+
         split_rows.append(
             f"| {n} | {SecureAggregationConfig().shares_needed(n)} | "
-            + " | ".join(f"{c.seconds[s]:.2f}" for s in (*STAGES[:2], "train", STAGES[2]))
-            + f" | {c.calls['prg']:,} | {c.seconds['prg']:.2f} | {c.seconds['unmask_sum']:.2f} |"
+            + " | ".join(median(s) for s in (*STAGES[:2], "train", STAGES[2]))
+            + f" | {clocks[-1].calls['prg']:,} | {median('prg')} | {median('unmask_sum')} |"
         )
     print(
         "| sites | secure aggregation | round wall s | sites' s (sum) | coordinator s | "
@@ -287,8 +291,8 @@ def main() -> int:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(main_rows))
     print(
-        "\nSecure runs, where the time goes (sites' s by message, sum over sites; mask "
-        "expansions at sites and coordinator):\n"
+        "\nSecure runs, where the time goes (median s; sites' s by message, sum over sites; "
+        "mask expansions at sites and coordinator):\n"
     )
     print(
         "| sites | t | keys s | shares s | train s | unmask s | ChaCha20 mask expansions | "
