@@ -68,23 +68,27 @@ def main() -> int:
         "AUC | bytes up / site / round | % of full fp32 model | wall s |"
     )
     print("|---|---|---|---|---|---|---|---|")
+
+    def auc(x: float | None) -> str:  # a baseline not run (--no-baselines) has none
+        return "n/a" if x is None else f"{x:.3f}"
+
     for r in rows:
         print(
-            f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:,.0f} | "
+            f"| {r[0]} | {auc(r[1])} | {auc(r[2])} | {auc(r[3])} | {auc(r[4])} | {r[5]:,.0f} | "
             f"{r[6]:.2f} % | {r[7]:.0f} |"
         )
 
-    def mean(i: int) -> float:
-        return statistics.mean(r[i] for r in rows)
+    def mean(i: int) -> float | None:
+        values = [r[i] for r in rows]
+        return None if None in values else statistics.mean(values)
 
     print(
-        f"| mean | {mean(1):.3f} | {mean(2):.3f} | {mean(3):.3f} | {mean(4):.3f} | "
+        f"| mean | {auc(mean(1))} | {auc(mean(2))} | {auc(mean(3))} | {auc(mean(4))} | "
         f"{mean(5):,.0f} | {mean(6):.2f} % | {mean(7):.0f} |"
     )
-    print(
-        f"\nfederated - alone: {mean(2) - mean(1):+.3f}; federated - centralized: "
-        f"{mean(2) - mean(3):+.3f}"
-    )
+    m1, m2, m3 = mean(1), mean(2), mean(3)
+    if None not in (m1, m2, m3):
+        print(f"\nfederated - alone: {m2 - m1:+.3f}; federated - centralized: {m2 - m3:+.3f}")
     return 0
 
 

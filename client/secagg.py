@@ -88,7 +88,9 @@ def answer_stage(
                     "(the two answers together could open a site's update)"
                 )
             protocol = _protocol(site, identity, context, task)
-            protocol.masked_input(np.zeros(task.length, np.uint32), task.ciphertexts)
+            # Rebuilt up to masking for the shares it holds and the set it masked against; the
+            # masked vector itself is not needed again (a zero-length one costs no expansion).
+            protocol.masked_input(np.zeros(0, np.uint32), task.ciphertexts)
             revealed = protocol.unmask(task.survivors, task.dropped)
             _revealed[context] = lists
         return sign_answer(identity, context, site, UNMASK, unmask_answer(revealed))
