@@ -142,6 +142,10 @@ class FederationConfig:
     """The round loop at the coordinator."""
 
     rounds: int = 5
+    #: Federated early stopping: the run ends once the sites' weighted validation loss of the
+    #: global state has not improved for this many rounds (the last round is then evaluated as
+    #: usual); ``rounds`` is then a maximum. 0 = run every round.
+    patience: int = 0
     #: Sites sampled for training each round; 0 = every site.
     sites_per_round: int = 0
     #: A round with fewer valid updates than this keeps the previous global state.
@@ -473,6 +477,7 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     f = cfg.federation
     need(f.rounds >= 1, "federation.rounds: must be at least 1")
+    need(f.patience >= 0, "federation.patience: must be 0 (off) or more")
     need(f.sites_per_round >= 0, "federation.sites_per_round: must be 0 (all) or more")
     need(f.min_sites >= 1, "federation.min_sites: must be at least 1")
     need(

@@ -62,7 +62,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="run config TOML (flags override its values)")
     p.add_argument("--dataset", help="heart | pima | PATH to a folder with one data file per site")
     p.add_argument("--method", help=method_help())
-    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--rounds", type=int, help="federated rounds (with --patience: at most)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="end the run once the sites' validation loss has not improved for this many rounds "
+        "(default 0: run every round)",
+    )
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
     p.add_argument("--local-epochs", type=int, help="local epochs per round at each site")
@@ -109,6 +115,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "data.dataset": args.dataset,
         "method.name": args.method,
         "federation.rounds": args.rounds,
+        "federation.patience": args.patience,
         "federation.sites_per_round": args.sites_per_round,
         "federation.min_sites": args.min_sites,
         "train.local_epochs": args.local_epochs,

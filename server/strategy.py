@@ -208,6 +208,8 @@ class FederatedRun:
             pending = _Trained(rnd, started, train, applied, self.state, time.perf_counter() - t0)
             if applied and self.accountant is not None:
                 pending.sample_rate, pending.epsilon = sample_rate, self.accountant.epsilon()
+            if self._converged(history, rnd):
+                break
         if pending is not None:
             # The last round's global state, evaluated by every site still there.
             t0 = time.perf_counter()
@@ -249,6 +251,28 @@ class FederatedRun:
         for line in round_summary(result, train, evaluations):
             self.progress(line)
         return result
+
+    def _converged(self, history: list[RoundResult], rnd: int) -> bool:
+        """Federated early stopping (``federation.patience``): whether the sites' weighted
+        validation loss has not improved for ``patience`` recorded rounds. Known once round
+        ``rnd``'s replies have brought the evaluation of round ``rnd - 1``; round ``rnd`` is then
+        the last one trained (its state is evaluated after the loop)."""
+        patience, fed = self.cfg.federation.patience, self.cfg.federation
+        losses = [
+            (r.val_loss, r.round)
+            for r in history
+            if r.val_loss is not None and np.isfinite(r.val_loss)
+        ]
+        if not patience or not losses or rnd >= fed.rounds:
+            return False
+        best_loss, best_round = min(losses)
+        if history[-1].round - best_round < patience:
+            return False
+        self.progress(
+            f"round {rnd}: the last; the validation loss has not improved for {patience} "
+            f"round(s) since round {best_round} ({best_loss:.4f}) (federation.patience)"
+        )
+        return True
 
     def _replay_privacy(self, history: list[RoundResult]) -> None:
         """A resumed DP run's accountant, as it stood after the rounds in ``history``: each

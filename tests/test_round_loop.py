@@ -996,3 +996,35 @@ def test_dp_noise_on_a_secure_sum_comes_from_the_coordinator_or_from_the_sites(
     store.close()
     std = expected_std if expected_std is not None else float(np.sqrt(4 / 3) / 4)
     assert abs(float(moved.std()) - std) < 0.03 * std
+
+
+def test_federated_early_stopping_ends_the_run_once_the_validation_loss_stops_improving(
+    harness: Callable[..., Harness],
+) -> None:
+    """federation.patience = 2, at most 10 rounds: the sites' validation loss of the global
+    state is lowest after round 1 and worse after rounds 2 and 3, which round 4's replies bring.
+    Round 4 is the last trained; its state is evaluated, and round 1 is delivered."""
+
+    def rising(rnd: int) -> Evaluation:
+        metrics, pos, neg = evaluation(rnd)
+        return {**metrics, keys.VAL_LOSS: 0.4 + 0.1 * rnd}, pos, neg
+
+    nodes = {
+        1: site("A", constant(0.1), evaluate=rising),
+        2: site("B", constant(0.2), evaluate=rising),
+    }
+    h = harness(nodes, rounds=10, patience=2)
+    assert h.start() == 1
+    assert [r.round for r in h.rounds()] == [1, 2, 3, 4]
+    assert any(
+        "round 4: the last; the validation loss has not improved for 2" in ln for ln in h.lines
+    )
+    without = harness(
+        {
+            1: site("A", constant(0.1), evaluate=rising),
+            2: site("B", constant(0.2), evaluate=rising),
+        },
+        rounds=6,
+    )
+    without.start()
+    assert [r.round for r in without.rounds()] == [1, 2, 3, 4, 5, 6]  # patience 0: every round
