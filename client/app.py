@@ -48,7 +48,7 @@ from fedpeft.client.policy import (
     check_upload,
     expected_upload_bytes,
 )
-from fedpeft.client.secagg import answer_stage, masked_update
+from fedpeft.client.secagg import answer_once, answer_stage, masked_update
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
@@ -415,7 +415,7 @@ def task_facts(signed: GlobalState, coordinator_key: str, site: str) -> TaskFact
         codec=cfg.codec,
         upload_bytes=expected_upload_bytes(
             {name: tuple(v.shape) for name, v in signed.state.items()},
-            cfg.codec,
+            RING if cfg.privacy.secure_aggregation else cfg.codec,
             method=cfg.method.name,
             fingerprint=signed.fingerprint,
             site_id=site,
@@ -482,6 +482,8 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             check_policy(setup.policy, task_facts(signed, signer, site), trusted)
         context = round_context(signed.run_token, rnd)
         stage = _stage_task(msg, cfg, kind)
+        if stage is not None:
+            answer_once(signed.run_token, rnd, kind, record.ledger, cfg.privacy.threshold, stage)
         session = site_session(cfg, setup)  # kept warm: built once per run and process
         site = session.site
         if kind in STAGES:  # a stage of secure aggregation: keys or shares, nothing trained

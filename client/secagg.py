@@ -4,9 +4,10 @@ The protocol is common/secagg.py's (SecAgg, Bonawitz et al. 2017), its messages
 common/secagg_messages.py's. A site keeps no protocol state between the messages of a round: its
 keys, self-mask seed and Shamir polynomials for a round are drawn from a stream that its identity
 key and the round's context (run token and round) determine, so each message rebuilds the same
-:class:`SiteSecAgg` and runs its steps up to the one asked. What must not repeat is remembered:
-a site reveals shares once per round, for one pair of survivor and dropped lists; asked again
-with other lists (which could open a site's update) it refuses.
+:class:`SiteSecAgg` and runs its steps up to the one asked. Hence a site answers each kind of
+message once per run and round (:func:`answer_once`, remembered in the process and the site's
+ledger): a second train message (another update under the same masks), shares stage (shares
+for a roster of the coordinator's own keys) or unmasking (other lists) could open its update.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from fedpeft.common.config import SitePrivacy
+from fedpeft.client.ledger import Ledger
+from fedpeft.common.config import SecureAggregationConfig, SitePrivacy
 from fedpeft.common.crypto import hkdf_sha256
 from fedpeft.common.dp import gaussian_noise_like, noise_std_per_site
 from fedpeft.common.secagg import FixedPoint, SecAggError, SiteSecAgg, flatten
@@ -39,7 +41,46 @@ _RANDOMNESS_INFO = b"fedpeft/v1 secagg-site-randomness\x00"
 
 # context -> the (survivors, dropped) lists this site revealed shares for, in this process.
 _revealed: dict[bytes, tuple[frozenset[str], frozenset[str]]] = {}
+# (run token, round, message type) of every secure-aggregation message answered in this process.
+_answered: set[tuple[str, int, str]] = set()
 _lock = threading.Lock()
+
+
+def answer_once(
+    run_token: str, rnd: int, kind: str, ledger: Ledger | None, threshold: float, task: StageTask
+) -> None:
+    """Refuse a secure-aggregation message this site has answered before in this run and round
+    (:class:`SecAggError`), and one whose threshold is not the one the signed run config gives
+    for its roster. A site's secrets for a round are the same at every message of it: a second
+    train message (a retrained update under the same masks), a second shares stage (shares for a
+    roster of the coordinator's own keys) or a second unmasking (other lists) could open its
+    update. Remembered in this process and, at a deployed site, in its ledger (every answer
+    that left is an ``upload`` line there), which outlives a restart."""
+    if kind != KEYS and task.threshold != _shares_needed(threshold, len(task.roster)):
+        raise SecAggError(
+            f"a threshold of {task.threshold} for {len(task.roster)} sites; the run's config "
+            f"gives {_shares_needed(threshold, len(task.roster))}: refused"
+        )
+    key = (run_token, rnd, kind)
+    with _lock:
+        if key in _answered or (ledger is not None and _in_ledger(ledger, key)):
+            raise SecAggError(
+                f"a second {kind} message for round {rnd} of this run: refused (the site's "
+                "secrets for a round serve one answer to each message)"
+            )
+        _answered.add(key)
+
+
+def _in_ledger(ledger: Ledger, key: tuple[str, int, str]) -> bool:
+    return any(
+        (r.entry.run_token, r.entry.round, r.entry.message_type) == key
+        and r.entry.event == "upload"
+        for r in ledger.entries()
+    )
+
+
+def _shares_needed(threshold: float, n: int) -> int:
+    return SecureAggregationConfig(True, threshold).shares_needed(n)
 
 
 def site_randomness(identity: ec.EllipticCurvePrivateKey, context: bytes) -> Callable[[int], bytes]:

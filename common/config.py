@@ -332,6 +332,18 @@ class RunConfig:
         dp = dataclasses.replace(f.dp, noise_multiplier=float(sigma))
         return dataclasses.replace(self, federation=dataclasses.replace(f, dp=dp))
 
+    def _fixed_point_range(self) -> float:
+        """The fixed-point range of a masked update: ``secure_aggregation.clip`` and, with
+        distributed DP, six standard deviations of the largest noise share a site adds
+        (sigma * clip, at t = 1) beyond it, so that encoding clips no coordinate of an honest
+        site's noisy update short of odds of about 1e-9 each; 0 without secure aggregation."""
+        f = self.federation
+        if not f.secure_aggregation.enabled:
+            return 0.0
+        if f.dp.enabled and f.dp.mode == "distributed":
+            return f.secure_aggregation.clip + 6 * f.dp.noise_multiplier * f.dp.clip
+        return f.secure_aggregation.clip
+
     def for_sites(self) -> SiteRunConfig:
         """The part of this config that sites act on (see :class:`SiteRunConfig`).
 
@@ -351,7 +363,7 @@ class RunConfig:
             distributed_noise=f.dp.enabled and f.dp.mode == "distributed",
             secure_aggregation=sa.enabled,
             threshold=sa.threshold if sa.enabled else 0.0,
-            fixed_point_range=sa.clip if sa.enabled else 0.0,
+            fixed_point_range=self._fixed_point_range(),
         )
         return SiteRunConfig(
             seed=self.seed,

@@ -23,7 +23,7 @@ from typing import Any
 from fedpeft.common import keys
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.metrics import HIST_BINS
-from fedpeft.common.wire import CODECS, encoded_size
+from fedpeft.common.wire import CODECS, RING, encoded_size
 
 #: Manifest format version (``format`` in the JSON).
 MANIFEST_FORMAT = 1
@@ -94,8 +94,8 @@ def sealed_size_bound(
     tensors can be, in bytes: the codec's payload (common/wire.py) plus the envelope around it,
     every varint at its widest. tests/test_policy.py holds it within a few bytes of
     ``seal_delta``'s output."""
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; known: {', '.join(CODECS)}")
+    if codec not in (*CODECS, RING):
+        raise ValueError(f"unknown codec {codec!r}; known: {', '.join((*CODECS, RING))}")
     payload = sum(encoded_size(tuple(s), codec) for s in shapes.values())
     tensors = 0
     for name, shape in shapes.items():

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from fedpeft.common import crypto, keys
 from fedpeft.common.config import RunConfig
@@ -32,6 +33,7 @@ from fedpeft.common.keys import Phase
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.secagg import (
     FixedPoint,
+    PublicKeys,
     SecAggError,
     flatten,
     round_context,
@@ -71,6 +73,20 @@ from fedpeft.server.validation import MAX_SIGNED_EXAMPLES
 log = logging.getLogger("fedpeft.server")
 
 Progress = Callable[[str], None]
+
+
+T = TypeVar("T")
+
+
+def usable_keys(answer: Answer) -> PublicKeys:
+    """A site's advertised X25519 keys, each one every other site can agree a secret with (32
+    bytes, not a low-order point): else :class:`SecAggError`, and that site alone drops out."""
+    keys_ = answer_keys(answer)
+    probe = x25519.X25519PrivateKey.generate()
+    for key in keys_:
+        if crypto.x25519_shared(probe, key) is None:
+            raise SecAggError("an advertised key no site can agree a secret with")
+    return keys_
 
 
 def round_rng(seed: int, rnd: int) -> np.random.Generator:
@@ -355,10 +371,18 @@ class FederatedRun:
         length = sum(int(v.size) for v in self.state.values())
         failed: dict[int, Reply] = {}
         answers = self._stage(
-            grid, KEYS, rnd, {n: StageTask(KEYS) for n in sampled}, context, failed
+            grid, KEYS, rnd, {n: StageTask(KEYS) for n in sampled}, context, failed, usable_keys
         )
-        roster = {a.site: answer_keys(a) for a in answers.values()}
-        node_of = {a.site: node for node, a in answers.items()}
+        # A key another site also advertised (a copy, or a collision) serves neither of them.
+        counts = Counter(key for _, keys_ in answers.values() for key in keys_)
+        for node, (_, keys_) in list(answers.items()):
+            if any(counts[key] > 1 for key in keys_):
+                failed[node] = self._stage_failure(
+                    node, f"{Reason.SECAGG}: {KEYS}: a key another site also advertised"
+                )
+                del answers[node]
+        roster = dict(answers.values())
+        node_of = {site: node for node, (site, _) in answers.items()}
         t = sa.shares_needed(len(roster))
         if t > len(roster):  # fewer than 2 sites: a sum would be one site's update
             for node in answers:
@@ -370,10 +394,18 @@ class FederatedRun:
             _, evaluations = self._exchange(grid, state_round, [], evaluate)
             return [failed[n] for n in sampled], evaluations, None
         tasks = {node_of[v]: StageTask(SHARES, roster, t) for v in roster}
-        shares = {
-            a.site: answer_ciphertexts(a)
-            for a in self._stage(grid, SHARES, rnd, tasks, context, failed).values()
-        }
+
+        def one_share_for_each_other_site(answer: Answer) -> dict[str, bytes]:
+            shares = answer_ciphertexts(answer)
+            if set(shares) != set(roster) - {answer.site}:
+                raise SecAggError("its shares are not one for each other site of the roster")
+            return shares
+
+        shares = dict(
+            self._stage(
+                grid, SHARES, rnd, tasks, context, failed, one_share_for_each_other_site
+            ).values()
+        )
         u2 = sorted(shares)
 
         def addressed(v: str) -> dict[str, bytes]:
@@ -399,10 +431,9 @@ class FederatedRun:
         # A site silent or wrong here still has its update in the sum (others' shares remove its
         # masks): its train row stays; what it failed to send is only said.
         unhelpful: dict[int, Reply] = {}
-        revealed = {
-            a.site: answer_revealed(a)
-            for a in self._stage(grid, UNMASK, rnd, tasks, context, unhelpful).values()
-        }
+        revealed = dict(
+            self._stage(grid, UNMASK, rnd, tasks, context, unhelpful, answer_revealed).values()
+        )
         for reply in unhelpful.values():
             self.progress(f"round {rnd}: {reply.site} sent no shares to unmask: {reply.reason}")
         by_node = {r.node_id: r for r in train}
@@ -432,17 +463,19 @@ class FederatedRun:
         tasks: Mapping[int, StageTask],
         context: bytes,
         failed: dict[int, Reply],
-    ) -> dict[int, Answer]:
-        """One secure-aggregation stage: each node's task out, its signed answer back. A node
-        that does not answer, or answers wrongly, gets its train row's failure in ``failed``
-        and drops out of the round."""
+        parse: Callable[[Answer], T],
+    ) -> dict[int, tuple[str, T]]:
+        """One secure-aggregation stage: each node's task out, its signed answer back, read by
+        ``parse``: node -> (site, what it said). A node that does not answer, or answers
+        wrongly (unsigned, another site's, malformed: whatever ``parse`` refuses), gets its
+        train row's failure in ``failed`` and drops out of the round; the round goes on."""
         if not tasks:
             return {}
         nodes = sorted(tasks)
         messages = self._configure(stage, nodes, rnd, tasks, {})
         received = exchange(grid, messages, self.cfg.federation.round_timeout_s)
         registered = self._registered()
-        answers: dict[int, Answer] = {}
+        answers: dict[int, tuple[str, T]] = {}
         for msg in received:
             node = int(msg.metadata.src_node_id)  # type: ignore[attr-defined]
             if node in answers or node in failed or node not in tasks:
@@ -464,7 +497,13 @@ class FederatedRun:
                 )
                 continue
             self.site_names[node] = answer.site
-            answers[node] = answer
+            try:  # signed by a registered site, perhaps malformed all the same
+                said = parse(answer)
+            except (SecAggError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                detail = str(exc)[:200] or exc.__class__.__name__
+                failed[node] = self._stage_failure(node, f"{Reason.SECAGG}: {stage}: {detail}")
+                continue
+            answers[node] = (answer.site, said)
         for node in nodes:
             if node not in answers and node not in failed:
                 failed[node] = replace(
@@ -476,6 +515,7 @@ class FederatedRun:
         return answers
 
     def _stage_failure(self, node: int, reason: str) -> Reply:
+        """A node's train row when it dropped out before its masked update."""
         code = Reason(reason.split(":", 1)[0]) if reason else Reason.NO_REPLY
         return Reply(node, self._name(node), ReplyStatus.REJECTED, reason or None, code)
 
@@ -488,6 +528,10 @@ class FederatedRun:
         added theirs)."""
         used = [r for r in train if r.status == ReplyStatus.OK]
         fed = self.cfg.federation
+        distributed = self.accountant is not None and fed.dp.mode == "distributed"
+        if total is not None and distributed and len(used) < fed.min_sites:
+            # The coordinator saw this noisy sum even though it is not applied: it is spent.
+            self.accountant.record_round(sample_rate, [r.site for r in used])  # type: ignore[union-attr]
         if total is None or len(used) < fed.min_sites:
             self.progress(
                 f"round {rnd}: {len(used)} masked update(s) summed, fewer than min_sites="

@@ -114,6 +114,9 @@ class ScriptedSite:
     evaluate: Callable[[int], Evaluation] = evaluation
     #: Secure aggregation: the stages (message types) this site does not answer, by round.
     silent: Callable[[str, int], bool] = lambda _stage, _rnd: False
+    #: Secure aggregation: an answer of the test's own in place of the real one (stage,
+    #: round's context -> signed answer bytes; None: the real one).
+    forge_answer: Callable[[str, bytes], bytes | None] = lambda _stage, _context: None
 
     def __call__(self, msg: Message) -> Message | None:
         kind = msg.metadata.message_type
@@ -129,7 +132,9 @@ class ScriptedSite:
             task = StageTask.from_bytes(from_blob_record(msg.content[keys.SECAGG]))
         if kind in STAGES:
             assert task is not None
-            answer = answer_stage(task, self.seal_as or self.name, self.key, context)
+            answer = self.forge_answer(kind, context) or answer_stage(
+                task, self.seal_as or self.name, self.key, context
+            )
             records[keys.SECAGG] = blob_record(answer)
             records[keys.METRICS] = MetricRecord({keys.TASK_SECONDS: 0.1})
             return Message(records, reply_to=msg)

@@ -150,7 +150,8 @@ def test_the_privacy_tables_are_read_from_toml(tmp_path: Path) -> None:
     assert cfg.federation.secure_aggregation == SecureAggregationConfig(True, 0.75, 2.0)
     assert cfg.federation.dp == DPConfig(True, 0.5, 1.1, 0.0, 1e-6, "distributed")
     assert cfg.federation.site_clip == 0.5  # DP's clip; secure aggregation's is the range
-    assert cfg.for_sites().privacy == SitePrivacy(0.5, 1.1, True, True, 0.75, 2.0)
+    # The range: secure aggregation's clip and six sigma * clip of room for the noise.
+    assert cfg.for_sites().privacy == SitePrivacy(0.5, 1.1, True, True, 0.75, 2.0 + 6 * 1.1 * 0.5)
     assert RunConfig.from_json(cfg.to_json()) == cfg
     site = cfg.for_sites()
     assert SiteRunConfig.from_json(site.to_json()) == site
@@ -258,3 +259,19 @@ def test_a_signed_site_config_with_inconsistent_privacy_is_refused() -> None:
     del values["privacy"]["clip"]
     with pytest.raises(ConfigError, match="privacy.clip: missing"):
         SiteRunConfig.from_json(json.dumps(values))
+
+
+def test_the_fixed_point_range_leaves_room_for_distributed_noise() -> None:
+    """A masked update is encoded within privacy.fixed_point_range: secure aggregation's clip,
+    plus six times sigma * clip with distributed DP, so encoding does not clip the noise."""
+    base = {
+        "federation.secure_aggregation.enabled": True,
+        "federation.secure_aggregation.clip": 2.0,
+        "federation.dp.enabled": True,
+        "federation.dp.noise_multiplier": 1.5,
+        "federation.dp.clip": 1.0,
+    }
+    central = load_config(overrides=base).for_sites().privacy
+    assert central.fixed_point_range == 2.0
+    distributed = load_config(overrides={**base, "federation.dp.mode": "distributed"})
+    assert distributed.for_sites().privacy.fixed_point_range == 2.0 + 6 * 1.5 * 1.0

@@ -1028,3 +1028,93 @@ def test_federated_early_stopping_ends_the_run_once_the_validation_loss_stops_im
     )
     without.start()
     assert [r.round for r in without.rounds()] == [1, 2, 3, 4, 5, 6]  # patience 0: every round
+
+
+def test_a_malformed_stage_answer_drops_that_site_and_the_round_goes_on(
+    harness: Callable[..., Harness],
+) -> None:
+    """Signed but malformed answers (keys of the wrong length; shares as a list): each such
+    site drops out of the round with its reason, the others' round is summed and applied."""
+    from fedpeft.common.secagg_messages import sign_answer
+
+    def short_keys(stage: str, context: bytes) -> bytes | None:
+        if stage != secagg_messages.KEYS:
+            return None
+        return sign_answer(IDENTITY["D"], context, "D", stage, {"keys": ["AA==", "AA=="]})
+
+    def shares_as_a_list(stage: str, context: bytes) -> bytes | None:
+        if stage != secagg_messages.SHARES:
+            return None
+        return sign_answer(IDENTITY["C"], context, "C", stage, {"ciphertexts": ["x"]})
+
+    nodes = _secure_sites()
+    nodes[4] = site("D", constant(0.4), forge_answer=short_keys)
+    nodes[3] = site("C", constant(0.3), forge_answer=shares_as_a_list)
+    h = harness(nodes, **SECURE)
+    h.start()
+    assert_state_near(h.state(1), plus(0.15), 1e-6)  # the mean of A's 0.1 and B's 0.2
+    rows = {r.site: r for r in h.rows(1, Phase.TRAIN)}
+    assert rows["D"].reason is not None and rows["D"].reason.startswith(
+        "secagg: query.secagg_keys: an advertised key no site can agree a secret with"
+    )
+    assert rows["C"].reason is not None and rows["C"].reason.startswith(
+        "secagg: query.secagg_shares:"
+    )
+    assert [rows[s].status for s in "AB"] == ["ok", "ok"]
+
+
+def test_a_site_answers_each_secure_aggregation_message_once_a_round(tmp_path: Path) -> None:
+    """A second message of the same kind for the same run and round is refused, from memory
+    and (at a deployed site) from the ledger, which outlives the process; so is a threshold the
+    signed config does not give for the roster."""
+    from fedpeft.client.ledger import Ledger
+    from fedpeft.client.secagg import answer_once
+    from fedpeft.common.secagg import SecAggError
+    from fedpeft.common.secagg_messages import StageTask
+
+    roster = {s: (bytes(32), bytes(32)) for s in "ABCD"}
+    task = StageTask(secagg_messages.SHARES, roster, threshold=3)
+    answer_once("run-1", 1, secagg_messages.SHARES, None, 0.6, task)
+    with pytest.raises(SecAggError, match="a second query.secagg_shares message for round 1"):
+        answer_once("run-1", 1, secagg_messages.SHARES, None, 0.6, task)
+    answer_once("run-1", 2, secagg_messages.SHARES, None, 0.6, task)  # another round: fine
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.record_task(run_token="run-2", round=1, message_type="query.secagg_unmask")
+    ledger.record_upload(
+        run_token="run-2",
+        round=1,
+        message_type="query.secagg_unmask",
+        config="{}",
+        sealed=b"answer",
+        method="lora",
+        codec="fp32",
+    )
+    unmask = StageTask(secagg_messages.UNMASK, roster, threshold=3)
+    with pytest.raises(SecAggError, match="a second query.secagg_unmask message"):
+        answer_once("run-2", 1, secagg_messages.UNMASK, ledger, 0.6, unmask)
+    lowered = StageTask(secagg_messages.SHARES, roster, threshold=2)
+    with pytest.raises(SecAggError, match="a threshold of 2 for 4 sites; the run's config gives 3"):
+        answer_once("run-3", 1, secagg_messages.SHARES, None, 0.6, lowered)
+
+
+def test_a_site_advertising_another_sites_keys_drops_both_and_the_others_go_on(
+    harness: Callable[..., Harness],
+) -> None:
+    from fedpeft.client.secagg import site_randomness
+    from fedpeft.common.secagg import SiteSecAgg
+    from fedpeft.common.secagg_messages import keys_answer, sign_answer
+
+    def a_keys(stage: str, context: bytes) -> bytes | None:
+        if stage != secagg_messages.KEYS:
+            return None
+        copied = SiteSecAgg("A", context, site_randomness(IDENTITY["A"], context)).advertise()
+        return sign_answer(IDENTITY["D"], context, "D", stage, keys_answer(copied))
+
+    nodes = _secure_sites()
+    nodes[4] = site("D", constant(0.4), forge_answer=a_keys)
+    h = harness(nodes, **SECURE)
+    h.start()
+    assert_state_near(h.state(1), plus(0.25), 1e-6)  # the mean of B's 0.2 and C's 0.3
+    rows = {r.site: r for r in h.rows(1, Phase.TRAIN)}
+    for s in "AD":
+        assert rows[s].reason == "secagg: query.secagg_keys: a key another site also advertised"
