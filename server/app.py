@@ -97,6 +97,21 @@ def run_federation(
             FederatedRun(
                 cfg, store, run_id, initial, fingerprint, trust, store_key, progress
             ).start(grid, point if point is not None and point.round else None)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Stopped from outside (its coordinator stopping: Flower signals the ServerApp when
+            # its parent goes): the run did not fail, it can be taken up again.
+            last = max((r.round for r in store.rounds(run_id)), default=0)
+            handle.error = (
+                f"the ServerApp was stopped ({exc.__class__.__name__}) after round {last}; "
+                "nothing recorded is lost"
+            )
+            store.finish_run(
+                run_id,
+                status=RunStatus.INTERRUPTED,
+                error=handle.error,
+                wall_seconds=time.perf_counter() - started,
+            )
+            raise
         except BaseException as exc:
             handle.error = f"{exc.__class__.__name__}: {exc}"
             store.finish_run(

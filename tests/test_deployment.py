@@ -685,10 +685,9 @@ def test_a_coordinator_restarted_between_rounds_takes_the_run_up_again(
     owner = _owner_once_round_1_is_stored(coord, follow)
     os.killpg(superlink.pid, signal.SIGTERM)
     superlink.wait(timeout=180)
-    # Flower starts the ServerApp in a session of its own: the coordinator stopped it.
+    # Flower starts the ServerApp in a session of its own: it stopped on its own when its
+    # parent went (and marked its run interrupted), or the coordinator stopped it.
     assert not pid_alive(owner.host, owner.pid)
-    said = (coord / "coordinator.log").read_text()
-    assert f"stopping the ServerApp (process {owner.pid})" in said, said[-3000:]
     assert follow.wait(timeout=600) != 0  # run start said the run stopped, and how to resume it
     assert "fedpeft run resume 1" in (coord / "run.log").read_text()
 

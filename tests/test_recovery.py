@@ -94,3 +94,33 @@ def test_a_stopped_coordinator_kills_its_left_serverapps_and_marks_their_runs(
 def test_no_store_no_action(tmp_path: Path) -> None:
     assert stop_serverapps(f"sqlite:///{tmp_path / 'none.db'}", print) == []
     assert not (tmp_path / "none.db").exists()
+
+
+class _Stopped:
+    """A grid whose first call finds the ServerApp signalled to stop (Flower raises SIGINT in it
+    when its parent, the SuperExec of a stopping SuperLink, is gone)."""
+
+    def get_node_ids(self) -> list[int]:
+        raise KeyboardInterrupt
+
+
+def test_a_serverapp_stopped_from_outside_leaves_its_run_interrupted_not_failed(
+    tmp_path: Path,
+) -> None:
+    from fedpeft.common import crypto
+    from fedpeft.common.config import load_config
+    from fedpeft.common.trust import CoordinatorTrust
+    from fedpeft.server.app import run_federation
+
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    cfg = load_config(overrides={"db": db, "model.max_length": 32})
+    trust = CoordinatorTrust(crypto.new_identity(), {})
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(_Stopped(), cfg, trust, os.urandom(32), lambda _: None)
+    store = open_store(db)
+    (run,) = store.list_runs()
+    store.close()
+    assert run.status == "interrupted"
+    assert run.error == (
+        "the ServerApp was stopped (KeyboardInterrupt) after round 0; nothing recorded is lost"
+    )
