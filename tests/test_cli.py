@@ -18,6 +18,7 @@ from fedpeft.server.store import (
     BaselineResult,
     RoundResult,
     RunOwner,
+    RunStore,
     SiteResult,
     open_store,
 )
@@ -63,11 +64,10 @@ def test_bad_dataset_folder_fails_before_training(tmp_path: Path) -> None:
     assert "site.csv: row 2: field 'text' is empty" in out.stderr
 
 
-def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    db = f"sqlite:///{tmp_path / 'r.db'}"
-    store = open_store(db)
-    run_id = store.create_run(
-        config_json="{}",
+def _new_run(store: RunStore, config_json: str = "{}", owner: RunOwner | None = None) -> int:
+    """A run of 100 of 10,000 parameters shared, as the report tests read it."""
+    return store.create_run(
+        config_json=config_json,
         dataset="heart",
         method="lora",
         model_name="m",
@@ -75,7 +75,14 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
         trainable_params=100,
         total_params=10_000,
         seed=0,
+        owner=owner,
     )
+
+
+def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    store = open_store(db)
+    run_id = _new_run(store)
     t = datetime(2026, 1, 1)
     store.add_round(
         run_id,
@@ -130,16 +137,7 @@ def test_report_shows_the_tfidf_reference_when_the_run_has_it(
 ) -> None:
     db = f"sqlite:///{tmp_path / 't.db'}"
     store = open_store(db)
-    run_id = store.create_run(
-        config_json="{}",
-        dataset="heart",
-        method="lora",
-        model_name="m",
-        model_fingerprint="f",
-        trainable_params=100,
-        total_params=10_000,
-        seed=0,
-    )
+    run_id = _new_run(store)
     t = datetime(2026, 1, 1)
     store.add_round(
         run_id,
@@ -179,15 +177,8 @@ def test_report_shows_a_dp_run_s_epsilon_per_round_and_per_site(
 ) -> None:
     db = f"sqlite:///{tmp_path / 'dp.db'}"
     store = open_store(db)
-    run_id = store.create_run(
-        config_json=json.dumps({"federation": {"dp": {"enabled": True, "delta": 1e-6}}}),
-        dataset="heart",
-        method="lora",
-        model_name="m",
-        model_fingerprint="f",
-        trainable_params=100,
-        total_params=10_000,
-        seed=0,
+    run_id = _new_run(
+        store, config_json=json.dumps({"federation": {"dp": {"enabled": True, "delta": 1e-6}}})
     )
     t = datetime(2026, 1, 1)
     site_eps = {(1, "A"): 0.5, (1, "B"): 0.5, (2, "A"): 0.702}
@@ -256,17 +247,7 @@ def _dead_pid() -> int:
 def _left_running(db: str, pid: int, rounds: int) -> int:
     """A run as a process that died after ``rounds`` rounds left it: still ``running``."""
     store = open_store(db)
-    run_id = store.create_run(
-        config_json="{}",
-        dataset="heart",
-        method="lora",
-        model_name="m",
-        model_fingerprint="f",
-        trainable_params=100,
-        total_params=10_000,
-        seed=0,
-        owner=RunOwner(socket.gethostname(), pid),
-    )
+    run_id = _new_run(store, owner=RunOwner(socket.gethostname(), pid))
     t = datetime(2026, 1, 1)
     for n in range(1, rounds + 1):
         store.add_round(

@@ -408,54 +408,37 @@ def test_a_simulated_site_has_no_policy_and_the_default_apps() -> None:
     assert SiteSetup.__dataclass_fields__["allowed_apps"].default is DEFAULT_APPS
 
 
-@pytest.mark.parametrize("dp", [False, True])
-def test_a_site_that_requires_dp_refuses_a_run_without_it(tmp_path: Path, dp: bool) -> None:
-    """require_dp: a run without federation.dp is refused by the policy before any row is read;
-    a DP run passes the policy (and then fails on this site's missing records file)."""
-    setup = SiteSetup(
-        "D",
-        tmp_path / "absent.csv",
-        DataSchema(),
-        "cpu",
-        SiteTrust(IDENTITY["D"], COORDINATOR.public_key()),
-        policy=_policy(tmp_path, require_dp=True),
-    )
-    overrides: dict[str, object] = {"federation.rounds": 1}
-    if dp:
-        overrides |= {"federation.dp.enabled": True, "federation.dp.noise_multiplier": 1.0}
-    run_cfg = load_config(overrides=overrides)
-    store, run_id = _new_run(run_cfg)
-    scripted = ScriptedSite("A", IDENTITY["A"], COORDINATOR.public_key(), constant(0.1))
-    trust = CoordinatorTrust(COORDINATOR, {n: k.public_key() for n, k in IDENTITY.items()})
-    grid = MemoryGrid({1: scripted, 2: lambda m: handle(m, setup)})
-    FederatedRun(
-        run_cfg, store, run_id, dict(INITIAL), "sha256:tiny", trust, os.urandom(32), print
-    ).start(grid)
-    (train,) = [r for r in store.site_results(run_id) if r.site == "D" and r.phase == "train"]
-    store.close()
-    refusal = "refused: policy: differential privacy required, the run does not use it"
-    assert train.status == "failed"
-    assert (train.reason == refusal) is not dp, train.reason
+#: A privacy rule of the site policy, the run config that meets it, and the refusal otherwise.
+PRIVACY_RULES = {
+    "require_dp": (
+        {"federation.dp.enabled": True, "federation.dp.noise_multiplier": 1.0},
+        "refused: policy: differential privacy required, the run does not use it",
+    ),
+    "require_secure_aggregation": (
+        {"federation.secure_aggregation.enabled": True},
+        "refused: policy: secure aggregation required, the run does not use it",
+    ),
+}
 
 
-@pytest.mark.parametrize("secure", [False, True])
-def test_a_site_that_requires_secure_aggregation_refuses_a_run_without_it(
-    tmp_path: Path, secure: bool
+@pytest.mark.parametrize("met", [False, True])
+@pytest.mark.parametrize("rule", sorted(PRIVACY_RULES))
+def test_a_site_that_requires_dp_or_secure_aggregation_refuses_a_run_without_it(
+    tmp_path: Path, rule: str, met: bool
 ) -> None:
-    """require_secure_aggregation: a run without it is refused before any row is read; a run
-    with it passes the policy (and this site, with no records file, then fails its first stage)."""
+    """require_dp / require_secure_aggregation: a run without it is refused by the policy before
+    any row is read; a run with it passes the policy (and this site, with no records file, then
+    fails). Sites A and B go on either way."""
     setup = SiteSetup(
         "D",
         tmp_path / "absent.csv",
         DataSchema(),
         "cpu",
         SiteTrust(IDENTITY["D"], COORDINATOR.public_key()),
-        policy=_policy(tmp_path, require_secure_aggregation=True),
+        policy=_policy(tmp_path, **{rule: True}),
     )
-    overrides: dict[str, object] = {"federation.rounds": 1}
-    if secure:
-        overrides["federation.secure_aggregation.enabled"] = True
-    run_cfg = load_config(overrides=overrides)
+    meeting, refusal = PRIVACY_RULES[rule]
+    run_cfg = load_config(overrides={"federation.rounds": 1, **(meeting if met else {})})
     store, run_id = _new_run(run_cfg)
     scripted = {
         name: ScriptedSite(name, IDENTITY[name], COORDINATOR.public_key(), constant(0.1))
@@ -469,6 +452,5 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_run_without_it(
     (train,) = [r for r in store.site_results(run_id) if r.site == "D" and r.phase == "train"]
     (result,) = store.rounds(run_id)
     store.close()
-    refusal = "refused: policy: secure aggregation required, the run does not use it"
-    assert train.status == "failed" and (train.reason == refusal) is not secure, train.reason
-    assert result.applied and result.accepted == 2  # A and B go on, securely or not
+    assert train.status == "failed" and (train.reason == refusal) is not met, train.reason
+    assert result.applied and result.accepted == 2
