@@ -611,6 +611,7 @@ def _start_coordinator(args: argparse.Namespace) -> int:
     from fedpeft.common.trust import read_sites_file
     from fedpeft.recovery import mark_interrupted_runs, stop_serverapps
     from fedpeft.server.checkpoints import read_store_key
+    from fedpeft.server.store.base import utcnow
     from fedpeft.settings import load_coordinator_config
 
     cfg = load_coordinator_config(args.config)
@@ -635,9 +636,11 @@ def _start_coordinator(args: argparse.Namespace) -> int:
     mark_interrupted_runs(cfg.store, _say)
     folder = args.config.resolve().parent
     env = processes.coordinator_env(cfg, processes.flwr_home(args.config))
+    started = utcnow()
     code = processes.run_foreground(cmd, env, folder)
     # Its ServerApps outlive it, waiting on it for ever: stopped, their runs left resumable.
-    stop_serverapps(cfg.store, _say)
+    # One that marked its run interrupted itself may still be exiting: it is waited for too.
+    stop_serverapps(cfg.store, _say, since=started)
     return code
 
 

@@ -20,10 +20,11 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from fedpeft.common.errors import NoStore
-from fedpeft.server.store import InterruptedRun, RunStatus, open_store, pid_alive
+from fedpeft.server.store import InterruptedRun, RunInfo, RunStatus, open_store, pid_alive
 
 #: What a ServerApp's command line holds (Flower's ``flwr-serverapp`` script).
 SERVERAPP = b"flwr-serverapp"
@@ -61,19 +62,38 @@ def is_serverapp(pid: int) -> bool:
     return any(Path(os.fsdecode(arg)).name == SERVERAPP.decode() for arg in command.split(b"\0"))
 
 
+def _left(run: RunInfo, since: datetime | None) -> bool:
+    """Whether ``run`` may still have a ServerApp to stop: it is running, or it was marked
+    interrupted after ``since`` (by its own ServerApp, which may still be exiting)."""
+    if run.status == RunStatus.RUNNING:
+        return True
+    return (
+        since is not None
+        and run.status == RunStatus.INTERRUPTED
+        and run.finished_at is not None
+        and run.finished_at >= since
+    )
+
+
 def stop_serverapps(
-    db: str, say: Callable[[str], None] = print, grace_s: float = STOP_GRACE_S
+    db: str,
+    say: Callable[[str], None] = print,
+    grace_s: float = STOP_GRACE_S,
+    since: datetime | None = None,
 ) -> list[InterruptedRun]:
     """Stop the ServerApps of this host that still run a run of store ``db`` (SIGTERM, then
     SIGKILL after ``grace_s``), then mark their runs interrupted; called once the coordinator's
-    SuperLink has exited. Only a process that is a ServerApp is signalled, never a PID that
-    another program has taken since."""
+    SuperLink has exited. A ServerApp signalled by Flower marks its run interrupted itself and
+    then takes a while to exit: one whose run was marked after ``since`` (when the coordinator
+    started) is waited for, and stopped, too, so that no ServerApp of this coordinator outlives
+    it. Only a process that is a ServerApp is signalled, never a PID another program has taken
+    since."""
     try:
         store = open_store(db, create=False)
     except NoStore:
         return []
     try:
-        runs = [r for r in store.list_runs() if r.status == RunStatus.RUNNING]
+        runs = [r for r in store.list_runs() if _left(r, since)]
     finally:
         store.close()
     here = socket.gethostname()

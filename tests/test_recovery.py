@@ -15,6 +15,7 @@ import pytest
 
 from fedpeft.recovery import is_serverapp, stop_serverapps
 from fedpeft.server.store import RunOwner, open_store, pid_alive
+from fedpeft.server.store.base import utcnow
 
 #: Stands in for Flower's flwr-serverapp: a script of that name that ignores SIGTERM (as a
 #: ServerApp waiting on a gone SuperLink did), so only SIGKILL ends it.
@@ -89,6 +90,36 @@ def test_a_stopped_coordinator_kills_its_left_serverapps_and_marks_their_runs(
     statuses = {r.id: r.status for r in store.list_runs()}
     store.close()
     assert statuses == {left: "interrupted", reused: "running", elsewhere: "running"}
+
+
+def test_a_serverapp_that_marked_its_own_run_is_waited_for_and_stopped_too(
+    tmp_path: Path, started: list[subprocess.Popen[str]]
+) -> None:
+    """Flower signals a ServerApp when its SuperLink goes: it marks its run interrupted itself,
+    then takes a while to exit. The coordinator stops it too (the CI run where it was still
+    alive after the coordinator had exited), but not the ServerApp of a run marked interrupted
+    before this coordinator started (its PID may be another ServerApp's by now)."""
+    (tmp_path / "flwr-serverapp").write_text(SERVERAPP)
+    exiting = _start(started, tmp_path / "flwr-serverapp")
+    older = _start(started, tmp_path / "flwr-serverapp")
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    before = _running_run(db, older.pid)
+    store = open_store(db)
+    store.finish_run(before, status="interrupted", error="stopped", wall_seconds=1.0)
+    store.close()
+    time.sleep(0.01)
+    since = utcnow()
+    marked_itself = _running_run(db, exiting.pid)
+    store = open_store(db)
+    store.finish_run(marked_itself, status="interrupted", error="stopped", wall_seconds=1.0)
+    store.close()
+
+    said: list[str] = []
+    assert stop_serverapps(db, said.append, grace_s=1.0, since=since) == []  # already marked
+
+    assert exiting.wait(timeout=10) != 0
+    assert older.poll() is None
+    assert said == [f"stopping the ServerApp (process {exiting.pid}) of a run its SuperLink left"]
 
 
 def test_no_store_no_action(tmp_path: Path) -> None:
