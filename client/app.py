@@ -483,11 +483,13 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
         context = round_context(signed.run_token, rnd)
         stage = _stage_task(msg, cfg, kind)
         if stage is not None:
-            answer_once(signed.run_token, rnd, kind, record.ledger, cfg.privacy.threshold, stage)
+            answer_once(
+                site, signed.run_token, rnd, kind, record.ledger, cfg.privacy.threshold, stage
+            )
         session = site_session(cfg, setup)  # kept warm: built once per run and process
         site = session.site
         if kind in STAGES:  # a stage of secure aggregation: keys or shares, nothing trained
-            answer = answer_stage(stage, site, setup.trust.identity, context)  # type: ignore[arg-type]
+            answer = answer_stage(stage, site, setup.trust.identity, context, len(session.train))  # type: ignore[arg-type]
             record.upload(answer)
             metrics = {keys.TASK_SECONDS: time.perf_counter() - started}
             return _reply(msg, site, metrics=metrics, secagg=answer)

@@ -39,17 +39,24 @@ from fedpeft.common.state import State
 
 _RANDOMNESS_INFO = b"fedpeft/v1 secagg-site-randomness\x00"
 
-# context -> the (survivors, dropped) lists this site revealed shares for, in this process.
-_revealed: dict[bytes, tuple[frozenset[str], frozenset[str]]] = {}
-# (run token, round, message type) of every secure-aggregation message answered in this process.
-_answered: set[tuple[str, int, str]] = set()
+# (site, context) -> the (survivors, dropped) lists the site revealed shares for, in this
+# process. Keyed by site: in simulation one process answers for several sites.
+_revealed: dict[tuple[str, bytes], tuple[frozenset[str], frozenset[str]]] = {}
+# (site, run token, round, message type) of every secure-aggregation message answered here.
+_answered: set[tuple[str, str, int, str]] = set()
 _lock = threading.Lock()
 
 
 def answer_once(
-    run_token: str, rnd: int, kind: str, ledger: Ledger | None, threshold: float, task: StageTask
+    site: str,
+    run_token: str,
+    rnd: int,
+    kind: str,
+    ledger: Ledger | None,
+    threshold: float,
+    task: StageTask,
 ) -> None:
-    """Refuse a secure-aggregation message this site has answered before in this run and round
+    """Refuse a secure-aggregation message site ``site`` has answered before in this run and round
     (:class:`SecAggError`), and one whose threshold is not the one the signed run config gives
     for its roster. A site's secrets for a round are the same at every message of it: a second
     train message (a retrained update under the same masks), a second shares stage (shares for a
@@ -61,9 +68,9 @@ def answer_once(
             f"a threshold of {task.threshold} for {len(task.roster)} sites; the run's config "
             f"gives {_shares_needed(threshold, len(task.roster))}: refused"
         )
-    key = (run_token, rnd, kind)
+    key = (site, run_token, rnd, kind)
     with _lock:
-        if key in _answered or (ledger is not None and _in_ledger(ledger, key)):
+        if key in _answered or (ledger is not None and _in_ledger(ledger, key[1:])):
             raise SecAggError(
                 f"a second {kind} message for round {rnd} of this run: refused (the site's "
                 "secrets for a round serve one answer to each message)"
@@ -108,12 +115,17 @@ def _protocol(
 
 
 def answer_stage(
-    task: StageTask, site: str, identity: ec.EllipticCurvePrivateKey, context: bytes
+    task: StageTask,
+    site: str,
+    identity: ec.EllipticCurvePrivateKey,
+    context: bytes,
+    examples: int,
 ) -> bytes:
-    """The site's signed answer to a stage other than training."""
+    """The site's signed answer to a stage other than training (``examples``: its training
+    example count, stated with its keys)."""
     if task.stage == KEYS:
         keys = SiteSecAgg(site, context, site_randomness(identity, context)).advertise()
-        return sign_answer(identity, context, site, KEYS, keys_answer(keys))
+        return sign_answer(identity, context, site, KEYS, keys_answer(keys, examples))
     if task.stage == SHARES:
         protocol = SiteSecAgg(site, context, site_randomness(identity, context))
         protocol.advertise()
@@ -122,7 +134,7 @@ def answer_stage(
     if task.stage == UNMASK:
         lists = (frozenset(task.survivors), frozenset(task.dropped))
         with _lock:
-            before = _revealed.get(context)
+            before = _revealed.get((site, context))
             if before is not None and before != lists:
                 raise SecAggError(
                     f"site {site!r}: asked to unmask this round again with other lists; refused "
@@ -133,7 +145,7 @@ def answer_stage(
             # masked vector itself is not needed again (a zero-length one costs no expansion).
             protocol.masked_input(np.zeros(0, np.uint32), task.ciphertexts)
             revealed = protocol.unmask(task.survivors, task.dropped)
-            _revealed[context] = lists
+            _revealed[site, context] = lists
         return sign_answer(identity, context, site, UNMASK, unmask_answer(revealed))
     raise SecAggError(f"unknown secure aggregation stage {task.stage[:32]!r}")
 
@@ -163,10 +175,17 @@ def masked_update(
     identity: ec.EllipticCurvePrivateKey,
     context: bytes,
 ) -> State:
-    """The (clipped) update as it leaves with secure aggregation: with distributed DP plus this
-    site's share of the round's noise (``noise_std_per_site`` over the threshold t, so that the
-    sum of any t or more carries at least sigma * clip; drawn from the OS's entropy), then fixed-
-    point encoded in ``privacy.fixed_point_range`` and masked (:func:`mask_update`)."""
+    """The (clipped) update as it leaves with secure aggregation: times the task's weight (in
+    (0, 1]: its norm stays within the clip), with distributed DP plus this site's share of the
+    round's noise (``noise_std_per_site`` over the threshold t, so that the sum of any t or more
+    carries at least sigma * clip; drawn from the OS's entropy), then fixed-point encoded in
+    ``privacy.fixed_point_range`` and masked (:func:`mask_update`)."""
+    if not 0.0 < task.weight <= 1.0:
+        raise SecAggError(f"a weight of {task.weight!r}; a site's weight lies in (0, 1]: refused")
+    if task.weight != 1.0:
+        delta = {
+            name: (v * np.float32(task.weight)).astype(np.float32) for name, v in delta.items()
+        }
     if privacy.distributed_noise:
         std = noise_std_per_site(privacy.noise_multiplier, privacy.clip, task.threshold)
         noise = gaussian_noise_like(delta, std, np.random.default_rng())

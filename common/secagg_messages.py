@@ -6,11 +6,12 @@ blob record. Pure: no Flower, no network.
 
 A round with ``federation.secure_aggregation`` on has four exchanges (server/strategy.py):
 
-1. ``query.secagg_keys``: the site answers its two public keys (:func:`SiteSecAgg.advertise`);
+1. ``query.secagg_keys``: the site answers its two public keys (:func:`SiteSecAgg.advertise`)
+   and its training example count;
 2. ``query.secagg_shares``: with the roster of every answering site's keys, the site answers its
    encrypted key shares, one per other site;
-3. the train message, with the shares addressed to the site: it answers its masked update,
-   sealed and signed as any update (codec ``ring32``);
+3. the train message, with the shares addressed to the site and its weight: it answers its
+   update times its weight, masked, sealed and signed as any update (codec ``ring32``);
 4. ``query.secagg_unmask``: with the sites whose masked update arrived (survivors) and those
    that shared keys but sent none (dropped), the site answers its shares of the survivors' seeds
    and the dropped sites' keys.
@@ -87,6 +88,9 @@ class StageTask:
     dropped: tuple[str, ...] = ()
     #: Entries of the flattened update (the masked vector's length).
     length: int = 0
+    #: Train: the factor in (0, 1] the site multiplies its clipped update by before masking (its
+    #: bounded example count over the roster's largest; 1 in a DP run, whose weights are equal).
+    weight: float = 1.0
 
     def to_bytes(self) -> bytes:
         return _dumps(
@@ -98,6 +102,7 @@ class StageTask:
                 "survivors": list(self.survivors),
                 "dropped": list(self.dropped),
                 "length": self.length,
+                "weight": self.weight,
             }
         )
 
@@ -119,13 +124,16 @@ class StageTask:
                 survivors=tuple(str(s) for s in obj["survivors"]),
                 dropped=tuple(str(s) for s in obj["dropped"]),
                 length=int(obj["length"]),
+                weight=float(obj.get("weight", 1.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SecAggError(f"secure aggregation task: malformed ({exc})") from None
 
 
-def keys_answer(keys: PublicKeys) -> dict[str, Any]:
-    return {"keys": [_b64(keys[0]), _b64(keys[1])]}
+def keys_answer(keys: PublicKeys, examples: int) -> dict[str, Any]:
+    """The keys stage's answer: the site's two public keys and its training example count (what
+    its update's weight is computed from; its sealed update signs the same count)."""
+    return {"keys": [_b64(keys[0]), _b64(keys[1])], "examples": examples}
 
 
 def shares_answer(ciphertexts: Mapping[str, bytes]) -> dict[str, Any]:
@@ -183,6 +191,14 @@ def open_answer(
 def answer_keys(answer: Answer) -> PublicKeys:
     c, s = answer.body["keys"]
     return _unb64(c, f"{answer.site}'s c key"), _unb64(s, f"{answer.site}'s s key")
+
+
+def answer_examples(answer: Answer, most: int) -> int:
+    """The training example count a keys answer states: an integer in 1..``most``."""
+    n = answer.body["examples"]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+        raise SecAggError(f"an example count of {str(n)[:32]}; expected an integer in 1..{most}")
+    return n
 
 
 def answer_ciphertexts(answer: Answer) -> dict[str, bytes]:

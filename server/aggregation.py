@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +114,27 @@ def trim_count(n: int, fraction: float) -> int:
     return min(math.ceil(fraction * n), (n - 1) // 2)
 
 
+def capped_counts(signed: Sequence[int], bounds: Bounds) -> list[int]:
+    """The example counts updates are weighted by: each capped at ``max_examples``, then, with
+    3 or more, at ``examples_factor`` times the median of the capped counts."""
+    counts = [min(n, bounds.max_examples or n) for n in signed]
+    if bounds.examples_factor and len(counts) >= 3:
+        relative = bounds.examples_factor * float(np.median(counts))
+        counts = [min(n, max(1, math.floor(relative))) for n in counts]
+    return counts
+
+
+def secure_scales(signed: Mapping[str, int], bounds: Bounds) -> dict[str, float]:
+    """Secure aggregation's weights: the factor in (0, 1] each site multiplies its update by
+    before masking, its capped example count (:func:`capped_counts`) over the roster's largest.
+    The unmasked sum divided by the survivors' factors' sum is then their FedAvg (no site's
+    scaled update leaves the fixed-point range its clipped one had)."""
+    sites = sorted(signed)
+    counts = capped_counts([signed[s] for s in sites], bounds)
+    top = max(counts, default=1)
+    return {s: n / top for s, n in zip(sites, counts, strict=True)}
+
+
 def aggregate(
     updates: Sequence[tuple[str, State, int]], bounds: Bounds
 ) -> tuple[State, dict[str, dict[str, float]]]:
@@ -124,10 +145,7 @@ def aggregate(
     if not updates:
         raise ValueError("aggregate needs at least one update")
     notes: dict[str, dict[str, float]] = {site: {} for site, _, _ in updates}
-    counts = [min(n, bounds.max_examples or n) for _, _, n in updates]
-    if bounds.examples_factor and len(updates) >= 3:
-        relative = bounds.examples_factor * float(np.median(counts))
-        counts = [min(n, max(1, math.floor(relative))) for n in counts]
+    counts = capped_counts([n for _, _, n in updates], bounds)
     for (site, _, signed), n in zip(updates, counts, strict=True):
         if n < signed:
             notes[site][CAPPED_EXAMPLES] = float(n)

@@ -48,6 +48,7 @@ from fedpeft.common.secagg_messages import (
     Answer,
     StageTask,
     answer_ciphertexts,
+    answer_examples,
     answer_keys,
     answer_revealed,
     open_answer,
@@ -55,7 +56,15 @@ from fedpeft.common.secagg_messages import (
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust, read_sites_file
 from fedpeft.common.wire import RING
-from fedpeft.server.aggregation import WEIGHT, Bounds, aggregate, apply_delta, dp_aggregate
+from fedpeft.server.aggregation import (
+    WEIGHT,
+    Bounds,
+    aggregate,
+    apply_delta,
+    dp_aggregate,
+    scale,
+    secure_scales,
+)
 from fedpeft.server.checkpoints import seal_state
 from fedpeft.server.replies import (
     EvaluationIntake,
@@ -87,6 +96,15 @@ def usable_keys(answer: Answer) -> PublicKeys:
         if crypto.x25519_shared(probe, key) is None:
             raise SecAggError("an advertised key no site can agree a secret with")
     return keys_
+
+
+def keys_and_examples(most: int) -> Callable[[Answer], tuple[PublicKeys, int]]:
+    """Reads a keys answer: its usable keys and its example count (1..``most``)."""
+
+    def parse(answer: Answer) -> tuple[PublicKeys, int]:
+        return usable_keys(answer), answer_examples(answer, most)
+
+    return parse
 
 
 def round_rng(seed: int, rnd: int) -> np.random.Generator:
@@ -180,6 +198,8 @@ class FederatedRun:
         self.progress = progress or log.info
         self.site_names: dict[int, str] = {}  # the name each node's last reply claimed
         self.bound: dict[int, str] = {}  # the site each node's signed replies are from
+        #: Secure aggregation: this round's weight of each site of the roster.
+        self.secure_weights: dict[str, float] = {}
 
     # -- the round loop ------------------------------------------------------------------------
 
@@ -371,17 +391,24 @@ class FederatedRun:
         length = sum(int(v.size) for v in self.state.values())
         failed: dict[int, Reply] = {}
         answers = self._stage(
-            grid, KEYS, rnd, {n: StageTask(KEYS) for n in sampled}, context, failed, usable_keys
+            grid,
+            KEYS,
+            rnd,
+            {n: StageTask(KEYS) for n in sampled},
+            context,
+            failed,
+            keys_and_examples(MAX_SIGNED_EXAMPLES),  # capped as FedAvg caps them
         )
         # A key another site also advertised (a copy, or a collision) serves neither of them.
-        counts = Counter(key for _, keys_ in answers.values() for key in keys_)
-        for node, (_, keys_) in list(answers.items()):
+        counts = Counter(key for _, (keys_, _) in answers.values() for key in keys_)
+        for node, (_, (keys_, _)) in list(answers.items()):
             if any(counts[key] > 1 for key in keys_):
                 failed[node] = self._stage_failure(
                     node, f"{Reason.SECAGG}: {KEYS}: a key another site also advertised"
                 )
                 del answers[node]
-        roster = dict(answers.values())
+        roster = {site: keys_ for site, (keys_, _) in answers.values()}
+        self.secure_weights = self._secure_weights({site: n for site, (_, n) in answers.values()})
         node_of = {site: node for node, (site, _) in answers.items()}
         t = sa.shares_needed(len(roster))
         if t > len(roster):  # fewer than 2 sites: a sum would be one site's update
@@ -412,7 +439,14 @@ class FederatedRun:
             return {u: shares[u][v] for u in u2 if u != v and v in shares[u]}
 
         tasks = {
-            node_of[v]: StageTask(Phase.TRAIN.value, roster, t, addressed(v), length=length)
+            node_of[v]: StageTask(
+                Phase.TRAIN.value,
+                roster,
+                t,
+                addressed(v),
+                length=length,
+                weight=self.secure_weights[v],
+            )
             for v in u2
         }
         train, evaluations = self._exchange(grid, state_round, sorted(tasks), evaluate, tasks)
@@ -519,13 +553,26 @@ class FederatedRun:
         code = Reason(reason.split(":", 1)[0]) if reason else Reason.NO_REPLY
         return Reply(node, self._name(node), ReplyStatus.REJECTED, reason or None, code)
 
+    def _secure_weights(self, examples: Mapping[str, int]) -> dict[str, float]:
+        """The weight each site of a secure-aggregation round multiplies its update by: its
+        example count, bounded as FedAvg's is (``max_examples``, ``examples_bound_factor``),
+        over the roster's largest; equal weights in a DP run (one site moves the sum by at most
+        the clip)."""
+        if self.accountant is not None:
+            return dict.fromkeys(examples, 1.0)
+        fed = self.cfg.federation
+        return secure_scales(
+            examples,
+            Bounds(max_examples=fed.max_examples, examples_factor=fed.examples_bound_factor),
+        )
+
     def _apply_sum(
         self, rnd: int, train: list[Reply], total: State | None, sample_rate: float
     ) -> bool:
-        """Apply a secure-aggregation round: the mean of the unmasked sum over the updates in
-        it (equal weights: the coordinator knows no single update, nor its example count), with
-        the DP noise on the sum in a DP run (central: added here; distributed: the sites
-        added theirs)."""
+        """Apply a secure-aggregation round: the unmasked sum of the weighted updates in it
+        divided by the sum of their weights (:meth:`_secure_weights`: FedAvg's weights, equal in
+        a DP run), with the DP noise on the sum in a DP run (central: added here; distributed:
+        the sites added theirs)."""
         used = [r for r in train if r.status == ReplyStatus.OK]
         fed = self.cfg.federation
         distributed = self.accountant is not None and fed.dp.mode == "distributed"
@@ -538,14 +585,17 @@ class FederatedRun:
                 f"{fed.min_sites}; the global state stays as it was"
             )
             return False
-        std = 0.0
-        if self.accountant is not None and fed.dp.mode == "central":
-            std = noise_std_central(fed.dp.noise_multiplier, fed.dp.clip)
-        delta = dp_average(total, len(used), std, self.noise_rng)
-        if self.accountant is not None:
+        weights = {r.site: self.secure_weights[r.site] for r in used}
+        if self.accountant is None:
+            delta = scale(total, 1.0 / sum(weights.values()))
+        else:
+            std = 0.0
+            if fed.dp.mode == "central":
+                std = noise_std_central(fed.dp.noise_multiplier, fed.dp.clip)
+            delta = dp_average(total, len(used), std, self.noise_rng)
             self.accountant.record_round(sample_rate, [r.site for r in used])
         for r in used:
-            r.notes = {WEIGHT: 1.0 / len(used)}
+            r.notes = {WEIGHT: weights[r.site] / sum(weights.values())}
             if self.accountant is not None:
                 r.notes[keys.SITE_EPSILON] = self.accountant.site_epsilon(r.site)
         self.state = apply_delta(self.state, delta)

@@ -133,7 +133,7 @@ class ScriptedSite:
         if kind in STAGES:
             assert task is not None
             answer = self.forge_answer(kind, context) or answer_stage(
-                task, self.seal_as or self.name, self.key, context
+                task, self.seal_as or self.name, self.key, context, self.n_train
             )
             records[keys.SECAGG] = blob_record(answer)
             records[keys.METRICS] = MetricRecord({keys.TASK_SECONDS: 0.1})

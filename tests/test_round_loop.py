@@ -920,6 +920,65 @@ def test_a_secure_round_applies_the_mean_the_coordinator_only_learns_as_a_sum(
     assert sent.count(secagg_messages.KEYS) == sent.count(secagg_messages.UNMASK) == 4
 
 
+def test_a_secure_round_weights_sites_by_their_example_counts_as_fedavg_does(
+    harness: Callable[..., Harness],
+) -> None:
+    """Sites A-D with 10, 20, 30, 40 training rows state their counts with their keys; each
+    masks its update times its weight (its count over the largest), and the unmasked sum over
+    the sum of the weights is FedAvg's mean, the plain run's: (1 + 4 + 9 + 16) / 100 = 0.3, not
+    the unweighted 0.25. With C silent after sharing keys, the weights of A, B and D remain:
+    (1 + 4 + 16) / 70. A site stating no rows drops out at the keys stage."""
+
+    def sites(**kw: Any) -> dict[int, Node]:
+        nodes = {
+            i + 1: site(name, constant(0.1 * (i + 1)), n_train=10 * (i + 1), **kw.get(name, {}))
+            for i, name in enumerate("ABCD")
+        }
+        return nodes
+
+    plain = harness(sites())
+    plain.start()
+    secure = harness(sites(), **SECURE)
+    tasks: list[secagg_messages.StageTask] = []
+    configure = secure.loop._configure
+
+    def watch(phase: str, nodes: list[int], rnd: int, tasks_: Any = None, state: Any = None) -> Any:
+        if phase == Phase.TRAIN and tasks_ is not None:
+            tasks.extend(tasks_[n] for n in nodes)
+        return configure(phase, nodes, rnd, tasks_, state)
+
+    secure.loop._configure = watch  # type: ignore[method-assign]
+    secure.start()
+    assert_state_near(plain.state(1), plus(0.3), 1e-6)
+    assert_state_near(secure.state(1), plus(0.3), 1e-6)
+    assert [t.weight for t in tasks] == [0.25, 0.5, 0.75, 1.0]
+    rows = {r.site: r.extra["weight"] for r in secure.rows(1, Phase.TRAIN)}
+    assert rows == pytest.approx({"A": 0.1, "B": 0.2, "C": 0.3, "D": 0.4})
+
+    quiet_c = {"C": {"silent": lambda stage, _rnd: stage == "train"}}
+    dropped = harness(sites(**quiet_c), **SECURE)
+    dropped.start()
+    assert_state_near(dropped.state(1), plus(2.1 / 7), 1e-6)
+
+    def no_rows(stage: str, context: bytes) -> bytes | None:
+        if stage != secagg_messages.KEYS:
+            return None
+        from fedpeft.client.secagg import site_randomness
+        from fedpeft.common.secagg import SiteSecAgg
+        from fedpeft.common.secagg_messages import keys_answer, sign_answer
+
+        keys_ = SiteSecAgg("B", context, site_randomness(IDENTITY["B"], context)).advertise()
+        return sign_answer(IDENTITY["B"], context, "B", stage, keys_answer(keys_, 0))
+
+    zero = harness(sites(B={"forge_answer": no_rows}), **SECURE)
+    zero.start()
+    assert_state_near(zero.state(1), plus(2.6 / 8), 1e-6)  # A, C, D: (1 + 9 + 16) / 80
+    [b] = [r for r in zero.rows(1, Phase.TRAIN) if r.site == "B"]
+    assert b.reason == (
+        f"secagg: query.secagg_keys: an example count of 0; expected an integer in 1..{2**53}"
+    ), b.reason
+
+
 def test_a_site_that_drops_after_masking_is_recovered_from_the_others_shares(
     harness: Callable[..., Harness],
 ) -> None:
@@ -1074,10 +1133,12 @@ def test_a_site_answers_each_secure_aggregation_message_once_a_round(tmp_path: P
 
     roster = {s: (bytes(32), bytes(32)) for s in "ABCD"}
     task = StageTask(secagg_messages.SHARES, roster, threshold=3)
-    answer_once("run-1", 1, secagg_messages.SHARES, None, 0.6, task)
+    answer_once("A", "run-1", 1, secagg_messages.SHARES, None, 0.6, task)
     with pytest.raises(SecAggError, match="a second query.secagg_shares message for round 1"):
-        answer_once("run-1", 1, secagg_messages.SHARES, None, 0.6, task)
-    answer_once("run-1", 2, secagg_messages.SHARES, None, 0.6, task)  # another round: fine
+        answer_once("A", "run-1", 1, secagg_messages.SHARES, None, 0.6, task)
+    answer_once("A", "run-1", 2, secagg_messages.SHARES, None, 0.6, task)  # another round: fine
+    # Another site in the same process (a simulation's actor hosts several): its own answer.
+    answer_once("B", "run-1", 1, secagg_messages.SHARES, None, 0.6, task)
     ledger = Ledger(tmp_path / "ledger.jsonl")
     ledger.record_task(run_token="run-2", round=1, message_type="query.secagg_unmask")
     ledger.record_upload(
@@ -1091,10 +1152,10 @@ def test_a_site_answers_each_secure_aggregation_message_once_a_round(tmp_path: P
     )
     unmask = StageTask(secagg_messages.UNMASK, roster, threshold=3)
     with pytest.raises(SecAggError, match="a second query.secagg_unmask message"):
-        answer_once("run-2", 1, secagg_messages.UNMASK, ledger, 0.6, unmask)
+        answer_once("A", "run-2", 1, secagg_messages.UNMASK, ledger, 0.6, unmask)
     lowered = StageTask(secagg_messages.SHARES, roster, threshold=2)
     with pytest.raises(SecAggError, match="a threshold of 2 for 4 sites; the run's config gives 3"):
-        answer_once("run-3", 1, secagg_messages.SHARES, None, 0.6, lowered)
+        answer_once("A", "run-3", 1, secagg_messages.SHARES, None, 0.6, lowered)
 
 
 def test_a_site_advertising_another_sites_keys_drops_both_and_the_others_go_on(
@@ -1108,7 +1169,7 @@ def test_a_site_advertising_another_sites_keys_drops_both_and_the_others_go_on(
         if stage != secagg_messages.KEYS:
             return None
         copied = SiteSecAgg("A", context, site_randomness(IDENTITY["A"], context)).advertise()
-        return sign_answer(IDENTITY["D"], context, "D", stage, keys_answer(copied))
+        return sign_answer(IDENTITY["D"], context, "D", stage, keys_answer(copied, 10))
 
     nodes = _secure_sites()
     nodes[4] = site("D", constant(0.4), forge_answer=a_keys)
@@ -1118,3 +1179,17 @@ def test_a_site_advertising_another_sites_keys_drops_both_and_the_others_go_on(
     rows = {r.site: r for r in h.rows(1, Phase.TRAIN)}
     for s in "AD":
         assert rows[s].reason == "secagg: query.secagg_keys: a key another site also advertised"
+
+
+@pytest.mark.parametrize("weight", [0.0, -0.5, 1.5, float("nan")])
+def test_a_site_refuses_a_weight_outside_0_to_1(weight: float) -> None:
+    """A weight above 1 would take a clipped update out of the fixed-point range (and let the
+    coordinator amplify one site); zero or less would hide it: the site refuses either."""
+    from fedpeft.client.secagg import masked_update
+    from fedpeft.common.config import SitePrivacy
+    from fedpeft.common.secagg import SecAggError
+
+    privacy = SitePrivacy(10.0, 0.0, False, True, 0.6, 10.0)
+    task = secagg_messages.StageTask("train", threshold=3, weight=weight)
+    with pytest.raises(SecAggError, match="a site's weight lies in \\(0, 1\\]: refused"):
+        masked_update(dict(INITIAL), privacy, task, "A", IDENTITY["A"], b"context")

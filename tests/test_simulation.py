@@ -125,6 +125,40 @@ def test_two_sites_two_rounds_fill_the_store(two_sites: Path, tmp_path: Path) ->
     store.close()
 
 
+def test_secure_aggregation_in_simulation_takes_every_site(two_sites: Path, tmp_path: Path) -> None:
+    """Two sites in one Ray actor (one CPU), secure aggregation on: each site answers every stage
+    of every round once, and neither is refused as having answered already (the once-a-round
+    guard is per site: one simulation process answers for several). Both updates are in each
+    round's sum, weighted by their example counts (equal here: 60 rows each)."""
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = load_config(
+        overrides={
+            "data.dataset": str(two_sites),
+            "db": db,
+            "federation.rounds": 2,
+            "model.max_length": 64,
+            "train.batch_size": 16,
+            "seed": 1,
+            "device": "cpu",
+            "federation.secure_aggregation.enabled": True,
+        }
+    )
+    result = run_simulation(cfg, cpus=1, progress=lambda _line: None)
+    store = open_store(db)
+    try:
+        rounds = store.rounds(result.run_id)
+        train = [r for r in store.site_results(result.run_id) if r.phase == "train"]
+    finally:
+        store.close()
+    assert [(r.round, r.accepted, r.rejected, r.applied) for r in rounds] == [
+        (1, 2, 0, True),
+        (2, 2, 0, True),
+    ]
+    assert [(r.round, r.status, r.extra["weight"]) for r in train] == [
+        (n, "ok", 0.5) for n in (1, 1, 2, 2)
+    ]
+
+
 @pytest.mark.parametrize(
     ("fault", "reason"), [("nan", "non-finite"), ("shape", "shape"), ("tamper", "tampered")]
 )
