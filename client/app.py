@@ -48,7 +48,7 @@ from fedpeft.client.policy import (
     check_upload,
     expected_upload_bytes,
 )
-from fedpeft.client.secagg import answer_once, answer_stage, masked_update
+from fedpeft.client.secagg import Histograms, answer_once, answer_stage, masked_update
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
@@ -253,15 +253,23 @@ def _reply(
 
 
 def seal_site_evaluation(
-    signed: GlobalState, rnd: int, site: str, setup: SiteSetup, session: SiteSession
-) -> bytes:
+    signed: GlobalState,
+    rnd: int,
+    site: str,
+    setup: SiteSetup,
+    session: SiteSession,
+    masked: bool = False,
+) -> tuple[bytes, Histograms]:
     """The evaluation of the global state in ``signed`` (that of round ``rnd``), sealed for the
-    run's key and signed by the site: only the coordinator reads it, and it knows who sent it."""
+    run's key and signed by the site: only the coordinator reads it, and it knows who sent it.
+    Also returns its score histograms: with ``masked`` (secure aggregation) they leave only
+    inside the site's masked vector, summed with the others', and the sealed evaluation holds
+    none."""
     ev, metrics = handle_evaluate(signed.config, signed.state, session)
-    return seal_evaluation(
+    shown: Histograms = ([], []) if masked else (ev.hist_pos, ev.hist_neg)
+    sealed = seal_evaluation(
         metrics,
-        ev.hist_pos,
-        ev.hist_neg,
+        *shown,
         run_token=signed.run_token,
         round=rnd,
         site_id=site,
@@ -269,6 +277,7 @@ def seal_site_evaluation(
         run_public=signed.run_public,
         identity=setup.trust.identity,
     )
+    return sealed, (ev.hist_pos, ev.hist_neg)
 
 
 def folds_evaluation(rnd: int) -> bool:
@@ -404,8 +413,11 @@ class TaskRecord:
         return status, error
 
 
-def task_facts(signed: GlobalState, coordinator_key: str, site: str) -> TaskFacts:
-    """What the site's policy judges, from the signed global state alone (no row is read)."""
+def task_facts(
+    signed: GlobalState, coordinator_key: str, site: str, trains: bool = True
+) -> TaskFacts:
+    """What the site's policy judges, from the signed global state alone (no row is read), for
+    a train message (``trains``) or another."""
     cfg = signed.config
     return TaskFacts(
         method=cfg.method.name,
@@ -426,6 +438,7 @@ def task_facts(signed: GlobalState, coordinator_key: str, site: str) -> TaskFact
         coordinator_key=coordinator_key,
         secure_aggregation=cfg.privacy.secure_aggregation,
         dp=cfg.privacy.noise_multiplier > 0,
+        trains=trains,
     )
 
 
@@ -444,8 +457,9 @@ def check_policy(policy: SitePolicy, facts: TaskFacts, trusted: Collection[str])
 
 def _stage_task(msg: Any, cfg: SiteRunConfig, kind: str) -> StageTask | None:
     """The secure-aggregation task a message carries: every stage message and, in a run with
-    secure aggregation, every train message has one (None otherwise)."""
-    if kind not in STAGES and not (kind == Phase.TRAIN and cfg.privacy.secure_aggregation):
+    secure aggregation, every train and evaluate message has one (None otherwise): a site of
+    such a run sends neither an update nor a score histogram unmasked."""
+    if kind not in STAGES and not cfg.privacy.secure_aggregation:
         return None
     if not cfg.privacy.secure_aggregation:
         raise TaskRefused("a secure aggregation stage in a run without secure aggregation")
@@ -479,7 +493,8 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
         _check_global(signed, rnd)
         cfg = signed.config
         if setup.policy is not None:
-            check_policy(setup.policy, task_facts(signed, signer, site), trusted)
+            facts = task_facts(signed, signer, site, trains=kind == Phase.TRAIN)
+            check_policy(setup.policy, facts, trusted)
         context = round_context(signed.run_token, rnd)
         stage = _stage_task(msg, cfg, kind)
         if stage is not None:
@@ -493,21 +508,35 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             record.upload(answer)
             metrics = {keys.TASK_SECONDS: time.perf_counter() - started}
             return _reply(msg, site, metrics=metrics, secagg=answer)
-        if kind == Phase.TRAIN:
+        if kind == Phase.TRAIN or stage is not None:
             # After round 1 the state a site trains from is the previous round's new global
             # state: the site evaluates it first and sends that with its update, one message a
-            # round instead of a train and an evaluate message.
-            evaluation = None
+            # round instead of a train and an evaluate message. With secure aggregation an
+            # evaluate message is one too: its round is its secure exchange's, the state it
+            # carries the round before's, and only a masked vector of zeros leaves with it.
+            trains = kind == Phase.TRAIN
+            evaluation, histograms = None, None
             if folds_evaluation(rnd):
-                evaluation = seal_site_evaluation(signed, rnd - 1, site, setup, session)
-            delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
-            log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
+                evaluation, histograms = seal_site_evaluation(
+                    signed, rnd - 1, site, setup, session, masked=stage is not None
+                )
+            delta, metrics = None, {}
+            if trains:
+                delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
+                log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             codec = cfg.codec
-            if stage is not None:  # secure aggregation: only the masked update leaves
+            if stage is not None:  # secure aggregation: only the masked vector leaves
                 delta = masked_update(
-                    delta, cfg.privacy, stage, site, setup.trust.identity, context
+                    delta,
+                    histograms if stage.histograms else None,
+                    cfg.privacy,
+                    stage,
+                    site,
+                    setup.trust.identity,
+                    context,
                 )
                 codec = RING
+            assert delta is not None
             sealed = seal_delta(
                 delta,
                 run_token=signed.run_token,
@@ -525,7 +554,7 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             record.upload(sealed)
             metrics[keys.TASK_SECONDS] = time.perf_counter() - started
             return _reply(msg, site, sealed=sealed, metrics=metrics, evaluation=evaluation)
-        evaluation = seal_site_evaluation(signed, rnd, site, setup, session)
+        evaluation, _ = seal_site_evaluation(signed, rnd, site, setup, session)
         record.upload(None)
         metrics = {keys.TASK_SECONDS: time.perf_counter() - started}
         return _reply(msg, site, metrics=metrics, evaluation=evaluation)

@@ -103,6 +103,9 @@ class TaskFacts:
     coordinator_key: str
     secure_aggregation: bool = False
     dp: bool = False
+    #: A train message (else an evaluate or secure-aggregation stage message: the closing
+    #: evaluation of a run with secure aggregation is its own exchange, one round past the last).
+    trains: bool = True
 
 
 def expected_upload_bytes(
@@ -165,7 +168,7 @@ def check_task(
         )
     if task.rounds > policy.max_rounds:
         _refuse(f"{task.rounds} rounds above the site's maximum of {policy.max_rounds}")
-    if task.round > policy.max_rounds:
+    if task.round > policy.max_rounds + (0 if task.trains else 1):
         _refuse(f"round {task.round} above the site's maximum of {policy.max_rounds} rounds")
     if task.upload_bytes > policy.max_upload_bytes:
         _refuse(

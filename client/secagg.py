@@ -13,7 +13,7 @@ for a roster of the coordinator's own keys) or unmasking (other lists) could ope
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from fedpeft.client.ledger import Ledger
 from fedpeft.common.config import SecureAggregationConfig, SitePrivacy
 from fedpeft.common.crypto import hkdf_sha256
-from fedpeft.common.dp import gaussian_noise_like, noise_std_per_site
-from fedpeft.common.secagg import FixedPoint, SecAggError, SiteSecAgg, flatten
+from fedpeft.common.dp import noise_std_per_site
+from fedpeft.common.secagg import FixedPoint, SecAggError, SiteSecAgg, encode_input, flatten
 from fedpeft.common.secagg_messages import (
     KEYS,
     MASKED,
@@ -150,44 +150,46 @@ def answer_stage(
     raise SecAggError(f"unknown secure aggregation stage {task.stage[:32]!r}")
 
 
-def mask_update(
-    delta: State,
-    task: StageTask,
-    site: str,
-    identity: ec.EllipticCurvePrivateKey,
-    context: bytes,
-    bound: float,
-) -> State:
-    """The update as it leaves with secure aggregation: flattened (names in sorted order),
-    fixed-point encoded in [-bound, bound] for a sum of up to as many sites as the roster has,
-    masked. The coordinator can open the seal, and sees only this."""
-    vector, _ = flatten(delta)
-    x = FixedPoint(bound, max_sites=len(task.roster)).encode(vector)
-    masked = _protocol(site, identity, context, task).masked_input(x, task.ciphertexts)
-    return {MASKED: masked}
+#: A site's score histograms of one evaluation: positives' and negatives' counts per bin.
+Histograms = tuple[Sequence[int], Sequence[int]]
 
 
 def masked_update(
-    delta: State,
+    delta: State | None,
+    histograms: Histograms | None,
     privacy: SitePrivacy,
     task: StageTask,
     site: str,
     identity: ec.EllipticCurvePrivateKey,
     context: bytes,
 ) -> State:
-    """The (clipped) update as it leaves with secure aggregation: times the task's weight (in
-    (0, 1]: its norm stays within the clip), with distributed DP plus this site's share of the
-    round's noise (``noise_std_per_site`` over the threshold t, so that the sum of any t or more
-    carries at least sigma * clip; drawn from the OS's entropy), then fixed-point encoded in
-    ``privacy.fixed_point_range`` and masked (:func:`mask_update`)."""
-    if not 0.0 < task.weight <= 1.0:
+    """What leaves with secure aggregation, one masked vector: the (clipped) update times the
+    task's weight (in (0, 1]: its norm stays within the clip; an evaluate task's update is
+    zeros of the task's length), with distributed DP plus this site's share of the round's
+    noise (``noise_std_per_site`` over the threshold t, so that the sum of any t or more carries
+    at least sigma * clip; drawn from the OS's entropy), fixed-point encoded in
+    ``privacy.fixed_point_range``; then, when the task asks, the score histograms of the site's
+    evaluation as counts; all of it masked. The coordinator can open the seal, and sees only
+    this."""
+    if delta is not None and not 0.0 < task.weight <= 1.0:
         raise SecAggError(f"a weight of {task.weight!r}; a site's weight lies in (0, 1]: refused")
-    if task.weight != 1.0:
-        delta = {
-            name: (v * np.float32(task.weight)).astype(np.float32) for name, v in delta.items()
-        }
-    if privacy.distributed_noise:
+    if task.histograms != (histograms is not None):
+        raise SecAggError("the task and the site disagree on sending score histograms")
+    if delta is None:
+        vector = np.zeros(task.length, dtype=np.float64)
+    else:
+        vector = flatten(delta)[0].astype(np.float64) * task.weight
+    if vector.size != task.length:
+        raise SecAggError(f"an update of {vector.size} entries for a task of {task.length}")
+    if privacy.distributed_noise and vector.size:
         std = noise_std_per_site(privacy.noise_multiplier, privacy.clip, task.threshold)
-        noise = gaussian_noise_like(delta, std, np.random.default_rng())
-        delta = {name: (v + noise[name]).astype(np.float32) for name, v in delta.items()}
-    return mask_update(delta, task, site, identity, context, privacy.fixed_point_range)
+        vector = vector + np.random.default_rng().normal(0.0, std, vector.size)
+    counts = None
+    if histograms is not None:
+        counts = np.concatenate([np.asarray(h, dtype=np.int64) for h in histograms])
+        if counts.size != task.entries - task.length:
+            raise SecAggError(f"histograms of {counts.size} bins for a task of {task.entries}")
+    fixed = FixedPoint(privacy.fixed_point_range, max_sites=len(task.roster))
+    x = encode_input(fixed, vector, counts)
+    masked = _protocol(site, identity, context, task).masked_input(x, task.ciphertexts)
+    return {MASKED: masked}

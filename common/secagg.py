@@ -159,6 +159,32 @@ class FixedPoint:
         return (integers - count * (self.levels // 2)).astype(np.float64) * self.step
 
 
+def encode_input(fixed: FixedPoint, update: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
+    """A site's input to the sum: its (flattened) update in fixed point, then, when given,
+    ``counts`` as they are (whole numbers from 0 up; a sum of them is exact in the ring while it
+    stays below 2**32): the score histograms of its evaluation."""
+    encoded = fixed.encode(update)
+    if counts is None:
+        return encoded
+    values = np.asarray(counts)
+    if values.ndim != 1 or (values.size and (values.min() < 0 or values.max() >= 2**RING_BITS)):
+        raise ValueError("counts are whole numbers in 0..2**32 - 1, one vector")
+    return np.concatenate([encoded, values.astype(np.uint32)])
+
+
+def decode_parts(
+    fixed: FixedPoint, total: np.ndarray, count: int, update_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The sum of ``count`` inputs of :func:`encode_input`, split: the real sum of their updates
+    (the first ``update_length`` entries, float64) and the integer sum of their counts (the
+    rest, int64)."""
+    ring = np.asarray(total, dtype=np.uint32)
+    if not 0 <= update_length <= ring.size:
+        raise ValueError(f"an update of {update_length} entries in a sum of {ring.size}")
+    update = fixed.decode_sum(ring[:update_length], count)
+    return update, ring[update_length:].astype(np.int64)
+
+
 def flatten(state: Mapping[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
     """One float32 vector of every tensor, in sorted name order, and the layout to undo it."""
     names = sorted(state)

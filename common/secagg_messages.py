@@ -11,7 +11,9 @@ A round with ``federation.secure_aggregation`` on has four exchanges (server/str
 2. ``query.secagg_shares``: with the roster of every answering site's keys, the site answers its
    encrypted key shares, one per other site;
 3. the train message, with the shares addressed to the site and its weight: it answers its
-   update times its weight, masked, sealed and signed as any update (codec ``ring32``);
+   update times its weight, then (after round 1) the score histograms of its evaluation of the
+   round before's state, masked, sealed and signed as any update (codec ``ring32``); a site
+   that only evaluates gets an evaluate message with its task and masks zeros and histograms;
 4. ``query.secagg_unmask``: with the sites whose masked update arrived (survivors) and those
    that shared keys but sent none (dropped), the site answers its shares of the survivors' seeds
    and the dropped sites' keys.
@@ -33,6 +35,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.common import crypto
+from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.secagg import PublicKeys, Revealed, SecAggError
 
 KEYS, SHARES, UNMASK = "query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"
@@ -71,6 +74,12 @@ def _loads(data: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+def _flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise SecAggError(f"secure aggregation task: {what} is not true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class StageTask:
     """What the coordinator sends a site for one stage of one round (``stage`` one of
@@ -91,6 +100,15 @@ class StageTask:
     #: Train: the factor in (0, 1] the site multiplies its clipped update by before masking (its
     #: bounded example count over the roster's largest; 1 in a DP run, whose weights are equal).
     weight: float = 1.0
+    #: Train or evaluate: the masked vector ends with the score histograms (positives', then
+    #: negatives', common/metrics.py HIST_BINS counts each) of the site's evaluation of the
+    #: global state of the round before, summed with the others' under the same masks.
+    histograms: bool = False
+
+    @property
+    def entries(self) -> int:
+        """The masked vector's length: the update's entries, then the histograms' bins."""
+        return self.length + (2 * HIST_BINS if self.histograms else 0)
 
     def to_bytes(self) -> bytes:
         return _dumps(
@@ -103,6 +121,7 @@ class StageTask:
                 "dropped": list(self.dropped),
                 "length": self.length,
                 "weight": self.weight,
+                "histograms": self.histograms,
             }
         )
 
@@ -125,6 +144,7 @@ class StageTask:
                 dropped=tuple(str(s) for s in obj["dropped"]),
                 length=int(obj["length"]),
                 weight=float(obj.get("weight", 1.0)),
+                histograms=_flag(obj.get("histograms", False), "histograms"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SecAggError(f"secure aggregation task: malformed ({exc})") from None

@@ -131,6 +131,9 @@ class EvaluationIntake:
     sites: Mapping[str, ec.EllipticCurvePublicKey]
     #: Most test or validation rows an evaluation may count.
     max_rows: int
+    #: The evaluation holds the score histograms (without: secure aggregation, where they
+    #: travel in the masked vector and an evaluation holding any is refused).
+    histograms: bool = True
 
 
 def read_evaluate(
@@ -164,13 +167,16 @@ def read_evaluate(
                 f"an evaluation signed by site {opened.site_id!r} sent as site {reply.site!r}",
             )
         reply.opened = True
-        validate_evaluation(opened.metrics, opened.hist_pos, opened.hist_neg, intake.max_rows)
+        validate_evaluation(
+            opened.metrics, opened.hist_pos, opened.hist_neg, intake.max_rows, intake.histograms
+        )
     except DeltaRejected as exc:
         return replace(reply, status=ReplyStatus.REJECTED, reason=str(exc), code=exc.reason)
     except (KeyError, TypeError, ValueError) as exc:
         return _malformed(reply, exc)
     reply.metrics.update(opened.metrics)
-    reply.histogram = (opened.hist_pos, opened.hist_neg)
+    if intake.histograms:
+        reply.histogram = (opened.hist_pos, opened.hist_neg)
     return reply
 
 

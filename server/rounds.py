@@ -59,9 +59,11 @@ def round_result(
     evaluations: list[Reply],
     applied: bool,
     weight_factor: float = 0.0,
+    pooled: tuple[list[int], list[int]] | None = None,
 ) -> RoundResult:
-    """One round's row: the pooled AUC from the sites' histograms, the macro AUC, the loss and
-    validation loss weighted by each site's rows, and how many updates were accepted.
+    """One round's row: the pooled AUC from the sites' histograms (``pooled``: their sum, as
+    secure aggregation gives it, when no site's reached the coordinator), the macro AUC, the
+    loss and validation loss weighted by each site's rows, and how many updates were accepted.
 
     ``weight_factor`` (``federation.examples_bound_factor``): with 3 or more evaluations, no
     site's validation rows weigh more than this many times the median site's, so no site moves
@@ -72,6 +74,8 @@ def round_result(
         cap = weight_factor * float(np.median(n_val))
         n_val = [min(n, cap) for n in n_val]
     histograms = [e.histogram for e in ok if e.histogram is not None]
+    if pooled is not None:
+        histograms = [pooled]
     return RoundResult(
         round=rnd,
         started_at=started,

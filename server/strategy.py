@@ -12,6 +12,7 @@ last round. Then the round is written to the store (server/rounds.py makes its r
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -30,11 +31,13 @@ from fedpeft.common.dp import Accountant, dp_average, noise_std_central
 from fedpeft.common.envelope import Expected, sign_global
 from fedpeft.common.errors import FedpeftError, Reason
 from fedpeft.common.keys import Phase
+from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.secagg import (
     FixedPoint,
     PublicKeys,
     SecAggError,
+    decode_parts,
     flatten,
     round_context,
     unflatten,
@@ -82,6 +85,8 @@ from fedpeft.server.validation import MAX_SIGNED_EXAMPLES
 log = logging.getLogger("fedpeft.server")
 
 Progress = Callable[[str], None]
+#: Score histograms of test rows: positives' and negatives' counts per bin.
+Histogram = tuple[list[int], list[int]]
 
 
 T = TypeVar("T")
@@ -231,12 +236,15 @@ class FederatedRun:
                 f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)"
                 + ("" if pending is None else f" (evaluating round {pending.round}'s state first)")
             )
+            pooled, total = None, None
             if fed.secure_aggregation.enabled:
-                train, evaluations, total = self._secure_exchange(grid, rnd - 1, sampled, evaluate)
+                train, evaluations, total, pooled = self._secure_exchange(
+                    grid, rnd - 1, sampled, evaluate
+                )
             else:
                 train, evaluations = self._exchange(grid, rnd - 1, sampled, evaluate)
             if pending is not None:
-                history.append(self._record(pending, evaluations))
+                history.append(self._record(pending, evaluations, pooled))
             if fed.secure_aggregation.enabled:
                 applied = self._apply_sum(rnd, train, total, sample_rate)
             else:
@@ -249,9 +257,15 @@ class FederatedRun:
         if pending is not None:
             # The last round's global state, evaluated by every site still there.
             t0 = time.perf_counter()
-            _, evaluations = self._exchange(grid, fed.rounds, [], pending.evaluators(nodes, []))
+            pooled, evaluators = None, pending.evaluators(nodes, [])
+            if fed.secure_aggregation.enabled:  # an exchange of its own, one round past the last
+                _, evaluations, _, pooled = self._secure_exchange(
+                    grid, pending.round, [], evaluators
+                )
+            else:
+                _, evaluations = self._exchange(grid, fed.rounds, [], evaluators)
             pending.seconds += time.perf_counter() - t0
-            history.append(self._record(pending, evaluations))
+            history.append(self._record(pending, evaluations, pooled))
         if not any(r.applied for r in history):
             raise FedpeftError(
                 f"no round had the {fed.min_sites} valid update(s) it needs (federation."
@@ -263,9 +277,12 @@ class FederatedRun:
         )
         return chosen
 
-    def _record(self, trained: _Trained, evaluations: list[Reply]) -> RoundResult:
+    def _record(
+        self, trained: _Trained, evaluations: list[Reply], pooled: Histogram | None = None
+    ) -> RoundResult:
         """Write a round to the store once its global state is evaluated: its row, its sites'
-        train and evaluate rows and the (sealed) global state it ended with."""
+        train and evaluate rows and the (sealed) global state it ended with. ``pooled``: the
+        sites' score histograms summed under secure aggregation (no site's reached here)."""
         rnd, train = trained.round, trained.train
         result = round_result(
             rnd,
@@ -276,6 +293,7 @@ class FederatedRun:
             evaluations,
             trained.applied,
             self.cfg.federation.examples_bound_factor,
+            pooled,
         )
         result = replace(result, sample_rate=trained.sample_rate, epsilon=trained.epsilon)
         self.store.add_round(
@@ -380,21 +398,31 @@ class FederatedRun:
 
     def _secure_exchange(
         self, grid: object, state_round: int, sampled: list[int], evaluate: list[int]
-    ) -> tuple[list[Reply], list[Reply], State | None]:
-        """Round ``state_round + 1`` with secure aggregation: keys from the sampled sites (U1),
-        their key shares (U2), the train exchange in which U2 uploads masked updates (U3) and
-        the others evaluate, then the shares that unmask the sum. Returns the train replies
-        (an accepted one holds no update: nobody knows it), the evaluations, and the sum of
-        U3's clipped updates (None if the round cannot be summed: each site's row says why)."""
+    ) -> tuple[list[Reply], list[Reply], State | None, Histogram | None]:
+        """Round ``state_round + 1`` with secure aggregation, over the sampled sites (they train)
+        and the sites that only evaluate the global state of ``state_round`` (the round's others,
+        or every site in the run's closing exchange, where ``sampled`` is empty): keys from all
+        of them (U1), their key shares (U2), the train and evaluate messages in which U2 uploads
+        masked vectors (U3), then the shares that unmask the sum. A vector is the site's update
+        times its weight (zeros for an evaluating site) in fixed point, then, after round 1, the
+        score histograms of its evaluation of ``state_round``'s state: the coordinator learns
+        the sum of the updates and the pooled histogram, neither one site's.
+
+        Returns the train replies (an accepted one holds no update: nobody knows it), the
+        evaluations (metrics only), the sum of U3's weighted updates and the pooled histogram
+        (each None if it cannot be had: the rows say why)."""
         rnd, sa = state_round + 1, self.cfg.federation.secure_aggregation
         context = round_context(self.run_token, rnd)
-        length = sum(int(v.size) for v in self.state.values())
+        layout = flatten(self.state)[1]
+        length = sum(math.prod(shape) for _, shape in layout) if sampled else 0
+        histograms = state_round >= 1
         failed: dict[int, Reply] = {}
+        everyone = sorted({*sampled, *evaluate})
         answers = self._stage(
             grid,
             KEYS,
             rnd,
-            {n: StageTask(KEYS) for n in sampled},
+            {n: StageTask(KEYS) for n in everyone},
             context,
             failed,
             keys_and_examples(MAX_SIGNED_EXAMPLES),  # capped as FedAvg caps them
@@ -408,7 +436,9 @@ class FederatedRun:
                 )
                 del answers[node]
         roster = {site: keys_ for site, (keys_, _) in answers.values()}
-        self.secure_weights = self._secure_weights({site: n for site, (_, n) in answers.values()})
+        self.secure_weights = self._secure_weights(
+            {site: n for node, (site, (_, n)) in answers.items() if node in sampled}
+        )
         node_of = {site: node for node, (site, _) in answers.items()}
         t = sa.shares_needed(len(roster))
         if t > len(roster):  # fewer than 2 sites: a sum would be one site's update
@@ -418,8 +448,7 @@ class FederatedRun:
                     f"{Reason.SECAGG}: {len(roster)} site(s) sent keys, secure aggregation needs "
                     f"{t}",
                 )
-            _, evaluations = self._exchange(grid, state_round, [], evaluate)
-            return [failed[n] for n in sampled], evaluations, None
+            return (*self._dropped_out(sampled, evaluate, failed, [], []), None, None)
         tasks = {node_of[v]: StageTask(SHARES, roster, t) for v in roster}
 
         def one_share_for_each_other_site(answer: Answer) -> dict[str, bytes]:
@@ -438,23 +467,32 @@ class FederatedRun:
         def addressed(v: str) -> dict[str, bytes]:
             return {u: shares[u][v] for u in u2 if u != v and v in shares[u]}
 
-        tasks = {
-            node_of[v]: StageTask(
-                Phase.TRAIN.value,
+        tasks = {}
+        for v in u2:
+            trains = node_of[v] in sampled
+            tasks[node_of[v]] = StageTask(
+                Phase.TRAIN.value if trains else Phase.EVALUATE.value,
                 roster,
                 t,
                 addressed(v),
                 length=length,
-                weight=self.secure_weights[v],
+                weight=self.secure_weights[v] if trains else 1.0,
+                histograms=histograms,
             )
-            for v in u2
-        }
-        train, evaluations = self._exchange(grid, state_round, sorted(tasks), evaluate, tasks)
+        evaluated: dict[str, np.ndarray] = {}
+        train, evaluations = self._exchange(
+            grid,
+            state_round,
+            sorted(n for n in tasks if n in sampled),
+            sorted(n for n in tasks if n not in sampled),
+            tasks,
+            evaluated,
+        )
         masked = {
             r.site: r.delta[MASKED]
             for r in train
             if r.status == ReplyStatus.OK and r.delta is not None
-        }
+        } | evaluated
         dropped = tuple(v for v in u2 if v not in masked)
         tasks = {
             node_of[v]: StageTask(
@@ -462,32 +500,77 @@ class FederatedRun:
             )
             for v in masked
         }
-        # A site silent or wrong here still has its update in the sum (others' shares remove its
-        # masks): its train row stays; what it failed to send is only said.
+        # A site silent or wrong here still has its vector in the sum (others' shares remove its
+        # masks): its rows stay; what it failed to send is only said.
         unhelpful: dict[int, Reply] = {}
         revealed = dict(
             self._stage(grid, UNMASK, rnd, tasks, context, unhelpful, answer_revealed).values()
         )
         for reply in unhelpful.values():
             self.progress(f"round {rnd}: {reply.site} sent no shares to unmask: {reply.reason}")
-        by_node = {r.node_id: r for r in train}
-        replies = [failed.get(n) or by_node.get(n) or self._stage_failure(n, "") for n in sampled]
+        replies, evaluations = self._dropped_out(sampled, evaluate, failed, train, evaluations)
         for r in replies:
             r.delta = None  # a masked vector says nothing of the site's update
-        total = None
+        total, pooled = None, None
         if masked:
             try:
                 ring = unmask_sum(masked, revealed, roster, u2, t, context)
                 fixed = FixedPoint(self.site_config.privacy.fixed_point_range, len(roster))
-                vector = fixed.decode_sum(ring, len(masked))
-                total = unflatten(vector.astype(np.float32), flatten(self.state)[1])
+                update, summed = decode_parts(fixed, ring, len(masked), length)
             except SecAggError as exc:
                 self.progress(f"round {rnd}: the sum could not be unmasked: {exc}")
                 for r in replies:
                     if r.status == ReplyStatus.OK:
                         r.status, r.code = ReplyStatus.REJECTED, Reason.SECAGG
                         r.reason = f"{Reason.SECAGG}: the round's sum was not unmasked ({exc})"
-        return replies, evaluations, total
+            else:
+                if length:
+                    total = unflatten(update.astype(np.float32), layout)
+                if histograms:
+                    pooled = self._pooled(state_round, summed, masked, evaluations)
+        return replies, evaluations, total, pooled
+
+    def _dropped_out(
+        self,
+        sampled: list[int],
+        evaluate: list[int],
+        failed: Mapping[int, Reply],
+        train: list[Reply],
+        evaluations: list[Reply],
+    ) -> tuple[list[Reply], list[Reply]]:
+        """A secure exchange's rows: one train row for each sampled node and one evaluate row
+        for each evaluating one, a node that dropped out at a stage with the reason it did."""
+        by_node = {r.node_id: r for r in train}
+        replies = [failed.get(n) or by_node.get(n) or self._stage_failure(n, "") for n in sampled]
+        answered = {r.node_id for r in evaluations}
+        for node in evaluate:
+            if node not in answered:
+                evaluations.append(failed.get(node) or self._stage_failure(node, ""))
+        return replies, sorted(evaluations, key=lambda r: r.node_id)
+
+    def _pooled(
+        self,
+        state_round: int,
+        summed: np.ndarray,
+        masked: Mapping[str, np.ndarray],
+        evaluations: list[Reply],
+    ) -> Histogram | None:
+        """The pooled score histogram of the sites whose vectors were summed, if it holds the
+        test rows their signed evaluations state (each site's must have opened): else None, and
+        the round has no pooled AUC (said)."""
+        stated = {
+            e.site: e.metrics.get(keys.N_TEST, -1.0)
+            for e in evaluations
+            if e.status == ReplyStatus.OK
+        }
+        rows = int(summed.sum())
+        if set(masked) <= set(stated) and rows == sum(stated[s] for s in masked):
+            return summed[:HIST_BINS].tolist(), summed[HIST_BINS:].tolist()
+        self.progress(
+            f"round {state_round}: no pooled AUC: the summed score histograms hold {rows} rows, "
+            f"not the test rows the summed sites' evaluations state"
+        )
+        return None
 
     def _stage(
         self,
@@ -659,20 +742,29 @@ class FederatedRun:
         train: list[int],
         evaluate: list[int],
         tasks: Mapping[int, StageTask] | None = None,
+        evaluated_masked: dict[str, np.ndarray] | None = None,
     ) -> tuple[list[Reply], list[Reply]]:
         """Send the global state of round ``state_round`` (0: the initial one) in one exchange:
         to ``train`` as round ``state_round + 1``'s train message, to ``evaluate`` as an
         evaluate message; wait for the replies and read each. Returns the train replies, one per
         node of ``train``, and the evaluations of that state: one per node of ``evaluate`` and,
-        after round 1, one per node of ``train`` (its train reply carries it)."""
+        after round 1, one per node of ``train`` (its train reply carries it).
+
+        With ``tasks`` (secure aggregation) every message carries its node's task, an evaluate
+        message is of round ``state_round + 1`` too, the score histograms come only inside the
+        masked vectors, and an evaluating site's vector goes into ``evaluated_masked``."""
         timeout = self.cfg.federation.round_timeout_s
         messages = self._configure(Phase.TRAIN, train, state_round + 1, tasks) if train else []
-        if evaluate:
+        if evaluate and tasks is not None:
+            messages += self._configure(Phase.EVALUATE, evaluate, state_round + 1, tasks)
+        elif evaluate:
             messages += self._configure(Phase.EVALUATE, evaluate, state_round)
         received = exchange(grid, messages, timeout)
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}  # type: ignore[attr-defined]
-        intake = self._intake(state_round + 1, masked=tasks is not None)
-        judge = self._evaluation_intake(state_round)
+        intake = self._intake(
+            state_round + 1, None if tasks is None else next(iter(tasks.values())).entries
+        )
+        judge = self._evaluation_intake(state_round, histograms=tasks is None)
         opened: set[str] = set()
         trained: dict[int, Reply] = {}
         evaluated: dict[int, Reply] = {}
@@ -689,8 +781,12 @@ class FederatedRun:
                     evaluated[node] = self._bind(
                         node, read_evaluate(msg, judge, name, in_train=True)
                     )
-            else:
+            elif tasks is None:
                 reply = evaluated[node] = self._bind(node, read_evaluate(msg, judge, name))
+            else:
+                reply = evaluated[node] = self._evaluated_masked(
+                    msg, node, name, intake, judge, opened, evaluated_masked
+                )
             self.site_names[node] = reply.site
             # The bytes of a train reply count once, with its update.
             reply.bytes_up, reply.bytes_down = message_nbytes(msg), sent.get(node, 0)
@@ -701,6 +797,30 @@ class FederatedRun:
             if node not in evaluated:
                 evaluated[node] = no_reply(node, self._name(node), Phase.EVALUATE, timeout)
         return [trained[n] for n in train], [evaluated[n] for n in sorted(evaluated)]
+
+    def _evaluated_masked(
+        self,
+        msg: Any,
+        node: int,
+        name: str,
+        intake: Intake,
+        judge: EvaluationIntake,
+        opened: set[str],
+        out: dict[str, np.ndarray] | None,
+    ) -> Reply:
+        """An evaluating site's reply in a secure exchange: its evaluation (metrics only), and
+        its masked vector into ``out``; a vector that does not open rejects the evaluation."""
+        reply = self._bind(node, read_evaluate(msg, judge, name, in_train=True))
+        if reply.status != ReplyStatus.OK:
+            return reply
+        vector = self._bind(node, read_train(msg, intake, opened, name))
+        if vector.opened:
+            opened.add(vector.site)
+        if vector.status != ReplyStatus.OK or vector.delta is None:
+            return replace(reply, status=vector.status, code=vector.code, reason=vector.reason)
+        if out is not None:
+            out[vector.site] = vector.delta[MASKED]
+        return reply
 
     def _name(self, node: int) -> str:
         return self.bound.get(node) or self.site_names.get(node, f"node-{node}")
@@ -724,8 +844,9 @@ class FederatedRun:
             histogram=None,
         )
 
-    def _evaluation_intake(self, rnd: int) -> EvaluationIntake:
-        """What is accepted as an evaluation of the global state of round ``rnd``."""
+    def _evaluation_intake(self, rnd: int, histograms: bool = True) -> EvaluationIntake:
+        """What is accepted as an evaluation of the global state of round ``rnd`` (with its
+        score histograms, or, under secure aggregation, without)."""
         fed = self.cfg.federation
         return EvaluationIntake(
             run_token=self.run_token,
@@ -734,16 +855,17 @@ class FederatedRun:
             run_key=self.run_key,
             sites=self.sites,  # the register as :meth:`_intake` read it for this exchange
             max_rows=fed.max_examples or MAX_SIGNED_EXAMPLES,
+            histograms=histograms,
         )
 
-    def _intake(self, rnd: int, masked: bool = False) -> Intake:
+    def _intake(self, rnd: int, masked: int | None = None) -> Intake:
         """What this round accepts as a train reply (``masked``: a secure-aggregation round's,
-        one vector in Z_2^32 whose values say nothing on their own)."""
+        one vector of that many entries in Z_2^32 whose values say nothing on their own)."""
         fed = self.cfg.federation
         fp32 = sum(v.nbytes for v in self.state.values())
         shapes = {k: tuple(v.shape) for k, v in self.state.items()}
-        if masked:
-            shapes = {MASKED: (sum(int(np.prod(s)) for s in shapes.values()),)}
+        if masked is not None:
+            shapes = {MASKED: (masked,)}
         expected = Expected(
             run_token=self.run_token,
             round=rnd,
@@ -751,9 +873,9 @@ class FederatedRun:
             fingerprint=self.fingerprint,
             shapes=shapes,
             max_bytes=fed.max_upload_bytes or 2 * fp32 + 65_536,
-            codec=RING if masked else fed.codec,
+            codec=RING if masked is not None else fed.codec,
         )
-        max_norm = None if masked else fed.max_update_norm or None
+        max_norm = None if masked is not None else fed.max_update_norm or None
         return Intake(expected, self.run_key, self._registered(), max_norm)
 
     def _registered(self) -> Mapping[str, ec.EllipticCurvePublicKey]:

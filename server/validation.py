@@ -47,12 +47,17 @@ _SHARES = (keys.AUC, keys.AUPRC, keys.ACCURACY, keys.BRIER)
 
 
 def validate_evaluation(
-    metrics: Mapping[str, float], hist_pos: Sequence[int], hist_neg: Sequence[int], max_rows: int
+    metrics: Mapping[str, float],
+    hist_pos: Sequence[int],
+    hist_neg: Sequence[int],
+    max_rows: int,
+    histograms: bool = True,
 ) -> None:
     """Check an opened evaluation's values; :class:`DeltaRejected` (``evaluation``) otherwise:
     the required metrics present, row counts whole and at most ``max_rows``, the histograms of
-    :data:`HIST_BINS` bins holding exactly the test rows, losses finite and non-negative,
-    shares in [0, 1] or NaN, everything else finite."""
+    :data:`HIST_BINS` bins holding exactly the test rows (none at all without ``histograms``:
+    under secure aggregation they travel masked), losses finite and non-negative, shares in
+    [0, 1] or NaN, everything else finite."""
 
     def bad(detail: str) -> DeltaRejected:
         return DeltaRejected(Reason.EVALUATION, detail)
@@ -64,9 +69,12 @@ def validate_evaluation(
         n = metrics[key]
         if not (np.isfinite(n) and float(n).is_integer() and 0 <= n <= max_rows):
             raise bad(f"{key} {n!r} is not a row count of at most {max_rows:,}")
-    if len(hist_pos) != HIST_BINS or len(hist_neg) != HIST_BINS:
+    if not histograms:
+        if hist_pos or hist_neg:
+            raise bad("score histograms sent in the clear under secure aggregation")
+    elif len(hist_pos) != HIST_BINS or len(hist_neg) != HIST_BINS:
         raise bad(f"histograms of {len(hist_pos)} and {len(hist_neg)} bins, not {HIST_BINS}")
-    if sum(hist_pos) + sum(hist_neg) != metrics[keys.N_TEST]:
+    elif sum(hist_pos) + sum(hist_neg) != metrics[keys.N_TEST]:
         total = sum(hist_pos) + sum(hist_neg)
         raise bad(f"histograms of {total} rows, {keys.N_TEST} {metrics[keys.N_TEST]:.0f}")
     for key, value in metrics.items():

@@ -117,6 +117,9 @@ class ScriptedSite:
     #: Secure aggregation: an answer of the test's own in place of the real one (stage,
     #: round's context -> signed answer bytes; None: the real one).
     forge_answer: Callable[[str, bytes], bytes | None] = lambda _stage, _context: None
+    #: Secure aggregation: seal its score histograms in its evaluation all the same (a site
+    #: breaking the protocol).
+    clear_histograms: bool = False
 
     def __call__(self, msg: Message) -> Message | None:
         kind = msg.metadata.message_type
@@ -139,17 +142,29 @@ class ScriptedSite:
             records[keys.METRICS] = MetricRecord({keys.TASK_SECONDS: 0.1})
             return Message(records, reply_to=msg)
         phase = Phase(kind)
-        if phase == Phase.TRAIN:
-            delta = self.update(signed.round, signed.state)
-            if delta is None:
-                return None
+        if phase == Phase.TRAIN or task is not None:
+            # With secure aggregation an evaluate message is one of its round's exchange too:
+            # it evaluates the round before's state and uploads a masked vector of zeros.
+            delta = None
+            if phase == Phase.TRAIN:
+                delta = self.update(signed.round, signed.state)
+                if delta is None:
+                    return None
             codec = signed.config.codec  # as the signed site config says
             privacy = signed.config.privacy
-            if privacy.clip > 0:
+            if delta is not None and privacy.clip > 0:
                 delta, _ = clip_update(delta, privacy.clip)
+            if signed.round > 1:  # and the evaluation of the state it trained from
+                records[keys.EVALUATION] = self._sealed_evaluation(
+                    signed, signed.round - 1, masked=task is not None
+                )
             if task is not None:
-                delta = masked_update(delta, privacy, task, self.name, self.key, context)
+                histograms = self.evaluate(signed.round - 1)[1:] if task.histograms else None
+                delta = masked_update(
+                    delta, histograms, privacy, task, self.name, self.key, context
+                )
                 codec = RING
+            assert delta is not None
             records[keys.SEALED] = blob_record(
                 seal_delta(
                     delta,
@@ -165,8 +180,6 @@ class ScriptedSite:
                 )
             )
             records[keys.METRICS] = MetricRecord({keys.N_TRAIN: self.n_train, keys.AUC: 0.5})
-            if signed.round > 1:  # and the evaluation of the state it trained from
-                records[keys.EVALUATION] = self._sealed_evaluation(signed, signed.round - 1)
         else:
             records[keys.METRICS] = MetricRecord({keys.TASK_SECONDS: 0.1})
             records[keys.EVALUATION] = self._sealed_evaluation(signed, signed.round)
@@ -174,8 +187,14 @@ class ScriptedSite:
             self.tamper(phase, signed.round, records)
         return Message(records, reply_to=msg)
 
-    def _sealed_evaluation(self, signed: GlobalState, rnd: int) -> ArrayRecord:
+    def _sealed_evaluation(
+        self, signed: GlobalState, rnd: int, masked: bool = False
+    ) -> ArrayRecord:
+        """The sealed evaluation of round ``rnd``'s state (``masked``: secure aggregation, its
+        histograms left out: they go in the masked vector)."""
         metrics, pos, neg = self.evaluate(rnd)
+        if masked and not self.clear_histograms:
+            pos, neg = [], []
         return blob_record(
             seal_evaluation(
                 metrics,

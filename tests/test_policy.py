@@ -188,6 +188,10 @@ def _manifest(**changes: object) -> RunManifest:
 def test_a_task_within_every_rule_is_accepted() -> None:
     check_task(POLICY, _task(), {}, {KEY})
     check_task(POLICY, _task(local_epochs=5, rounds=100, round=100), {}, {KEY})
+    # A secure run's closing evaluation (no training) comes one round past the last.
+    check_task(POLICY, _task(rounds=100, round=101, trains=False), {}, {KEY})
+    with pytest.raises(PolicyRefusal, match="round 101 above"):
+        check_task(POLICY, _task(rounds=100, round=101), {}, {KEY})
     check_task(POLICY, _task(upload_bytes=POLICY.max_upload_bytes), {}, {KEY})
     required = dataclasses.replace(POLICY, require_secure_aggregation=True, require_dp=True)
     check_task(required, _task(secure_aggregation=True, dp=True), {}, {KEY})
@@ -219,6 +223,11 @@ def test_a_task_within_every_rule_is_accepted() -> None:
             dataclasses.replace(POLICY, max_rounds=200),
             _task(rounds=150, round=201),
             "policy: round 201 above the site's maximum of 200 rounds",
+        ),
+        (  # the closing evaluation of a secure run is one round past its last: no further
+            dataclasses.replace(POLICY, max_rounds=200),
+            _task(rounds=200, round=202, trains=False),
+            "policy: round 202 above the site's maximum of 200 rounds",
         ),
         (
             POLICY,

@@ -32,6 +32,7 @@ from fedpeft.common.config import load_config
 from fedpeft.common.dp import Accountant
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import Phase
+from fedpeft.common.metrics import HIST_BINS, pooled_auc
 from fedpeft.common.records import BLOB, blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust, read_sites_file
@@ -916,8 +917,104 @@ def test_a_secure_round_applies_the_mean_the_coordinator_only_learns_as_a_sum(
     assert [(r.site, r.status, r.extra.get("weight")) for r in rows] == [
         (s, "ok", 0.25) for s in "ABCD"
     ]
+    # The round's exchange and the closing evaluation's, each four sites.
     sent = [m.metadata.message_type for m in h.grid.sent]
-    assert sent.count(secagg_messages.KEYS) == sent.count(secagg_messages.UNMASK) == 4
+    assert sent.count(secagg_messages.KEYS) == sent.count(secagg_messages.UNMASK) == 8
+
+
+def _skewed(rnd: int) -> Evaluation:
+    """Per round a different evaluation: 5 positives and 6 negatives spread over the bins."""
+    pos, neg = [0] * HIST_BINS, [0] * HIST_BINS
+    for i in range(5):
+        pos[(97 * (i + 1) + 31 * rnd) % HIST_BINS] += 1
+    for i in range(6):
+        neg[(53 * (i + 2) + 17 * rnd) % HIST_BINS] += 1
+    metrics = {keys.N_TEST: 11, keys.AUC: 0.6, keys.LOSS: 0.5, keys.VAL_LOSS: 0.6, keys.N_VAL: 3}
+    return metrics, pos, neg
+
+
+@pytest.mark.parametrize("sites_per_round", [0, 2])
+def test_under_secure_aggregation_no_site_histogram_reaches_the_coordinator(
+    harness: Callable[..., Harness], sites_per_round: int
+) -> None:
+    """Secure aggregation over three rounds, each site with its own score histograms: every
+    evaluation the round loop records holds none (the histograms came only inside the masked
+    vectors), yet each round's pooled AUC is the exact pooled AUC of the sites' histograms, as
+    the plain run records it; with two of four sites sampled a round, the two others evaluate in
+    the same secure exchange. The run's closing evaluation is a secure exchange of its own."""
+
+    def evaluation_of(offset: int) -> Callable[[int], Evaluation]:
+        return lambda rnd: _skewed(rnd + offset)
+
+    def sites() -> dict[int, Node]:
+        return {
+            i + 1: site(name, constant(0.1 * (i + 1)), evaluate=evaluation_of(7 * i))
+            for i, name in enumerate("ABCD")
+        }
+
+    fed = {"rounds": 3, "sites_per_round": sites_per_round}
+    plain = harness(sites(), **fed)
+    plain.start()
+    secure = harness(sites(), **fed, **SECURE)
+    seen: list[list[Any]] = []
+    record = secure.loop._record
+
+    def watch(trained: Any, evaluations: list[Any], pooled: Any = None) -> Any:
+        seen.append([e.histogram for e in evaluations])
+        return record(trained, evaluations, pooled)
+
+    secure.loop._record = watch  # type: ignore[method-assign]
+    secure.start()
+    assert len(seen) == 3 and all(len(hs) == 4 for hs in seen)
+    assert all(h is None for hs in seen for h in hs)  # no site's histogram, in any round
+    for r in range(1, 4):
+        exact = pooled_auc([_skewed(r + 7 * i)[1:] for i in range(4)])
+        [p], [s] = ([x.pooled_auc for x in h.rounds() if x.round == r] for h in (plain, secure))
+        assert p == pytest.approx(exact, abs=1e-12) and s == pytest.approx(exact, abs=1e-12)
+    evaluate_rows = [r for r in secure.store.site_results(secure.run_id) if r.phase == "evaluate"]
+    assert len(evaluate_rows) == 12 and all(r.status == "ok" and r.n == 11 for r in evaluate_rows)
+
+
+def test_a_summed_histogram_that_disagrees_with_the_sites_counts_gives_no_pooled_auc(
+    harness: Callable[..., Harness],
+) -> None:
+    """A site whose masked histograms hold other rows than its signed evaluation states: the sum
+    no longer holds the sites' stated test rows, and the round records no pooled AUC (said),
+    rather than a wrong one; the per-site rows and the update are kept."""
+
+    def lying(rnd: int) -> Evaluation:
+        metrics, pos, neg = _skewed(rnd)
+        return {**metrics, keys.N_TEST: 10}, pos, neg  # states 10, masks 11
+
+    nodes = {
+        i + 1: site(name, constant(0.1), evaluate=lying if name == "D" else _skewed)
+        for i, name in enumerate("ABCD")
+    }
+    h = harness(nodes, rounds=2, **SECURE)
+    h.start()
+    assert [r.pooled_auc for r in h.rounds()] == [None, None]
+    assert all(r.applied and r.macro_auc == pytest.approx(0.6) for r in h.rounds())
+    assert any("no pooled AUC: the summed score histograms hold 44 rows" in x for x in h.lines)
+
+
+def test_under_secure_aggregation_an_evaluation_holding_histograms_is_refused(
+    harness: Callable[..., Harness],
+) -> None:
+    """A site that seals its score histograms in its evaluation under secure aggregation has
+    that evaluation refused (they are not recorded); its masked vector is in the round's sums."""
+    nodes = _secure_sites()
+    nodes[2] = site("B", constant(0.2), clear_histograms=True)
+    h = harness(nodes, rounds=2, **SECURE)
+    h.start()
+    rows = {r.site: r for r in h.rows(1, Phase.EVALUATE)}
+    assert [rows[s].status for s in "ACD"] == ["ok"] * 3
+    assert rows["B"].status == "rejected" and rows["B"].reason == (
+        "evaluation: score histograms sent in the clear under secure aggregation"
+    )
+    assert all(r.status == "ok" for r in h.rows(2, Phase.TRAIN))
+    assert_state_near(h.state(2), plus(0.5), 1e-6)
+    # B's masked histograms are in the sum but its evaluation did not open: no pooled AUC.
+    assert h.rounds()[0].pooled_auc is None
 
 
 def test_a_secure_round_weights_sites_by_their_example_counts_as_fedavg_does(
@@ -1192,4 +1289,4 @@ def test_a_site_refuses_a_weight_outside_0_to_1(weight: float) -> None:
     privacy = SitePrivacy(10.0, 0.0, False, True, 0.6, 10.0)
     task = secagg_messages.StageTask("train", threshold=3, weight=weight)
     with pytest.raises(SecAggError, match="a site's weight lies in \\(0, 1\\]: refused"):
-        masked_update(dict(INITIAL), privacy, task, "A", IDENTITY["A"], b"context")
+        masked_update(dict(INITIAL), None, privacy, task, "A", IDENTITY["A"], b"context")

@@ -147,9 +147,11 @@ def test_secure_aggregation_in_simulation_takes_every_site(two_sites: Path, tmp_
     store = open_store(db)
     try:
         rounds = store.rounds(result.run_id)
-        train = [r for r in store.site_results(result.run_id) if r.phase == "train"]
+        results = store.site_results(result.run_id)
     finally:
         store.close()
+    train = [r for r in results if r.phase == "train"]
+    evaluate = [r for r in results if r.phase == "evaluate"]
     assert [(r.round, r.accepted, r.rejected, r.applied) for r in rounds] == [
         (1, 2, 0, True),
         (2, 2, 0, True),
@@ -157,6 +159,11 @@ def test_secure_aggregation_in_simulation_takes_every_site(two_sites: Path, tmp_
     assert [(r.round, r.status, r.extra["weight"]) for r in train] == [
         (n, "ok", 0.5) for n in (1, 1, 2, 2)
     ]
+    # Each round's pooled AUC comes from the histograms summed under masks (round 2's from
+    # the closing evaluation, an exchange of its own); each site's evaluation row is its own.
+    assert all(r.pooled_auc is not None and 0.0 <= r.pooled_auc <= 1.0 for r in rounds)
+    assert [(r.round, r.status) for r in evaluate] == [(n, "ok") for n in (1, 1, 2, 2)]
+    assert all(r.auc is not None and r.n is not None and r.n > 0 for r in evaluate)
 
 
 @pytest.mark.parametrize(
