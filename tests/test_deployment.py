@@ -727,7 +727,7 @@ def test_a_secure_aggregation_run_survives_a_site_killed_after_masking(
     keys, shares, masked updates, unmasking, through the site worker). Switzerland's SuperNode
     and worker are SIGKILLed as its masked round 1 update leaves: the two others' shares (t = 2
     of 3) unmask the round's sum with or without it, and round 2 runs with the two. No update
-    the coordinator opened was a site's own."""
+    the coordinator opened was a site's own, nor any score histogram."""
     coord, fleet = _coordinator(tmp_path, processes)
     names = ("Cleveland", "Hungary", "Switzerland")
     sites = {
@@ -753,6 +753,13 @@ def test_a_secure_aggregation_run_survives_a_site_killed_after_masking(
     assert rounds[0].accepted in (2, 3) and rounds[1].accepted == 2
     used = [r for r in rows if r.phase == "train" and r.status == "ok"]
     assert all(r.extra["weight"] == 1 / (2 if r.round == 2 else rounds[0].accepted) for r in used)
-    for name in ("Cleveland", "Hungary"):  # each site's ledger holds the four stages
+    # Each round's pooled AUC from the score histograms summed under masks (round 2's in the
+    # closing evaluation's own secure exchange); every evaluation row holds metrics.
+    assert all(r.pooled_auc is not None for r in rounds)
+    assert {(r.round, r.site) for r in rows if r.phase == "evaluate" and r.status == "ok"} >= {
+        (n, s) for n in (1, 2) for s in ("Cleveland", "Hungary")
+    }
+    for name in ("Cleveland", "Hungary"):  # each site's ledger holds the four stages, twice
         kinds = {e["message_type"] for e in _ledger_lines(tmp_path / name)}
-        assert {"query.secagg_keys", "query.secagg_shares", "train", "query.secagg_unmask"} <= kinds
+        stages = {"query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"}
+        assert stages | {"train", "evaluate"} <= kinds
