@@ -211,7 +211,7 @@ def handle_evaluate(
     """The global state on the test rows (reported) and its loss on the validation rows (for
     choosing the round, as early stopping does in local training)."""
     model = _model_with(session, cfg, global_state)
-    test = evaluate(model, session.test, session.device)
+    test = evaluate(model, session.test, session.device, bins=cfg.histogram_bins)
     _, val_loss = predict(model, session.val, session.device)
     return test, {**_metrics(test), keys.VAL_LOSS: val_loss, keys.N_VAL: len(session.val)}
 

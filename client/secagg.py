@@ -175,6 +175,11 @@ def masked_update(
         raise SecAggError(f"a weight of {task.weight!r}; a site's weight lies in (0, 1]: refused")
     if task.histograms != (histograms is not None):
         raise SecAggError("the task and the site disagree on sending score histograms")
+    if histograms is not None and task.bins != len(histograms[0]):
+        raise SecAggError(
+            f"a task for histograms of {task.bins} bins; the signed config gives "
+            f"{len(histograms[0])}: refused"
+        )
     if delta is None:
         vector = np.zeros(task.length, dtype=np.float64)
     else:

@@ -17,7 +17,7 @@ import torch
 from fedpeft.common.config import TrainConfig
 from fedpeft.common.data import SiteData, SiteSplit
 from fedpeft.common.methods import load_shared_state, shared_state
-from fedpeft.common.metrics import Evaluation, evaluate_scores
+from fedpeft.common.metrics import HIST_BINS, Evaluation, evaluate_scores
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,14 @@ def predict(
 
 
 def evaluate(
-    model: torch.nn.Module, rows: Encoded, device: torch.device, batch_size: int = 64
+    model: torch.nn.Module,
+    rows: Encoded,
+    device: torch.device,
+    batch_size: int = 64,
+    bins: int = HIST_BINS,
 ) -> Evaluation:
     scores, loss = predict(model, rows, device, batch_size)
-    return evaluate_scores(rows.labels, scores, loss)
+    return evaluate_scores(rows.labels, scores, loss, bins)
 
 
 def train_local(

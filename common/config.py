@@ -29,6 +29,7 @@ from fedpeft.common.methods.adapter import AdapterConfig
 from fedpeft.common.methods.lora import LoraConfig
 from fedpeft.common.methods.prefix import PrefixConfig
 from fedpeft.common.methods.prompt import PromptConfig
+from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.tomlfile import read_toml
 
 BENCHMARKS = ("heart", "pima")
@@ -175,6 +176,11 @@ class FederationConfig:
     #: Largest sealed upload accepted, in bytes; 0 = twice the fp32 size of the shared state
     #: plus 64 KiB.
     max_upload_bytes: int = 0
+    #: Bins of each site's score histograms by label, from which the pooled AUC is computed
+    #: (2..1000). Fewer bins tell the coordinator less of each test row's score, at a cost in
+    #: the pooled AUC's precision (docs/benchmarks.md); with secure aggregation it sees only
+    #: their sum anyway.
+    histogram_bins: int = HIST_BINS
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     dp: DPConfig = field(default_factory=DPConfig)
 
@@ -268,6 +274,8 @@ class SiteRunConfig:
     test_fraction: float
     #: What the site does to its update before it leaves.
     privacy: SitePrivacy
+    #: Bins of the score histograms by label in its evaluations (``federation.histogram_bins``).
+    histogram_bins: int
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no spaces; what is signed and hashed."""
@@ -375,6 +383,7 @@ class RunConfig:
             max_upload_bytes=self.federation.max_upload_bytes,
             test_fraction=self.data.test_fraction,
             privacy=privacy,
+            histogram_bins=self.federation.histogram_bins,
         )
 
 
@@ -465,6 +474,7 @@ def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     need(cfg.codec in CODECS, f"codec: must be one of {', '.join(CODECS)}")
     need(cfg.max_upload_bytes >= 0, "max_upload_bytes: must not be negative (0 = auto)")
     need(0 < cfg.test_fraction < 1, "test_fraction: must be in (0, 1)")
+    need(2 <= cfg.histogram_bins <= HIST_BINS, f"histogram_bins: must be in 2..{HIST_BINS}")
     p = cfg.privacy
     need(p.clip >= 0 and math.isfinite(p.clip), "privacy.clip: must be 0 (none) or positive")
     need(
@@ -509,6 +519,10 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     )
     need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction: must be in [0, 0.5)")
     need(f.max_upload_bytes >= 0, "federation.max_upload_bytes: must not be negative (0 = auto)")
+    need(
+        2 <= f.histogram_bins <= HIST_BINS,
+        f"federation.histogram_bins: must be in 2..{HIST_BINS}",
+    )
     _check_privacy(f, problems)
     need(0 < cfg.data.test_fraction < 1, "data.test_fraction: must be in (0, 1)")
     need(

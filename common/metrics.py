@@ -85,11 +85,14 @@ def pooled_auc(histograms: Sequence[tuple[Sequence[int], Sequence[int]]]) -> flo
     return auc_from_histograms(pos, neg)
 
 
-def evaluate_scores(labels: np.ndarray, scores: np.ndarray, loss: float) -> Evaluation:
-    """All reported metrics for probabilities ``scores`` of the positive class."""
+def evaluate_scores(
+    labels: np.ndarray, scores: np.ndarray, loss: float, bins: int = HIST_BINS
+) -> Evaluation:
+    """All reported metrics for probabilities ``scores`` of the positive class (the score
+    histograms in ``bins`` bins)."""
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
-    pos, neg = score_histograms(labels, scores)
+    pos, neg = score_histograms(labels, scores, bins)
     return Evaluation(
         n=len(labels),
         loss=float(loss),

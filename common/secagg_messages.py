@@ -74,12 +74,6 @@ def _loads(data: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def _flag(value: object, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise SecAggError(f"secure aggregation task: {what} is not true or false")
-    return value
-
-
 @dataclass(frozen=True)
 class StageTask:
     """What the coordinator sends a site for one stage of one round (``stage`` one of
@@ -101,14 +95,20 @@ class StageTask:
     #: bounded example count over the roster's largest; 1 in a DP run, whose weights are equal).
     weight: float = 1.0
     #: Train or evaluate: the masked vector ends with the score histograms (positives', then
-    #: negatives', common/metrics.py HIST_BINS counts each) of the site's evaluation of the
-    #: global state of the round before, summed with the others' under the same masks.
-    histograms: bool = False
+    #: negatives', this many bins each: the run's ``histogram_bins``; 0: none) of the site's
+    #: evaluation of the global state of the round before, summed with the others' under the
+    #: same masks.
+    bins: int = 0
+
+    @property
+    def histograms(self) -> bool:
+        """Whether the masked vector ends with score histograms."""
+        return self.bins > 0
 
     @property
     def entries(self) -> int:
         """The masked vector's length: the update's entries, then the histograms' bins."""
-        return self.length + (2 * HIST_BINS if self.histograms else 0)
+        return self.length + 2 * self.bins
 
     def to_bytes(self) -> bytes:
         return _dumps(
@@ -121,7 +121,7 @@ class StageTask:
                 "dropped": list(self.dropped),
                 "length": self.length,
                 "weight": self.weight,
-                "histograms": self.histograms,
+                "bins": self.bins,
             }
         )
 
@@ -133,7 +133,7 @@ class StageTask:
                 str(s): (_unb64(c, f"roster {s}"), _unb64(k, f"roster {s}"))
                 for s, (c, k) in obj["roster"].items()
             }
-            return cls(
+            task = cls(
                 stage=str(obj["stage"]),
                 roster=roster,
                 threshold=int(obj["threshold"]),
@@ -144,8 +144,11 @@ class StageTask:
                 dropped=tuple(str(s) for s in obj["dropped"]),
                 length=int(obj["length"]),
                 weight=float(obj.get("weight", 1.0)),
-                histograms=_flag(obj.get("histograms", False), "histograms"),
+                bins=int(obj.get("bins", 0)),
             )
+            if not 0 <= task.bins <= HIST_BINS:
+                raise ValueError(f"{task.bins} histogram bins")
+            return task
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SecAggError(f"secure aggregation task: malformed ({exc})") from None
 

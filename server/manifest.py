@@ -37,4 +37,5 @@ def build_manifest(cfg: RunConfig) -> RunManifest:
         upload_bytes=sealed_size_bound(
             shapes, codec, method=cfg.method.name, fingerprint=fingerprint
         ),
+        histogram_bins=cfg.federation.histogram_bins,
     )

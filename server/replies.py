@@ -42,6 +42,7 @@ from fedpeft.common.envelope import (
 )
 from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.keys import Phase, SiteStatus
+from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_nbytes, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.server.store.base import ReplyStatus
@@ -134,6 +135,8 @@ class EvaluationIntake:
     #: The evaluation holds the score histograms (without: secure aggregation, where they
     #: travel in the masked vector and an evaluation holding any is refused).
     histograms: bool = True
+    #: Bins of each histogram (the run's ``federation.histogram_bins``).
+    bins: int = HIST_BINS
 
 
 def read_evaluate(
@@ -168,7 +171,12 @@ def read_evaluate(
             )
         reply.opened = True
         validate_evaluation(
-            opened.metrics, opened.hist_pos, opened.hist_neg, intake.max_rows, intake.histograms
+            opened.metrics,
+            opened.hist_pos,
+            opened.hist_neg,
+            intake.max_rows,
+            intake.histograms,
+            intake.bins,
         )
     except DeltaRejected as exc:
         return replace(reply, status=ReplyStatus.REJECTED, reason=str(exc), code=exc.reason)

@@ -31,7 +31,6 @@ from fedpeft.common.dp import Accountant, dp_average, noise_std_central
 from fedpeft.common.envelope import Expected, sign_global
 from fedpeft.common.errors import FedpeftError, Reason
 from fedpeft.common.keys import Phase
-from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.secagg import (
     FixedPoint,
@@ -415,7 +414,7 @@ class FederatedRun:
         context = round_context(self.run_token, rnd)
         layout = flatten(self.state)[1]
         length = sum(math.prod(shape) for _, shape in layout) if sampled else 0
-        histograms = state_round >= 1
+        bins = self.cfg.federation.histogram_bins if state_round >= 1 else 0
         failed: dict[int, Reply] = {}
         everyone = sorted({*sampled, *evaluate})
         answers = self._stage(
@@ -477,7 +476,7 @@ class FederatedRun:
                 addressed(v),
                 length=length,
                 weight=self.secure_weights[v] if trains else 1.0,
-                histograms=histograms,
+                bins=bins,
             )
         evaluated: dict[str, np.ndarray] = {}
         train, evaluations = self._exchange(
@@ -526,7 +525,7 @@ class FederatedRun:
             else:
                 if length:
                     total = unflatten(update.astype(np.float32), layout)
-                if histograms:
+                if bins:
                     pooled = self._pooled(state_round, summed, masked, evaluations)
         return replies, evaluations, total, pooled
 
@@ -564,8 +563,9 @@ class FederatedRun:
             if e.status == ReplyStatus.OK
         }
         rows = int(summed.sum())
+        bins = summed.size // 2
         if set(masked) <= set(stated) and rows == sum(stated[s] for s in masked):
-            return summed[:HIST_BINS].tolist(), summed[HIST_BINS:].tolist()
+            return summed[:bins].tolist(), summed[bins:].tolist()
         self.progress(
             f"round {state_round}: no pooled AUC: the summed score histograms hold {rows} rows, "
             f"not the test rows the summed sites' evaluations state"
@@ -856,6 +856,7 @@ class FederatedRun:
             sites=self.sites,  # the register as :meth:`_intake` read it for this exchange
             max_rows=fed.max_examples or MAX_SIGNED_EXAMPLES,
             histograms=histograms,
+            bins=fed.histogram_bins,
         )
 
     def _intake(self, rnd: int, masked: int | None = None) -> Intake:

@@ -52,12 +52,13 @@ def validate_evaluation(
     hist_neg: Sequence[int],
     max_rows: int,
     histograms: bool = True,
+    bins: int = HIST_BINS,
 ) -> None:
     """Check an opened evaluation's values; :class:`DeltaRejected` (``evaluation``) otherwise:
     the required metrics present, row counts whole and at most ``max_rows``, the histograms of
-    :data:`HIST_BINS` bins holding exactly the test rows (none at all without ``histograms``:
-    under secure aggregation they travel masked), losses finite and non-negative, shares in
-    [0, 1] or NaN, everything else finite."""
+    ``bins`` bins (the run's ``histogram_bins``) holding exactly the test rows (none at all
+    without ``histograms``: under secure aggregation they travel masked), losses finite and
+    non-negative, shares in [0, 1] or NaN, everything else finite."""
 
     def bad(detail: str) -> DeltaRejected:
         return DeltaRejected(Reason.EVALUATION, detail)
@@ -72,8 +73,8 @@ def validate_evaluation(
     if not histograms:
         if hist_pos or hist_neg:
             raise bad("score histograms sent in the clear under secure aggregation")
-    elif len(hist_pos) != HIST_BINS or len(hist_neg) != HIST_BINS:
-        raise bad(f"histograms of {len(hist_pos)} and {len(hist_neg)} bins, not {HIST_BINS}")
+    elif len(hist_pos) != bins or len(hist_neg) != bins:
+        raise bad(f"histograms of {len(hist_pos)} and {len(hist_neg)} bins, not {bins}")
     elif sum(hist_pos) + sum(hist_neg) != metrics[keys.N_TEST]:
         total = sum(hist_pos) + sum(hist_neg)
         raise bad(f"histograms of {total} rows, {keys.N_TEST} {metrics[keys.N_TEST]:.0f}")

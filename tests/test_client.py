@@ -188,6 +188,23 @@ def test_evaluate_replies_with_a_sealed_histogram_not_predictions(
     assert set(reply.content[keys.METRICS]) == {keys.TASK_SECONDS}
 
 
+def test_the_signed_config_sets_the_histogram_bins(tmp_path: Path) -> None:
+    """``federation.histogram_bins`` travels in the signed site config; the site's histograms
+    have that many bins, holding the same rows."""
+    cfg = load_config(
+        overrides={
+            "data.dataset": str(tmp_path),
+            "model.max_length": 32,
+            "federation.histogram_bins": 20,
+        }
+    )
+    path = _site_file(tmp_path)
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    opened = _evaluation(handle(_message(cfg, fp, "evaluate"), _setup(path)), fp, 1)
+    assert len(opened.hist_pos) == len(opened.hist_neg) == 20
+    assert sum(opened.hist_pos) + sum(opened.hist_neg) == opened.metrics[keys.N_TEST] > 0
+
+
 def test_a_global_state_not_signed_by_the_coordinator_is_refused(
     tmp_path: Path, cfg: RunConfig
 ) -> None:

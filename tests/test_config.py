@@ -52,6 +52,14 @@ def test_range_checks() -> None:
     assert "data.dataset" in str(info.value)
 
 
+@pytest.mark.parametrize("bins", [1, 1001])
+def test_histogram_bins_lie_in_2_to_1000(bins: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"federation.histogram_bins": bins})
+    assert info.value.problems == ["federation.histogram_bins: must be in 2..1000"]
+    assert load_config(overrides={"federation.histogram_bins": 20}).for_sites().histogram_bins == 20
+
+
 def test_missing_and_broken_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.toml")

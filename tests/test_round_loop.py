@@ -975,6 +975,47 @@ def test_under_secure_aggregation_no_site_histogram_reaches_the_coordinator(
     assert len(evaluate_rows) == 12 and all(r.status == "ok" and r.n == 11 for r in evaluate_rows)
 
 
+@pytest.mark.parametrize("secure", [False, True])
+def test_coarser_histogram_bins_are_checked_and_pooled(
+    harness: Callable[..., Harness], secure: bool
+) -> None:
+    """With ``federation.histogram_bins = 20`` a site's evaluation must have 20 bins a label:
+    the pooled AUC is the exact AUC of the 20-bin histograms, in the clear or summed under masks
+    (where the masked vector's length holds the sites to it: client/secagg.py refuses a task
+    whose bins are not its config's); in the clear, a site still sending 1,000 bins has its
+    evaluation refused and the others' are pooled."""
+
+    def coarse(offset: int) -> Callable[[int], Evaluation]:
+        def evaluate(rnd: int) -> Evaluation:
+            metrics, pos, neg = _skewed(rnd + offset)
+            return metrics, _rebin(pos, 20), _rebin(neg, 20)
+
+        return evaluate
+
+    fine = "D" if not secure else ""
+    nodes = {
+        i + 1: site(name, constant(0.1), evaluate=_skewed if name == fine else coarse(7 * i))
+        for i, name in enumerate("ABCD")
+    }
+    h = harness(nodes, rounds=2, histogram_bins=20, **(SECURE if secure else {}))
+    h.start()
+    rows = {r.site: r for r in h.rows(1, Phase.EVALUATE)}
+    pooled_sites = 4 if secure else 3
+    if not secure:
+        assert rows["D"].status == "rejected"
+        assert rows["D"].reason == "evaluation: histograms of 1000 and 1000 bins, not 20"
+    assert all(rows[s].status == "ok" for s in "ABCD"[:pooled_sites])
+    for r in (1, 2):
+        exact = pooled_auc([coarse(7 * i)(r)[1:] for i in range(pooled_sites)])
+        [got] = [x.pooled_auc for x in h.rounds() if x.round == r]
+        assert got == pytest.approx(exact, abs=1e-12)
+
+
+def _rebin(counts: list[int], bins: int) -> list[int]:
+    """1,000-bin counts summed into ``bins`` equal bins."""
+    return np.asarray(counts).reshape(bins, -1).sum(axis=1).tolist()
+
+
 def test_a_summed_histogram_that_disagrees_with_the_sites_counts_gives_no_pooled_auc(
     harness: Callable[..., Harness],
 ) -> None:
@@ -1290,3 +1331,17 @@ def test_a_site_refuses_a_weight_outside_0_to_1(weight: float) -> None:
     task = secagg_messages.StageTask("train", threshold=3, weight=weight)
     with pytest.raises(SecAggError, match="a site's weight lies in \\(0, 1\\]: refused"):
         masked_update(dict(INITIAL), None, privacy, task, "A", IDENTITY["A"], b"context")
+
+
+def test_a_site_refuses_a_task_for_other_histogram_bins() -> None:
+    """The task's bins must be those of the site's histograms (its signed config's): another
+    count would shift the sum's split between update and histograms."""
+    from fedpeft.client.secagg import masked_update
+    from fedpeft.common.config import SitePrivacy
+    from fedpeft.common.secagg import SecAggError
+
+    privacy = SitePrivacy(10.0, 0.0, False, True, 0.6, 10.0)
+    task = secagg_messages.StageTask("evaluate", threshold=3, bins=50)
+    histograms = ([0] * 20, [0] * 20)
+    with pytest.raises(SecAggError, match="a task for histograms of 50 bins; the signed config"):
+        masked_update(None, histograms, privacy, task, "A", IDENTITY["A"], b"context")

@@ -148,6 +148,7 @@ def test_the_site_config_holds_what_sites_read_and_no_coordinator_setting() -> N
         "max_upload_bytes",
         "test_fraction",
         "privacy",
+        "histogram_bins",
     }
     assert (site.seed, site.model, site.method, site.train) == (
         cfg.seed,
@@ -162,6 +163,7 @@ def test_the_site_config_holds_what_sites_read_and_no_coordinator_setting() -> N
         cfg.data.test_fraction,
     )
     assert site.privacy.clip == cfg.federation.site_clip
+    assert site.histogram_bins == cfg.federation.histogram_bins == 1000
     text = site.to_json()
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
     assert SiteRunConfig.from_json(text) == site
