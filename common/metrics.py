@@ -76,6 +76,16 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
+def degenerate(
+    auc_: float, hist_pos: Sequence[int] | np.ndarray, hist_neg: Sequence[int] | np.ndarray
+) -> bool:
+    """Whether a model is degenerate on some test rows: AUC below 0.5 (worse than chance), or
+    every score in one histogram bin (constant scores: it ranks nothing). Such a model is no
+    reference to compare a federated model with."""
+    occupied = int(np.count_nonzero(np.asarray(hist_pos) + np.asarray(hist_neg)))
+    return bool(auc_ < 0.5) or occupied == 1
+
+
 def pooled_auc(histograms: Sequence[tuple[Sequence[int], Sequence[int]]]) -> float:
     """AUC over the union of several sites' rows, from their histograms alone."""
     if not histograms:

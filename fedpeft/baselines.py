@@ -23,7 +23,7 @@ import numpy as np
 
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import SiteData, SiteSplit, load_sites, split_site
-from fedpeft.common.metrics import auc
+from fedpeft.common.metrics import auc, degenerate, score_histograms
 from fedpeft.server.store.base import ALL_TEST_ROWS
 
 
@@ -42,6 +42,8 @@ class BaselineOutcome:
     auc: float
     seconds: float
     detail: str = ""  # for the progress line only (the regularization TF-IDF chose)
+    #: AUC below 0.5 or constant scores on this site's test rows (common/metrics.py).
+    degenerate: bool = False
 
 
 def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[BaselineOutcome]:
@@ -72,17 +74,21 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     train_local(model, union("train"), union("val"), cfg.train, epochs, device, cfg.seed)
     seconds = time.perf_counter() - started
     n_train = len(union("train"))
-    return [
-        BaselineOutcome(
-            task.kind,
-            s,
-            n_train,
-            len(parts[s]["test"]),
-            evaluate(model, parts[s]["test"], device).auc,
-            seconds,
+    outcomes = []
+    for s in task.sites:
+        ev = evaluate(model, parts[s]["test"], device)
+        outcomes.append(
+            BaselineOutcome(
+                task.kind,
+                s,
+                n_train,
+                len(parts[s]["test"]),
+                ev.auc,
+                seconds,
+                degenerate=degenerate(ev.auc, ev.hist_pos, ev.hist_neg),
+            )
         )
-        for s in task.sites
-    ]
+    return outcomes
 
 
 # -- the classical reference ---------------------------------------------------------------------
@@ -168,15 +174,17 @@ def tfidf_baselines(
             TextRows.of([(site, split.train)]), TextRows.of([(site, split.val)]), seed
         )
         test = TextRows.of([(site, split.test)])
+        value, bad = _judged(test, model)
         outcomes.append(
             BaselineOutcome(
                 "tfidf-alone",
                 site.name,
                 len(split.train),
                 len(test),
-                auc(test.labels, model.scores(test.texts)),
+                value,
                 time.perf_counter() - started,
                 f"C {model.c:g}",
+                degenerate=bad,
             )
         )
     started = time.perf_counter()
@@ -184,15 +192,30 @@ def tfidf_baselines(
     model = fit_tfidf(train, TextRows.of([(s, splits[s.name].val) for s in sites]), seed)
     tests = {s.name: TextRows.of([(s, splits[s.name].test)]) for s in sites}
     tests[ALL_TEST_ROWS] = TextRows.of([(s, splits[s.name].test) for s in sites])
-    aucs = {name: auc(rows.labels, model.scores(rows.texts)) for name, rows in tests.items()}
+    judged = {name: _judged(rows, model) for name, rows in tests.items()}
     seconds = time.perf_counter() - started
-    outcomes += [
-        BaselineOutcome(
-            "tfidf-pooled", name, len(train), len(rows), aucs[name], seconds, f"C {model.c:g}"
+    for name, rows in tests.items():
+        value, bad = judged[name]
+        outcomes.append(
+            BaselineOutcome(
+                "tfidf-pooled",
+                name,
+                len(train),
+                len(rows),
+                value,
+                seconds,
+                f"C {model.c:g}",
+                degenerate=bad,
+            )
         )
-        for name, rows in tests.items()
-    ]
     return outcomes
+
+
+def _judged(rows: TextRows, model: TfidfModel) -> tuple[float, bool]:
+    """The model's AUC on ``rows``, and whether it is degenerate there."""
+    scores = model.scores(rows.texts)
+    value = auc(rows.labels, scores)
+    return value, degenerate(value, *score_histograms(rows.labels, scores))
 
 
 def run_tfidf(cfg: RunConfig) -> list[BaselineOutcome]:

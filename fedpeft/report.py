@@ -24,6 +24,9 @@ class SiteRow:
     #: TF-IDF + logistic regression on the same split (None for runs recorded without it).
     tfidf_alone: float | None = None
     tfidf_pooled: float | None = None
+    #: The columns (attribute names) whose model is degenerate at this site: AUC below 0.5 or,
+    #: for a baseline, constant scores (stored with it). Shown as such, never as a reference.
+    degenerate: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,10 @@ class Summary:
             r.tfidf_alone is not None or r.tfidf_pooled is not None for r in self.rows
         )
 
+    def degenerate_in(self, attr: str) -> list[str]:
+        """The sites whose ``attr`` model is degenerate."""
+        return [r.site for r in self.rows if attr in r.degenerate]
+
     def macro(self, attr: str) -> float | None:
         values = [getattr(r, attr) for r in self.rows]
         if any(v is None or not math.isfinite(v) for v in values) or not values:
@@ -83,16 +90,25 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         alone = baselines.get(("alone", site))
         central = baselines.get(("centralized", site))
         ev = evals.get(site)
+        federated = ev.auc if ev and ev.status == "ok" else None
+        flagged = {
+            attr
+            for attr, kind in _BASELINE_COLUMNS.items()
+            if (b := baselines.get((kind, site))) is not None and b.degenerate
+        }
+        if federated is not None and federated < 0.5:
+            flagged.add("federated")
         rows.append(
             SiteRow(
                 site=site,
                 n_train=n_train.get(site) or (alone.n_train if alone else None),
                 n_test=(ev.n if ev and ev.n is not None else (alone.n_test if alone else None)),
                 alone=alone.auc if alone else None,
-                federated=ev.auc if ev and ev.status == "ok" else None,
+                federated=federated,
                 centralized=central.auc if central else None,
                 tfidf_alone=_auc_of(baselines.get(("tfidf-alone", site))),
                 tfidf_pooled=_auc_of(baselines.get(("tfidf-pooled", site))),
+                degenerate=frozenset(flagged),
             )
         )
     site_epsilons = {
@@ -131,6 +147,16 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
     )
 
 
+#: Report column (SiteRow attribute) -> the baseline kind it shows.
+_BASELINE_COLUMNS = {
+    "alone": "alone",
+    "centralized": "centralized",
+    "tfidf_alone": "tfidf-alone",
+    "tfidf_pooled": "tfidf-pooled",
+}
+DEGENERATE = "(degenerate)"
+
+
 def _auc_of(baseline: BaselineResult | None) -> float | None:
     return baseline.auc if baseline is not None else None
 
@@ -155,11 +181,20 @@ def render_table(s: Summary) -> str:
     if s.has_tfidf:  # a run recorded before the TF-IDF reference existed shows no empty columns
         header += ["TF-IDF alone AUC", "TF-IDF pooled AUC"]
         attrs += ["tfidf_alone", "tfidf_pooled"]
+
+    def cell(r: SiteRow, attr: str) -> str:
+        text = _f(getattr(r, attr))
+        return f"{text} {DEGENERATE}" if attr in r.degenerate else text
+
+    def macro(attr: str) -> str:
+        text = _f(s.macro(attr))
+        return f"{text} {DEGENERATE}" if s.degenerate_in(attr) and text != "n/a" else text
+
     body = [
-        (r.site, f"{r.n_train or '?'} / {r.n_test or '?'}", *(_f(getattr(r, a)) for a in attrs))
+        (r.site, f"{r.n_train or '?'} / {r.n_test or '?'}", *(cell(r, a) for a in attrs))
         for r in s.rows
     ]
-    body.append(("macro (mean of sites)", "", *(_f(s.macro(a)) for a in attrs)))
+    body.append(("macro (mean of sites)", "", *(macro(a) for a in attrs)))
     pooled = {"federated": _f(s.pooled_federated), "tfidf_pooled": _f(s.pooled_tfidf)}
     body.append(("pooled (all test rows)", "", *(pooled.get(a, "") for a in attrs)))
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
@@ -182,6 +217,16 @@ def render_table(s: Summary) -> str:
         out.append(
             "TF-IDF = TF-IDF (word 1-2 grams) + logistic regression on the same split, on each "
             "site's training rows (alone) or all sites' (pooled), C chosen on the validation rows"
+        )
+    flagged = [
+        f"{header[2 + i]} at {', '.join(s.degenerate_in(a))}"
+        for i, a in enumerate(attrs)
+        if s.degenerate_in(a)
+    ]
+    if flagged:
+        out.append(
+            f"{DEGENERATE} = AUC below 0.5 or constant scores on that site's test rows: no "
+            f"reference to judge the federated model by ({'; '.join(flagged)})"
         )
     full = s.full_model_bytes
     for site, b in sorted(s.bytes_up_per_round.items()):
@@ -234,6 +279,18 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
     pooled = [(r.round, r.pooled_auc) for r in rounds if r.pooled_auc is not None]
     if pooled:
         ax.plot(*zip(*pooled, strict=True), color="black", linewidth=2.5, label="pooled")
+    summary = summarize(store, run_id)
+    for attr, style in (("alone", ":"), ("centralized", "-.")):
+        value = summary.macro(attr)
+        if value is not None:
+            flagged = f" {DEGENERATE}" if summary.degenerate_in(attr) else ""
+            ax.axhline(
+                value,
+                color="dimgrey",
+                linestyle=style,
+                linewidth=1.2,
+                label=f"{attr} (macro) {value:.3f}{flagged}",
+            )
     chosen = select_round(rounds)
     if chosen is not None:
         ax.axvline(

@@ -140,7 +140,7 @@ def record_baselines(
         store.add_baselines(
             run_id,
             [
-                BaselineResult(o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds)
+                BaselineResult(o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds, o.degenerate)
                 for o in outcomes
             ],
         )

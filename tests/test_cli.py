@@ -172,6 +172,54 @@ def test_report_shows_the_tfidf_reference_when_the_run_has_it(
     assert "C chosen on the validation rows" in out
 
 
+def test_report_flags_a_degenerate_reference_and_never_passes_it_as_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A centralized model below chance at B (stored degenerate), and a federated AUC below 0.5
+    at A: each cell and the macro of its column say so, a line names them, and the plot draws
+    the alone and centralized references with the flag."""
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    store = open_store(db)
+    run_id = _new_run(store)
+    t = datetime(2026, 1, 1)
+    store.add_round(
+        run_id,
+        RoundResult(1, t, t, 1.0, 0.6, 0.6, 0.5, 2, 0, True, val_loss=0.4),
+        [
+            SiteResult(1, "A", "evaluate", "ok", n=10, auc=0.45),
+            SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.75),
+        ],
+        b"s",
+    )
+    store.add_baselines(
+        run_id,
+        [
+            BaselineResult("alone", "A", 30, 10, 0.6, 1.0),
+            BaselineResult("alone", "B", 20, 12, 0.7, 1.0),
+            BaselineResult("centralized", "A", 50, 10, 0.52, 1.0),
+            BaselineResult("centralized", "B", 50, 12, 0.38, 1.0, degenerate=True),
+        ],
+    )
+    store.finish_run(run_id, status="finished", wall_seconds=3.0)
+    store.close()
+    assert main(["report", "--db", db, "--plot", str(tmp_path / "d.png")]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if "|" in line]
+    table = {r[0]: r for r in rows[2:]}
+    assert table["A"][2:] == ["0.600", "0.450 (degenerate)", "0.520"]
+    assert table["B"][2:] == ["0.700", "0.750", "0.380 (degenerate)"]
+    assert table["macro (mean of sites)"][2:] == [
+        "0.650",
+        "0.600 (degenerate)",
+        "0.450 (degenerate)",
+    ]
+    assert (
+        "(degenerate) = AUC below 0.5 or constant scores on that site's test rows: no reference "
+        "to judge the federated model by (federated AUC at A; centralized AUC at B)"
+    ) in out
+    assert (tmp_path / "d.png").stat().st_size > 1000
+
+
 def test_report_shows_a_dp_run_s_epsilon_per_round_and_per_site(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

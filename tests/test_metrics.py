@@ -7,6 +7,7 @@ from sklearn.metrics import roc_auc_score
 from fedpeft.common.metrics import (
     auc,
     auc_from_histograms,
+    degenerate,
     evaluate_scores,
     pooled_auc,
     score_histograms,
@@ -56,3 +57,16 @@ def test_evaluate_scores_fields() -> None:
     assert ev.accuracy == pytest.approx(0.5)
     assert ev.brier == pytest.approx((0.01 + 0.36 + 0.36 + 0.01) / 4)
     assert sum(ev.hist_pos) == 2 and sum(ev.hist_neg) == 2
+
+
+def test_a_model_below_chance_or_with_constant_scores_is_degenerate() -> None:
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    good = np.array([0.1, 0.2, 0.8, 0.7, 0.3, 0.9])
+    for scores, expected in (
+        (good, False),
+        (1 - good, True),  # every pair ranked the wrong way: AUC 0
+        (np.full(6, 0.37), True),  # one score for every row: AUC 0.5, ranks nothing
+        (np.array([0.5, 0.6, 0.55, 0.58, 0.52, 0.57]), False),  # weak but not below chance
+    ):
+        ev = evaluate_scores(labels, scores, 0.5)
+        assert degenerate(ev.auc, ev.hist_pos, ev.hist_neg) is expected, scores

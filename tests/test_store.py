@@ -272,14 +272,16 @@ def test_baselines(store: RunStore) -> None:
         [
             BaselineResult("alone", "A", 10, 5, 0.7, 3.0),
             BaselineResult("centralized", "A", 30, 5, float("nan"), 9.0),
+            BaselineResult("centralized", "B", 30, 5, 0.46, 9.0, degenerate=True),
             BaselineResult("tfidf-pooled", ALL_TEST_ROWS, 30, 15, 0.8, 0.1),
         ],
     )
     got = store.baselines(run_id)
-    assert [(b.kind, b.site, b.auc) for b in got] == [
-        ("alone", "A", 0.7),
-        ("centralized", "A", None),
-        ("tfidf-pooled", ALL_TEST_ROWS, 0.8),
+    assert [(b.kind, b.site, b.auc, b.degenerate) for b in got] == [
+        ("alone", "A", 0.7, False),
+        ("centralized", "A", None, False),
+        ("centralized", "B", 0.46, True),
+        ("tfidf-pooled", ALL_TEST_ROWS, 0.8, False),
     ]
 
 
@@ -313,7 +315,7 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
     } <= tables
     with engine.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0006"
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0007"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]

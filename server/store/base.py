@@ -204,6 +204,9 @@ class BaselineResult:
     n_test: int
     auc: float | None
     seconds: float
+    #: AUC below 0.5 or constant scores on this site's test rows (common/metrics.py
+    #: ``degenerate``): shown as such, never as a reference (migration 0007).
+    degenerate: bool = False
 
 
 class RunStore(abc.ABC):

@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -115,6 +117,7 @@ class BaselineRow(Base):
     n_test: Mapped[int] = mapped_column(BigInteger)
     auc: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
+    degenerate: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class RunResumeRow(Base):

@@ -513,6 +513,7 @@ class SqlRunStore(RunStore):
                     n_test=r.n_test,
                     auc=_finite(r.auc),
                     seconds=r.seconds,
+                    degenerate=r.degenerate,
                 )
                 for r in results
             ]
@@ -568,7 +569,7 @@ class SqlRunStore(RunStore):
                 .where(BaselineRow.run_id == run_id)
                 .order_by(BaselineRow.kind, BaselineRow.site)
             )
-            return [_to(BaselineResult, r) for r in rows]
+            return [_to(BaselineResult, r, degenerate=bool(r.degenerate)) for r in rows]
 
     def global_state(self, run_id: int, round: int | None = None) -> tuple[int, bytes]:
         with self._transaction() as s:
