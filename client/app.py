@@ -162,6 +162,8 @@ def _metrics(ev: Evaluation) -> dict[str, float]:
         keys.N_TEST: ev.n,
         keys.LOSS: ev.loss,
         keys.AUC: ev.auc,
+        keys.AUC_LOW: ev.auc_low,
+        keys.AUC_HIGH: ev.auc_high,
         keys.AUPRC: ev.auprc,
         keys.ACCURACY: ev.accuracy,
         keys.BRIER: ev.brier,

@@ -51,6 +51,9 @@ N_VAL: Final = "n-val"
 VAL_LOSS: Final = "val-loss"  # of the global state on the site's validation rows
 LOSS: Final = "loss"
 AUC: Final = "auc"
+#: The AUC's 95 % interval (DeLong), computed at the site from its scores.
+AUC_LOW: Final = "auc-low"
+AUC_HIGH: Final = "auc-high"
 AUPRC: Final = "auprc"
 ACCURACY: Final = "accuracy"
 BRIER: Final = "brier"

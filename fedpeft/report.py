@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpeft.common.keys import SITE_EPSILON
+from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
 from fedpeft.server.rounds import select_round
 from fedpeft.server.store import ALL_TEST_ROWS, BaselineResult, RunStatus, RunStore
 
@@ -27,6 +27,8 @@ class SiteRow:
     #: The columns (attribute names) whose model is degenerate at this site: AUC below 0.5 or,
     #: for a baseline, constant scores (stored with it). Shown as such, never as a reference.
     degenerate: frozenset[str] = frozenset()
+    #: The federated AUC's 95 % interval as the site computed it (DeLong), if it sent one.
+    federated_interval: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Summary:
     site_epsilons: dict[str, float] = field(default_factory=dict)
     #: The pooled TF-IDF model's AUC over every site's test rows together.
     pooled_tfidf: float | None = None
+    #: The pooled federated AUC's 95 % interval (DeLong, from the pooled histograms).
+    pooled_interval: tuple[float, float] | None = None
 
     @property
     def has_tfidf(self) -> bool:
@@ -109,6 +113,9 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
                 tfidf_alone=_auc_of(baselines.get(("tfidf-alone", site))),
                 tfidf_pooled=_auc_of(baselines.get(("tfidf-pooled", site))),
                 degenerate=frozenset(flagged),
+                federated_interval=_interval(
+                    ev.extra.get(AUC_LOW) if ev else None, ev.extra.get(AUC_HIGH) if ev else None
+                ),
             )
         )
     site_epsilons = {
@@ -144,7 +151,20 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         delta=_dp_delta(run.config_json),
         site_epsilons=site_epsilons,
         pooled_tfidf=_auc_of(baselines.get(("tfidf-pooled", ALL_TEST_ROWS))),
+        pooled_interval=next(
+            (_interval(r.pooled_low, r.pooled_high) for r in rounds if r.round == chosen), None
+        ),
     )
+
+
+def _interval(low: float | None, high: float | None) -> tuple[float, float] | None:
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return low, high
+
+
+def _with_interval(text: str, interval: tuple[float, float] | None) -> str:
+    return text if interval is None else f"{text} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
 #: Report column (SiteRow attribute) -> the baseline kind it shows.
@@ -184,6 +204,8 @@ def render_table(s: Summary) -> str:
 
     def cell(r: SiteRow, attr: str) -> str:
         text = _f(getattr(r, attr))
+        if attr == "federated":
+            text = _with_interval(text, r.federated_interval)
         return f"{text} {DEGENERATE}" if attr in r.degenerate else text
 
     def macro(attr: str) -> str:
@@ -195,7 +217,10 @@ def render_table(s: Summary) -> str:
         for r in s.rows
     ]
     body.append(("macro (mean of sites)", "", *(macro(a) for a in attrs)))
-    pooled = {"federated": _f(s.pooled_federated), "tfidf_pooled": _f(s.pooled_tfidf)}
+    pooled = {
+        "federated": _with_interval(_f(s.pooled_federated), s.pooled_interval),
+        "tfidf_pooled": _f(s.pooled_tfidf),
+    }
     body.append(("pooled (all test rows)", "", *(pooled.get(a, "") for a in attrs)))
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
 
@@ -213,6 +238,11 @@ def render_table(s: Summary) -> str:
         f"federated AUC = the global state of round {s.selected_round}, the lowest loss on the "
         "sites' validation rows (alone and centralized keep their best epoch the same way)"
     )
+    if s.pooled_interval is not None or any(r.federated_interval for r in s.rows):
+        out.append(
+            "[low, high] = the AUC's 95 % interval (DeLong): a site's computed at the site from "
+            "its scores, the pooled one from the pooled score histograms"
+        )
     if s.has_tfidf:
         out.append(
             "TF-IDF = TF-IDF (word 1-2 grams) + logistic regression on the same split, on each "
@@ -279,6 +309,14 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
     pooled = [(r.round, r.pooled_auc) for r in rounds if r.pooled_auc is not None]
     if pooled:
         ax.plot(*zip(*pooled, strict=True), color="black", linewidth=2.5, label="pooled")
+    band = [
+        (r.round, r.pooled_low, r.pooled_high)
+        for r in rounds
+        if r.pooled_low is not None and r.pooled_high is not None
+    ]
+    if band:
+        xs, lows, highs = zip(*band, strict=True)
+        ax.fill_between(xs, lows, highs, color="black", alpha=0.12, label="pooled, 95 % interval")
     summary = summarize(store, run_id)
     for attr, style in (("alone", ":"), ("centralized", "-.")):
         value = summary.macro(attr)

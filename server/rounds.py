@@ -14,7 +14,7 @@ import numpy as np
 
 from fedpeft.common import keys
 from fedpeft.common.keys import Phase
-from fedpeft.common.metrics import pooled_auc
+from fedpeft.common.metrics import auc_interval_from_histograms, pooled_auc
 from fedpeft.server.aggregation import CAPPED_EXAMPLES, CLIPPED_TO, NORM
 from fedpeft.server.store.base import ReplyStatus, RoundResult, SiteResult
 from fedpeft.server.validation import MAX_SIGNED_EXAMPLES
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 #: Reply metrics kept in a site result's ``extra`` column.
 EXTRA_METRICS = (
+    keys.AUC_LOW,
+    keys.AUC_HIGH,
     keys.STEPS,
     keys.EPOCHS_RUN,
     keys.VAL_LOSS,
@@ -76,6 +78,10 @@ def round_result(
     histograms = [e.histogram for e in ok if e.histogram is not None]
     if pooled is not None:
         histograms = [pooled]
+    low = high = None
+    if histograms:
+        summed = [np.sum([np.asarray(h[i]) for h in histograms], axis=0) for i in (0, 1)]
+        low, high = auc_interval_from_histograms(*summed)
     return RoundResult(
         round=rnd,
         started_at=started,
@@ -91,6 +97,8 @@ def round_result(
         accepted=sum(r.status == ReplyStatus.OK for r in train),
         rejected=sum(r.status != ReplyStatus.OK for r in train),
         applied=applied,
+        pooled_low=low,
+        pooled_high=high,
     )
 
 
@@ -141,8 +149,11 @@ def round_summary(result: RoundResult, train: list[Reply], evaluations: list[Rep
         for e in sorted(evaluations, key=lambda e: e.site)
         if e.status == ReplyStatus.OK
     )
+    interval = ""
+    if result.pooled_low is not None and result.pooled_high is not None:
+        interval = f" [{result.pooled_low:.2f}, {result.pooled_high:.2f}]"
     lines = [
-        f"round {result.round}: pooled AUC {fmt(result.pooled_auc)}, macro AUC "
+        f"round {result.round}: pooled AUC {fmt(result.pooled_auc)}{interval}, macro AUC "
         f"{fmt(result.macro_auc)}, {result.accepted} update(s) accepted, {result.rejected} "
         f"rejected, {result.seconds:.1f} s"
         + ("" if result.epsilon is None else f", privacy spent: epsilon {result.epsilon:.3f}")

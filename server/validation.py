@@ -43,7 +43,7 @@ def validate_delta(delta: State, n_examples: float, max_norm: float | None = Non
 #: What an evaluation must report (common/metrics.py; client/app.py handle_evaluate).
 REQUIRED_EVALUATION = (keys.N_TEST, keys.LOSS, keys.AUC, keys.VAL_LOSS, keys.N_VAL)
 #: Metrics that are a share, in [0, 1], or NaN where undefined (a test set of one class).
-_SHARES = (keys.AUC, keys.AUPRC, keys.ACCURACY, keys.BRIER)
+_SHARES = (keys.AUC, keys.AUC_LOW, keys.AUC_HIGH, keys.AUPRC, keys.ACCURACY, keys.BRIER)
 
 
 def validate_evaluation(

@@ -12,7 +12,7 @@ import pytest
 
 from fedpeft.cli import main
 from fedpeft.common.errors import FedpeftError
-from fedpeft.common.keys import SITE_EPSILON
+from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
     BaselineResult,
@@ -170,6 +170,37 @@ def test_report_shows_the_tfidf_reference_when_the_run_has_it(
     assert table["macro (mean of sites)"][-2:] == ["0.565", "0.685"]  # (0.61+0.52)/2, (0.71+0.66)/2
     assert table["pooled (all test rows)"][2:] == ["", "0.810", "", "", "0.687"]
     assert "C chosen on the validation rows" in out
+
+
+def test_report_shows_the_sites_auc_intervals_and_the_pooled_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'i.db'}"
+    store = open_store(db)
+    run_id = _new_run(store)
+    t = datetime(2026, 1, 1)
+    interval = {AUC_LOW: 0.801, AUC_HIGH: 0.968}
+    store.add_round(
+        run_id,
+        RoundResult(
+            1, t, t, 1.0, 0.81, 0.8, 0.5, 2, 0, True, val_loss=0.4, pooled_low=0.7, pooled_high=0.9
+        ),
+        [
+            SiteResult(1, "A", "evaluate", "ok", n=10, auc=0.9, extra=interval),
+            SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.7),  # a site that sent none
+        ],
+        b"s",
+    )
+    store.close()
+    assert main(["report", "--db", db, "--plot", str(tmp_path / "i.png")]) == 0
+    out = capsys.readouterr().out
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if "|" in line]
+    table = {r[0]: r for r in rows[2:]}
+    assert table["A"][3] == "0.900 [0.80, 0.97]"
+    assert table["B"][3] == "0.700"
+    assert table["pooled (all test rows)"][3] == "0.810 [0.70, 0.90]"
+    assert "[low, high] = the AUC's 95 % interval (DeLong)" in out
+    assert (tmp_path / "i.png").stat().st_size > 1000
 
 
 def test_report_flags_a_degenerate_reference_and_never_passes_it_as_one(

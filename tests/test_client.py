@@ -168,6 +168,9 @@ def test_a_later_train_message_also_evaluates_the_state_it_trains_from(
     assert folded.site_id == alone.site_id == "site-x"
     assert folded.metrics == alone.metrics
     assert folded.metrics[keys.N_TEST] > 0 and keys.VAL_LOSS in folded.metrics
+    # The AUC's 95 % interval is computed at the site; only its two ends leave.
+    low, high = folded.metrics[keys.AUC_LOW], folded.metrics[keys.AUC_HIGH]
+    assert 0.0 <= low <= folded.metrics[keys.AUC] <= high <= 1.0
     assert (folded.hist_pos, folded.hist_neg) == (alone.hist_pos, alone.hist_neg)
     # The reply's own metrics stay those of the locally trained model.
     assert keys.N_TRAIN in trained.content[keys.METRICS]

@@ -969,8 +969,13 @@ def test_under_secure_aggregation_no_site_histogram_reaches_the_coordinator(
     assert all(h is None for hs in seen for h in hs)  # no site's histogram, in any round
     for r in range(1, 4):
         exact = pooled_auc([_skewed(r + 7 * i)[1:] for i in range(4)])
-        [p], [s] = ([x.pooled_auc for x in h.rounds() if x.round == r] for h in (plain, secure))
-        assert p == pytest.approx(exact, abs=1e-12) and s == pytest.approx(exact, abs=1e-12)
+        [p], [s] = ([x for x in h.rounds() if x.round == r] for h in (plain, secure))
+        assert p.pooled_auc == pytest.approx(exact, abs=1e-12)
+        assert s.pooled_auc == pytest.approx(exact, abs=1e-12)
+        # The pooled AUC's interval, from the pooled histograms: the same either way.
+        assert p.pooled_low is not None and p.pooled_high is not None
+        assert p.pooled_low < exact < p.pooled_high
+        assert (s.pooled_low, s.pooled_high) == pytest.approx((p.pooled_low, p.pooled_high))
     evaluate_rows = [r for r in secure.store.site_results(secure.run_id) if r.phase == "evaluate"]
     assert len(evaluate_rows) == 12 and all(r.status == "ok" and r.n == 11 for r in evaluate_rows)
 

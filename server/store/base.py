@@ -162,6 +162,10 @@ class RoundResult:
     #: The share of the available sites sampled for this round, as the accountant composed it
     #: (so that a resumed run accounts its past rounds again); None when not recorded.
     sample_rate: float | None = None
+    #: The pooled AUC's 95 % interval (DeLong, from the pooled score histograms; migration
+    #: 0008); None where there is no pooled AUC, and for rounds recorded before.
+    pooled_low: float | None = None
+    pooled_high: float | None = None
 
 
 class ReplyStatus(StrEnum):

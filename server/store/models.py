@@ -71,6 +71,9 @@ class RoundRow(Base):
     # DP runs (migration 0006): the run's epsilon after the round, the round's sampling rate.
     epsilon: Mapped[float | None] = mapped_column(Float, nullable=True)
     sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The pooled AUC's 95 % interval (migration 0008).
+    pooled_low: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pooled_high: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class SiteResultRow(Base):

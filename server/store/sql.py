@@ -483,6 +483,8 @@ class SqlRunStore(RunStore):
                     val_loss=_finite(result.val_loss),
                     epsilon=_finite(result.epsilon),
                     sample_rate=_finite(result.sample_rate),
+                    pooled_low=_finite(result.pooled_low),
+                    pooled_high=_finite(result.pooled_high),
                 )
             ]
             for site in sites:
