@@ -7,7 +7,7 @@ The real round loop (server/strategy.py ``FederatedRun``) over the in-memory gri
 answers with the real site functions (the envelope, and with secure aggregation
 client/secagg.py's stage answers and masked update) and sends a fixed random update of the
 default LoRA shape (74,498 float32 entries: 6 layers x query/value x LoRA A (8 x 384) and
-B (384 x 8), and the 2-class head), of L2 norm 0.5 (within the default clip of 1, so clipping
+B (384 x 8), and the 2-class head), of L2 norm 0.5 (within the default clip of 10, so clipping
 changes nothing). The store is an in-memory SQLite one. Each run is one round, then the final
 evaluate exchange, as ``fedpeft simulate --rounds 1`` would do.
 
@@ -72,7 +72,7 @@ from fedpeft.server.store import open_store  # noqa: E402
 FINGERPRINT = "sha256:bench-base-model"
 HIDDEN, RANK, LAYERS, LABELS = 384, 8, 6, 2
 UPDATE_NORM = 0.5
-CLIP = 1.0  # federation.secure_aggregation.clip (its default)
+CLIP = 10.0  # federation.secure_aggregation.clip (its default)
 
 
 def lora_state(rng: np.random.Generator, std: float) -> State:

@@ -168,11 +168,11 @@ def test_the_privacy_tables_are_read_from_toml(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "privacy"),
     [
-        ({"federation.secure_aggregation.enabled": True}, SitePrivacy(1.0, 0, False, True, 0.6, 1)),
+        ({"federation.secure_aggregation.enabled": True}, SitePrivacy(10, 0, False, True, 0.6, 10)),
         ({"federation.dp.enabled": True}, SitePrivacy(1.0, 1.5, False, False, 0.0, 0.0)),
         (
             {"federation.dp.enabled": True, "federation.secure_aggregation.enabled": True},
-            SitePrivacy(1.0, 1.5, False, True, 0.6, 1.0),
+            SitePrivacy(1.0, 1.5, False, True, 0.6, 10.0),
         ),
     ],
     ids=["secure-aggregation", "central-dp", "both"],
@@ -213,11 +213,11 @@ def test_distributed_noise_needs_secure_aggregation_and_a_clip_within_its_range(
     dp = {"federation.dp.enabled": True, "federation.dp.noise_multiplier": 1.0}
     with pytest.raises(ConfigError, match="distributed needs federation.secure_aggregation"):
         load_config(overrides={**dp, "federation.dp.mode": "distributed"})
-    with pytest.raises(ConfigError, match="federation.dp.clip: 2.0 is above"):
+    with pytest.raises(ConfigError, match="federation.dp.clip: 12.0 is above"):
         load_config(
             overrides={
                 **dp,
-                "federation.dp.clip": 2.0,
+                "federation.dp.clip": 12.0,
                 "federation.secure_aggregation.enabled": True,
             }
         )
