@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import re
 import time
 import zlib
@@ -75,7 +76,7 @@ from fedpeft.common.model import (
 )
 from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.secagg import round_context
-from fedpeft.common.secagg_messages import STAGES, StageTask
+from fedpeft.common.secagg_messages import MASKED, STAGES, StageTask
 from fedpeft.common.state import State
 from fedpeft.common.tensors import to_numpy, to_torch
 from fedpeft.common.wire import RING
@@ -421,6 +422,11 @@ def task_facts(
     """What the site's policy judges, from the signed global state alone (no row is read), for
     a train message (``trains``) or another."""
     cfg = signed.config
+    shapes = {name: tuple(v.shape) for name, v in signed.state.items()}
+    if cfg.privacy.secure_aggregation:
+        # One masked vector: the update's entries, then (after round 1) the score histograms'.
+        entries = sum(math.prod(shape) for shape in shapes.values()) + 2 * cfg.histogram_bins
+        shapes = {MASKED: (entries,)}
     return TaskFacts(
         method=cfg.method.name,
         local_epochs=cfg.train.local_epochs,
@@ -428,7 +434,7 @@ def task_facts(
         round=signed.round,
         codec=cfg.codec,
         upload_bytes=expected_upload_bytes(
-            {name: tuple(v.shape) for name, v in signed.state.items()},
+            shapes,
             RING if cfg.privacy.secure_aggregation else cfg.codec,
             method=cfg.method.name,
             fingerprint=signed.fingerprint,

@@ -260,6 +260,45 @@ def test_an_approved_runs_only_site_trains_only_an_approved_run(
     ]
 
 
+def test_under_secure_aggregation_the_upload_bound_holds_the_masked_vector(
+    cfg: RunConfig,
+) -> None:
+    """A secure run's upload is one masked vector of the update's entries and the two score
+    histograms: the bound a site's policy judges before training covers it (it did not count
+    the histograms, so a tight max_upload_bytes let a site train, then refuse to send)."""
+    from fedpeft.client.app import task_facts
+    from fedpeft.common.envelope import seal_delta
+    from fedpeft.common.secagg_messages import MASKED
+    from fedpeft.common.wire import RING
+
+    secure = load_config(
+        overrides={
+            "data.dataset": cfg.data.dataset,
+            "model.max_length": cfg.model.max_length,
+            "federation.secure_aggregation.enabled": True,
+        }
+    )
+    fp = _fp(secure)
+    signed = open_global(
+        from_blob_record(_message(secure, fp).content[keys.GLOBAL]), COORDINATOR.public_key()
+    )
+    entries = sum(v.size for v in signed.state.values()) + 2 * 1000
+    sealed = seal_delta(
+        {MASKED: np.full(entries, 2**32 - 1, dtype=np.uint32)},
+        run_token=signed.run_token,
+        round=signed.round,
+        site_id="site-x",
+        method="lora",
+        fingerprint=fp,
+        num_examples=2**53,
+        codec=RING,
+        run_public=signed.run_public,
+        identity=crypto.new_identity(),
+    )
+    facts = task_facts(signed, "SHA256:x", "site-x")
+    assert len(sealed) <= facts.upload_bytes < len(sealed) + 1024
+
+
 def test_an_upload_over_the_site_s_maximum_is_refused(
     tmp_path: Path, cfg: RunConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
