@@ -175,7 +175,7 @@ def masked_update(
         raise SecAggError(f"a weight of {task.weight!r}; a site's weight lies in (0, 1]: refused")
     if task.histograms != (histograms is not None):
         raise SecAggError("the task and the site disagree on sending score histograms")
-    if histograms is not None and task.bins != len(histograms[0]):
+    if histograms is not None and {len(h) for h in histograms} != {task.bins}:
         raise SecAggError(
             f"a task for histograms of {task.bins} bins; the signed config gives "
             f"{len(histograms[0])}: refused"
@@ -192,8 +192,6 @@ def masked_update(
     counts = None
     if histograms is not None:
         counts = np.concatenate([np.asarray(h, dtype=np.int64) for h in histograms])
-        if counts.size != task.entries - task.length:
-            raise SecAggError(f"histograms of {counts.size} bins for a task of {task.entries}")
     fixed = FixedPoint(privacy.fixed_point_range, max_sites=len(task.roster))
     x = encode_input(fixed, vector, counts)
     masked = _protocol(site, identity, context, task).masked_input(x, task.ciphertexts)

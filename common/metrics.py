@@ -129,13 +129,20 @@ def auc_interval_from_histograms(
     return max(0.0, theta - half), min(1.0, theta + half)
 
 
+def pool_histograms(
+    histograms: Sequence[tuple[Sequence[int], Sequence[int]]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Several sites' score histograms summed, positives' and negatives' (at least one)."""
+    pos = np.sum([np.asarray(h[0]) for h in histograms], axis=0)
+    neg = np.sum([np.asarray(h[1]) for h in histograms], axis=0)
+    return pos, neg
+
+
 def pooled_auc(histograms: Sequence[tuple[Sequence[int], Sequence[int]]]) -> float:
     """AUC over the union of several sites' rows, from their histograms alone."""
     if not histograms:
         return float("nan")
-    pos = np.sum([np.asarray(h[0]) for h in histograms], axis=0)
-    neg = np.sum([np.asarray(h[1]) for h in histograms], axis=0)
-    return auc_from_histograms(pos, neg)
+    return auc_from_histograms(*pool_histograms(histograms))
 
 
 def evaluate_scores(

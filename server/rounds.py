@@ -14,7 +14,11 @@ import numpy as np
 
 from fedpeft.common import keys
 from fedpeft.common.keys import Phase
-from fedpeft.common.metrics import auc_interval_from_histograms, pooled_auc
+from fedpeft.common.metrics import (
+    auc_from_histograms,
+    auc_interval_from_histograms,
+    pool_histograms,
+)
 from fedpeft.server.aggregation import CAPPED_EXAMPLES, CLIPPED_TO, NORM
 from fedpeft.server.store.base import ReplyStatus, RoundResult, SiteResult
 from fedpeft.server.validation import MAX_SIGNED_EXAMPLES
@@ -78,16 +82,17 @@ def round_result(
     histograms = [e.histogram for e in ok if e.histogram is not None]
     if pooled is not None:
         histograms = [pooled]
-    low = high = None
-    if histograms:
-        summed = [np.sum([np.asarray(h[i]) for h in histograms], axis=0) for i in (0, 1)]
+    pooled_value = low = high = None
+    if histograms:  # summed once: the pooled AUC and its interval
+        summed = pool_histograms(histograms)
+        pooled_value = auc_from_histograms(*summed)
         low, high = auc_interval_from_histograms(*summed)
     return RoundResult(
         round=rnd,
         started_at=started,
         finished_at=finished,
         seconds=seconds,
-        pooled_auc=pooled_auc(histograms) if histograms else None,
+        pooled_auc=pooled_value,
         macro_auc=_finite_mean(e.metrics.get(keys.AUC, float("nan")) for e in ok),
         loss=_finite_mean(
             (e.metrics.get(keys.LOSS, float("nan")) for e in ok),

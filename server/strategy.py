@@ -669,8 +669,9 @@ class FederatedRun:
             )
             return False
         weights = {r.site: self.secure_weights[r.site] for r in used}
+        total_weight = sum(weights.values())
         if self.accountant is None:
-            delta = scale(total, 1.0 / sum(weights.values()))
+            delta = scale(total, 1.0 / total_weight)
         else:
             std = 0.0
             if fed.dp.mode == "central":
@@ -678,7 +679,7 @@ class FederatedRun:
             delta = dp_average(total, len(used), std, self.noise_rng)
             self.accountant.record_round(sample_rate, [r.site for r in used])
         for r in used:
-            r.notes = {WEIGHT: weights[r.site] / sum(weights.values())}
+            r.notes = {WEIGHT: weights[r.site] / total_weight}
             if self.accountant is not None:
                 r.notes[keys.SITE_EPSILON] = self.accountant.site_epsilon(r.site)
         self.state = apply_delta(self.state, delta)

@@ -8,20 +8,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from site_files import write_heart_sites
 
 from fedpeft.baselines import BaselineOutcome, run_baselines, run_tfidf
 from fedpeft.common.config import RunConfig, load_config
-from fedpeft.common.data import SiteData, heart_sites, load_sites, split_site
+from fedpeft.common.data import SiteData, load_sites, split_site
 from fedpeft.server.store import ALL_TEST_ROWS
 
 
 @pytest.mark.slow
 def test_alone_and_centralized_cover_every_site(tmp_path: Path) -> None:
-    for site, name in zip(heart_sites()[:2], ("a", "b"), strict=True):
-        idx = np.random.default_rng(0).choice(len(site), 40, replace=False)
-        pd.DataFrame({"text": [site.texts[i] for i in idx], "label": site.labels[idx]}).to_csv(
-            tmp_path / f"{name}.csv", index=False
-        )
+    write_heart_sites(tmp_path, ("a", "b"), rows=40)
     cfg = load_config(
         overrides={
             "data.dataset": str(tmp_path),

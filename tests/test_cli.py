@@ -132,6 +132,11 @@ def test_report_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert lines["A"].count("|") == 6  # five columns
 
 
+def _table_rows(out: str) -> list[list[str]]:
+    """The cells of every line of the report's table (header and rule included)."""
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if "|" in line]
+
+
 def test_report_shows_the_tfidf_reference_when_the_run_has_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -162,7 +167,7 @@ def test_report_shows_the_tfidf_reference_when_the_run_has_it(
     store.close()
     assert main(["report", "--db", db]) == 0
     out = capsys.readouterr().out
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if "|" in line]
+    rows = _table_rows(out)
     header, table = rows[0], {r[0]: r for r in rows[2:]}
     assert header[-2:] == ["TF-IDF alone AUC", "TF-IDF pooled AUC"]
     assert set(table) == {"A", "B", "macro (mean of sites)", "pooled (all test rows)"}
@@ -194,7 +199,7 @@ def test_report_shows_the_sites_auc_intervals_and_the_pooled_one(
     store.close()
     assert main(["report", "--db", db, "--plot", str(tmp_path / "i.png")]) == 0
     out = capsys.readouterr().out
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if "|" in line]
+    rows = _table_rows(out)
     table = {r[0]: r for r in rows[2:]}
     assert table["A"][3] == "0.900 [0.80, 0.97]"
     assert table["B"][3] == "0.700"
@@ -235,7 +240,7 @@ def test_report_flags_a_degenerate_reference_and_never_passes_it_as_one(
     store.close()
     assert main(["report", "--db", db, "--plot", str(tmp_path / "d.png")]) == 0
     out = capsys.readouterr().out
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if "|" in line]
+    rows = _table_rows(out)
     table = {r[0]: r for r in rows[2:]}
     assert table["A"][2:] == ["0.600", "0.450 (degenerate)", "0.520"]
     assert table["B"][2:] == ["0.700", "0.750", "0.380 (degenerate)"]

@@ -7,11 +7,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
+from site_files import write_heart_sites
 
-from fedpeft.common.data import heart_sites
 from fedpeft.processes import BIN, child_env
 from fedpeft.server.store import open_store
 
@@ -33,12 +31,9 @@ local_epochs = 1
 
 @pytest.fixture(scope="module")
 def run_toml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sites")
-    for site, name in zip(heart_sites()[1:3], ("b-hungary", "c-switzerland"), strict=True):
-        idx = np.random.default_rng(1).choice(len(site), 50, replace=False)
-        pd.DataFrame({"text": [site.texts[i] for i in idx], "label": site.labels[idx]}).to_csv(
-            folder / f"{name}.csv", index=False
-        )
+    folder = write_heart_sites(
+        tmp_path_factory.mktemp("sites"), ("b-hungary", "c-switzerland"), 50, seed=1, first=1
+    )
     path = folder / "run.toml"
     path.write_text(RUN_TOML.format(folder=folder))
     return path

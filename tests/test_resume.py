@@ -10,11 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
+from site_files import write_heart_sites
 
-from fedpeft.common.data import heart_sites
 from fedpeft.common.errors import StoreError
 from fedpeft.processes import BIN, child_env
 from fedpeft.server.store import open_store
@@ -36,12 +34,7 @@ batch_size = 16
 
 @pytest.fixture(scope="module")
 def run_toml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sites")
-    for site, name in zip(heart_sites()[:2], ("a-cleveland", "b-hungary"), strict=True):
-        idx = np.random.default_rng(0).choice(len(site), 60, replace=False)
-        pd.DataFrame({"text": [site.texts[i] for i in idx], "label": site.labels[idx]}).to_csv(
-            folder / f"{name}.csv", index=False
-        )
+    folder = write_heart_sites(tmp_path_factory.mktemp("sites"), ("a-cleveland", "b-hungary"), 60)
     path = folder / "run.toml"
     path.write_text(RUN_TOML.format(folder=folder))
     return path

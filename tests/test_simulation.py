@@ -6,12 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+from site_files import write_heart_sites
 
 from fedpeft.common import crypto
 from fedpeft.common.config import RunConfig, load_config
-from fedpeft.common.data import heart_sites
 from fedpeft.common.envelope import seal_delta
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.metrics import HIST_BINS
@@ -54,14 +53,7 @@ def _sealed_nbytes(state: State, site: str, method: str, fingerprint: str, codec
 @pytest.fixture(scope="module")
 def two_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two real hospitals, 60 records each, as a folder of site files."""
-    folder = tmp_path_factory.mktemp("sites")
-    for site, name in zip(heart_sites()[:2], ("a-cleveland", "b-hungary"), strict=True):
-        rng = np.random.default_rng(0)
-        idx = rng.choice(len(site), 60, replace=False)
-        pd.DataFrame({"text": [site.texts[i] for i in idx], "label": site.labels[idx]}).to_csv(
-            folder / f"{name}.csv", index=False
-        )
-    return folder
+    return write_heart_sites(tmp_path_factory.mktemp("sites"), ("a-cleveland", "b-hungary"), 60)
 
 
 def _config(folder: Path, db: str, rounds: int = 2, method: str = "lora") -> RunConfig:
