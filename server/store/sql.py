@@ -250,13 +250,38 @@ class SqlRunStore(RunStore):
                     raise NoStore(f"{self._shown} holds no fedpeft store (no schema)")
             if engine.dialect.name == "sqlite":
                 event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout))
-            upgrade_schema(engine)
+            self._migrate()
         except SQLAlchemyError as exc:
             engine.dispose()
             cause = getattr(exc, "orig", None) or exc
             raise StoreError(
                 f"cannot open store {self._shown}: {exc.__class__.__name__}: {cause}"
             ) from None
+
+    def _migrate(self) -> None:
+        """:func:`upgrade_schema`, tried again with backoff while SQLite reports the database
+        locked (another process migrating or writing it outlasted the busy timeout, as on a
+        loaded machine where several processes open one new store at once). A failed attempt
+        rolls back whole: the migration is one transaction."""
+        started, attempt = time.monotonic(), 1
+        while True:
+            try:
+                upgrade_schema(self.engine)
+                return
+            except OperationalError as exc:
+                delay = min(_FIRST_DELAY_S * 2 ** (attempt - 1), _MAX_DELAY_S)
+                if not _locked(exc) or time.monotonic() - started + delay > self.lock_retry_seconds:
+                    raise
+                log.warning(
+                    "store %s is locked by another connection while opening it (attempt %d); "
+                    "retrying in %.1f s",
+                    self._shown,
+                    attempt,
+                    delay,
+                )
+                self.engine.dispose()  # a fresh connection: the failed one may hold a lock
+                time.sleep(delay)
+                attempt += 1
 
     @contextmanager
     def _transaction(self) -> Iterator[Session]:
