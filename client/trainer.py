@@ -37,6 +37,8 @@ class TrainResult:
     steps: int
     seconds: float
     seconds_per_step: float
+    #: The mean validation loss of the epoch kept (inf when ``val`` is empty).
+    best_val_loss: float = float("inf")
 
 
 def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
@@ -153,4 +155,5 @@ def train_local(
         steps=steps,
         seconds=time.perf_counter() - started,
         seconds_per_step=train_seconds / max(steps, 1),
+        best_val_loss=best_loss,
     )

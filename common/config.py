@@ -211,6 +211,23 @@ class DataSchema:
     skip_bad_rows: bool = False
 
 
+#: ``tuning.lr_grid`` when none is given: the run's rate (``train.lr``) times these.
+LR_GRID_FACTORS = (1.0, 1 / 3, 1 / 10)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """``[tuning]``: how each mode picks its learning rate. The alone and centralized baselines
+    (and ``fedpeft simulate --tune-lr``'s federated run) train once per rate of ``lr_grid`` and keep
+    the model with the lowest validation loss, so that no mode is judged at a rate chosen for
+    another (a rate that suits a site's few steps a round can wreck a model taking many more).
+    The coordinator's own setting: it never reaches a site."""
+
+    #: Learning rates to choose from; empty = ``train.lr`` times 1, 1/3 and 1/10 (resolved when
+    #: the config is built, so the stored config shows the grid used). One rate = no choice.
+    lr_grid: tuple[float, ...] = ()
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where site records come from and how they are split."""
@@ -321,6 +338,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     def to_json(self) -> str:
         """Everything but ``db``: the store URL (which may carry a password) is the coordinator's
@@ -501,6 +519,12 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(bool(cfg.db), "db: must be a SQLAlchemy URL")
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     f = cfg.federation
+    grid = cfg.tuning.lr_grid
+    need(
+        all(math.isfinite(r) and 0 < r < 1 for r in grid) and len(set(grid)) == len(grid),
+        f"tuning.lr_grid: each rate must be in (0, 1), each once; got {list(grid)}",
+    )
+    need(len(grid) <= 8, f"tuning.lr_grid: at most 8 rates (each trains a model), got {len(grid)}")
     need(f.rounds >= 1, "federation.rounds: must be at least 1")
     need(f.patience >= 0, "federation.patience: must be 0 (off) or more")
     need(f.sites_per_round >= 0, "federation.sites_per_round: must be 0 (all) or more")
@@ -602,6 +626,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             )
         lr = get_spec(cfg.method.name).default_lr
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
+    if not cfg.tuning.lr_grid:
+        grid = tuple(float(f"{cfg.train.lr * k:.3g}") for k in LR_GRID_FACTORS)
+        cfg = dataclasses.replace(cfg, tuning=TuningConfig(lr_grid=grid))
     return cfg
 
 

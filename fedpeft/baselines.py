@@ -3,7 +3,10 @@
 ``alone``: each site trains the same method with the same budget on its own rows only.
 ``centralized``: one model trains on the union of every site's training rows (the upper
 reference that federation tries to reach without moving a record). Both use the same split,
-model, method, trainer and epochs (``rounds × local_epochs``) as the federated run.
+model, method, trainer and epochs (``rounds × local_epochs``) as the federated run, and each picks
+its learning rate: it trains once per rate of ``tuning.lr_grid`` and keeps the model with the
+lowest validation loss (never the test rows), so that no reference is judged at a rate chosen for
+federated rounds of a few steps each.
 
 ``tfidf-alone`` / ``tfidf-pooled``: the classical reference, TF-IDF + logistic regression, on the
 same split (each site's training rows / all sites' together, scored on each site's test rows):
@@ -12,6 +15,7 @@ what a language model has to beat to earn its cost. Seconds on a CPU, so it runs
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +35,7 @@ from fedpeft.server.store.base import ALL_TEST_ROWS
 class BaselineTask:
     kind: str  # alone | centralized
     sites: tuple[str, ...]  # the sites whose training rows it uses
+    lr: float  # the learning rate this model trains at (one rate of the grid)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class BaselineOutcome:
     detail: str = ""  # for the progress line only (the regularization TF-IDF chose)
     #: AUC below 0.5 or constant scores on this site's test rows (common/metrics.py).
     degenerate: bool = False
+    #: The learning rate the model trained at (None for TF-IDF), and its validation loss there.
+    lr: float | None = None
+    val_loss: float = float("inf")
 
 
 def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[BaselineOutcome]:
@@ -71,7 +79,8 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed).to(device)
     epochs = cfg.federation.rounds * cfg.train.local_epochs
-    train_local(model, union("train"), union("val"), cfg.train, epochs, device, cfg.seed)
+    train = dataclasses.replace(cfg.train, lr=task.lr)
+    result = train_local(model, union("train"), union("val"), train, epochs, device, cfg.seed)
     seconds = time.perf_counter() - started
     n_train = len(union("train"))
     outcomes = []
@@ -86,6 +95,8 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
                 ev.auc,
                 seconds,
                 degenerate=degenerate(ev.auc, ev.hist_pos, ev.hist_neg),
+                lr=task.lr,
+                val_loss=result.best_val_loss,
             )
         )
     return outcomes
@@ -261,22 +272,55 @@ def run_baselines(
         progress(_tfidf_line([o for o in tfidf if o.kind == "tfidf-alone"]))
         progress(_tfidf_line([o for o in tfidf if o.kind == "tfidf-pooled"]))
     names = tuple(s.name for s in load_sites(cfg.data))
-    # Largest first, so the centralized model does not start last and leave a core idle.
-    tasks = [BaselineTask("centralized", names)] if "centralized" in kinds else []
+    # Largest first, so the centralized models do not start last and leave a core idle.
+    groups = [("centralized", names)] if "centralized" in kinds else []
     if "alone" in kinds:
-        tasks += [BaselineTask("alone", (n,)) for n in names]
+        groups += [("alone", (n,)) for n in names]
+    tasks = [BaselineTask(kind, sites, lr) for kind, sites in groups for lr in cfg.tuning.lr_grid]
     if not tasks:
         return outcomes
+    trained: dict[tuple[str, tuple[str, ...]], list[list[BaselineOutcome]]] = {
+        g: [] for g in groups
+    }
     # A process pool that fails loudly (BrokenProcessPool) if a worker dies, instead of hanging.
     with ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
     ) as pool:
-        futures = [pool.submit(run_task, cfg, t) for t in tasks]
+        futures = {pool.submit(run_task, cfg, t): t for t in tasks}
         for future in as_completed(futures):
+            task = futures[future]
             result = future.result()
-            outcomes.extend(result)
+            trained[(task.kind, task.sites)].append(result)
             first = result[0]
-            what = first.site if first.kind == "alone" else "all sites"
-            aucs = ", ".join(f"{o.site} {o.auc:.3f}" for o in result)
-            progress(f"baseline {first.kind} ({what}) done in {first.seconds:.0f} s: AUC {aucs}")
+            progress(
+                f"baseline {task.kind} ({_what(task.sites, task.kind)}) at lr {task.lr:g} done in "
+                f"{first.seconds:.0f} s: validation loss {first.val_loss:.4f}"
+            )
+    for (kind, sites), results in trained.items():
+        chosen = choose_rate(results)
+        outcomes.extend(chosen)
+        losses = ", ".join(f"{r[0].lr:g} {r[0].val_loss:.4f}" for r in _by_rate(results))
+        aucs = ", ".join(f"{o.site} {o.auc:.3f}" for o in chosen)
+        progress(
+            f"baseline {kind} ({_what(sites, kind)}): lr {chosen[0].lr:g} chosen by validation "
+            f"loss ({losses}); test AUC {aucs}"
+        )
     return outcomes
+
+
+def _what(sites: tuple[str, ...], kind: str) -> str:
+    return sites[0] if kind == "alone" else "all sites"
+
+
+def _by_rate(results: list[list[BaselineOutcome]]) -> list[list[BaselineOutcome]]:
+    """Grid results (one list of outcomes per rate), largest rate first."""
+    return sorted(results, key=lambda r: -(r[0].lr or 0.0))
+
+
+def choose_rate(results: list[list[BaselineOutcome]]) -> list[BaselineOutcome]:
+    """Of one baseline's models (one per rate; each a list of outcomes, one per test site), the
+    one with the lowest validation loss (ties: the larger rate; never a test-row number), its
+    ``seconds`` the whole grid's: what choosing the rate cost."""
+    ranked = sorted(_by_rate(results), key=lambda r: r[0].val_loss)  # stable: ties keep order
+    total = sum(r[0].seconds for r in results)
+    return [dataclasses.replace(o, seconds=total) for o in ranked[0]]

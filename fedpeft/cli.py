@@ -8,17 +8,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft import __version__
 from fedpeft.common.config import MethodConfig, RunConfig
 from fedpeft.common.environment import QUIET
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.methods import ExportFormat, specs
+
+if TYPE_CHECKING:
+    from fedpeft.simulate import SimulationResult
 
 STORE_KEY_HELP = (
     "key file for the encrypted checkpoints in the store (default: $FEDPEFT_STORE_KEY_FILE, "
@@ -134,6 +138,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "federation.secure_aggregation.enabled": args.secure_aggregation,
         "federation.histogram_bins": args.histogram_bins,
+        "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only
         **_dp_overrides(args),
     }
 
@@ -177,6 +182,23 @@ def parser() -> argparse.ArgumentParser:
         "logistic regression, each site alone and all sites pooled, seconds)",
     )
     sim.add_argument("--no-baselines", action="store_true", help="same as --baselines none")
+    sim.add_argument(
+        "--tune-lr",
+        action="store_true",
+        help="the federated run picks its learning rate too: one federated run per rate of the "
+        "grid (so the grid's size times the time), the lowest validation loss of the sites' "
+        "delivered round chosen; the report then shows that run and the runs it was chosen from",
+    )
+    sim.add_argument(
+        "--lr-grid",
+        type=float,
+        nargs="+",
+        metavar="RATE",
+        help="learning rates the alone and centralized baselines (and, with --tune-lr, the "
+        "federated run) choose from, each by its lowest validation loss ([tuning] lr_grid; "
+        "default: the run's rate, a third and a tenth "
+        "of it; one rate = no choice). Each rate trains one more model per baseline",
+    )
     sim.add_argument(
         "--plot", type=Path, default=None, help="PNG of AUC per round (default fedpeft-run-ID.png)"
     )
@@ -430,7 +452,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.report import plot_auc, render_table, summarize
     from fedpeft.server.store import open_store
     from fedpeft.settings import shown_url
-    from fedpeft.simulate import record_baselines, run_simulation
+    from fedpeft.simulate import record_baselines
 
     started = time.perf_counter()
     cfg = load_config(args.config, _overrides(args))
@@ -443,15 +465,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"sites per round {sites}, seed {cfg.seed}, store {shown_url(cfg.db)}"
     )
     mark_interrupted_runs(cfg.db, _say)
-    result = run_simulation(
-        cfg,
-        cpus=args.cpus,
-        progress=_say,
-        verbose=args.verbose,
-        store_key_file=args.store_key_file,
-        resume=args.resume,
-    )
-    _say(f"federated run {result.run_id} done in {result.seconds:.0f} s")
+    if args.tune_lr and args.resume is None:
+        result, cfg = _tune_federated(cfg, args)
+    else:
+        result = _simulate_once(cfg, args, resume=args.resume)
+        _say(f"federated run {result.run_id} done in {result.seconds:.0f} s")
     chosen = "none" if args.no_baselines else args.baselines
     kinds = BASELINE_KINDS if chosen == "all" else () if chosen == "none" else (chosen,)
     if kinds:
@@ -471,6 +489,62 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"AUC per round plot: {png}")
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _simulate_once(
+    cfg: RunConfig, args: argparse.Namespace, resume: int | None = None
+) -> SimulationResult:
+    from fedpeft.simulate import run_simulation
+
+    return run_simulation(
+        cfg,
+        cpus=args.cpus,
+        progress=_say,
+        verbose=args.verbose,
+        store_key_file=args.store_key_file,
+        resume=resume,
+    )
+
+
+def _tune_federated(cfg: RunConfig, args: argparse.Namespace) -> tuple[SimulationResult, RunConfig]:
+    """``simulate --tune-lr``: one federated run per rate of ``tuning.lr_grid``, the same in
+    all else; the one whose delivered round has the lowest weighted validation loss is the
+    result (ties: the larger rate), and the store records what it was chosen from."""
+    from fedpeft.server.rounds import select_round
+    from fedpeft.server.store import LrCandidate, open_store
+
+    grid = cfg.tuning.lr_grid
+    runs = []
+    for i, lr in enumerate(grid, 1):
+        _say(f"federated run at lr {lr:g} ({i} of {len(grid)}, --tune-lr)")
+        one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
+        runs.append((_simulate_once(one, args), one))
+    store = open_store(cfg.db)
+    try:
+        candidates = []
+        for result, one in runs:
+            rounds = store.rounds(result.run_id)
+            chosen = select_round(rounds)
+            loss = next((r.val_loss for r in rounds if r.round == chosen), None)
+            candidates.append(LrCandidate(result.run_id, one.train.lr, loss))
+            shown = "none recorded" if loss is None else f"{loss:.4f}"
+            _say(
+                f"federated run {result.run_id} at lr {one.train.lr:g} done in "
+                f"{result.seconds:.0f} s: validation loss {shown} (round {chosen})"
+            )
+        best = min(
+            range(len(runs)),
+            key=lambda i: (
+                math.inf if candidates[i].val_loss is None else candidates[i].val_loss,
+                -candidates[i].lr,
+            ),
+        )
+        store.record_lr_choice(runs[best][0].run_id, candidates)
+    finally:
+        store.close()
+    result, one = runs[best]
+    _say(f"federated: run {result.run_id} at lr {one.train.lr:g} chosen by validation loss")
+    return result, one
 
 
 def stored_config(db: str, run_id: int) -> RunConfig:

@@ -10,7 +10,13 @@ from pathlib import Path
 
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
 from fedpeft.server.rounds import select_round
-from fedpeft.server.store import ALL_TEST_ROWS, BaselineResult, RunStatus, RunStore
+from fedpeft.server.store import (
+    ALL_TEST_ROWS,
+    BaselineResult,
+    LrCandidate,
+    RunStatus,
+    RunStore,
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,14 @@ class Summary:
     pooled_tfidf: float | None = None
     #: The pooled federated AUC's 95 % interval (DeLong, from the pooled histograms).
     pooled_interval: tuple[float, float] | None = None
+    #: The federated run's learning rate (the stored config's ``train.lr``) and the grid the
+    #: baselines chose theirs from (``tuning.lr_grid``; empty for runs recorded before).
+    federated_lr: float | None = None
+    lr_grid: tuple[float, ...] = ()
+    #: Baseline kind (alone, centralized) -> site -> the rate its model chose.
+    baseline_lrs: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The federated runs this run's rate was chosen from (``simulate --tune-lr``), if it was.
+    federated_candidates: tuple[LrCandidate, ...] = ()
 
     @property
     def has_tfidf(self) -> bool:
@@ -148,12 +162,19 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         error=run.error,
         last_round=max((r.round for r in rounds), default=None),
         epsilons=[(r.round, r.epsilon) for r in rounds if r.epsilon is not None],
-        delta=_dp_delta(run.config_json),
+        delta=_number(_config_value(run.config_json, "federation", "dp", "delta")),
         site_epsilons=site_epsilons,
         pooled_tfidf=_auc_of(baselines.get(("tfidf-pooled", ALL_TEST_ROWS))),
         pooled_interval=next(
             (_interval(r.pooled_low, r.pooled_high) for r in rounds if r.round == chosen), None
         ),
+        federated_lr=_number(_config_value(run.config_json, "train", "lr")),
+        lr_grid=_rates(_config_value(run.config_json, "tuning", "lr_grid")),
+        federated_candidates=run.lr_candidates,
+        baseline_lrs={
+            kind: {b.site: b.lr for (k, _), b in baselines.items() if k == kind and b.lr}
+            for kind in ("alone", "centralized")
+        },
     )
 
 
@@ -181,14 +202,27 @@ def _auc_of(baseline: BaselineResult | None) -> float | None:
     return baseline.auc if baseline is not None else None
 
 
-def _dp_delta(config_json: str) -> float | None:
-    """The run config's ``federation.dp.delta``, read as stored (a config stored before
-    ``federation.dp`` existed has none)."""
+def _config_value(config_json: str, *path: str) -> object:
+    """A setting of the run config as stored, by its path (None where a config stored before
+    the setting existed has none)."""
     try:
-        delta = json.loads(config_json).get("federation", {}).get("dp", {}).get("delta")
-    except (json.JSONDecodeError, AttributeError):
+        value: object = json.loads(config_json)
+    except json.JSONDecodeError:
         return None
-    return float(delta) if isinstance(delta, int | float) else None
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def _rates(value: object) -> tuple[float, ...]:
+    rates = value if isinstance(value, list) else []
+    return tuple(r for x in rates if (r := _number(x)) is not None)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _f(x: float | None) -> str:
@@ -243,6 +277,7 @@ def render_table(s: Summary) -> str:
             "[low, high] = the AUC's 95 % interval (DeLong): a site's computed at the site from "
             "its scores, the pooled one from the pooled score histograms"
         )
+    out += _rates_lines(s)
     if s.has_tfidf:
         out.append(
             "TF-IDF = TF-IDF (word 1-2 grams) + logistic regression on the same split, on each "
@@ -289,6 +324,43 @@ def render_table(s: Summary) -> str:
     if s.wall_seconds is not None:
         out.append(f"federated run wall time: {s.wall_seconds:.0f} s")
     return "\n".join(out)
+
+
+def _rates_lines(s: Summary) -> list[str]:
+    """Which learning rate each mode used, and how it was chosen."""
+    out = []
+    chosen = []
+    for kind, by_site in s.baseline_lrs.items():
+        rates = set(by_site.values())
+        if len(rates) == 1 and (kind == "centralized" or len(by_site) > 1):
+            chosen.append(f"{kind} {_rate(rates.pop())}")  # one model, or every site alike
+        elif by_site:
+            chosen.append(kind + " " + ", ".join(f"{k} {_rate(v)}" for k, v in by_site.items()))
+    if chosen:  # language-model baselines recorded with their rates
+        grid = ", ".join(_rate(r) for r in s.lr_grid) or "the run's grid"
+        out.append(f"learning rate, chosen by validation loss from {grid}: " + "; ".join(chosen))
+    if s.federated_candidates:
+        runs = ", ".join(
+            f"run {c.run} (lr {_rate(c.lr)}: {_f4(c.val_loss)})" for c in s.federated_candidates
+        )
+        out.append(
+            f"learning rate, federated: {_rate(s.federated_lr or 0)}, chosen by the validation "
+            f"loss of each run's delivered round from {runs}"
+        )
+    elif chosen and s.federated_lr is not None:
+        out.append(
+            f"learning rate, federated: {_rate(s.federated_lr)} (train.lr, the same at every site "
+            "and round; not tuned: simulate --tune-lr picks it from the grid too)"
+        )
+    return out
+
+
+def _f4(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _rate(x: float) -> str:
+    return f"{x:.3g}"
 
 
 def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:

@@ -140,7 +140,9 @@ def record_baselines(
         store.add_baselines(
             run_id,
             [
-                BaselineResult(o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds, o.degenerate)
+                BaselineResult(
+                    o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds, o.degenerate, o.lr
+                )
                 for o in outcomes
             ],
         )

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from site_files import write_heart_sites
 
-from fedpeft.baselines import BaselineOutcome, run_baselines, run_tfidf
+from fedpeft.baselines import BaselineOutcome, choose_rate, run_baselines, run_tfidf
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.data import SiteData, load_sites, split_site
 from fedpeft.server.store import ALL_TEST_ROWS
@@ -25,6 +25,7 @@ def test_alone_and_centralized_cover_every_site(tmp_path: Path) -> None:
             "federation.rounds": 1,
             "model.max_length": 48,
             "device": "cpu",
+            "tuning.lr_grid": [5e-3, 1e-3],
         }
     )
     lines: list[str] = []
@@ -37,7 +38,36 @@ def test_alone_and_centralized_cover_every_site(tmp_path: Path) -> None:
     )
     assert got[("alone", "a")].n_test == got[("centralized", "a")].n_test == 12
     assert all(0.0 <= o.auc <= 1.0 for o in outcomes)
-    assert len(lines) == 3 and any("centralized (all sites)" in line for line in lines)
+    # Each model trained at both rates (a line each), then one was chosen (a line each).
+    assert sum(" at lr " in line for line in lines) == 6
+    chosen = [line for line in lines if "chosen by validation loss" in line]
+    assert len(chosen) == 3 and any("centralized (all sites)" in line for line in chosen)
+    assert all(o.lr in (5e-3, 1e-3) and np.isfinite(o.val_loss) for o in outcomes)
+    # One centralized model: one rate at every site.
+    assert got[("centralized", "a")].lr == got[("centralized", "b")].lr
+
+
+def _outcome(lr: float, val_loss: float, seconds: float, site: str = "a") -> BaselineOutcome:
+    return BaselineOutcome("alone", site, 10, 5, 0.7, seconds, lr=lr, val_loss=val_loss)
+
+
+def test_a_baseline_keeps_the_rate_with_the_lowest_validation_loss() -> None:
+    grid = [[_outcome(5e-3, 0.52, 10.0)], [_outcome(1e-3, 0.41, 11.0)], [_outcome(5e-4, 0.47, 9.0)]]
+    (chosen,) = choose_rate(grid)
+    assert chosen.lr == 1e-3 and chosen.val_loss == 0.41
+    assert chosen.seconds == 30.0  # the grid's cost, not the one model's
+    # A tie keeps the larger rate, whatever order the models finished in.
+    tie = [[_outcome(1e-3, 0.41, 1.0)], [_outcome(5e-3, 0.41, 1.0)]]
+    assert choose_rate(tie)[0].lr == 5e-3
+    # A model whose validation loss never became finite (it diverged) is never chosen.
+    diverged = [[_outcome(5e-3, float("inf"), 1.0)], [_outcome(5e-4, 0.9, 1.0)]]
+    assert choose_rate(diverged)[0].lr == 5e-4
+    # One model covering two sites: both its outcomes come back, at its rate.
+    two = [
+        [_outcome(5e-3, 0.3, 1.0, "a"), _outcome(5e-3, 0.3, 1.0, "b")],
+        [_outcome(1e-3, 0.2, 1.0, "a"), _outcome(1e-3, 0.2, 1.0, "b")],
+    ]
+    assert [(o.site, o.lr) for o in choose_rate(two)] == [("a", 1e-3), ("b", 1e-3)]
 
 
 # -- TF-IDF + logistic regression ------------------------------------------------------------

@@ -16,6 +16,7 @@ from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
     BaselineResult,
+    LrCandidate,
     RoundResult,
     RunOwner,
     RunStore,
@@ -256,6 +257,51 @@ def test_report_flags_a_degenerate_reference_and_never_passes_it_as_one(
     assert (tmp_path / "d.png").stat().st_size > 1000
 
 
+def test_report_says_which_learning_rate_each_mode_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'lr.db'}"
+    store = open_store(db)
+    config = json.dumps({"train": {"lr": 5e-3}, "tuning": {"lr_grid": [5e-3, 1.67e-3, 5e-4]}})
+    run_id = _new_run(store, config)
+    t = datetime(2026, 1, 1)
+    store.add_round(
+        run_id,
+        RoundResult(1, t, t, 1.0, 0.7, 0.7, 0.5, 2, 0, True, val_loss=0.4),
+        [SiteResult(1, s, "evaluate", "ok", n=10, auc=0.7) for s in ("A", "B")],
+        b"s",
+    )
+    store.add_baselines(
+        run_id,
+        [
+            BaselineResult("alone", "A", 30, 10, 0.6, 1.0, lr=5e-3),
+            BaselineResult("alone", "B", 20, 10, 0.7, 1.0, lr=5e-4),
+            BaselineResult("centralized", "A", 50, 10, 0.8, 1.0, lr=1.67e-3),
+            BaselineResult("centralized", "B", 50, 10, 0.8, 1.0, lr=1.67e-3),
+            BaselineResult("tfidf-alone", "A", 30, 10, 0.6, 0.1),
+        ],
+    )
+    store.finish_run(run_id, status="finished", wall_seconds=3.0)
+    store.close()
+    assert main(["report", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "learning rate, chosen by validation loss from 0.005, 0.00167, 0.0005: "
+        "alone A 0.005, B 0.0005; centralized 0.00167"
+    ) in out
+    assert "learning rate, federated: 0.005 (train.lr, the same at every site and round; " in out
+
+    # A run whose rate was chosen from federated runs at each rate says so, and which.
+    store = open_store(db)
+    store.record_lr_choice(run_id, [LrCandidate(run_id, 5e-3, 0.4), LrCandidate(9, 5e-4, 0.52)])
+    store.close()
+    assert main(["report", "--db", db]) == 0
+    assert (
+        "learning rate, federated: 0.005, chosen by the validation loss of each run's delivered "
+        "round from run 1 (lr 0.005: 0.4000), run 9 (lr 0.0005: 0.5200)"
+    ) in capsys.readouterr().out
+
+
 def test_report_shows_a_dp_run_s_epsilon_per_round_and_per_site(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -444,3 +490,16 @@ def test_any_dp_flag_turns_differential_privacy_on_with_its_settings() -> None:
     args = parser().parse_args(["simulate", "--dp-noise", "1.1", "--dp-delta", "1e-6"])
     dp = load_config(overrides=_overrides(args)).federation.dp
     assert (dp.enabled, dp.noise_multiplier, dp.delta) == (True, 1.1, 1e-6)
+
+
+def test_lr_grid_flag_sets_the_baselines_grid() -> None:
+    from fedpeft.cli import _overrides, parser
+    from fedpeft.common.config import load_config
+
+    args = parser().parse_args(["simulate", "--lr-grid", "0.01", "0.001"])
+    assert load_config(overrides=_overrides(args)).tuning.lr_grid == (0.01, 0.001)
+    assert load_config(overrides=_overrides(parser().parse_args(["simulate"]))).tuning.lr_grid == (
+        5e-3,
+        1.67e-3,
+        5e-4,
+    )

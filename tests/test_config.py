@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,30 @@ def test_the_fixed_point_range_leaves_room_for_distributed_noise() -> None:
     assert central.fixed_point_range == 2.0
     distributed = load_config(overrides={**base, "federation.dp.mode": "distributed"})
     assert distributed.for_sites().privacy.fixed_point_range == 2.0 + 6 * 1.5 * 1.0
+
+
+def test_the_lr_grid_defaults_to_the_rate_a_third_and_a_tenth_and_is_stored_resolved() -> None:
+    cfg = load_config()
+    assert cfg.tuning.lr_grid == (5e-3, 1.67e-3, 5e-4)  # LoRA's 5e-3, three significant digits
+    prompt = load_config(overrides={"method.name": "prompt"})
+    assert prompt.tuning.lr_grid == (3e-2, 1e-2, 3e-3)
+    mine = load_config(overrides={"train.lr": 0.01, "tuning.lr_grid": [0.02, 0.001]})
+    assert mine.tuning.lr_grid == (0.02, 0.001)  # given: kept, not derived from train.lr
+    assert RunConfig.from_json(cfg.to_json()).tuning == cfg.tuning
+    assert "lr_grid" not in cfg.for_sites().to_json()  # the coordinator's setting only
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ([0.0, 1e-3], "each rate must be in (0, 1)"),
+        ([1.5], "each rate must be in (0, 1)"),
+        ([1e-3, 1e-3], "each once"),
+        ([1e-3 * (i + 1) for i in range(9)], "at most 8 rates"),
+        (["fast"], "expected a list of float"),
+    ],
+)
+def test_a_bad_lr_grid_is_named(grid: list[object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        load_config(overrides={"tuning.lr_grid": grid})
+    assert "tuning.lr_grid" in str(err.value)

@@ -26,6 +26,8 @@ rounds = 2
 [train]
 batch_size = 16
 local_epochs = 1
+[tuning]
+lr_grid = [5e-3, 1e-3]
 """
 
 
@@ -54,7 +56,9 @@ def _numbers(db: str) -> dict[str, object]:
             + tuple(sorted((k, v) for k, v in r.extra.items() if "seconds" not in k))
             for r in store.site_results(run.id)
         ]
-        baselines = [(b.kind, b.site, b.n_train, b.n_test, b.auc) for b in store.baselines(run.id)]
+        baselines = [
+            (b.kind, b.site, b.n_train, b.n_test, b.auc, b.lr) for b in store.baselines(run.id)
+        ]
         return {"rounds": rounds, "sites": sites, "baselines": baselines}
     finally:
         store.close()

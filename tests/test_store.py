@@ -29,6 +29,7 @@ from fedpeft.server.store import (
     ALL_TEST_ROWS,
     BaselineResult,
     InterruptedRun,
+    LrCandidate,
     ReplyStatus,
     RoundResult,
     RunInfo,
@@ -270,7 +271,7 @@ def test_baselines(store: RunStore) -> None:
     store.add_baselines(
         run_id,
         [
-            BaselineResult("alone", "A", 10, 5, 0.7, 3.0),
+            BaselineResult("alone", "A", 10, 5, 0.7, 3.0, lr=1.67e-3),
             BaselineResult("centralized", "A", 30, 5, float("nan"), 9.0),
             BaselineResult("centralized", "B", 30, 5, 0.46, 9.0, degenerate=True),
             BaselineResult("tfidf-pooled", ALL_TEST_ROWS, 30, 15, 0.8, 0.1),
@@ -283,6 +284,18 @@ def test_baselines(store: RunStore) -> None:
         ("centralized", "B", 0.46, True),
         ("tfidf-pooled", ALL_TEST_ROWS, 0.8, False),
     ]
+    assert [b.lr for b in got] == [1.67e-3, None, None, None]  # TF-IDF has no learning rate
+
+
+def test_a_run_records_the_runs_its_learning_rate_was_chosen_from(store: RunStore) -> None:
+    first, second = _run(store), _run(store)
+    assert store.get_run(first).lr_candidates == ()  # not chosen from a grid
+    candidates = [LrCandidate(first, 5e-3, 0.41), LrCandidate(second, 5e-4, None)]
+    store.record_lr_choice(first, candidates)
+    assert store.get_run(first).lr_candidates == tuple(candidates)
+    assert store.get_run(second).lr_candidates == ()
+    with pytest.raises(StoreError, match="not among the candidates"):
+        store.record_lr_choice(second + 1, candidates)
 
 
 def test_missing_things_are_store_errors(store: RunStore) -> None:
@@ -315,7 +328,7 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
     } <= tables
     with engine.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0008"
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0010"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -138,6 +138,17 @@ class RunInfo:
     wall_seconds: float | None
     #: None for a run recorded before owners were (migration 0004).
     owner: RunOwner | None = None
+    #: The runs this run's learning rate was chosen from, (run, lr, validation loss) each, in
+    #: grid order (``simulate --tune-lr``; migration 0010); empty when it was not chosen.
+    lr_candidates: tuple[LrCandidate, ...] = ()
+
+
+@dataclass(frozen=True)
+class LrCandidate:
+    run: int
+    lr: float
+    #: The weighted validation loss of the run's delivered round (None: it recorded none).
+    val_loss: float | None
 
 
 @dataclass(frozen=True)
@@ -211,6 +222,9 @@ class BaselineResult:
     #: AUC below 0.5 or constant scores on this site's test rows (common/metrics.py
     #: ``degenerate``): shown as such, never as a reference (migration 0007).
     degenerate: bool = False
+    #: The learning rate it chose from ``tuning.lr_grid`` by validation loss (migration 0009);
+    #: None for TF-IDF and for baselines recorded before.
+    lr: float | None = None
 
 
 class RunStore(abc.ABC):
@@ -238,6 +252,11 @@ class RunStore(abc.ABC):
         self, run_id: int, *, status: str, error: str | None = None, wall_seconds: float | None
     ) -> None:
         """Mark a run ``finished`` or ``failed`` (a :class:`RunStatus`)."""
+
+    @abc.abstractmethod
+    def record_lr_choice(self, run_id: int, candidates: Sequence[LrCandidate]) -> None:
+        """Record that run ``run_id``'s learning rate was chosen from ``candidates`` (one run
+        per rate of the grid, ``run_id`` among them)."""
 
     @abc.abstractmethod
     def resume_run(self, run_id: int, reason: str, owner: RunOwner | None = None) -> int:

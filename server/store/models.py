@@ -49,6 +49,9 @@ class RunRow(Base):
     # The process that runs the run's rounds (migration 0004); NULL for older runs.
     owner_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     owner_pid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The runs its learning rate was chosen from, JSON [[run, lr, val_loss], ...] (migration
+    # 0010); NULL for a run that was not chosen from a grid.
+    lr_candidates: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class RoundRow(Base):
@@ -121,6 +124,8 @@ class BaselineRow(Base):
     auc: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float] = mapped_column(Float)
     degenerate: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The learning rate chosen from the run's grid (migration 0009); None for TF-IDF.
+    lr: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class RunResumeRow(Base):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import numbers
@@ -41,6 +42,7 @@ from fedpeft.server.store.base import (
     RESUMABLE,
     BaselineResult,
     InterruptedRun,
+    LrCandidate,
     ReplyStatus,
     Resumption,
     RoundResult,
@@ -80,7 +82,8 @@ def _run_info(row: RunRow) -> RunInfo:
     owner = None
     if row.owner_host is not None and row.owner_pid is not None:
         owner = RunOwner(row.owner_host, row.owner_pid)
-    return _to(RunInfo, row, owner=owner)
+    candidates = tuple(LrCandidate(*c) for c in json.loads(row.lr_candidates or "[]"))
+    return _to(RunInfo, row, owner=owner, lr_candidates=candidates)
 
 
 def _finite(value: float | None) -> float | None:
@@ -387,6 +390,19 @@ class SqlRunStore(RunStore):
         _check_fits([RunRow(status=status)], self._shown)
         self._write(work)
 
+    def record_lr_choice(self, run_id: int, candidates: Sequence[LrCandidate]) -> None:
+        if run_id not in {c.run for c in candidates}:
+            raise StoreError(f"run {run_id} is not among the candidates it was chosen from")
+        text = json.dumps([[c.run, c.lr, _finite(c.val_loss)] for c in candidates])
+
+        def work(s: Session) -> None:
+            row = s.get(RunRow, run_id)
+            if row is None:
+                raise StoreError(f"store {self._shown} has no run {run_id}")
+            row.lr_candidates = text
+
+        self._write(work)
+
     def resume_run(self, run_id: int, reason: str, owner: RunOwner | None = None) -> int:
         owner = owner or RunOwner.current()
 
@@ -541,6 +557,7 @@ class SqlRunStore(RunStore):
                     auc=_finite(r.auc),
                     seconds=r.seconds,
                     degenerate=r.degenerate,
+                    lr=r.lr,
                 )
                 for r in results
             ]
