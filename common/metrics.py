@@ -129,6 +129,65 @@ def auc_interval_from_histograms(
     return max(0.0, theta - half), min(1.0, theta + half)
 
 
+@dataclass(frozen=True)
+class Difference:
+    """AUC(a) − AUC(b) on one set of rows, with its standard error (DeLong, paired)."""
+
+    value: float
+    se: float
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95 % interval, clipped to [−1, 1]; NaN where the difference is."""
+        half = Z95 * self.se
+        return max(-1.0, self.value - half), min(1.0, self.value + half)
+
+    @staticmethod
+    def mean(parts: Sequence[Difference]) -> Difference:
+        """The mean of differences on disjoint, independent rows (the macro over sites): its
+        variance is the sum of theirs over the count squared."""
+        k = len(parts)
+        if k == 0:
+            return Difference(float("nan"), float("nan"))
+        return Difference(
+            sum(d.value for d in parts) / k, math.sqrt(sum(d.se**2 for d in parts)) / k
+        )
+
+
+def _components(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components of one model's scores: for each positive, the share of
+    negatives it outranks; for each negative, the share of positives that outrank it (ties
+    count half)."""
+    pos, neg = np.sort(scores[labels == 1]), np.sort(scores[labels == 0])
+    below = np.searchsorted(neg, scores[labels == 1], "left")
+    tied = np.searchsorted(neg, scores[labels == 1], "right") - below
+    v10 = (below + 0.5 * tied) / neg.size
+    at_most = np.searchsorted(pos, scores[labels == 0], "right")
+    tied = at_most - np.searchsorted(pos, scores[labels == 0], "left")
+    v01 = (pos.size - at_most + 0.5 * tied) / pos.size
+    return v10, v01
+
+
+def auc_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> Difference:
+    """AUC(a) − AUC(b) for two models' scores on the same rows, with the standard error of
+    DeLong's paired test (DeLong et al. 1988): the two AUCs' covariance, from each row's
+    structural components under both models, is taken out. NaN without both classes."""
+    labels = np.asarray(labels)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(labels) or len(b) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(a)} and {len(b)} scores")
+    m, n = int((labels == 1).sum()), int((labels == 0).sum())
+    if m == 0 or n == 0:
+        return Difference(float("nan"), float("nan"))
+    (a10, a01), (b10, b01) = _components(labels, a), _components(labels, b)
+    # The variance of the difference of the components' means, positives' and negatives'.
+    d10, d01 = a10 - b10, a01 - b01
+    var = (float(d10.var(ddof=1)) / m if m > 1 else 0.0) + (
+        float(d01.var(ddof=1)) / n if n > 1 else 0.0
+    )
+    return Difference(float(a10.mean() - b10.mean()), math.sqrt(max(var, 0.0)))
+
+
 def pool_histograms(
     histograms: Sequence[tuple[Sequence[int], Sequence[int]]],
 ) -> tuple[np.ndarray, np.ndarray]:

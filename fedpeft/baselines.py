@@ -3,10 +3,10 @@
 ``alone``: each site trains the same method with the same budget on its own rows only.
 ``centralized``: one model trains on the union of every site's training rows (the upper
 reference that federation tries to reach without moving a record). Both use the same split,
-model, method, trainer and epochs (``rounds × local_epochs``) as the federated run, and each picks
-its learning rate: it trains once per rate of ``tuning.lr_grid`` and keeps the model with the
-lowest validation loss (never the test rows), so that no reference is judged at a rate chosen for
-federated rounds of a few steps each.
+model, method, trainer, budget and stopping rule as the federated run (:func:`budget`), and
+each picks its learning rate: it trains once per rate of ``tuning.lr_grid`` and keeps the model
+with the lowest validation loss (never the test rows), so that no reference is judged at a rate
+chosen for federated rounds of a few steps each.
 
 ``tfidf-alone`` / ``tfidf-pooled``: the classical reference, TF-IDF + logistic regression, on the
 same split (each site's training rows / all sites' together, scored on each site's test rows):
@@ -27,7 +27,13 @@ import numpy as np
 
 from fedpeft.common.config import RunConfig
 from fedpeft.common.data import SiteData, SiteSplit, load_sites, split_site
-from fedpeft.common.metrics import auc, degenerate, score_histograms
+from fedpeft.common.metrics import (
+    auc,
+    auc_difference,
+    degenerate,
+    evaluate_scores,
+    score_histograms,
+)
 from fedpeft.server.store.base import ALL_TEST_ROWS
 
 
@@ -52,13 +58,30 @@ class BaselineOutcome:
     #: The learning rate the model trained at (None for TF-IDF), and its validation loss there.
     lr: float | None = None
     val_loss: float = float("inf")
+    #: The model's scores on the site's test rows, in split order (for the paired comparison
+    #: with the federated model, :func:`with_differences`; never stored).
+    scores: tuple[float, ...] = ()
+    #: Federated AUC minus this one on the same rows, and its standard error (DeLong, paired).
+    diff: float | None = None
+    diff_se: float | None = None
+
+
+def budget(cfg: RunConfig) -> tuple[int, int]:
+    """A baseline's epochs and its early-stopping patience in epochs: the federated run's budget
+    and stopping rule. It trains at most ``rounds × local_epochs`` epochs, as many as a site
+    makes in the run; it stops once ``federation.patience`` rounds' worth of epochs brought no
+    lower validation loss, as the run stops, and never early when the run does not (patience
+    0); either way it keeps its best epoch, as the run delivers its best round."""
+    epochs = cfg.federation.rounds * cfg.train.local_epochs
+    patience = cfg.federation.patience * cfg.train.local_epochs
+    return epochs, patience if patience > 0 else epochs
 
 
 def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[BaselineOutcome]:
     """Train one baseline model and evaluate it on the test rows of each site it covers."""
     import torch
 
-    from fedpeft.client.trainer import Encoded, encode_site, evaluate, train_local
+    from fedpeft.client.trainer import Encoded, encode_site, predict, train_local
     from fedpeft.common.methods import build_model
     from fedpeft.common.model import load_tokenizer, resolve_device
 
@@ -78,14 +101,15 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
 
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed).to(device)
-    epochs = cfg.federation.rounds * cfg.train.local_epochs
-    train = dataclasses.replace(cfg.train, lr=task.lr)
+    epochs, patience = budget(cfg)
+    train = dataclasses.replace(cfg.train, lr=task.lr, patience=patience)
     result = train_local(model, union("train"), union("val"), train, epochs, device, cfg.seed)
     seconds = time.perf_counter() - started
     n_train = len(union("train"))
     outcomes = []
     for s in task.sites:
-        ev = evaluate(model, parts[s]["test"], device)
+        scores, loss = predict(model, parts[s]["test"], device)
+        ev = evaluate_scores(parts[s]["test"].labels, scores, loss)
         outcomes.append(
             BaselineOutcome(
                 task.kind,
@@ -97,9 +121,61 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
                 degenerate=degenerate(ev.auc, ev.hist_pos, ev.hist_neg),
                 lr=task.lr,
                 val_loss=result.best_val_loss,
+                scores=tuple(float(x) for x in scores),
             )
         )
     return outcomes
+
+
+# -- the federated model against them, paired --------------------------------------------------
+
+
+def federated_scores(
+    cfg: RunConfig, state: Mapping[str, Any], sites: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The labels of each of ``sites``' test rows and the scores on them of the model with the
+    shared ``state`` (the federated run's delivered global state), split and ordered as
+    :func:`run_task` splits them."""
+    import torch
+
+    from fedpeft.client.trainer import encode_site, predict
+    from fedpeft.common.methods import build_model, load_shared_state
+    from fedpeft.common.model import load_tokenizer, resolve_device
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed)
+    load_shared_state(model, dict(state))
+    model.to(device)
+    out = {}
+    for site in load_sites(cfg.data):
+        if site.name in sites:
+            split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
+            test = encode_site(tokenizer, site, split, cfg.model.max_length)["test"]
+            out[site.name] = (test.labels, predict(model, test, device)[0])
+    return out
+
+
+def with_differences(
+    cfg: RunConfig, state: Mapping[str, Any], outcomes: Sequence[BaselineOutcome]
+) -> list[BaselineOutcome]:
+    """``outcomes`` with, for each alone or centralized model, the federated model's AUC minus
+    its own on the same test rows and that difference's standard error (DeLong, paired: the
+    two models are scored on the same patients, so the comparison is sharper than two
+    separate intervals)."""
+    sites = sorted({o.site for o in outcomes if o.scores})
+    if not sites:
+        return list(outcomes)
+    federated = federated_scores(cfg, state, sites)
+    out = []
+    for o in outcomes:
+        if o.scores and o.site in federated:
+            labels, scores = federated[o.site]
+            d = auc_difference(labels, scores, np.asarray(o.scores))
+            o = dataclasses.replace(o, diff=d.value, diff_se=d.se)
+        out.append(o)
+    return out
 
 
 # -- the classical reference ---------------------------------------------------------------------

@@ -478,7 +478,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "centralized = all sites' training rows pooled, tfidf = TF-IDF + logistic regression "
             "both ways)"
         )
-        record_baselines(cfg, result.run_id, progress=_say, kinds=kinds)
+        record_baselines(
+            cfg, result.run_id, progress=_say, kinds=kinds, store_key_file=args.store_key_file
+        )
     store = open_store(cfg.db)
     try:
         print()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
+from fedpeft.common.metrics import Difference
 from fedpeft.server.rounds import select_round
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
@@ -73,6 +74,9 @@ class Summary:
     baseline_lrs: dict[str, dict[str, float]] = field(default_factory=dict)
     #: The federated runs this run's rate was chosen from (``simulate --tune-lr``), if it was.
     federated_candidates: tuple[LrCandidate, ...] = ()
+    #: Baseline kind (alone, centralized) -> site -> federated AUC minus the baseline's on the
+    #: site's test rows (DeLong, paired), for baselines recorded with it.
+    differences: dict[str, dict[str, Difference]] = field(default_factory=dict)
 
     @property
     def has_tfidf(self) -> bool:
@@ -171,6 +175,14 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         federated_lr=_number(_config_value(run.config_json, "train", "lr")),
         lr_grid=_rates(_config_value(run.config_json, "tuning", "lr_grid")),
         federated_candidates=run.lr_candidates,
+        differences={
+            kind: {
+                b.site: Difference(b.diff, b.diff_se)
+                for (k, _), b in sorted(baselines.items())
+                if k == kind and b.diff is not None and b.diff_se is not None
+            }
+            for kind in ("alone", "centralized")
+        },
         baseline_lrs={
             kind: {b.site: b.lr for (k, _), b in baselines.items() if k == kind and b.lr}
             for kind in ("alone", "centralized")
@@ -278,6 +290,7 @@ def render_table(s: Summary) -> str:
             "its scores, the pooled one from the pooled score histograms"
         )
     out += _rates_lines(s)
+    out += _difference_lines(s)
     if s.has_tfidf:
         out.append(
             "TF-IDF = TF-IDF (word 1-2 grams) + logistic regression on the same split, on each "
@@ -353,6 +366,30 @@ def _rates_lines(s: Summary) -> list[str]:
             "and round; not tuned: simulate --tune-lr picks it from the grid too)"
         )
     return out
+
+
+def _difference_lines(s: Summary) -> list[str]:
+    """Federated minus each reference, per site and macro, with 95 % intervals."""
+    out = []
+    for kind, by_site in s.differences.items():
+        if not by_site:
+            continue
+        parts = [f"{site} {_signed(d)}" for site, d in by_site.items()]
+        if len(by_site) == len(s.rows) > 1:  # every site compared: the macro's difference too
+            parts.append(f"macro {_signed(Difference.mean(list(by_site.values())))}")
+        out.append(f"federated − {kind} AUC, same test rows: " + "; ".join(parts))
+    if out:
+        out.append(
+            "(federated − X [low, high] = the difference with its 95 % interval, DeLong paired: "
+            "both models scored on the same patients; an interval holding 0 = no clear "
+            "difference; the macro's treats the sites as independent)"
+        )
+    return out
+
+
+def _signed(d: Difference) -> str:
+    low, high = d.interval
+    return f"{d.value:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _f4(x: float | None) -> str:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedpeft.client.setup import simulation_sites_env
 from fedpeft.common.config import RunConfig
@@ -126,25 +127,62 @@ def record_baselines(
     run_id: int,
     progress: Callable[[str], None] = print,
     kinds: tuple[str, ...] | None = None,
+    store_key_file: Path | None = None,
 ) -> None:
-    """Train the baselines of ``kinds`` (default all: ``BASELINE_KINDS``) and store them."""
-    from fedpeft.baselines import BASELINE_KINDS, run_baselines
+    """Train the baselines of ``kinds`` (default all: ``BASELINE_KINDS``), compare the run's
+    delivered global state with each alone and centralized model on the same test rows
+    (``baselines.with_differences``), and store them."""
+    from fedpeft.baselines import BASELINE_KINDS, run_baselines, with_differences
 
     kinds = BASELINE_KINDS if kinds is None else kinds
 
     outcomes = run_baselines(
         cfg, workers=min(2, os.cpu_count() or 1), progress=progress, kinds=kinds
     )
+    if any(o.scores for o in outcomes):
+        state = delivered_state(cfg.db, run_id, store_key_file)
+        if state is not None:
+            outcomes = with_differences(cfg, state, outcomes)
     store = open_store(cfg.db)
     try:
         store.add_baselines(
             run_id,
             [
                 BaselineResult(
-                    o.kind, o.site, o.n_train, o.n_test, o.auc, o.seconds, o.degenerate, o.lr
+                    o.kind,
+                    o.site,
+                    o.n_train,
+                    o.n_test,
+                    o.auc,
+                    o.seconds,
+                    o.degenerate,
+                    o.lr,
+                    o.diff,
+                    o.diff_se,
                 )
                 for o in outcomes
             ],
         )
     finally:
         store.close()
+
+
+def delivered_state(
+    db: str, run_id: int, store_key_file: Path | None = None
+) -> dict[str, Any] | None:
+    """The global state (torch tensors by name) of the round run ``run_id`` delivers (the
+    lowest validation loss), opened with the store key; None when no round was stored."""
+    from fedpeft.common.tensors import to_torch
+    from fedpeft.server.checkpoints import open_state
+    from fedpeft.server.rounds import select_round
+
+    store = open_store(db, create=False)
+    try:
+        chosen = select_round(store.rounds(run_id))
+        if chosen is None:
+            return None
+        round_, data = store.global_state(run_id, chosen)
+    finally:
+        store.close()
+    key, _ = resolve_store_key(db, store_key_file)
+    return dict(to_torch(open_state(key, run_id, round_, data)))

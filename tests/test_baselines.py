@@ -10,9 +10,19 @@ import pandas as pd
 import pytest
 from site_files import write_heart_sites
 
-from fedpeft.baselines import BaselineOutcome, choose_rate, run_baselines, run_tfidf
+from fedpeft.baselines import (
+    BaselineOutcome,
+    budget,
+    choose_rate,
+    federated_scores,
+    run_baselines,
+    run_tfidf,
+    with_differences,
+)
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.data import SiteData, load_sites, split_site
+from fedpeft.common.methods import build_model, shared_state
+from fedpeft.common.metrics import auc
 from fedpeft.server.store import ALL_TEST_ROWS
 
 
@@ -45,6 +55,19 @@ def test_alone_and_centralized_cover_every_site(tmp_path: Path) -> None:
     assert all(o.lr in (5e-3, 1e-3) and np.isfinite(o.val_loss) for o in outcomes)
     # One centralized model: one rate at every site.
     assert got[("centralized", "a")].lr == got[("centralized", "b")].lr
+
+    # Paired with a "federated" model (here an untrained one): each difference is that model's
+    # AUC minus the baseline's on the same rows, which the baseline's own scores give.
+    model = build_model(cfg.model, cfg.method, cfg.train.dropout, seed=11)
+    state = shared_state(model)
+    federated = federated_scores(cfg, state, ["a", "b"])
+    compared = with_differences(cfg, state, outcomes)
+    for o in compared:
+        labels, scores = federated[o.site]
+        assert len(o.scores) == len(labels) == o.n_test
+        assert auc(labels, np.asarray(o.scores)) == pytest.approx(o.auc)
+        assert o.diff == pytest.approx(auc(labels, scores) - o.auc)
+        assert o.diff_se is not None and o.diff_se > 0
 
 
 def _outcome(lr: float, val_loss: float, seconds: float, site: str = "a") -> BaselineOutcome:
@@ -157,3 +180,12 @@ def test_tfidf_alone_starts_no_language_model(tmp_path: Path) -> None:
     assert (
         lines[1].startswith("baseline tfidf-pooled (all sites, C ") and "all test rows" in lines[1]
     )
+
+
+def test_a_baseline_has_the_run_s_budget_and_stopping_rule() -> None:
+    cfg = load_config(overrides={"federation.rounds": 6, "train.local_epochs": 2})
+    assert budget(cfg) == (12, 12)  # the run stops never early: neither does the baseline
+    stops = load_config(
+        overrides={"federation.rounds": 6, "train.local_epochs": 2, "federation.patience": 2}
+    )
+    assert budget(stops) == (12, 4)  # two rounds without a better loss = four epochs

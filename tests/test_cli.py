@@ -274,8 +274,8 @@ def test_report_says_which_learning_rate_each_mode_used(
     store.add_baselines(
         run_id,
         [
-            BaselineResult("alone", "A", 30, 10, 0.6, 1.0, lr=5e-3),
-            BaselineResult("alone", "B", 20, 10, 0.7, 1.0, lr=5e-4),
+            BaselineResult("alone", "A", 30, 10, 0.6, 1.0, lr=5e-3, diff=0.1, diff_se=0.03),
+            BaselineResult("alone", "B", 20, 10, 0.7, 1.0, lr=5e-4, diff=0.0, diff_se=0.04),
             BaselineResult("centralized", "A", 50, 10, 0.8, 1.0, lr=1.67e-3),
             BaselineResult("centralized", "B", 50, 10, 0.8, 1.0, lr=1.67e-3),
             BaselineResult("tfidf-alone", "A", 30, 10, 0.6, 0.1),
@@ -290,6 +290,12 @@ def test_report_says_which_learning_rate_each_mode_used(
         "alone A 0.005, B 0.0005; centralized 0.00167"
     ) in out
     assert "learning rate, federated: 0.005 (train.lr, the same at every site and round; " in out
+    # Federated minus alone, paired, per site and macro (se sqrt(0.03² + 0.04²) / 2 = 0.025).
+    assert (
+        "federated − alone AUC, same test rows: A +0.100 [+0.041, +0.159]; "
+        "B +0.000 [-0.078, +0.078]; macro +0.050 [+0.001, +0.099]"
+    ) in out
+    assert "federated − centralized" not in out  # recorded without differences: no line
 
     # A run whose rate was chosen from federated runs at each rate says so, and which.
     store = open_store(db)

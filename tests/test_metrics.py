@@ -5,7 +5,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fedpeft.common.metrics import (
+    Z95,
+    Difference,
     auc,
+    auc_difference,
     auc_from_histograms,
     auc_interval,
     auc_interval_from_histograms,
@@ -117,3 +120,61 @@ def test_no_interval_without_both_classes() -> None:
     assert np.isnan(low) and np.isnan(high)
     ev = evaluate_scores(np.array([0, 1, 1]), np.array([0.2, 0.7, 0.9]), 0.3)
     assert ev.auc_low <= ev.auc <= ev.auc_high
+
+
+# -- paired differences ----------------------------------------------------------------------
+
+
+def _two_models(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and two correlated models' scores (a better than b), rounded so that ties occur."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    shared = rng.normal(size=n)
+    a = np.round(1.2 * labels + shared + 0.5 * rng.normal(size=n), 1)
+    b = np.round(0.8 * labels + shared + 0.5 * rng.normal(size=n), 1)
+    return labels, a, b
+
+
+def test_a_paired_difference_is_the_difference_of_the_aucs() -> None:
+    labels, a, b = _two_models(300, 0)
+    d = auc_difference(labels, a, b)
+    assert d.value == pytest.approx(roc_auc_score(labels, a) - roc_auc_score(labels, b))
+    assert d.value > 0 and d.se > 0 and d.interval[0] < d.value < d.interval[1]
+    same = auc_difference(labels, a, a)
+    assert same.value == 0 and same.se == 0  # a model against itself: no doubt at all
+    assert np.isnan(auc_difference(np.ones(5), a[:5], b[:5]).value)  # one class: undefined
+    with pytest.raises(ValueError, match="5 labels but 4 and 5 scores"):
+        auc_difference(labels[:5], a[:4], b[:5])
+
+
+def test_against_a_constant_model_the_difference_has_the_single_auc_s_error() -> None:
+    labels, a, _ = _two_models(200, 1)
+    d = auc_difference(labels, a, np.full(len(a), 0.3))
+    low, high = auc_interval(labels, a)
+    assert 0 < low < high < 1  # not clipped: the half-width is Z95 times the standard error
+    assert d.value == pytest.approx(roc_auc_score(labels, a) - 0.5)
+    assert d.se * Z95 == pytest.approx((high - low) / 2)
+
+
+def test_the_paired_error_matches_a_bootstrap_and_is_below_the_unpaired_one() -> None:
+    labels, a, b = _two_models(400, 2)
+    d = auc_difference(labels, a, b)
+    rng = np.random.default_rng(3)
+    boot = []
+    for _ in range(1000):
+        i = rng.integers(0, len(labels), len(labels))
+        boot.append(roc_auc_score(labels[i], a[i]) - roc_auc_score(labels[i], b[i]))
+    assert d.se == pytest.approx(np.std(boot), rel=0.15)
+    # The two models share most of their noise: pairing removes it.
+    unpaired = [
+        (h - lo) / (2 * Z95) for lo, h in (auc_interval(labels, a), auc_interval(labels, b))
+    ]
+    assert d.se < 0.8 * np.hypot(*unpaired)
+
+
+def test_the_macro_difference_of_independent_sites() -> None:
+    parts = [Difference(0.02, 0.03), Difference(0.04, 0.04)]
+    macro = Difference.mean(parts)
+    assert macro.value == pytest.approx(0.03) and macro.se == pytest.approx(0.025)
+    assert macro.interval == pytest.approx((0.03 - Z95 * 0.025, 0.03 + Z95 * 0.025))
+    assert np.isnan(Difference.mean([]).value)

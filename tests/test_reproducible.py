@@ -57,7 +57,8 @@ def _numbers(db: str) -> dict[str, object]:
             for r in store.site_results(run.id)
         ]
         baselines = [
-            (b.kind, b.site, b.n_train, b.n_test, b.auc, b.lr) for b in store.baselines(run.id)
+            (b.kind, b.site, b.n_train, b.n_test, b.auc, b.lr, b.diff, b.diff_se)
+            for b in store.baselines(run.id)
         ]
         return {"rounds": rounds, "sites": sites, "baselines": baselines}
     finally:
@@ -90,6 +91,8 @@ def test_the_same_seed_gives_the_same_numbers_in_another_process(
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     first, second = (_numbers(db) for db in dbs)
     assert first["baselines"] and len(first["rounds"]) == 2  # alone, centralized and TF-IDF ran
+    # Each language-model baseline was compared with the federated model on its test rows.
+    assert all(b[6] is not None for b in first["baselines"] if b[0] in ("alone", "centralized"))
     for key in first:
         assert first[key] == second[key], key
     assert _report(dbs[0]) == _report(dbs[1])

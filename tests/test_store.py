@@ -271,7 +271,7 @@ def test_baselines(store: RunStore) -> None:
     store.add_baselines(
         run_id,
         [
-            BaselineResult("alone", "A", 10, 5, 0.7, 3.0, lr=1.67e-3),
+            BaselineResult("alone", "A", 10, 5, 0.7, 3.0, lr=1.67e-3, diff=0.05, diff_se=0.02),
             BaselineResult("centralized", "A", 30, 5, float("nan"), 9.0),
             BaselineResult("centralized", "B", 30, 5, 0.46, 9.0, degenerate=True),
             BaselineResult("tfidf-pooled", ALL_TEST_ROWS, 30, 15, 0.8, 0.1),
@@ -285,6 +285,7 @@ def test_baselines(store: RunStore) -> None:
         ("tfidf-pooled", ALL_TEST_ROWS, 0.8, False),
     ]
     assert [b.lr for b in got] == [1.67e-3, None, None, None]  # TF-IDF has no learning rate
+    assert [(b.diff, b.diff_se) for b in got] == [(0.05, 0.02)] + [(None, None)] * 3
 
 
 def test_a_run_records_the_runs_its_learning_rate_was_chosen_from(store: RunStore) -> None:
@@ -328,7 +329,7 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
     } <= tables
     with engine.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0010"
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0011"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]

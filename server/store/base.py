@@ -225,6 +225,11 @@ class BaselineResult:
     #: The learning rate it chose from ``tuning.lr_grid`` by validation loss (migration 0009);
     #: None for TF-IDF and for baselines recorded before.
     lr: float | None = None
+    #: The federated model's AUC minus this one's on the same test rows, and the standard error
+    #: of that difference (DeLong, paired: ``common.metrics.auc_difference``; migration 0011).
+    #: None for TF-IDF, for baselines recorded before, and where it is undefined.
+    diff: float | None = None
+    diff_se: float | None = None
 
 
 class RunStore(abc.ABC):

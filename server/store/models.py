@@ -126,6 +126,9 @@ class BaselineRow(Base):
     degenerate: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The learning rate chosen from the run's grid (migration 0009); None for TF-IDF.
     lr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Federated AUC minus this one on the same rows, and its standard error (migration 0011).
+    diff: Mapped[float | None] = mapped_column(Float, nullable=True)
+    diff_se: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class RunResumeRow(Base):

@@ -558,6 +558,8 @@ class SqlRunStore(RunStore):
                     seconds=r.seconds,
                     degenerate=r.degenerate,
                     lr=r.lr,
+                    diff=_finite(r.diff),
+                    diff_se=_finite(r.diff_se),
                 )
                 for r in results
             ]
