@@ -7,9 +7,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
-from fedpeft.common.metrics import Difference
+from fedpeft.common.metrics import CALIBRATION_BINS, Difference
 from fedpeft.server.rounds import select_round
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
@@ -77,6 +78,11 @@ class Summary:
     #: Baseline kind (alone, centralized) -> site -> federated AUC minus the baseline's on the
     #: site's test rows (DeLong, paired), for baselines recorded with it.
     differences: dict[str, dict[str, Difference]] = field(default_factory=dict)
+    #: The delivered round's pooled Brier score and ECE (from the pooled score histograms), and
+    #: each site's Brier score as the site computed it.
+    pooled_brier: float | None = None
+    pooled_ece: float | None = None
+    site_brier: dict[str, float] = field(default_factory=dict)
 
     @property
     def has_tfidf(self) -> bool:
@@ -101,6 +107,7 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
     rounds = store.rounds(run.id)
     results = store.site_results(run.id)
     chosen = select_round(rounds)
+    delivered = next((r for r in rounds if r.round == chosen), None)
     evals = {r.site: r for r in results if r.phase == "evaluate" and r.round == chosen}
     trains = [r for r in results if r.phase == "train"]
     n_train = {r.site: r.n for r in trains if r.n is not None}
@@ -175,6 +182,13 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         federated_lr=_number(_config_value(run.config_json, "train", "lr")),
         lr_grid=_rates(_config_value(run.config_json, "tuning", "lr_grid")),
         federated_candidates=run.lr_candidates,
+        pooled_brier=delivered.pooled_brier if delivered else None,
+        pooled_ece=delivered.pooled_ece if delivered else None,
+        site_brier={
+            site: ev.brier
+            for site, ev in sorted(evals.items())
+            if ev.status == "ok" and ev.brier is not None
+        },
         differences={
             kind: {
                 b.site: Difference(b.diff, b.diff_se)
@@ -291,6 +305,7 @@ def render_table(s: Summary) -> str:
         )
     out += _rates_lines(s)
     out += _difference_lines(s)
+    out += _calibration_lines(s)
     if s.has_tfidf:
         out.append(
             "TF-IDF = TF-IDF (word 1-2 grams) + logistic regression on the same split, on each "
@@ -387,6 +402,22 @@ def _difference_lines(s: Summary) -> list[str]:
     return out
 
 
+def _calibration_lines(s: Summary) -> list[str]:
+    out = []
+    if s.pooled_brier is not None and s.pooled_ece is not None:
+        out.append(
+            f"calibration of round {s.selected_round}, all test rows (from the pooled score "
+            f"histograms, {CALIBRATION_BINS} bins): Brier {s.pooled_brier:.3f}, expected "
+            f"calibration error {s.pooled_ece:.3f}"
+        )
+    if s.site_brier:
+        out.append(
+            "Brier per site (at the site): "
+            + ", ".join(f"{site} {b:.3f}" for site, b in s.site_brier.items())
+        )
+    return out
+
+
 def _signed(d: Difference) -> str:
     low, high = d.interval
     return f"{d.value:+.3f} [{low:+.3f}, {high:+.3f}]"
@@ -409,7 +440,15 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
 
     rounds = store.rounds(run_id)
     results = [r for r in store.site_results(run_id) if r.phase == "evaluate" and r.auc is not None]
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    chosen = select_round(rounds)
+    curve = next((r.pooled_reliability for r in rounds if r.round == chosen), ())
+    if curve:  # a second panel: the delivered round's reliability curve
+        fig, (ax, rel) = plt.subplots(
+            2, 1, figsize=(9, 8.5), dpi=110, gridspec_kw={"height_ratios": [1.1, 1]}
+        )
+        _reliability(rel, curve, chosen)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     for site in sorted({r.site for r in results}):
         points = [(r.round, r.auc) for r in results if r.site == site]
         n = next((r.n for r in results if r.site == site and r.n is not None), None)
@@ -438,7 +477,6 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
                 linewidth=1.2,
                 label=f"{attr} (macro) {value:.3f}{flagged}",
             )
-    chosen = select_round(rounds)
     if chosen is not None:
         ax.axvline(
             chosen, color="grey", linestyle="--", linewidth=1, label=f"chosen (round {chosen})"
@@ -454,3 +492,21 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _reliability(ax: Any, curve: Sequence[tuple[float, float, int]], chosen: int | None) -> None:
+    """The reliability curve: share of positives against mean score, per bin, marker area by
+    rows; the diagonal is perfect calibration."""
+    means, observed, rows = zip(*curve, strict=True)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    ax.plot(means, observed, color="black", linewidth=1.2)
+    ax.scatter(means, observed, s=[20 + 200 * k / max(rows) for k in rows], color="black", zorder=3)
+    for m, o, k in curve:
+        ax.annotate(f"{k}", (m, o), textcoords="offset points", xytext=(6, -10), fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"mean score in the bin ({CALIBRATION_BINS} equal bins; label: rows)")
+    ax.set_ylabel("share of positives")
+    ax.set_title(f"reliability of round {chosen}'s global state, all test rows (pooled)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")

@@ -17,6 +17,7 @@ from fedpeft.common.keys import Phase
 from fedpeft.common.metrics import (
     auc_from_histograms,
     auc_interval_from_histograms,
+    calibration_from_histograms,
     pool_histograms,
 )
 from fedpeft.server.aggregation import CAPPED_EXAMPLES, CLIPPED_TO, NORM
@@ -82,11 +83,12 @@ def round_result(
     histograms = [e.histogram for e in ok if e.histogram is not None]
     if pooled is not None:
         histograms = [pooled]
-    pooled_value = low = high = None
-    if histograms:  # summed once: the pooled AUC and its interval
+    pooled_value = low = high = calibration = None
+    if histograms:  # summed once: the pooled AUC, its interval and the calibration
         summed = pool_histograms(histograms)
         pooled_value = auc_from_histograms(*summed)
         low, high = auc_interval_from_histograms(*summed)
+        calibration = calibration_from_histograms(*summed)
     return RoundResult(
         round=rnd,
         started_at=started,
@@ -104,6 +106,9 @@ def round_result(
         applied=applied,
         pooled_low=low,
         pooled_high=high,
+        pooled_brier=calibration.brier if calibration else None,
+        pooled_ece=calibration.ece if calibration else None,
+        pooled_reliability=calibration.curve if calibration else (),
     )
 
 

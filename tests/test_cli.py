@@ -209,6 +209,54 @@ def test_report_shows_the_sites_auc_intervals_and_the_pooled_one(
     assert (tmp_path / "i.png").stat().st_size > 1000
 
 
+def test_report_shows_the_delivered_round_s_calibration_and_its_reliability_curve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import matplotlib.pyplot as plt
+
+    db = f"sqlite:///{tmp_path / 'c.db'}"
+    store = open_store(db)
+    run_id = _new_run(store)
+    t = datetime(2026, 1, 1)
+    curve = ((0.12, 0.1, 30), (0.55, 0.4, 12), (0.91, 0.95, 20))
+    for rnd, val_loss in ((1, 0.4), (2, 0.6)):  # round 1 is delivered (lower validation loss)
+        store.add_round(
+            run_id,
+            RoundResult(
+                rnd,
+                t,
+                t,
+                1.0,
+                0.8,
+                0.8,
+                0.5,
+                2,
+                0,
+                True,
+                val_loss=val_loss,
+                pooled_brier=0.1 * rnd,
+                pooled_ece=0.05 * rnd,
+                pooled_reliability=curve,
+            ),
+            [
+                SiteResult(rnd, "A", "evaluate", "ok", n=30, auc=0.8, brier=0.12),
+                SiteResult(rnd, "B", "evaluate", "ok", n=32, auc=0.7, brier=0.2),
+            ],
+            b"s",
+        )
+    store.close()
+    assert main(["report", "--db", db, "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "calibration of round 1, all test rows (from the pooled score histograms, 10 bins): "
+        "Brier 0.100, expected calibration error 0.050"
+    ) in out
+    assert "Brier per site (at the site): A 0.120, B 0.200" in out
+    # The plot has the reliability panel under the AUC one: twice as tall as without.
+    height = plt.imread(tmp_path / "c.png").shape[0]
+    assert height > 900, height
+
+
 def test_report_flags_a_degenerate_reference_and_never_passes_it_as_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -12,6 +12,7 @@ from fedpeft.common.metrics import (
     auc_from_histograms,
     auc_interval,
     auc_interval_from_histograms,
+    calibration_from_histograms,
     degenerate,
     evaluate_scores,
     pooled_auc,
@@ -178,3 +179,40 @@ def test_the_macro_difference_of_independent_sites() -> None:
     assert macro.value == pytest.approx(0.03) and macro.se == pytest.approx(0.025)
     assert macro.interval == pytest.approx((0.03 - Z95 * 0.025, 0.03 + Z95 * 0.025))
     assert np.isnan(Difference.mean([]).value)
+
+
+# -- calibration from histograms -------------------------------------------------------------
+
+
+def _ece(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
+    group = np.minimum((scores * bins).astype(int), bins - 1)
+    return sum(
+        (group == g).sum() * abs(labels[group == g].mean() - scores[group == g].mean())
+        for g in range(bins)
+        if (group == g).any()
+    ) / len(scores)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_calibration_from_histograms_matches_the_scores(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 500)
+    scores = np.clip(rng.beta(2, 5, 500) + 0.3 * labels, 0, 1)  # over-confident in places
+    cal = calibration_from_histograms(*score_histograms(labels, scores))
+    assert cal.brier == pytest.approx(float(((scores - labels) ** 2).mean()), abs=1e-3)
+    assert cal.ece == pytest.approx(_ece(labels, scores), abs=1e-3)
+    assert sum(k for _, _, k in cal.curve) == 500
+    for mean, observed, _ in cal.curve:
+        assert 0 <= mean <= 1 and 0 <= observed <= 1
+
+
+def test_a_calibrated_model_has_a_small_ece_and_a_diagonal_curve() -> None:
+    rng = np.random.default_rng(7)
+    scores = rng.uniform(0, 1, 20_000)
+    labels = (rng.uniform(0, 1, 20_000) < scores).astype(int)  # P(positive | score) = score
+    cal = calibration_from_histograms(*score_histograms(labels, scores))
+    assert cal.ece < 0.02
+    assert all(abs(observed - mean) < 0.04 for mean, observed, _ in cal.curve)
+    flipped = calibration_from_histograms(*score_histograms(1 - labels, scores))
+    assert flipped.ece > 0.4  # the same scores, reading the other label: badly calibrated
+    assert np.isnan(calibration_from_histograms([0, 0], [0, 0]).brier)

@@ -48,6 +48,7 @@ def _numbers(db: str) -> dict[str, object]:
         (run,) = store.list_runs()
         rounds = [
             (r.round, r.pooled_auc, r.pooled_low, r.pooled_high, r.macro_auc, r.loss, r.val_loss)
+            + (r.pooled_brier, r.pooled_ece, r.pooled_reliability)
             for r in store.rounds(run.id)
         ]
         sites = [

@@ -32,7 +32,12 @@ from fedpeft.common.config import load_config
 from fedpeft.common.dp import Accountant
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import Phase
-from fedpeft.common.metrics import HIST_BINS, pooled_auc
+from fedpeft.common.metrics import (
+    HIST_BINS,
+    calibration_from_histograms,
+    pool_histograms,
+    pooled_auc,
+)
 from fedpeft.common.records import BLOB, blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust, read_sites_file
@@ -976,6 +981,16 @@ def test_under_secure_aggregation_no_site_histogram_reaches_the_coordinator(
         assert p.pooled_low is not None and p.pooled_high is not None
         assert p.pooled_low < exact < p.pooled_high
         assert (s.pooled_low, s.pooled_high) == pytest.approx((p.pooled_low, p.pooled_high))
+        # The pooled calibration too: from the summed histograms, stored, the same either way.
+        cal = calibration_from_histograms(
+            *pool_histograms([_skewed(r + 7 * i)[1:] for i in range(4)])
+        )
+        assert p.pooled_brier == pytest.approx(cal.brier) and p.pooled_ece == pytest.approx(cal.ece)
+        flat = [x for point in cal.curve for x in point]
+        assert [x for point in p.pooled_reliability for x in point] == pytest.approx(flat)
+        assert (s.pooled_brier, s.pooled_ece) == pytest.approx((cal.brier, cal.ece))
+        assert [x for point in s.pooled_reliability for x in point] == pytest.approx(flat)
+        assert len(cal.curve) >= 5
     evaluate_rows = [r for r in secure.store.site_results(secure.run_id) if r.phase == "evaluate"]
     assert len(evaluate_rows) == 12 and all(r.status == "ok" and r.n == 11 for r in evaluate_rows)
 

@@ -177,6 +177,12 @@ class RoundResult:
     #: 0008); None where there is no pooled AUC, and for rounds recorded before.
     pooled_low: float | None = None
     pooled_high: float | None = None
+    #: The pooled calibration, from the pooled score histograms (migration 0012;
+    #: ``common.metrics.calibration_from_histograms``): Brier score, expected calibration error
+    #: and the reliability curve, (mean score, share of positives, rows) per bin holding rows.
+    pooled_brier: float | None = None
+    pooled_ece: float | None = None
+    pooled_reliability: tuple[tuple[float, float, int], ...] = ()
 
 
 class ReplyStatus(StrEnum):

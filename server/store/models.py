@@ -77,6 +77,10 @@ class RoundRow(Base):
     # The pooled AUC's 95 % interval (migration 0008).
     pooled_low: Mapped[float | None] = mapped_column(Float, nullable=True)
     pooled_high: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Pooled calibration (migration 0012); the reliability curve as JSON [[mean, observed, n]].
+    pooled_brier: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pooled_ece: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pooled_reliability: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class SiteResultRow(Base):

@@ -526,6 +526,13 @@ class SqlRunStore(RunStore):
                     sample_rate=_finite(result.sample_rate),
                     pooled_low=_finite(result.pooled_low),
                     pooled_high=_finite(result.pooled_high),
+                    pooled_brier=_finite(result.pooled_brier),
+                    pooled_ece=_finite(result.pooled_ece),
+                    pooled_reliability=(
+                        json.dumps([list(p) for p in result.pooled_reliability])
+                        if result.pooled_reliability
+                        else None
+                    ),
                 )
             ]
             for site in sites:
@@ -588,7 +595,18 @@ class SqlRunStore(RunStore):
             rows = s.scalars(
                 select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.round)
             )
-            return [_to(RoundResult, r, applied=bool(r.applied)) for r in rows]
+            return [
+                _to(
+                    RoundResult,
+                    r,
+                    applied=bool(r.applied),
+                    pooled_reliability=tuple(
+                        (float(m), float(o), int(k))
+                        for m, o, k in json.loads(r.pooled_reliability or "[]")
+                    ),
+                )
+                for r in rows
+            ]
 
     def site_results(self, run_id: int) -> list[SiteResult]:
         with self._transaction() as s:
