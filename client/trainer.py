@@ -108,6 +108,14 @@ def evaluate(
     return evaluate_scores(rows.labels, scores, loss, bins)
 
 
+def class_weights(labels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Loss weights of classes 0 and 1, n / (2 n_class) ("balanced"); both 1 when a class is
+    absent from ``labels`` (nothing to balance)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)[:2].astype(np.float64)
+    weights = counts.sum() / (2 * counts) if (counts > 0).all() else np.ones(2)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
 def train_local(
     model: torch.nn.Module,
     train: Encoded,
@@ -122,6 +130,9 @@ def train_local(
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weight = class_weights(train.labels, device) if cfg.class_weight == "balanced" else None
+    # FedProx's anchor: the shared parameters as this training found them (the global state).
+    anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
     best_loss, best_state, stale, steps, epochs_run = float("inf"), None, 0, 0, 0
     started = time.perf_counter()
     train_seconds = 0.0
@@ -131,8 +142,13 @@ def train_local(
         epoch_started = time.perf_counter()
         for start in range(0, len(order), cfg.batch_size):
             batch = _batch(train, order[start : start + cfg.batch_size], device)
+            labels = batch.pop("labels")
             with _autocast(device):
-                loss = model(**batch).loss
+                logits = model(**batch).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight)
+            if anchor is not None:
+                drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                loss = loss + 0.5 * cfg.prox_mu * drift
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:

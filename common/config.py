@@ -60,6 +60,10 @@ class MethodConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
 
+#: ``train.class_weight`` values.
+CLASS_WEIGHTS = ("none", "balanced")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training at a site (and for the alone / centralized baselines)."""
@@ -78,6 +82,12 @@ class TrainConfig:
     val_fraction: float = 0.15
     #: Epochs without a better validation loss before a local run stops (the best state is kept).
     patience: int = 2
+    #: ``balanced``: each class's rows weigh in the training loss inversely to its share of the
+    #: site's training rows (n / (2 n_class)), so a rare outcome counts; ``none``: all alike.
+    class_weight: str = "none"
+    #: FedProx's µ (Li et al. 2020): local training adds µ/2 ||w − w_global||² over the shared
+    #: parameters, pulling each site's update toward the global state; 0 = plain FedAvg.
+    prox_mu: float = 0.0
 
 
 #: ``federation.aggregator`` values (server/aggregation.py).
@@ -485,6 +495,14 @@ def _check_model_and_training(
     need(t.grad_clip >= 0, "train.grad_clip: must not be negative (0 disables clipping)")
     need(0 < t.val_fraction < 0.5, "train.val_fraction: must be in (0, 0.5)")
     need(t.patience >= 1, "train.patience: must be at least 1")
+    need(
+        t.class_weight in CLASS_WEIGHTS,
+        f"train.class_weight: {t.class_weight!r} is not one of {', '.join(CLASS_WEIGHTS)}",
+    )
+    need(
+        math.isfinite(t.prox_mu) and t.prox_mu >= 0,
+        f"train.prox_mu: must be 0 (off) or positive, got {t.prox_mu!r}",
+    )
 
 
 def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:

@@ -102,7 +102,8 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed).to(device)
     epochs, patience = budget(cfg)
-    train = dataclasses.replace(cfg.train, lr=task.lr, patience=patience)
+    # No FedProx: a model trained in one piece has no global state to stay near.
+    train = dataclasses.replace(cfg.train, lr=task.lr, patience=patience, prox_mu=0.0)
     result = train_local(model, union("train"), union("val"), train, epochs, device, cfg.seed)
     seconds = time.perf_counter() - started
     n_train = len(union("train"))

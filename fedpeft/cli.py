@@ -83,6 +83,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="how sites encode their deltas before sealing (default fp32)",
     )
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the method's own)")
+    p.add_argument(
+        "--class-weight",
+        choices=("none", "balanced"),
+        help="balanced: each class weighs in the training loss inversely to its share of a "
+        "site's training rows, so a rare outcome counts (default none)",
+    )
+    p.add_argument(
+        "--prox-mu",
+        type=float,
+        metavar="MU",
+        help="FedProx: local training adds MU/2 ||w - w_global||^2, keeping each site's update "
+        "near the global state (default 0: FedAvg)",
+    )
     p.add_argument("--seed", type=int, help="seed for splits, init, sampling and training")
     p.add_argument("--db", help="SQLAlchemy URL of the run store (default sqlite:///fedpeft.db)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
@@ -138,6 +151,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "federation.secure_aggregation.enabled": args.secure_aggregation,
         "federation.histogram_bins": args.histogram_bins,
+        "train.class_weight": args.class_weight,
+        "train.prox_mu": args.prox_mu,
         "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only
         **_dp_overrides(args),
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.cli import main
-from fedpeft.common.errors import FedpeftError
+from fedpeft.common.errors import ConfigError, FedpeftError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
@@ -557,3 +557,14 @@ def test_lr_grid_flag_sets_the_baselines_grid() -> None:
         1.67e-3,
         5e-4,
     )
+
+
+def test_class_weight_and_prox_mu_flags_reach_the_sites_config() -> None:
+    from fedpeft.cli import _overrides, parser
+    from fedpeft.common.config import load_config
+
+    args = parser().parse_args(["simulate", "--class-weight", "balanced", "--prox-mu", "0.01"])
+    site = load_config(overrides=_overrides(args)).for_sites()
+    assert (site.train.class_weight, site.train.prox_mu) == ("balanced", 0.01)
+    with pytest.raises(ConfigError, match="train.prox_mu: must be 0"):
+        load_config(overrides=_overrides(parser().parse_args(["simulate", "--prox-mu", "-1"])))

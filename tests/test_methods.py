@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.client.trainer import Encoded, predict, train_local
+from fedpeft.client.trainer import Encoded, class_weights, predict, train_local
 from fedpeft.common.config import (
     AdapterConfig,
     LoraConfig,
@@ -242,3 +242,33 @@ def test_prompt_init_from_text_uses_the_texts_token_embeddings() -> None:
     # peft repeats the text's tokens to fill the virtual tokens.
     expected = words[[ids[i % len(ids)] for i in range(6)]]
     assert torch.equal(prompt.detach(), expected.detach())
+
+
+def test_balanced_class_weights_are_n_over_twice_the_class_count() -> None:
+    weights = class_weights(np.array([0, 0, 0, 1]), CPU)
+    assert weights.tolist() == pytest.approx([4 / 6, 4 / 2])
+    assert class_weights(np.array([0, 0]), CPU).tolist() == pytest.approx([1.0, 1.0])  # no 1s
+
+
+def _moved(rows: Encoded, **train: object) -> tuple[float, np.ndarray]:
+    """The trained shared state's distance from where it started, and the trained scores."""
+    model = _model("lora")
+    start = {n: t.clone() for n, t in shared_state(model).items()}
+    cfg = TrainConfig(lr=5e-3, batch_size=8, **train)  # type: ignore[arg-type]
+    train_local(model, rows, rows, cfg, 2, CPU, seed=0)
+    end = shared_state(model)
+    distance = float(sum(((end[n] - start[n]) ** 2).sum() for n in start) ** 0.5)
+    return distance, predict(model, rows, CPU)[0]
+
+
+def test_fedprox_keeps_the_update_near_the_global_state(rows: Encoded) -> None:
+    plain, _ = _moved(rows)
+    prox, _ = _moved(rows, prox_mu=10.0)
+    assert prox < 0.8 * plain, (prox, plain)
+
+
+def test_balanced_weighting_raises_the_rare_class_s_scores(rows: Encoded) -> None:
+    rare = Encoded(rows.ids, np.where(np.arange(len(rows)) % 5 == 0, 1, 0))  # 1 in 5 positive
+    _, plain = _moved(rare)
+    _, balanced = _moved(rare, class_weight="balanced")
+    assert balanced.mean() > plain.mean() + 0.02, (balanced.mean(), plain.mean())
