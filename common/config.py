@@ -645,7 +645,10 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         lr = get_spec(cfg.method.name).default_lr
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
     if not cfg.tuning.lr_grid:
-        grid = tuple(float(f"{cfg.train.lr * k:.3g}") for k in LR_GRID_FACTORS)
+        # The run's own rate exactly, the others to three significant digits.
+        grid = (cfg.train.lr,) + tuple(
+            float(f"{cfg.train.lr * k:.3g}") for k in LR_GRID_FACTORS[1:]
+        )
         cfg = dataclasses.replace(cfg, tuning=TuningConfig(lr_grid=grid))
     return cfg
 

@@ -139,6 +139,8 @@ class Difference:
     @property
     def interval(self) -> tuple[float, float]:
         """The 95 % interval, clipped to [−1, 1]; NaN where the difference is."""
+        if not (math.isfinite(self.value) and math.isfinite(self.se)):
+            return float("nan"), float("nan")
         half = Z95 * self.se
         return max(-1.0, self.value - half), min(1.0, self.value + half)
 
@@ -208,7 +210,9 @@ def calibration_from_histograms(
     pos: Sequence[int] | np.ndarray, neg: Sequence[int] | np.ndarray, bins: int = CALIBRATION_BINS
 ) -> Calibration:
     """Brier score, ECE and reliability curve of score histograms by label (each row's score
-    taken at its bin's middle: within half a bin, 0.0005 at 1,000 bins); NaN without rows.
+    taken at its bin's middle: within half a bin, 0.0005 at 1,000 bins; with fewer histogram
+    bins than ``bins``, or a count not a multiple of it, the curve's bins are those histogram
+    bins grouped as evenly as they go); NaN without rows.
     What a coordinator can compute from the pooled histograms alone, no score leaving a site."""
     pos = np.asarray(pos, dtype=np.float64)
     neg = np.asarray(neg, dtype=np.float64)

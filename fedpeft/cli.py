@@ -470,6 +470,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulate import record_baselines
 
     started = time.perf_counter()
+    if args.tune_lr and args.resume is not None:
+        raise FedpeftError(
+            "--tune-lr starts new runs, one per rate; --resume takes up one run with its own "
+            "rate: give one of them"
+        )
     cfg = load_config(args.config, _overrides(args))
     if args.resume is not None:
         cfg = stored_config(cfg.db, args.resume)
@@ -480,7 +485,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"sites per round {sites}, seed {cfg.seed}, store {shown_url(cfg.db)}"
     )
     mark_interrupted_runs(cfg.db, _say)
-    if args.tune_lr and args.resume is None:
+    if args.tune_lr:
         result, cfg = _tune_federated(cfg, args)
     else:
         result = _simulate_once(cfg, args, resume=args.resume)

@@ -140,9 +140,15 @@ def record_baselines(
         cfg, workers=min(2, os.cpu_count() or 1), progress=progress, kinds=kinds
     )
     if any(o.scores for o in outcomes):
-        state = delivered_state(cfg.db, run_id, store_key_file)
-        if state is not None:
-            outcomes = with_differences(cfg, state, outcomes)
+        try:  # the trained baselines are stored whatever happens here
+            state = delivered_state(cfg.db, run_id, store_key_file)
+            if state is not None:
+                outcomes = with_differences(cfg, state, outcomes)
+        except (FedpeftError, OSError) as exc:
+            progress(
+                f"warning: no federated − baseline differences for run {run_id} (the baselines "
+                f"are stored without them): {exc}"
+            )
     store = open_store(cfg.db)
     try:
         store.add_baselines(

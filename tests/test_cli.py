@@ -568,3 +568,44 @@ def test_class_weight_and_prox_mu_flags_reach_the_sites_config() -> None:
     assert (site.train.class_weight, site.train.prox_mu) == ("balanced", 0.01)
     with pytest.raises(ConfigError, match="train.prox_mu: must be 0"):
         load_config(overrides=_overrides(parser().parse_args(["simulate", "--prox-mu", "-1"])))
+
+
+def test_tune_lr_and_resume_are_refused_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'none.db'}"
+    assert main(["simulate", "--tune-lr", "--resume", "1", "--db", db]) == 2
+    assert "--tune-lr starts new runs" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()  # refused before anything was opened
+
+
+def test_baselines_are_stored_when_the_federated_comparison_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedpeft.baselines
+    import fedpeft.simulate
+    from fedpeft.baselines import BaselineOutcome
+    from fedpeft.common.config import load_config
+    from fedpeft.common.errors import KeyFileError
+
+    db = f"sqlite:///{tmp_path / 'b.db'}"
+    store = open_store(db)
+    run_id = _new_run(store)
+    store.close()
+    trained = [BaselineOutcome("alone", "A", 30, 10, 0.7, 5.0, lr=5e-3, scores=(0.1, 0.9))]
+    monkeypatch.setattr(fedpeft.baselines, "run_baselines", lambda *a, **k: trained)
+
+    def no_key(*_: object) -> None:
+        raise KeyFileError("no store key at /x/b.db.key")
+
+    monkeypatch.setattr(fedpeft.simulate, "delivered_state", no_key)
+    said: list[str] = []
+    fedpeft.simulate.record_baselines(load_config(overrides={"db": db}), run_id, said.append)
+    store = open_store(db)
+    (kept,) = store.baselines(run_id)
+    store.close()
+    assert (kept.kind, kept.site, kept.auc, kept.lr, kept.diff) == ("alone", "A", 0.7, 5e-3, None)
+    assert said == [
+        f"warning: no federated − baseline differences for run {run_id} (the baselines are "
+        "stored without them): no store key at /x/b.db.key"
+    ]

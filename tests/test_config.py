@@ -295,6 +295,8 @@ def test_the_lr_grid_defaults_to_the_rate_a_third_and_a_tenth_and_is_stored_reso
     assert mine.tuning.lr_grid == (0.02, 0.001)  # given: kept, not derived from train.lr
     assert RunConfig.from_json(cfg.to_json()).tuning == cfg.tuning
     assert "lr_grid" not in cfg.for_sites().to_json()  # the coordinator's setting only
+    odd = load_config(overrides={"train.lr": 1.2345e-3}).tuning.lr_grid
+    assert odd == (1.2345e-3, 4.11e-4, 1.23e-4)  # the run's own rate exactly, then rounded
 
 
 @pytest.mark.parametrize(

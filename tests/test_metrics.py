@@ -178,7 +178,7 @@ def test_the_macro_difference_of_independent_sites() -> None:
     macro = Difference.mean(parts)
     assert macro.value == pytest.approx(0.03) and macro.se == pytest.approx(0.025)
     assert macro.interval == pytest.approx((0.03 - Z95 * 0.025, 0.03 + Z95 * 0.025))
-    assert np.isnan(Difference.mean([]).value)
+    assert np.isnan(Difference.mean([]).value) and np.isnan(Difference.mean([]).interval[0])
 
 
 # -- calibration from histograms -------------------------------------------------------------

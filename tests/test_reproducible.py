@@ -93,7 +93,8 @@ def test_the_same_seed_gives_the_same_numbers_in_another_process(
     first, second = (_numbers(db) for db in dbs)
     assert first["baselines"] and len(first["rounds"]) == 2  # alone, centralized and TF-IDF ran
     # Each language-model baseline was compared with the federated model on its test rows.
-    assert all(b[6] is not None for b in first["baselines"] if b[0] in ("alone", "centralized"))
+    compared = [b for b in first["baselines"] if b[0] in ("alone", "centralized")]
+    assert len(compared) == 4 and all(b[6] is not None for b in compared)  # 2 sites x 2 kinds
     for key in first:
         assert first[key] == second[key], key
     assert _report(dbs[0]) == _report(dbs[1])

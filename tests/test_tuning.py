@@ -57,7 +57,8 @@ def test_tune_lr_runs_each_rate_and_keeps_the_lowest_validation_loss(tmp_path: P
             (runs[1].id, 2e-4, losses[runs[1].id]),
         ]
         assert tuned.id == min(losses, key=lambda i: losses[i])  # the lowest validation loss
-        assert f"lr {dict((c.run, c.lr) for c in tuned.lr_candidates)[tuned.id]:g}" in done.stdout
+        rate = dict((c.run, c.lr) for c in tuned.lr_candidates)[tuned.id]
+        assert f"federated: run {tuned.id} at lr {rate:g} chosen by validation loss" in done.stdout
     finally:
         store.close()
     # The report printed is the chosen run's, and says where its rate came from.
