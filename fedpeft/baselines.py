@@ -16,12 +16,13 @@ what a language model has to beat to earn its cost. Seconds on a CPU, so it runs
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from fedpeft.common.metrics import (
     score_histograms,
 )
 from fedpeft.server.store.base import ALL_TEST_ROWS
+
+if TYPE_CHECKING:
+    from fedpeft.client.trainer import Encoded
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,26 @@ class BaselineOutcome:
     diff_se: float | None = None
 
 
+def encoded_sites(cfg: RunConfig, names: Sequence[str]) -> dict[str, dict[str, Encoded]]:
+    """The train, val and test rows (``Encoded``) of each site of ``names``, split as the
+    federated run splits them: what a baseline trains on and what every model is scored on,
+    in one order, so that two models' test scores pair row by row."""
+    from fedpeft.client.trainer import encode_site
+    from fedpeft.common.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    return {
+        site.name: encode_site(
+            tokenizer,
+            site,
+            split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction),
+            cfg.model.max_length,
+        )
+        for site in load_sites(cfg.data)
+        if site.name in names
+    }
+
+
 def budget(cfg: RunConfig) -> tuple[int, int]:
     """A baseline's epochs and its early-stopping patience in epochs: the federated run's budget
     and stopping rule. It trains at most ``rounds × local_epochs`` epochs, as many as a site
@@ -81,19 +105,13 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     """Train one baseline model and evaluate it on the test rows of each site it covers."""
     import torch
 
-    from fedpeft.client.trainer import Encoded, encode_site, predict, train_local
+    from fedpeft.client.trainer import Encoded, predict, train_local
     from fedpeft.common.methods import build_model
-    from fedpeft.common.model import load_tokenizer, resolve_device
+    from fedpeft.common.model import resolve_device
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model)
-    parts: dict[str, dict[str, Encoded]] = {}
-    for site in load_sites(cfg.data):
-        if site.name not in task.sites:
-            continue
-        split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
-        parts[site.name] = encode_site(tokenizer, site, split, cfg.model.max_length)
+    parts = encoded_sites(cfg, task.sites)
 
     def union(part: str) -> Encoded:
         rows = [parts[s][part] for s in task.sites]
@@ -139,22 +157,19 @@ def federated_scores(
     :func:`run_task` splits them."""
     import torch
 
-    from fedpeft.client.trainer import encode_site, predict
+    from fedpeft.client.trainer import predict
     from fedpeft.common.methods import build_model, load_shared_state
-    from fedpeft.common.model import load_tokenizer, resolve_device
+    from fedpeft.common.model import resolve_device
 
     torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed)
     load_shared_state(model, dict(state))
     model.to(device)
     out = {}
-    for site in load_sites(cfg.data):
-        if site.name in sites:
-            split = split_site(site, cfg.seed, cfg.data.test_fraction, cfg.train.val_fraction)
-            test = encode_site(tokenizer, site, split, cfg.model.max_length)["test"]
-            out[site.name] = (test.labels, predict(model, test, device)[0])
+    for name, parts in encoded_sites(cfg, sites).items():
+        test = parts["test"]
+        out[name] = (test.labels, predict(model, test, device)[0])
     return out
 
 
@@ -394,10 +409,16 @@ def _by_rate(results: list[list[BaselineOutcome]]) -> list[list[BaselineOutcome]
     return sorted(results, key=lambda r: -(r[0].lr or 0.0))
 
 
+def rate_rank(val_loss: float | None, lr: float) -> tuple[float, float]:
+    """How a grid's rates rank, best first, for every mode alike: the lowest validation loss
+    (none recorded ranks last), ties to the larger rate."""
+    return (math.inf if val_loss is None else val_loss, -lr)
+
+
 def choose_rate(results: list[list[BaselineOutcome]]) -> list[BaselineOutcome]:
     """Of one baseline's models (one per rate; each a list of outcomes, one per test site), the
-    one with the lowest validation loss (ties: the larger rate; never a test-row number), its
-    ``seconds`` the whole grid's: what choosing the rate cost."""
-    ranked = sorted(_by_rate(results), key=lambda r: r[0].val_loss)  # stable: ties keep order
+    one :func:`rate_rank` puts first (never a test-row number), its ``seconds`` the whole
+    grid's: what choosing the rate cost."""
+    best = min(results, key=lambda r: rate_rank(r[0].val_loss, r[0].lr or 0.0))
     total = sum(r[0].seconds for r in results)
-    return [dataclasses.replace(o, seconds=total) for o in ranked[0]]
+    return [dataclasses.replace(o, seconds=total) for o in best]

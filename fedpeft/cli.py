@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -532,7 +531,8 @@ def _tune_federated(cfg: RunConfig, args: argparse.Namespace) -> tuple[Simulatio
     """``simulate --tune-lr``: one federated run per rate of ``tuning.lr_grid``, the same in
     all else; the one whose delivered round has the lowest weighted validation loss is the
     result (ties: the larger rate), and the store records what it was chosen from."""
-    from fedpeft.server.rounds import select_round
+    from fedpeft.baselines import rate_rank
+    from fedpeft.server.rounds import delivered_round
     from fedpeft.server.store import LrCandidate, open_store
 
     grid = cfg.tuning.lr_grid
@@ -545,21 +545,17 @@ def _tune_federated(cfg: RunConfig, args: argparse.Namespace) -> tuple[Simulatio
     try:
         candidates = []
         for result, one in runs:
-            rounds = store.rounds(result.run_id)
-            chosen = select_round(rounds)
-            loss = next((r.val_loss for r in rounds if r.round == chosen), None)
+            delivered = delivered_round(store.rounds(result.run_id))
+            loss = delivered.val_loss if delivered else None
             candidates.append(LrCandidate(result.run_id, one.train.lr, loss))
             shown = "none recorded" if loss is None else f"{loss:.4f}"
             _say(
                 f"federated run {result.run_id} at lr {one.train.lr:g} done in "
-                f"{result.seconds:.0f} s: validation loss {shown} (round {chosen})"
+                f"{result.seconds:.0f} s: validation loss {shown} "
+                f"(round {delivered.round if delivered else 'none'})"
             )
         best = min(
-            range(len(runs)),
-            key=lambda i: (
-                math.inf if candidates[i].val_loss is None else candidates[i].val_loss,
-                -candidates[i].lr,
-            ),
+            range(len(runs)), key=lambda i: rate_rank(candidates[i].val_loss, candidates[i].lr)
         )
         store.record_lr_choice(runs[best][0].run_id, candidates)
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
 from fedpeft.common.metrics import CALIBRATION_BINS, Difference
-from fedpeft.server.rounds import select_round
+from fedpeft.server.rounds import delivered_round
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
     BaselineResult,
@@ -106,8 +106,8 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
     run = store.get_run(run_id)
     rounds = store.rounds(run.id)
     results = store.site_results(run.id)
-    chosen = select_round(rounds)
-    delivered = next((r for r in rounds if r.round == chosen), None)
+    delivered = delivered_round(rounds)
+    chosen = delivered.round if delivered else None
     evals = {r.site: r for r in results if r.phase == "evaluate" and r.round == chosen}
     trains = [r for r in results if r.phase == "train"]
     n_train = {r.site: r.n for r in trains if r.n is not None}
@@ -161,7 +161,7 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         total=run.total_params,
         rounds=len(rounds),
         rows=rows,
-        pooled_federated=next((r.pooled_auc for r in rounds if r.round == chosen), None),
+        pooled_federated=delivered.pooled_auc if delivered else None,
         bytes_up_per_round={s: sum(v) / len(v) for s, v in uploads.items()},
         full_model_bytes=run.total_params * 4,
         rejections=[
@@ -176,9 +176,9 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         delta=_number(_config_value(run.config_json, "federation", "dp", "delta")),
         site_epsilons=site_epsilons,
         pooled_tfidf=_auc_of(baselines.get(("tfidf-pooled", ALL_TEST_ROWS))),
-        pooled_interval=next(
-            (_interval(r.pooled_low, r.pooled_high) for r in rounds if r.round == chosen), None
-        ),
+        pooled_interval=_interval(delivered.pooled_low, delivered.pooled_high)
+        if delivered
+        else None,
         federated_lr=_number(_config_value(run.config_json, "train", "lr")),
         lr_grid=_rates(_config_value(run.config_json, "tuning", "lr_grid")),
         federated_candidates=run.lr_candidates,
@@ -440,8 +440,9 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
 
     rounds = store.rounds(run_id)
     results = [r for r in store.site_results(run_id) if r.phase == "evaluate" and r.auc is not None]
-    chosen = select_round(rounds)
-    curve = next((r.pooled_reliability for r in rounds if r.round == chosen), ())
+    delivered = delivered_round(rounds)
+    chosen = delivered.round if delivered else None
+    curve = delivered.pooled_reliability if delivered else ()
     if curve:  # a second panel: the delivered round's reliability curve
         fig, (ax, rel) = plt.subplots(
             2, 1, figsize=(9, 8.5), dpi=110, gridspec_kw={"height_ratios": [1.1, 1]}

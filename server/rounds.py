@@ -57,6 +57,12 @@ def select_round(rounds: list[RoundResult]) -> int | None:
     return rounds[-1].round if rounds else None
 
 
+def delivered_round(rounds: list[RoundResult]) -> RoundResult | None:
+    """The record of the round :func:`select_round` picks; None without rounds."""
+    chosen = select_round(rounds)
+    return next((r for r in rounds if r.round == chosen), None)
+
+
 def round_result(
     rnd: int,
     started: datetime,
