@@ -23,6 +23,7 @@ from fedpeft.common.methods import ExportFormat, specs
 if TYPE_CHECKING:
     from fedpeft.simulate import SimulationResult
 
+DASHBOARD_TOKEN_ENV = "FEDPEFT_DASHBOARD_TOKEN"
 STORE_KEY_HELP = (
     "key file for the encrypted checkpoints in the store (default: $FEDPEFT_STORE_KEY_FILE, "
     "$FEDPEFT_STORE_KEY, or DB.key beside a SQLite store, made on first use)"
@@ -234,6 +235,28 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--plot", type=Path, help="also write the AUC-per-round PNG here")
     rep.add_argument("--list", action="store_true", help="list the runs in the store")
+
+    dash = sub.add_parser(
+        "dashboard",
+        help="a read-only web view of the store: runs, rounds, sites, two runs compared",
+        description="Serve a read-only web view of the store: the runs; a run's rounds, AUC per "
+        "round per site with intervals, bytes per site per round, rejections, privacy settings "
+        "and its config as the sites saw it (a running run's page updates as rounds land); a "
+        "site across runs; two runs compared. Pages load nothing from the internet. It listens "
+        "on 127.0.0.1 unless --host says otherwise; any other address needs an access token "
+        "(--token-file, or the environment variable " + DASHBOARD_TOKEN_ENV + "), which every "
+        "request must then carry (open http://HOST:PORT/?token=TOKEN once; a cookie keeps it).",
+    )
+    dash.add_argument(
+        "--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store (must exist)"
+    )
+    dash.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8050, help="port to listen on (8050)")
+    dash.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding the access token (required for a non-loopback --host)",
+    )
 
     exp = sub.add_parser(
         "export",
@@ -603,6 +626,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fedpeft.dashboard import create_app
+    from fedpeft.server.store import open_store
+    from fedpeft.settings import is_loopback
+
+    token = os.environ.get(DASHBOARD_TOKEN_ENV) or None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise FedpeftError(f"{args.token_file}: cannot read the token: {exc}") from exc
+        if len(token) < 16:
+            raise FedpeftError(f"{args.token_file}: the token is shorter than 16 characters")
+    if not is_loopback(args.host) and not token:
+        raise FedpeftError(
+            f"--host {args.host} is reachable from other machines: give an access token "
+            f"(--token-file, or {DASHBOARD_TOKEN_ENV}), or listen on 127.0.0.1"
+        )
+    store = open_store(args.db, create=False)  # first: a mistyped --db names the store
+    try:
+        app = create_app(store, token=token)
+        where = f"http://{args.host}:{args.port}/"
+        _say(f"dashboard of {args.db} at {where}" + (" (token required)" if token else ""))
+        # No access log: a URL may carry the token.
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        store.close()
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from fedpeft.common.config import RunConfig
     from fedpeft.common.export import export_state
@@ -891,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         "simulate": cmd_simulate,
         "report": cmd_report,
         "export": cmd_export,
+        "dashboard": cmd_dashboard,
         "site": cmd_site,
         "coordinator": cmd_coordinator,
         "certs": cmd_certs,
