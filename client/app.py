@@ -54,7 +54,13 @@ from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
 from fedpeft.common.config import DataConfig, SiteRunConfig
-from fedpeft.common.data import SiteData, load_site_file, load_sites, split_site
+from fedpeft.common.data import (
+    SiteData,
+    data_fingerprint,
+    load_site_file,
+    load_sites,
+    split_site,
+)
 from fedpeft.common.dp import clip_update
 from fedpeft.common.envelope import (
     ForgedGlobalState,
@@ -95,6 +101,9 @@ class SiteSession:
     base: torch.nn.Module
     fingerprint: str
     device: torch.device
+    #: The site's rows as loaded (common/data.py ``data_fingerprint``): its data version, sent
+    #: beside each update and written in the ledger, so that a model card can name it.
+    data_fingerprint: str = ""
 
 
 # One process may serve many messages (simulation keeps its actors, each serving any site);
@@ -137,6 +146,7 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
         base=load_base_model(cfg.model, cfg.train.dropout, cfg.seed).to(device),
         fingerprint=model_fingerprint(resolve_model_path(cfg.model)),
         device=device,
+        data_fingerprint=data_fingerprint(site),
         **rows,
     )
     if site.skipped_rows:
@@ -228,6 +238,7 @@ def _reply(
     metrics: dict[str, float] | None = None,
     evaluation: bytes | None = None,
     secagg: bytes | None = None,
+    data_fingerprint: str = "",
 ) -> Any:
     """A reply's records: the site's status, its sealed delta, its own metrics (a train reply's
     are the local model's), and a global state's evaluation, sealed (:func:`seal_evaluation`)."""
@@ -240,6 +251,7 @@ def _reply(
                     keys.SITE: site,
                     keys.STATUS: status.value,
                     keys.ERROR: error,
+                    **({keys.DATA_FINGERPRINT: data_fingerprint} if data_fingerprint else {}),
                 }
             ),
         }
@@ -379,8 +391,9 @@ class TaskRecord:
         )
         self.task_written = True
 
-    def upload(self, sealed: bytes | None) -> None:
-        """The ``upload`` line of a reply that leaves with the site's result."""
+    def upload(self, sealed: bytes | None, data_fingerprint: str = "") -> None:
+        """The ``upload`` line of a reply that leaves with the site's result (and, beside an
+        update, the data fingerprint that leaves with it)."""
         self._append(
             lambda ledger: ledger.record_upload(
                 run_token=self.run_token,
@@ -390,6 +403,7 @@ class TaskRecord:
                 sealed=sealed,
                 method=self.method,
                 codec=self.codec,
+                data_fingerprint=data_fingerprint,
             )
         )
 
@@ -559,9 +573,16 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
             )
             if setup.policy is not None:
                 check_upload(setup.policy, sealed)
-            record.upload(sealed)
+            record.upload(sealed, session.data_fingerprint)
             metrics[keys.TASK_SECONDS] = time.perf_counter() - started
-            return _reply(msg, site, sealed=sealed, metrics=metrics, evaluation=evaluation)
+            return _reply(
+                msg,
+                site,
+                sealed=sealed,
+                metrics=metrics,
+                evaluation=evaluation,
+                data_fingerprint=session.data_fingerprint,
+            )
         evaluation, _ = seal_site_evaluation(signed, rnd, site, setup, session)
         record.upload(None)
         metrics = {keys.TASK_SECONDS: time.perf_counter() - started}

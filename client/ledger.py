@@ -58,6 +58,8 @@ MAX_REASON = 500
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MESSAGE_TYPE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 _HEADER_KEYS = ("seq", "time", "prev", "hash")
+#: Entry fields added after the first ledgers were written: an older line may lack them.
+_LATER_FIELDS = {"data_sha256"}
 
 
 class LedgerError(FedpeftError):
@@ -105,6 +107,10 @@ class LedgerEntry:
     outcome: str = ""
     #: Why the site refused (a short reason with no local detail: no paths, no rows).
     reason: str = ""
+    #: The data fingerprint that left beside the upload (common/data.py ``data_fingerprint``,
+    #: its hex digest; "" if none did). Lines written before it existed lack the field and
+    #: read as "".
+    data_sha256: str = ""
 
     def __post_init__(self) -> None:
         problems = _entry_problems(self)
@@ -124,7 +130,7 @@ def _entry_problems(e: LedgerEntry) -> list[str]:
         p.append(f"round {e.round!r} is not a non-negative integer")
     if not isinstance(e.message_type, str) or not _MESSAGE_TYPE.fullmatch(e.message_type):
         p.append(f"message type {e.message_type!r} is not a Flower message type")
-    for name in ("config_sha256", "upload_sha256"):
+    for name in ("config_sha256", "upload_sha256", "data_sha256"):
         value = getattr(e, name)
         if not isinstance(value, str) or (value and not _HEX64.fullmatch(value)):
             p.append(f"{name} is neither empty nor a hex SHA-256")
@@ -210,7 +216,7 @@ def _parse(line: bytes) -> Record:
     if canonical(obj) != body:
         raise _Bad("not in canonical form (the line was edited)", seq)
     names = {f.name for f in fields(LedgerEntry)}
-    missing = sorted((names | set(_HEADER_KEYS)) - set(obj))
+    missing = sorted((names | set(_HEADER_KEYS)) - set(obj) - _LATER_FIELDS)
     unknown = sorted(set(obj) - names - set(_HEADER_KEYS))
     if missing or unknown:
         what = [f"missing {', '.join(missing)}"] if missing else []
@@ -226,7 +232,7 @@ def _parse(line: bytes) -> Record:
     if not isinstance(obj["time"], str) or not _utc_time(obj["time"]):
         raise _Bad(f"time {obj['time']!r} is not a UTC ISO-8601 time", seq)
     try:
-        entry = LedgerEntry(**{n: obj[n] for n in names})
+        entry = LedgerEntry(**{n: obj[n] for n in names if n in obj})
     except LedgerError as exc:
         raise _Bad(str(exc), seq) from None
     return Record(seq, obj["time"], obj["prev"], claimed, entry, sha256_hex(body))
@@ -398,9 +404,11 @@ class Ledger:
         sealed: bytes | None,
         method: str,
         codec: str,
+        data_fingerprint: str = "",
     ) -> Record:
         """A reply left with the site's result: ``sealed``, the sealed delta exactly as sent
-        (hashed and measured, never stored), or None for a reply without one (evaluate)."""
+        (hashed and measured, never stored), or None for a reply without one (evaluate), and
+        the data fingerprint sent beside it, if any."""
         return self.append(
             LedgerEntry(
                 event=UPLOAD,
@@ -413,6 +421,7 @@ class Ledger:
                 method=_clip(method, MAX_NAME),
                 codec=_clip(codec, MAX_NAME),
                 outcome=ACCEPTED,
+                data_sha256=data_fingerprint.rpartition(":")[2],  # sha256:HEX -> HEX
             )
         )
 

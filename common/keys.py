@@ -43,6 +43,9 @@ ROUND: Final = "round"
 SITE: Final = "site"
 STATUS: Final = "status"
 ERROR: Final = "error"
+#: A train reply's data fingerprint (common/data.py ``data_fingerprint``), beside the sealed delta:
+#: stated by the site, not signed.
+DATA_FINGERPRINT: Final = "data-sha256"
 
 # MetricRecord keys, site -> server.
 N_TRAIN: Final = "n-train"

@@ -26,6 +26,7 @@ values pass :func:`validate_evaluation` (``evaluation``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from flwr.app import Message
 
 
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 @dataclass
 class Reply:
     """One site's answer to one message, decoded, or the reason it could not be used."""
@@ -71,6 +75,9 @@ class Reply:
     opened: bool = False
     bytes_up: int = 0  # the whole reply as serialized by Flower
     bytes_down: int = 0  # the whole message sent to the site
+    #: The site's data fingerprint as it stated it beside its update (not signed); None when it
+    #: sent none, or not one of the form ``sha256:<64 hex>``.
+    data_fingerprint: str | None = None
     #: What the coordinator did with an accepted update (server/aggregation.py ``aggregate``:
     #: its weight, its norm, what was bounded); kept apart from what the site reported.
     notes: dict[str, float] = field(default_factory=dict)
@@ -218,7 +225,9 @@ def _read(msg: Message, name: str, metrics: str = keys.METRICS) -> Reply:
         values = {k: float(v) for k, v in msg.content[metrics].items()}  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         return _malformed(Reply(node, site), exc)
-    return Reply(node, site, metrics=values)
+    stated = info.get(keys.DATA_FINGERPRINT)
+    fingerprint = stated if isinstance(stated, str) and _FINGERPRINT.fullmatch(stated) else None
+    return Reply(node, site, metrics=values, data_fingerprint=fingerprint)
 
 
 #: Largest signed answer to a secure-aggregation stage (a site's key shares for every other

@@ -149,6 +149,7 @@ def site_rows(rnd: int, replies: list[Reply], phase: Phase) -> list[SiteResult]:
                 bytes_down=r.bytes_down,
                 seconds=m.get(keys.TRAIN_SECONDS),
                 extra={**{k: v for k, v in m.items() if k in EXTRA_METRICS}, **r.notes},
+                data_fingerprint=r.data_fingerprint,
             )
         )
     return rows

@@ -120,15 +120,18 @@ class ScriptedSite:
     #: Secure aggregation: seal its score histograms in its evaluation all the same (a site
     #: breaking the protocol).
     clear_histograms: bool = False
+    #: What it states as its data fingerprint beside each update ("": nothing).
+    data_fingerprint: str = ""
 
     def __call__(self, msg: Message) -> Message | None:
         kind = msg.metadata.message_type
         signed = open_global(from_blob_record(msg.content[keys.GLOBAL]), self.coordinator)
         if self.silent(kind, signed.round):
             return None
-        records = RecordDict(
-            {keys.CONFIG: ConfigRecord({keys.SITE: self.name, keys.STATUS: "ok", keys.ERROR: ""})}
-        )
+        info = {keys.SITE: self.name, keys.STATUS: "ok", keys.ERROR: ""}
+        if self.data_fingerprint and kind == Phase.TRAIN:
+            info[keys.DATA_FINGERPRINT] = self.data_fingerprint
+        records = RecordDict({keys.CONFIG: ConfigRecord(info)})
         context = round_context(signed.run_token, signed.round)
         task = None
         if keys.SECAGG in msg.content:  # as client/app.py does: the real site's functions

@@ -14,6 +14,7 @@ from fedpeft.client.setup import SiteSetup
 from fedpeft.common import crypto, keys
 from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import DataSchema, RunConfig, load_config
+from fedpeft.common.data import data_fingerprint, load_site_file
 from fedpeft.common.envelope import (
     Expected,
     OpenedEvaluation,
@@ -119,6 +120,8 @@ def test_train_replies_with_a_sealed_delta_of_the_shared_state(
     reply = handle(_message(cfg, fp), _setup(path))
     info = reply.content[keys.CONFIG]
     assert info[keys.STATUS] == "ok" and info[keys.SITE] == "site-x"
+    # The site's data version leaves beside the update: a hash of its rows, never a row.
+    assert info[keys.DATA_FINGERPRINT] == data_fingerprint(load_site_file(path, DataSchema()))
     state = _state(cfg)
     expected = Expected(
         run_token="run-token",

@@ -10,6 +10,7 @@ import pytest
 from fedpeft.common.config import DataSchema
 from fedpeft.common.data import (
     HEART_SITES,
+    data_fingerprint,
     heart_sites,
     load_site_file,
     load_site_folder,
@@ -40,6 +41,22 @@ def test_each_format_loads(tmp_path: Path, suffix: str) -> None:
     assert len(site) == 20
     assert site.labels.tolist() == [i % 2 for i in range(20)]
     assert site.texts[3] == "note 3"
+
+
+def test_the_data_fingerprint_names_the_rows_whatever_the_format(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text(pd.DataFrame(_rows()).to_csv(index=False))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in _rows()))
+    csv, jsonl = (load_site_file(tmp_path / f"a.{s}", CFG) for s in ("csv", "jsonl"))
+    fingerprint = data_fingerprint(csv)
+    assert fingerprint == data_fingerprint(jsonl)  # same rows, same fingerprint
+    assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64
+    assert "note" not in fingerprint
+    changed = _rows()
+    changed[7]["label"] = 1 - int(changed[7]["label"])  # one label flipped
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in changed))
+    assert data_fingerprint(load_site_file(tmp_path / "b.jsonl", CFG)) != fingerprint
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in _rows()[::-1]))
+    assert data_fingerprint(load_site_file(tmp_path / "c.jsonl", CFG)) != fingerprint
 
 
 def test_configurable_columns(tmp_path: Path) -> None:

@@ -129,6 +129,36 @@ def test_swapped_entries_are_named(lines: list[bytes]) -> None:
     )
 
 
+def test_an_upload_records_the_data_fingerprint_that_left_and_older_lines_still_read(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "ledger.jsonl", clock=_clock())
+    fingerprint = "sha256:" + "5e" * 32
+    ledger.record_upload(
+        run_token=TOKEN,
+        round=1,
+        message_type="train",
+        config=CONFIG,
+        sealed=b"\x02" * 10,
+        method="lora",
+        codec="fp32",
+        data_fingerprint=fingerprint,
+    )
+    assert ledger.entries()[0].entry.data_sha256 == "5e" * 32
+    # A line written before the field existed: the same entry without it, hashed as it was.
+    old = json.loads(ledger.lines()[0])
+    del old["data_sha256"], old["hash"]
+    old["upload_sha256"] = hashlib.sha256(b"x").hexdigest()
+    old["hash"] = hashlib.sha256(
+        json.dumps(old, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    older = tmp_path / "older.jsonl"
+    older.write_bytes(json.dumps(old, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    result = Ledger(older).verify()
+    assert result.ok, result.message
+    assert Ledger(older).entries()[0].entry.data_sha256 == ""
+
+
 def test_an_entry_from_another_ledger_breaks_the_chain(tmp_path: Path) -> None:
     """A valid line with the right seq, but chained to another history."""
     ours = _three_rounds(tmp_path / "a.jsonl").lines()

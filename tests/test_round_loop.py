@@ -161,6 +161,27 @@ def test_good_sites_are_averaged_applied_and_recorded(harness: Callable[..., Har
     ]
 
 
+def test_each_update_records_the_data_fingerprint_its_site_stated(
+    harness: Callable[..., Harness],
+) -> None:
+    stated = "sha256:" + "c0" * 32
+    h = harness(
+        {
+            1: site("A", constant(1.0), data_fingerprint=stated),
+            2: site("B", constant(3.0), data_fingerprint="sha256:not-a-digest"),
+            3: site("C", constant(2.0)),
+        }
+    )
+    assert h.start() == 1
+    train = h.rows(1, Phase.TRAIN)
+    # Recorded as stated when well formed; a malformed one is not recorded (nor refused).
+    assert [(r.site, r.status, r.data_fingerprint) for r in train] == [
+        ("A", "ok", stated),
+        ("B", "ok", None),
+        ("C", "ok", None),
+    ]
+
+
 def test_a_second_delta_from_one_site_in_a_round_is_refused(
     harness: Callable[..., Harness],
 ) -> None:

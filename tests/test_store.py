@@ -329,7 +329,7 @@ def test_schema_comes_from_the_migration(store_url: str, store: RunStore) -> Non
     } <= tables
     with engine.connect() as conn:
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0012"
+    assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head() == "0013"
 
 
 def test_reopening_keeps_data(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -210,6 +210,9 @@ class SiteResult:
     bytes_down: int = 0
     seconds: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    #: The data fingerprint the site stated beside its update (a train reply; migration 0013):
+    #: ``sha256:`` and the hex digest of its rows (common/data.py ``data_fingerprint``).
+    data_fingerprint: str | None = None
 
 
 #: ``BaselineResult.site`` of an AUC over every site's test rows together. No site can have

@@ -103,6 +103,7 @@ class SiteResultRow(Base):
     bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     extra: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    data_fingerprint: Mapped[str | None] = mapped_column(String(80), nullable=True)
 
 
 class GlobalStateRow(Base):
