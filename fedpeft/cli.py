@@ -58,7 +58,10 @@ def export_description() -> str:
         f"a new folder: for {having(ExportFormat.PEFT)} a peft adapter that "
         f"peft.PeftModel.from_pretrained(base, OUT) loads; for {having(ExportFormat.STATE)} a "
         "safetensors file that fedpeft.common.export.load_export(OUT) loads. "
-        "fedpeft-export.json beside it records the run, round, method and base-model fingerprint."
+        "fedpeft-export.json beside it records the run, round, method and base-model fingerprint; "
+        "README.md is the model card (Hugging Face format): base model, lineage (the sites whose "
+        "updates made each round, each site's data fingerprint), metrics with intervals, "
+        "privacy settings, software versions."
     )
 
 
@@ -235,6 +238,13 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--plot", type=Path, help="also write the AUC-per-round PNG here")
     rep.add_argument("--list", action="store_true", help="list the runs in the store")
+    rep.add_argument(
+        "--format",
+        choices=("text", "json", "md", "html"),
+        default="text",
+        help="text: the summary table (default); json, md, html: the run's model card with its "
+        "lineage (what `fedpeft export` writes as README.md), as data, Markdown or a page",
+    )
 
     dash = sub.add_parser(
         "dashboard",
@@ -617,6 +627,15 @@ def cmd_report(args: argparse.Namespace) -> int:
                     f"{run.dataset}"
                 )
             return 0
+        if args.format != "text":
+            from fedpeft import card
+
+            data = card.build_card(store, args.run)
+            render = {"json": card.to_json, "md": card.to_markdown, "html": card.to_html}
+            print(render[args.format](data))
+            if args.plot:
+                plot_auc(store, data["run"]["id"], args.plot)  # stdout holds the card only
+            return 0
         summary = summarize(store, args.run)
         print(render_table(summary))
         if args.plot:
@@ -659,6 +678,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from fedpeft.card import build_card, to_markdown
     from fedpeft.common.config import RunConfig
     from fedpeft.common.export import export_state
     from fedpeft.common.tensors import to_torch
@@ -678,6 +698,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if run.status != "finished":
             _say(f"warning: run {run.id} is {run.status}; exporting its round {chosen}")
         round_, data = store.global_state(run.id, chosen)
+        model_card = build_card(store, run.id, round_)
     finally:
         store.close()
     cfg = RunConfig.from_json(run.config_json)
@@ -689,6 +710,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         round=round_,
         fingerprint=run.model_fingerprint,
     )
+    readme = args.out / "README.md"  # in place of the blank card peft writes
+    readme.write_text(to_markdown(model_card))
+    files.append(readme)
     _say(f"exported run {run.id} ({run.method}), global state of round {round_}:")
     for f in files:
         print(f"  {f} ({f.stat().st_size:,} bytes)")

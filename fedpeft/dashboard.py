@@ -367,6 +367,11 @@ def _environment() -> Environment:
     return env
 
 
+def render_card(card: dict) -> str:
+    """A model card (fedpeft/card.py ``build_card``) as one HTML page."""
+    return _environment().get_template("card.html").render(card=card)
+
+
 def _token_of(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
@@ -398,6 +403,15 @@ def create_app(store: RunStore, *, token: str | None = None) -> Starlette:
             return page(template, v=view)
 
         return endpoint
+
+    def card(request: Request) -> Response:
+        from fedpeft.card import build_card
+
+        try:
+            data = build_card(store, int(request.path_params["run_id"]))
+        except StoreError as exc:
+            return not_found(str(exc))
+        return page("card.html", card=data)
 
     def site(request: Request) -> Response:
         try:
@@ -442,6 +456,7 @@ def create_app(store: RunStore, *, token: str | None = None) -> Starlette:
             Route("/runs/{run_id:int}", run_page("run.html")),
             # The changing part of a run's page, which a running run's page fetches again.
             Route("/runs/{run_id:int}/live", run_page("run_live.html")),
+            Route("/runs/{run_id:int}/card", card),
             Route("/sites/{site:str}", site),
             Route("/compare", compare),
         ],

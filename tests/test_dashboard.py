@@ -8,114 +8,24 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from recorded_runs import TOKEN, add_round, record_runs
 from starlette.testclient import TestClient
 
 from fedpeft.cli import main
 from fedpeft.common.config import RunConfig
-from fedpeft.common.keys import AUC_HIGH, AUC_LOW
 from fedpeft.dashboard import create_app
-from fedpeft.server.store import BaselineResult, RoundResult, RunStore, SiteResult, open_store
+from fedpeft.server.store import RunStore, open_store
 from fedpeft.settings import is_loopback
 from fedpeft.svgchart import Chart, Point, Series, render
-
-T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
-TOKEN = "s3cret-token-0123456789"
-
-
-def _config(rounds: int, lr: float) -> str:
-    cfg = RunConfig()
-    data = json.loads(cfg.to_json())
-    data["federation"]["rounds"] = rounds
-    data["train"]["lr"] = lr
-    return json.dumps(data)
-
-
-def _create(store: RunStore, rounds: int, lr: float) -> int:
-    return store.create_run(
-        config_json=_config(rounds, lr),
-        dataset="heart",
-        method="lora",
-        model_name="all-MiniLM-L6-v2",
-        model_fingerprint="sha256:" + "ab" * 32,
-        trainable_params=74_498,
-        total_params=22_788_484,
-        seed=0,
-    )
-
-
-def _round(store: RunStore, run: int, n: int, pooled: float, site_aucs: dict[str, float]) -> None:
-    sites = []
-    for i, (site, auc) in enumerate(sorted(site_aucs.items())):
-        rejected = n == 2 and site == "Hungary"  # its update, uploaded, is refused
-        sites.append(
-            SiteResult(
-                n,
-                site,
-                "train",
-                "rejected" if rejected else "ok",
-                reason="update norm 91.2 above 50" if rejected else None,
-                n=100,
-                loss=0.5,
-                bytes_up=300_000 + 10 * n + i,
-            )
-        )
-        sites.append(
-            SiteResult(
-                n,
-                site,
-                "evaluate",
-                "ok",
-                n=40,
-                auc=auc,
-                loss=0.45,
-                brier=0.2,
-                extra={AUC_LOW: auc - 0.08, AUC_HIGH: min(1.0, auc + 0.07)},
-            )
-        )
-    store.add_round(
-        run,
-        RoundResult(
-            n,
-            T0,
-            T0,
-            2.5,
-            pooled,
-            sum(site_aucs.values()) / len(site_aucs),
-            0.5,
-            accepted=len(site_aucs) - int(n == 2),
-            rejected=int(n == 2),
-            applied=True,
-            val_loss=0.6 - 0.05 * n,
-            pooled_low=pooled - 0.05,
-            pooled_high=pooled + 0.04,
-        ),
-        sites,
-        None,
-    )
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[RunStore]:
     s = open_store(f"sqlite:///{tmp_path / 'runs.db'}")
-    finished = _create(s, rounds=2, lr=5e-3)
-    _round(s, finished, 1, 0.70, {"Cleveland": 0.72, "Hungary": 0.81})
-    _round(s, finished, 2, 0.78, {"Cleveland": 0.80, "Hungary": 0.86})
-    s.add_baselines(
-        finished,
-        [
-            BaselineResult("alone", "Cleveland", 200, 40, 0.70, 1.0, lr=5e-3),
-            BaselineResult("alone", "Hungary", 200, 40, 0.76, 1.0, lr=5e-4),
-            BaselineResult("centralized", "Cleveland", 400, 40, 0.79, 1.0),
-            BaselineResult("centralized", "Hungary", 400, 40, 0.83, 1.0),
-        ],
-    )
-    s.finish_run(finished, status="finished", wall_seconds=42.0)
-    running = _create(s, rounds=5, lr=1e-3)
-    _round(s, running, 1, 0.66, {"Cleveland": 0.61, "Hungary": 0.74})
+    record_runs(s)
     yield s
     s.close()
 
@@ -192,7 +102,7 @@ def test_a_running_runs_page_polls_and_its_live_part_gains_rounds(
     live = client.get("/runs/2/live").text
     assert 'data-live-running="yes"' in live
     assert re.findall(r'<tr data-round="(\d+)"', live.split('id="rounds"')[1])[:1] == ["1"]
-    _round(store, 2, 2, 0.71, {"Cleveland": 0.65, "Hungary": 0.77})
+    add_round(store, 2, 2, 0.71, {"Cleveland": 0.65, "Hungary": 0.77})
     live = client.get("/runs/2/live").text
     assert _cells(live, "rounds", "pooled-auc") == ["0.660", "0.710"]
     store.finish_run(2, status="finished", wall_seconds=10.0)

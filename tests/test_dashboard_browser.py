@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpeft.common.data import data_fingerprint, heart_sites
 from fedpeft.common.environment import QUIET
 from fedpeft.server.rounds import delivered_round
 from fedpeft.server.store import RunStore, open_store
@@ -200,6 +201,30 @@ def test_finished_run_page(browser: webdriver.Chrome, base_url: str, store: RunS
     _shot(browser, "2-run-finished")
 
 
+def test_model_card_page(browser: webdriver.Chrome, base_url: str, store: RunStore) -> None:
+    run = store.get_run()
+    browser.get(f"{base_url}/runs/{run.id}")
+    browser.find_element(By.ID, "card-link").click()
+    WebDriverWait(browser, 30).until(lambda b: b.current_url.endswith("/card"))
+    results = store.site_results(run.id)
+    for rnd in store.rounds(run.id):
+        used = sorted(
+            r.site
+            for r in results
+            if r.round == rnd.round and r.phase == "train" and r.status == "ok"
+        )
+        cell = f'#card-lineage tr[data-round="{rnd.round}"] .contributed'
+        assert _texts(browser, cell) == [", ".join(used)], rnd.round
+    # Each site's data fingerprint went from the site, through the store, to the card: it is
+    # the hash of the rows the simulation gave that site.
+    expected = {site.name: data_fingerprint(site) for site in heart_sites()}
+    stored = {r.site: r.data_fingerprint for r in results if r.phase == "train"}
+    assert stored == expected
+    for site, fingerprint in expected.items():
+        assert _texts(browser, f'#card-sites tr[data-site="{site}"] .fingerprint') == [fingerprint]
+    _shot(browser, "3-model-card")
+
+
 def test_site_page(browser: webdriver.Chrome, base_url: str, store: RunStore) -> None:
     run = store.get_run()
     browser.get(f"{base_url}/runs/{run.id}")
@@ -214,7 +239,7 @@ def test_site_page(browser: webdriver.Chrome, base_url: str, store: RunStore) ->
     assert _texts(browser, row + " .auc") == [_f3(auc)]
     trained = sum(1 for r in results if r.phase == "train" and r.status == "ok")
     assert _texts(browser, row + " .trained") == [str(trained)]
-    _shot(browser, "3-site")
+    _shot(browser, "4-site")
 
 
 def test_a_running_runs_page_shows_rounds_as_they_land(
@@ -244,7 +269,7 @@ def test_a_running_runs_page_shows_rounds_as_they_land(
             number = int(row.get_attribute("data-round") or 0)
             cell = row.find_element(By.CSS_SELECTOR, ".pooled-auc").text.strip()
             assert cell == _f3(landed[number].pooled_auc), number
-        _shot(browser, "4-run-running")
+        _shot(browser, "5-run-running")
         assert proc.wait(SIMULATION_S) == 0, "the second simulation failed"
         WebDriverWait(browser, 60, poll_frequency=1).until(
             lambda b: _texts(b, "#run-status") == ["finished"]
@@ -253,7 +278,7 @@ def test_a_running_runs_page_shows_rounds_as_they_land(
         assert len(browser.find_elements(By.CSS_SELECTOR, "#rounds tr[data-round]")) == len(
             store.rounds(run)
         )
-        _shot(browser, "5-run-finished-live")
+        _shot(browser, "6-run-finished-live")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -278,4 +303,4 @@ def test_compare_page(browser: webdriver.Chrome, base_url: str, store: RunStore)
         ]
     diff = browser.find_element(By.ID, "config-diff").text
     assert "federation.rounds" in diff and "seed" in diff
-    _shot(browser, "6-compare")
+    _shot(browser, "7-compare")

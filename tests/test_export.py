@@ -132,6 +132,10 @@ def test_cli_exports_the_delivered_round(
     assert main([*args, str(tmp_path / "store.key")]) == 0
     assert "global state of round 1" in capsys.readouterr().out
     assert json.loads((out / MANIFEST).read_text())["round"] == 1
+    # The model card: Hugging Face metadata, and the round the export holds.
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: text-classification" in card
+    assert "this card describes round 1" in card and _fingerprint() in card
     assert np.allclose(predict(load_export(out), rows, CPU)[0], expected, atol=1e-6)
     # An existing export is never overwritten.
     assert main([*args, str(tmp_path / "store.key")]) == 2
