@@ -32,6 +32,16 @@ else:
             problems.append(f"round {rnd}: per-site AUC {got}")
         else:
             print(f"round {rnd}: " + ", ".join(f"{s} AUC {got[s]:.3f}" for s in sorted(got)))
+    # Each deployed site states its data fingerprint beside its updates (the model card's
+    # lineage), the same every round.
+    trains = [r for r in store.site_results(run.id) if r.phase == "train"]
+    stated = {r.site: {r.data_fingerprint} for r in trains}
+    for r in trains:
+        stated[r.site].add(r.data_fingerprint)
+    if set(stated) != SITES or any(len(v) != 1 or None in v for v in stated.values()):
+        problems.append(f"data fingerprints per site: {stated}")
+    else:
+        print("lineage: every site stated one data fingerprint")
 store.close()
 
 # Docker gives even an internal network a default route via the host's bridge address, and

@@ -65,6 +65,21 @@ def export_description() -> str:
     )
 
 
+def _add_mlflow_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--mlflow",
+        metavar="URI",
+        help=f"also log {what} to MLflow (needs `pip install 'fedpeft[mlflow]'`): the run's "
+        "config as params, each round's pooled, macro and per-site AUC, losses and bytes as "
+        "metrics, the exported adapter and its model card as artifacts. URI: an MLflow server "
+        "(http://...), a database (sqlite:///mlflow.db; artifacts beside it) or a folder (MLflow's "
+        "file store). Everything logged is what the coordinator already holds.",
+    )
+    p.add_argument(
+        "--mlflow-experiment", default="fedpeft", help="MLflow experiment name (fedpeft)"
+    )
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="run config TOML (flags override its values)")
     p.add_argument("--dataset", help="heart | pima | PATH to a folder with one data file per site")
@@ -229,6 +244,7 @@ def parser() -> argparse.ArgumentParser:
         "recorded round, with its own config (other config flags and files are ignored)",
     )
     sim.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
+    _add_mlflow_options(sim, "the finished run (its delivered round exported)")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
 
     rep = sub.add_parser("report", help="print the summary table of a finished run from the store")
@@ -280,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
         "--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store (must exist)"
     )
     exp.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
+    _add_mlflow_options(exp, "the exported run")
 
     site = sub.add_parser(
         "site", help="a hospital site: its keys, its SuperNode, its ledger"
@@ -507,6 +524,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "--tune-lr starts new runs, one per rate; --resume takes up one run with its own "
             "rate: give one of them"
         )
+    if args.mlflow:
+        from fedpeft.tracking import require_mlflow
+
+        require_mlflow()  # before any training: a missing extra is found at once
     cfg = load_config(args.config, _overrides(args))
     if args.resume is not None:
         cfg = stored_config(cfg.db, args.resume)
@@ -541,8 +562,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"AUC per round plot: {png}")
+    if args.mlflow:
+        _log_simulation(args, cfg, result.run_id)
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _log_simulation(args: argparse.Namespace, cfg: RunConfig, run_id: int) -> None:
+    """``simulate --mlflow``: export the delivered round into a temporary folder (removed after)
+    and log the run with it."""
+    import tempfile
+
+    from fedpeft.exporting import export_run
+
+    with tempfile.TemporaryDirectory(prefix="fedpeft-mlflow-") as tmp:
+        out = Path(tmp) / "adapter"
+        export_run(cfg.db, out, run_id=run_id, store_key_file=args.store_key_file, warn=_say)
+        _log_to_mlflow(args.mlflow, args.mlflow_experiment, cfg.db, run_id, out)
 
 
 def _simulate_once(
@@ -678,45 +714,38 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedpeft.card import build_card, to_markdown
-    from fedpeft.common.config import RunConfig
-    from fedpeft.common.export import export_state
-    from fedpeft.common.tensors import to_torch
-    from fedpeft.server.checkpoints import open_state, resolve_store_key
-    from fedpeft.server.rounds import select_round
-    from fedpeft.server.store import open_store
+    from fedpeft.exporting import export_run
 
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise FedpeftError(f"{args.out}: exists and is not an empty folder; choose a new --out")
-    store = open_store(args.db, create=False)  # first: a mistyped --db names the store
-    try:
-        store_key, _ = resolve_store_key(args.db, args.store_key_file)
-        run = store.get_run(args.run)
-        chosen = args.round if args.round is not None else select_round(store.rounds(run.id))
-        if chosen is None:
-            raise FedpeftError(f"run {run.id} has no stored round to export")
-        if run.status != "finished":
-            _say(f"warning: run {run.id} is {run.status}; exporting its round {chosen}")
-        round_, data = store.global_state(run.id, chosen)
-        model_card = build_card(store, run.id, round_)
-    finally:
-        store.close()
-    cfg = RunConfig.from_json(run.config_json)
-    files = export_state(
-        cfg,
-        to_torch(open_state(store_key, run.id, round_, data)),
+    if args.mlflow:
+        from fedpeft.tracking import require_mlflow
+
+        require_mlflow()
+    run_id, round_, files = export_run(
+        args.db,
         args.out,
-        run_id=run.id,
-        round=round_,
-        fingerprint=run.model_fingerprint,
+        run_id=args.run,
+        round=args.round,
+        store_key_file=args.store_key_file,
+        warn=_say,
     )
-    readme = args.out / "README.md"  # in place of the blank card peft writes
-    readme.write_text(to_markdown(model_card))
-    files.append(readme)
-    _say(f"exported run {run.id} ({run.method}), global state of round {round_}:")
+    _say(f"exported run {run_id}, global state of round {round_}:")
     for f in files:
         print(f"  {f} ({f.stat().st_size:,} bytes)")
+    if args.mlflow:
+        _log_to_mlflow(args.mlflow, args.mlflow_experiment, args.db, run_id, args.out)
     return 0
+
+
+def _log_to_mlflow(uri: str, experiment: str, db: str, run_id: int, export_dir: Path) -> None:
+    from fedpeft.server.store import open_store
+    from fedpeft.tracking import log_run
+
+    store = open_store(db, create=False)
+    try:
+        logged = log_run(store, run_id, uri, export_dir=export_dir, experiment=experiment)
+    finally:
+        store.close()
+    _say(f"logged run {run_id} to MLflow at {uri}: experiment {experiment!r}, run {logged}")
 
 
 def _sha256_arg(text: str) -> str:

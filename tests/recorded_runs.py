@@ -26,13 +26,15 @@ def config(rounds: int, lr: float) -> str:
     return json.dumps(data)
 
 
-def create(store: RunStore, rounds: int, lr: float) -> int:
+def create(
+    store: RunStore, rounds: int, lr: float, fingerprint: str = "sha256:" + "ab" * 32
+) -> int:
     return store.create_run(
         config_json=config(rounds, lr),
         dataset="heart",
         method="lora",
         model_name="all-MiniLM-L6-v2",
-        model_fingerprint="sha256:" + "ab" * 32,
+        model_fingerprint=fingerprint,
         trainable_params=74_498,
         total_params=22_788_484,
         seed=0,
@@ -40,7 +42,12 @@ def create(store: RunStore, rounds: int, lr: float) -> int:
 
 
 def add_round(
-    store: RunStore, run: int, n: int, pooled: float, site_aucs: dict[str, float]
+    store: RunStore,
+    run: int,
+    n: int,
+    pooled: float,
+    site_aucs: dict[str, float],
+    state: bytes | None = None,
 ) -> None:
     sites = []
     for i, (site, auc) in enumerate(sorted(site_aucs.items())):
@@ -89,7 +96,7 @@ def add_round(
             pooled_high=pooled + 0.04,
         ),
         sites,
-        None,
+        state,
     )
 
 

@@ -80,7 +80,11 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def db(tmp: Path) -> str:
     """A store holding one finished run of heart, with its alone and centralized baselines."""
     url = f"sqlite:///{tmp / 'runs.db'}"
-    finished = _simulate(url, tmp, "--rounds", "2", "--lr-grid", "0.005", "--seed", "0")
+    # Logged to MLflow as well (simulate --mlflow): test_simulate_logged_the_run_to_mlflow.
+    tracking = f"sqlite:///{tmp / 'mlflow.db'}"
+    finished = _simulate(
+        url, tmp, "--rounds", "2", "--lr-grid", "0.005", "--seed", "0", "--mlflow", tracking
+    )
     assert finished.wait(SIMULATION_S) == 0, "the first simulation failed"
     return url
 
@@ -199,6 +203,21 @@ def test_finished_run_page(browser: webdriver.Chrome, base_url: str, store: RunS
     assert refs["alone (macro)"] == pytest.approx(sum(a for a in alone if a) / len(alone), 1e-5)
     assert "off: the coordinator opens each site's delta" in browser.page_source
     _shot(browser, "2-run-finished")
+
+
+def test_simulate_logged_the_run_to_mlflow(store: RunStore, tmp: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fedpeft")
+    assert experiment is not None
+    [run] = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "pooled_auc")
+    logged = {m.step: m.value for m in history}
+    assert logged == {r.round: r.pooled_auc for r in store.rounds(store.get_run().id)}
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in files and "adapter/README.md" in files
+    assert (tmp / "mlflow-artifacts").is_dir()  # beside the tracking database
 
 
 def test_model_card_page(browser: webdriver.Chrome, base_url: str, store: RunStore) -> None:
