@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -268,7 +269,8 @@ def parser() -> argparse.ArgumentParser:
         description="Serve a read-only web view of the store: the runs; a run's rounds, AUC per "
         "round per site with intervals, bytes per site per round, rejections, privacy settings "
         "and its config as the sites saw it (a running run's page updates as rounds land); a "
-        "site across runs; two runs compared. Pages load nothing from the internet. It listens "
+        "site across runs; two runs compared; each run's model card. Pages load nothing from the "
+        "internet. It listens "
         "on 127.0.0.1 unless --host says otherwise; any other address needs an access token "
         "(--token-file, or the environment variable " + DASHBOARD_TOKEN_ENV + "), which every "
         "request must then carry (open http://HOST:PORT/?token=TOKEN once; a cookie keeps it).",
@@ -686,7 +688,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from fedpeft.dashboard import create_app
     from fedpeft.server.store import open_store
-    from fedpeft.settings import is_loopback
+    from fedpeft.settings import is_loopback, shown_url
 
     token = os.environ.get(DASHBOARD_TOKEN_ENV) or None
     if args.token_file is not None:
@@ -694,8 +696,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             token = args.token_file.read_text().strip()
         except OSError as exc:
             raise FedpeftError(f"{args.token_file}: cannot read the token: {exc}") from exc
-        if len(token) < 16:
-            raise FedpeftError(f"{args.token_file}: the token is shorter than 16 characters")
+    if token is not None and len(token) < 16:
+        where = args.token_file or DASHBOARD_TOKEN_ENV
+        raise FedpeftError(f"{where}: the token is shorter than 16 characters")
     if not is_loopback(args.host) and not token:
         raise FedpeftError(
             f"--host {args.host} is reachable from other machines: give an access token "
@@ -703,11 +706,23 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         )
     store = open_store(args.db, create=False)  # first: a mistyped --db names the store
     try:
-        app = create_app(store, token=token)
-        where = f"http://{args.host}:{args.port}/"
-        _say(f"dashboard of {args.db} at {where}" + (" (token required)" if token else ""))
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((args.host, args.port))
+        except OSError as exc:
+            listener.close()
+            raise FedpeftError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
         # No access log: a URL may carry the token.
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            create_app(store, token=token), log_level="warning", access_log=False
+        )
+        where = f"http://{args.host}:{args.port}/"
+        _say(
+            f"dashboard of {shown_url(args.db)} at {where}" + (" (token required)" if token else "")
+        )
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
         store.close()
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def test_a_run_page_shows_the_stores_rounds_sites_bytes_and_rejections(
     assert _cells(html, "sites", "alone") == ["0.700", "0.760"]
     assert _cells(html, "sites", "centralized") == ["0.790", "0.830"]
     assert "[0.720, 0.870]" in html  # Cleveland's interval at round 2
+    # Every site's AUC in every round.
+    site_aucs = re.findall(r'<td class="n site-auc" data-site="([^"]+)">([\d.]+) ', html)
+    assert site_aucs == [("Cleveland", "0.720"), ("Hungary", "0.810")] + [
+        ("Cleveland", "0.800"),
+        ("Hungary", "0.860"),
+    ]
     # Bytes per site per round, as the store has them (a refused update was uploaded too).
     uploaded = {(r.round, r.site): r.bytes_up for r in store.site_results(1) if r.phase == "train"}
     shown = re.findall(r'<td class="n bytes" data-site="([^"]+)">([\d,]+)</td>', html)
@@ -185,3 +192,15 @@ def test_a_chart_spans_its_points_and_cuts_wide_intervals() -> None:
     close = render(Chart("loss", [Series("a", [Point(1, 0.6686), Point(2, 0.6680)])]))
     ticks = re.findall(r'text-anchor="end">([\d.]+)<', close)
     assert len(set(ticks)) == len(ticks) == 5
+
+
+def test_a_port_in_use_is_a_clear_error(
+    store: RunStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        db = f"sqlite:///{tmp_path / 'runs.db'}"
+        assert main(["dashboard", "--db", db, "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err

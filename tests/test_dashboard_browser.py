@@ -186,6 +186,11 @@ def test_finished_run_page(browser: webdriver.Chrome, base_url: str, store: RunS
         assert _texts(browser, row + " .alone") == [_f3(baselines[("alone", site)])], site
         central = baselines[("centralized", site)]
         assert _texts(browser, row + " .centralized") == [_f3(central)], site
+    for r in store.site_results(run.id):  # every site's AUC in every round, with its interval
+        if r.phase == "evaluate" and r.status == "ok":
+            cell = f'#site-aucs tr[data-round="{r.round}"] td.site-auc[data-site="{r.site}"]'
+            low, high = r.extra["auc-low"], r.extra["auc-high"]
+            assert _texts(browser, cell) == [f"{_f3(r.auc)} [{low:.3f}, {high:.3f}]"], cell
     uploads = {
         (r.round, r.site): r.bytes_up for r in store.site_results(run.id) if r.phase == "train"
     }
