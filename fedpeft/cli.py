@@ -238,6 +238,15 @@ def parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
     sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the virtual sites on this running Ray cluster (`ray start --head` on one "
+        "machine, `ray start --address` on the others) instead of a private one here; every "
+        "node needs the same fedpeft install and the data set at the same path, and must "
+        "reach this machine's temporary folder (docs/architecture.md, Simulation on a Ray "
+        "cluster)",
+    )
+    sim.add_argument(
         "--resume",
         type=int,
         metavar="RUN_ID",
@@ -591,6 +600,7 @@ def _simulate_once(
     return run_simulation(
         cfg,
         cpus=args.cpus,
+        ray_address=args.ray_address,
         progress=_say,
         verbose=args.verbose,
         store_key_file=args.store_key_file,

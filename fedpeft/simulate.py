@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,18 +59,23 @@ def run_simulation(
     verbose: bool = False,
     store_key_file: Path | None = None,
     resume: int | None = None,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Run the federated part with Flower's Ray simulation engine; return the run's id.
 
     Each virtual site gets one CPU (Flower's default of two would serialize them here).
     ``client_app`` replaces the ClientApp (tests use it to plant a faulty site). ``resume``:
     the interrupted or failed run of ``cfg``'s store to take up (``cfg`` must be its config).
+    ``ray_address``: run the virtual sites on that running Ray cluster (``ray start``) instead
+    of a private one on this machine; ``cpus`` is then the cluster's.
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from fedpeft.client.app import app as default_client_app
 
     sites = check_sites(cfg)
+    if ray_address is not None:
+        check_ray_address(ray_address)
     cpus = cpus or os.cpu_count() or 1
     use_gpu = resolve_device(cfg.device).type == "cuda"  # fails here, clearly, without CUDA
     resources: dict[str, float] = {"num_cpus": 1, "num_gpus": (1 / len(sites)) if use_gpu else 0}
@@ -101,6 +108,9 @@ def run_simulation(
         previous = {name: os.environ.get(name) for name in site_env}
         os.environ.update(site_env)
         try:
+            if ray_address is not None:
+                _join_ray_cluster(ray_address, site_env)
+                del backend["init_args"]  # the cluster has its own resources
             flwr_run_simulation(
                 server_app=build_server_app(cfg, progress, handle, trust, store_key, resume),
                 client_app=client_app or default_client_app,  # type: ignore[arg-type]
@@ -109,6 +119,8 @@ def run_simulation(
                 verbose_logging=verbose,
             )
         finally:
+            if ray_address is not None:
+                _leave_ray_cluster()  # Flower does at its end; not if it failed to start
             flower_log.setLevel(level)
             for name, value in previous.items():
                 if value is None:
@@ -120,6 +132,51 @@ def run_simulation(
     if handle.error is not None:
         raise FedpeftError(f"run {handle.run_id} failed: {handle.error}")
     return SimulationResult(handle.run_id, time.perf_counter() - started)
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """A clear error for a Ray address nothing answers at: ``ray.init`` would retry for
+    minutes."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        raise FedpeftError(
+            f"--ray-address {address!r}: expected HOST:PORT of a Ray head (`ray start --head "
+            "--port PORT`)"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise FedpeftError(
+            f"--ray-address {address}: no Ray head answers there ({exc.strerror or exc}); start "
+            "one with `ray start --head --port PORT`"
+        ) from None
+
+
+def _join_ray_cluster(address: str, site_env: dict[str, str]) -> None:
+    """Connect this process to the Ray cluster at ``address`` before Flower does (it then keeps
+    the connection, and closes it at the end). The cluster's workers are not children of this
+    process: the virtual sites' settings and fedpeft's quiet environment reach them as the
+    job's environment, with this process's module path as Flower gives its own workers."""
+    import ray
+
+    from fedpeft.common.environment import QUIET
+
+    pythonpath = os.pathsep.join(p for p in (*sys.path, os.environ.get("PYTHONPATH", "")) if p)
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": {**QUIET, **site_env, "PYTHONPATH": pythonpath}},
+            log_to_driver=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise FedpeftError(f"--ray-address {address}: cannot join the Ray cluster: {exc}") from exc
+
+
+def _leave_ray_cluster() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def record_baselines(
