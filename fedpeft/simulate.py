@@ -82,6 +82,9 @@ def run_simulation(
     backend = {
         "client_resources": resources,
         "init_args": {
+            # A private Ray of this process's, always: without it Ray joins whatever cluster
+            # RAY_ADDRESS or a `ray start` on this machine (even a stopped one) points to.
+            "address": "local",
             "num_cpus": cpus,
             "num_gpus": 1 if use_gpu else 0,
             "include_dashboard": False,

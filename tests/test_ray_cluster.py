@@ -141,3 +141,15 @@ def test_an_address_nothing_answers_at_is_a_clear_error(
     assert "no Ray head answers there" in capsys.readouterr().err
     assert main([*args, "--db", db, "--ray-address", "ray://head:10001"]) == 2
     assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+def test_without_an_address_the_simulation_keeps_its_own_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAY_ADDRESS (or a `ray start` once run on this machine) would make Ray join that
+    cluster, dead or alive; a plain simulation starts its own all the same."""
+    sites = write_heart_sites(tmp_path, ("a-cleveland", "b-hungary"), 60)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.chdir(tmp_path)
+    args = ["simulate", "--dataset", str(sites), "--rounds", "1", "--baselines", "none"]
+    assert main([*args, "--db", f"sqlite:///{tmp_path / 'runs.db'}"]) == 0
