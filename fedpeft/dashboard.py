@@ -172,7 +172,8 @@ def _privacy(info: RunInfo, rounds: list[RoundResult]) -> list[tuple[str, str]]:
         out.append(
             (
                 "secure aggregation",
-                f"on: the coordinator sees only the sum (threshold "
+                f"on: the coordinator sees only the sum of the updates and of the score "
+                f"histograms, not each site's (threshold "
                 f"{secagg.get('threshold', '—')}, clip {secagg.get('clip', '—')})",
             )
         )
@@ -228,7 +229,7 @@ def _loss_chart(rounds: list[RoundResult]) -> str:
     series = [
         Series(name, [Point(r.round, v) for r in rounds if (v := get(r)) is not None])
         for name, get in (
-            ("train loss", lambda r: r.loss),
+            ("test loss", lambda r: r.loss),  # the round's global state on the test rows
             ("validation loss", lambda r: r.val_loss),
         )
     ]

@@ -154,8 +154,9 @@ def _metrics(store: RunStore, run_id: int) -> list[tuple[str, float, int, int]]:
 
     for r in store.rounds(run_id):
         when = int(r.finished_at.timestamp() * 1000)
-        for key in ("pooled_auc", "macro_auc", "loss", "val_loss", "epsilon"):
+        for key in ("pooled_auc", "macro_auc", "val_loss", "epsilon"):
             add(key, getattr(r, key), when, r.round)
+        add("test_loss", r.loss, when, r.round)  # the global state's, on the sites' test rows
         add("pooled_brier", r.pooled_brier, when, r.round)
         add("pooled_ece", r.pooled_ece, when, r.round)
         add("accepted", float(r.accepted), when, r.round)

@@ -61,6 +61,7 @@ def test_a_run_page_shows_the_stores_rounds_sites_bytes_and_rejections(
     rounds = store.rounds(1)
     assert _cells(html, "rounds", "pooled-auc") == [f"{r.pooled_auc:.3f}" for r in rounds]
     assert _cells(html, "rounds", "val-loss") == [f"{r.val_loss:.4f}" for r in rounds]
+    assert '<th class="n">test loss</th>' in html  # RoundResult.loss: on the test rows
     assert 'id="delivered-round">2<' in html and 'id="delivered-auc">0.780<' in html
     # Each site's AUC at the delivered round, its interval and the baselines beside it.
     assert _cells(html, "sites", "federated") == ["0.800", "0.860"]

@@ -74,6 +74,8 @@ def test_export_logs_the_run_params_metrics_and_adapter(
         (1, 0.70),
         (2, 0.78),
     ]
+    test_loss = client.get_metric_history(run.info.run_id, "test_loss")
+    assert sorted(m.value for m in test_loss) == [0.5, 0.5]  # RoundResult.loss, each round
     for site in ("Cleveland", "Hungary"):
         history = client.get_metric_history(run.info.run_id, f"auc/{site}")
         assert {m.step: m.value for m in history} == {r: AUCS[r][site] for r in (1, 2)}
