@@ -15,6 +15,7 @@ import json
 import math
 import platform
 import re
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from fedpeft.common.config import RunConfig
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, Phase
+from fedpeft.common.manifest import config_hash
 from fedpeft.common.model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
 from fedpeft.report import summarize
 from fedpeft.server.rounds import delivered_round
@@ -55,11 +57,22 @@ def hub_id(model_name: str) -> str | None:
     return model_name if looks_like_id and not Path(model_name).exists() else None
 
 
-def _site_config_sha256(config_json: str) -> str | None:
+def site_config_json(config_json: str) -> str | None:
+    """A stored run config as its sites received it (the signed site config's JSON); None for
+    a run recorded by an older version, whose config no longer reads as one."""
     try:
-        return RunConfig.from_json(config_json).for_sites().config_hash()
+        return RunConfig.from_json(config_json).for_sites().to_json()
     except (FedpeftError, ValueError, TypeError, KeyError):
-        return None  # a run recorded by an older version
+        return None
+
+
+def flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, leaf value) of nested JSON objects, keys sorted: ``federation.rounds``."""
+    if isinstance(value, Mapping):
+        for key in sorted(value):
+            yield from flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
 
 
 def build_card(store: RunStore, run_id: int | None = None, round: int | None = None) -> dict:
@@ -76,6 +89,7 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
     summary = summarize(store, run.id)
     config = json.loads(run.config_json)
     fed = config.get("federation", {})
+    received = site_config_json(run.config_json)
 
     lineage = []
     for r in rounds:
@@ -153,7 +167,7 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             "trainable_params": run.trainable_params,
             "total_params": run.total_params,
         },
-        "site_config_sha256": _site_config_sha256(run.config_json),
+        "site_config_sha256": config_hash(received) if received else None,
         "lineage": lineage,
         "sites": sites,
         "metrics": {

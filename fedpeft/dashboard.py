@@ -15,7 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from fedpeft.common.config import RunConfig
-from fedpeft.common.errors import FedpeftError, StoreError
+from fedpeft.card import flatten, site_config_json
+from fedpeft.common.errors import StoreError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON, Phase
 from fedpeft.report import Summary, summarize
 from fedpeft.server.rounds import delivered_round
@@ -126,8 +126,8 @@ def _planned_rounds(info: RunInfo) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def run_row(store: RunStore, info: RunInfo) -> RunRow:
-    rounds = store.rounds(info.id)
+def run_row(info: RunInfo, rounds: list[RoundResult]) -> RunRow:
+    """A run's line: ``rounds`` are its recorded rounds (the caller has read them)."""
     delivered = delivered_round(rounds)
     status = info.status
     if status == RunStatus.INTERRUPTED:
@@ -145,16 +145,14 @@ def run_row(store: RunStore, info: RunInfo) -> RunRow:
 
 def runs_view(store: RunStore) -> list[RunRow]:
     """Every run, newest first."""
-    return [run_row(store, info) for info in sorted(store.list_runs(), key=lambda r: -r.id)]
+    runs = sorted(store.list_runs(), key=lambda r: -r.id)
+    return [run_row(info, store.rounds(info.id)) for info in runs]
 
 
 def _site_config(info: RunInfo) -> str:
-    """The run's config as its sites received it (the signed site config); the stored config
-    when it cannot be read as one (a run recorded by an older version)."""
-    try:
-        text = RunConfig.from_json(info.config_json).for_sites().to_json()
-    except (FedpeftError, ValueError, TypeError, KeyError):
-        text = info.config_json
+    """The run's config as its sites received it; the stored config when it cannot be read as
+    one (a run recorded by an older version)."""
+    text = site_config_json(info.config_json) or info.config_json
     return json.dumps(json.loads(text), indent=2, sort_keys=True)
 
 
@@ -251,7 +249,7 @@ def run_view(store: RunStore, run_id: int) -> RunView:
     summary = summarize(store, run_id)
     auc_chart, site_aucs = _auc_chart(rounds, results, summary)
     return RunView(
-        row=run_row(store, info),
+        row=run_row(info, rounds),
         summary=summary,
         site_config=_site_config(info),
         privacy=_privacy(info, rounds),
@@ -276,7 +274,7 @@ def site_view(store: RunStore, site: str) -> SiteView:
         baselines = {b.kind: b for b in store.baselines(info.id) if b.site == site}
         if not results and not baselines:
             continue
-        row = run_row(store, info)
+        row = run_row(info, store.rounds(info.id))
         ev = next(
             (
                 r
@@ -319,18 +317,10 @@ def site_view(store: RunStore, site: str) -> SiteView:
     return SiteView(site, rows, problems, render(chart))
 
 
-def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    if isinstance(value, Mapping):
-        for key in sorted(value):
-            yield from _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
-    else:
-        yield prefix, json.dumps(value)
-
-
 def compare_view(store: RunStore, a: int, b: int) -> CompareView:
     va, vb = run_view(store, a), run_view(store, b)
-    fa = dict(_flatten(json.loads(va.row.info.config_json)))
-    fb = dict(_flatten(json.loads(vb.row.info.config_json)))
+    fa = {k: json.dumps(v) for k, v in flatten(json.loads(va.row.info.config_json))}
+    fb = {k: json.dumps(v) for k, v in flatten(json.loads(vb.row.info.config_json))}
     diff = [
         (key, fa.get(key, "—"), fb.get(key, "—"))
         for key in sorted(fa.keys() | fb.keys())

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from fedpeft.card import build_card
+from fedpeft.card import build_card, flatten, site_config_json
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import Phase
 from fedpeft.server.store import RunStore
@@ -36,12 +36,10 @@ def require_mlflow() -> Any:
     return mlflow
 
 
-def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    if isinstance(value, Mapping):
-        for key in sorted(value):
-            yield from _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
-    else:
-        yield prefix, value if isinstance(value, str) else json.dumps(value)
+def _leaves(value: Any) -> Iterator[tuple[str, str]]:
+    """Params: each leaf as MLflow keeps it, a string as itself, anything else as JSON."""
+    for key, leaf in flatten(value):
+        yield key, leaf if isinstance(leaf, str) else json.dumps(leaf)
 
 
 def _file_store(uri: str) -> bool:
@@ -101,9 +99,9 @@ def log_run(
         mlflow_id = run.info.run_id
         params = [
             Param(key[:_KEY_CHARS], value[:_VALUE_CHARS])
-            for key, value in _flatten(
+            for key, value in _leaves(
                 {
-                    "config": json.loads(_site_config(info.config_json)),
+                    "config": json.loads(site_config_json(info.config_json) or info.config_json),
                     "dataset": info.dataset,
                     "method": info.method,
                     "base_model": info.model_name,
@@ -133,15 +131,6 @@ def log_run(
     except Exception as exc:  # MLflow raises its own and the transport's errors
         raise FedpeftError(f"MLflow at {uri}: could not log run {run_id}: {exc}") from exc
     return str(mlflow_id)
-
-
-def _site_config(config_json: str) -> str:
-    from fedpeft.common.config import RunConfig
-
-    try:
-        return RunConfig.from_json(config_json).for_sites().to_json()
-    except (FedpeftError, ValueError, TypeError, KeyError):
-        return config_json
 
 
 def _metrics(store: RunStore, run_id: int) -> list[tuple[str, float, int, int]]:
