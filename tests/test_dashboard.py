@@ -205,3 +205,23 @@ def test_a_port_in_use_is_a_clear_error(
         db = f"sqlite:///{tmp_path / 'runs.db'}"
         assert main(["dashboard", "--db", db, "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+class _NoStates:
+    """The store as the dashboard gets it, with the one way to a global state closed."""
+
+    def __init__(self, store: RunStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> object:
+        if name == "global_state":
+            raise AssertionError("the dashboard read a global state")
+        return getattr(self._store, name)
+
+
+def test_no_page_reads_a_global_state(store: RunStore) -> None:
+    """What the docs claim: the dashboard holds no store key and opens no state."""
+    client = TestClient(create_app(_NoStates(store)))  # type: ignore[arg-type]
+    pages = ["/", "/runs/1", "/runs/2/live", "/runs/1/card", "/sites/Hungary", "/compare?a=1&b=2"]
+    for page in pages:
+        assert client.get(page).status_code == 200, page
