@@ -122,7 +122,9 @@ def sample_nodes(nodes: list[int], k: int, rng: np.random.Generator) -> list[int
     all of them when ``k`` is 0 or not below their number (``federation.sites_per_round``)."""
     if k == 0 or k >= len(nodes):
         return list(nodes)
-    return sorted(int(n) for n in rng.choice(nodes, size=k, replace=False))
+    # Draw positions, not the ids: Flower's node ids are unsigned 64-bit, and numpy turns a
+    # list holding ids above 2**63 into floats, which round them to ids no node has.
+    return sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=k, replace=False))
 
 
 @dataclass(frozen=True)

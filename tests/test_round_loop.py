@@ -285,6 +285,17 @@ def _sampled(seed: int) -> tuple[list[list[int]], Harness]:
     return [h.grid.sent_to(Phase.TRAIN, r) for r in range(1, 5)], h
 
 
+def test_sampling_keeps_flower_node_ids_above_2_63() -> None:
+    # Flower's node ids are unsigned 64-bit; numpy made floats of a list holding ones above
+    # 2**63 and sampled ids that no node had (a 100-site simulation lost every train message).
+    nodes = sorted([2**64 - 1 - i * 7_919 for i in range(50)] + [2**62 + i for i in range(50)])
+    for rnd in range(1, 6):
+        sampled = sample_nodes(nodes, 10, round_rng(0, rnd))
+        assert len(set(sampled)) == 10
+        assert set(sampled) <= set(nodes)
+        assert all(isinstance(n, int) for n in sampled)
+
+
 def test_sites_per_round_samples_that_many_sites_by_seed() -> None:
     sampled, h = _sampled(seed=3)
     # The run's seed and the round decide: a resumed run samples as the uninterrupted one.
