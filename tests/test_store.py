@@ -96,6 +96,43 @@ def _sites(n: int) -> list[SiteResult]:
     ]
 
 
+def test_a_round_is_written_in_statements_that_do_not_grow_with_its_sites(
+    store: RunStore,
+) -> None:
+    # 100 sites a round: one INSERT for all their rows, not one per row (nor per pattern of
+    # empty fields), and one commit, whatever the number of sites.
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    run_id = _run(store)
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith("INSERT"):
+            statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        written = {}
+        for rnd, n_sites in ((1, 2), (2, 100)):
+            statements.clear()
+            many = [
+                dataclasses.replace(row, site=f"{row.site}{i}")
+                for i in range(n_sites // 2)
+                for row in _sites(rnd)
+            ]
+            store.add_round(run_id, _round(rnd), many, b"state")
+            written[n_sites] = len(statements)
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    assert written[2] == written[100] == 3  # the round, its state, its sites
+    assert len(store.site_results(run_id)) == 3 * (1 + 50)
+    stored = {(r.round, r.site, r.phase): r for r in store.site_results(run_id)}
+    assert stored[(2, "B49", "train")].reason == "shape: x"
+    assert stored[(2, "A0", "train")].extra == {"steps": 3.0}
+    assert stored[(2, "A7", "evaluate")].auc is None
+
+
 def test_run_lifecycle(store: RunStore) -> None:
     run_id = _run(store)
     info = store.get_run(run_id)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
+    insert,
     inspect,
     select,
     update,
@@ -507,6 +508,18 @@ class SqlRunStore(RunStore):
     ) -> None:
         digest = None if state is None else hashlib.sha256(state).hexdigest()
 
+        def site_values() -> list[dict[str, Any]]:
+            out = []
+            for site in sites:
+                values = {f.name: getattr(site, f.name) for f in fields(SiteResult)}
+                for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
+                    values[key] = _finite(values[key])
+                values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
+                # The enums' plain values: every database driver takes a str.
+                values["phase"], values["status"] = str(site.phase), str(site.status)
+                out.append({"run_id": run_id, **values})
+            return out
+
         def rows() -> list[Base]:
             out: list[Base] = [
                 RoundRow(
@@ -535,22 +548,21 @@ class SqlRunStore(RunStore):
                     ),
                 )
             ]
-            for site in sites:
-                values = {f.name: getattr(site, f.name) for f in fields(SiteResult)}
-                for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
-                    values[key] = _finite(values[key])
-                values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
-                # The enums' plain values: every database driver takes a str.
-                values["phase"], values["status"] = str(site.phase), str(site.status)
-                out.append(SiteResultRow(run_id=run_id, **values))
             if state is not None and digest is not None:
                 out.append(
                     GlobalStateRow(run_id=run_id, round=result.round, sha256=digest, data=state)
                 )
             return out
 
-        _check_fits(rows(), self._shown)
-        self._write(lambda s: s.add_all(rows()))  # the round, its sites and state: one commit
+        _check_fits(rows() + [SiteResultRow(**v) for v in site_values()], self._shown)
+
+        def write(session: Session) -> None:  # the round, its sites and state: one commit
+            session.add_all(rows())
+            if sites:  # one statement for all of them: the ORM sends one per row, or per
+                # pattern of empty fields; the table's own insert sends NULLs as they are
+                session.execute(insert(SiteResultRow.__table__), site_values())
+
+        self._write(write)
 
     def add_baselines(self, run_id: int, results: list[BaselineResult]) -> None:
         def rows() -> list[BaselineRow]:
