@@ -37,6 +37,28 @@ DEVICES = ("auto", "cpu", "cuda")
 CODECS = ("fp32", "fp16", "int8")
 
 
+#: ``synthetic`` alone: this many generated sites (common/data.py ``synthetic_sites``).
+SYNTHETIC_DEFAULT_SITES = 100
+SYNTHETIC_MAX_SITES = 1000
+
+
+def synthetic_site_count(dataset: str) -> int | None:
+    """The number of sites ``dataset`` names when it is ``synthetic`` or ``synthetic:N``
+    (N in 2..:data:`SYNTHETIC_MAX_SITES`); None when it is not a synthetic data set. Raises
+    :class:`ConfigError` on a malformed count."""
+    name, sep, count = dataset.partition(":")
+    if name != "synthetic":
+        return None
+    if not sep:
+        return SYNTHETIC_DEFAULT_SITES
+    if not count.isdigit() or not 2 <= int(count) <= SYNTHETIC_MAX_SITES:
+        raise ConfigError(
+            f"data.dataset {dataset!r}: synthetic:N needs a site count N in "
+            f"2..{SYNTHETIC_MAX_SITES}"
+        )
+    return int(count)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The frozen base model every site shares."""
@@ -242,7 +264,8 @@ class TuningConfig:
 class DataConfig:
     """Where site records come from and how they are split."""
 
-    #: ``heart``, ``pima``, or a folder with one data file per site (CSV, JSONL or Parquet).
+    #: ``heart``, ``pima``, ``synthetic[:N]`` (N generated sites, default 100: for scale runs),
+    #: or a folder with one data file per site (CSV, JSONL or Parquet).
     dataset: str = "heart"
     text_column: str = "text"
     label_column: str = "label"
@@ -570,10 +593,15 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     )
     _check_privacy(f, problems)
     need(0 < cfg.data.test_fraction < 1, "data.test_fraction: must be in (0, 1)")
+    try:
+        synthetic = synthetic_site_count(cfg.data.dataset) is not None
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        synthetic = True  # said
     need(
-        cfg.data.dataset in BENCHMARKS or Path(cfg.data.dataset).is_dir(),
+        cfg.data.dataset in BENCHMARKS or synthetic or Path(cfg.data.dataset).is_dir(),
         f"data.dataset: {cfg.data.dataset!r} is neither a benchmark "
-        f"({', '.join(BENCHMARKS)}) nor an existing folder",
+        f"({', '.join(BENCHMARKS)}), synthetic[:N] nor an existing folder",
     )
 
 

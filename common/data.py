@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedpeft.common.config import DataConfig, DataSchema
+from fedpeft.common.config import DataConfig, DataSchema, synthetic_site_count
 from fedpeft.common.errors import DataError
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
@@ -156,11 +156,15 @@ def load_site_folder(folder: Path, cfg: DataSchema) -> list[SiteData]:
 
 
 def load_sites(cfg: DataConfig) -> list[SiteData]:
-    """The sites of a run: a shipped benchmark by name, or a folder of site files."""
+    """The sites of a run: a shipped benchmark by name, generated sites (``synthetic[:N]``), or
+    a folder of site files."""
     if cfg.dataset == "heart":
         return heart_sites()
     if cfg.dataset == "pima":
         return pima_sites()
+    n_synthetic = synthetic_site_count(cfg.dataset)
+    if n_synthetic is not None:
+        return synthetic_sites(n_synthetic)
     return load_site_folder(Path(cfg.dataset), cfg.schema)
 
 
@@ -319,3 +323,72 @@ def pima_sites() -> list[SiteData]:
             )
         )
     return sites
+
+
+# -- a generated data set of many sites --------------------------------------------------------
+
+#: The generator's own seed: ``synthetic:N`` is one fixed data set, whatever the run's seed.
+SYNTHETIC_SEED = 20261130
+_CHEST_PAIN = ("typical angina", "atypical angina", "non-anginal", "asymptomatic")
+
+
+def synthetic_sites(n_sites: int) -> list[SiteData]:
+    """``n_sites`` sites of generated cardiology notes, for scale runs (docs/benchmarks.md).
+
+    Not patient data: a fixed generative model. Each site draws its own outcome rate (0.15 to
+    0.7), age mix, cholesterol assay offset, note style (terse or spelled out) and size (20 to
+    60 rows, at least 4 of each outcome); a patient's findings then depend on the outcome as in
+    heart disease (older, male, asymptomatic chest pain, exercise angina, ST depression, lower
+    peak heart rate). Site ``i``'s rows are the same for any ``n_sites`` above ``i``: a pure
+    function of (:data:`SYNTHETIC_SEED`, ``i``).
+    """
+    sites = []
+    for i in range(n_sites):
+        rng = np.random.default_rng([SYNTHETIC_SEED, i])
+        rate = float(np.clip(rng.beta(2.0, 4.0), 0.15, 0.7))
+        age_shift = rng.normal(0.0, 6.0)
+        chol_offset = rng.normal(0.0, 25.0)
+        verbose = bool(rng.random() < 0.5)
+        n_rows = int(rng.integers(20, 61))
+        # At least 4 of each outcome, so that every site's test split holds both (an AUC).
+        positives = int(np.clip(round(rate * n_rows), 4, n_rows - 4))
+        labels = rng.permutation(np.arange(n_rows) < positives).astype(np.int64)
+        texts = tuple(_synthetic_note(rng, int(y), age_shift, chol_offset, verbose) for y in labels)
+        name = f"site-{i + 1:0{len(str(n_sites))}d}"
+        sites.append(SiteData(name, texts, labels, source=f"synthetic:{n_sites}[{name}]"))
+    return sites
+
+
+def _synthetic_note(
+    rng: np.random.Generator, y: int, age_shift: float, chol_offset: float, verbose: bool
+) -> str:
+    age = int(np.clip(rng.normal(54 + age_shift + 5 * y, 9), 28, 90))
+    male = rng.random() < 0.55 + 0.2 * y
+    pain = _CHEST_PAIN[3] if rng.random() < 0.25 + 0.4 * y else _CHEST_PAIN[int(rng.integers(0, 3))]
+    bp = int(rng.normal(130 + 4 * y, 15))
+    chol = int(rng.normal(230 + 12 * y + chol_offset, 40))
+    max_hr = int(np.clip(rng.normal(160 - 0.6 * (age - 50) - 18 * y, 15), 70, 205))
+    angina = rng.random() < 0.15 + 0.45 * y
+    st = round(abs(rng.normal(0.4 + 1.2 * y, 0.8)), 1)
+    sex = "male" if male else "female"
+    if verbose:
+        parts = [
+            f"{age} year old {sex}",
+            f"chest pain {pain}",
+            f"blood pressure {bp} mmHg",
+            f"cholesterol {chol} mg/dl",
+            f"peak heart rate {max_hr}",
+            "angina on exercise" if angina else "no angina on exercise",
+            f"ST depression {st} mm",
+        ]
+    else:
+        parts = [
+            f"{age} y {sex}",
+            pain,
+            f"bp {bp}",
+            f"chol {chol}",
+            f"max hr {max_hr}",
+            "exercise angina" if angina else "no exercise angina",
+            f"st depression {st}",
+        ]
+    return ". ".join(parts) + "."

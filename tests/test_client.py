@@ -299,3 +299,37 @@ def test_the_site_reads_its_rows_with_its_own_schema_from_site_toml(
     reply = handle_in_context(_message(cfg, fp, "evaluate"), context)
     assert reply.content[keys.CONFIG][keys.STATUS] == "ok", reply.content[keys.CONFIG][keys.ERROR]
     assert _evaluation(reply, fp, 1).metrics[keys.N_TEST] > 0
+
+
+def test_virtual_sites_in_one_process_share_one_frozen_base_model() -> None:
+    # A simulation's actor serves any of its (say 100) sites: each site's session holds only
+    # its tokenized rows, and training at one site leaves the shared base model as it was.
+    import torch
+
+    from fedpeft.client.app import site_session
+    from fedpeft.client.setup import Partition
+
+    cfg = load_config(overrides={"data.dataset": "synthetic:3", "model.max_length": 32})
+    trust = SiteTrust(SITE_KEY, COORDINATOR.public_key())
+    setups = [
+        SiteSetup(
+            f"partition-{i}",
+            None,
+            DataSchema(),
+            "cpu",
+            trust,
+            partition=Partition("synthetic:3", i),
+        )
+        for i in range(3)
+    ]
+    sessions = [site_session(cfg.for_sites(), s) for s in setups]
+    assert [s.site for s in sessions] == ["site-1", "site-2", "site-3"]
+    assert all(s.base is sessions[0].base for s in sessions)
+    assert len({s.data_fingerprint for s in sessions}) == 3
+    before = {k: v.clone() for k, v in sessions[0].base.state_dict().items()}
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    reply = handle(_message(cfg, fp), setups[1])
+    assert reply.content[keys.CONFIG][keys.STATUS] == "ok"
+    after = sessions[0].base.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -53,6 +53,20 @@ def test_range_checks() -> None:
     assert "data.dataset" in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["synthetic", "synthetic:2", "synthetic:1000"])
+def test_synthetic_data_sets_are_accepted(name: str) -> None:
+    assert load_config(overrides={"data.dataset": name}).data.dataset == name
+
+
+@pytest.mark.parametrize("name", ["synthetic:1", "synthetic:1001", "synthetic:ten", "synthetic:"])
+def test_a_bad_synthetic_site_count_is_one_clear_problem(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides={"data.dataset": name})
+    assert info.value.problems == [
+        f"data.dataset {name!r}: synthetic:N needs a site count N in 2..1000"
+    ]
+
+
 @pytest.mark.parametrize("bins", [1, 1001])
 def test_histogram_bins_lie_in_2_to_1000(bins: int) -> None:
     with pytest.raises(ConfigError) as info:

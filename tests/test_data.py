@@ -7,15 +7,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedpeft.common.config import DataSchema
+from fedpeft.common.config import DataConfig, DataSchema
 from fedpeft.common.data import (
     HEART_SITES,
     data_fingerprint,
     heart_sites,
     load_site_file,
     load_site_folder,
+    load_sites,
     pima_sites,
     split_site,
+    synthetic_sites,
 )
 from fedpeft.common.errors import DataError
 
@@ -160,3 +162,43 @@ def test_pima_benchmark_four_age_bands() -> None:
     assert sum(len(s) for s in sites) == 532
     assert all(0 < s.labels.mean() < 1 for s in sites)
     assert all("Yes" not in t and "No" not in t for s in sites for t in s.texts)
+
+
+def test_synthetic_sites_are_a_fixed_data_set_of_that_many_sites() -> None:
+    sites = load_sites(DataConfig(dataset="synthetic:100"))
+    assert [s.name for s in sites[:2]] == ["site-001", "site-002"]
+    assert len(sites) == 100 and len({s.name for s in sites}) == 100
+    assert all(20 <= len(s) <= 60 for s in sites)
+    # Fixed whatever the run: the same rows twice, and site i's rows for any count above i.
+    again = synthetic_sites(100)
+    assert [data_fingerprint(s) for s in sites] == [data_fingerprint(s) for s in again]
+    assert sites[4].texts == synthetic_sites(5)[4].texts
+    assert len(load_sites(DataConfig(dataset="synthetic"))) == 100
+    # Shifted sites: their outcome rates and note styles differ.
+    rates = [float(s.labels.mean()) for s in sites]
+    assert max(rates) - min(rates) > 0.3
+    assert {s.texts[0].split(".")[0].split()[1] for s in sites} == {"y", "year"}
+    for site in sites:  # every site has an AUC under any seed: both outcomes in every split
+        for seed in (0, 1, 2):
+            split = split_site(site, seed, 0.3, 0.2)
+            assert set(site.labels[split.test].tolist()) == {0, 1}
+            assert set(site.labels[split.train].tolist()) == {0, 1}
+        assert "site" not in " ".join(site.texts)
+
+
+def test_synthetic_notes_carry_the_outcome_signal() -> None:
+    # A note's findings follow the outcome (exercise angina here), so there is something to
+    # learn; a check of the generator, not of any model.
+    sites = synthetic_sites(100)
+    texts = [t for s in sites for t in s.texts]
+    labels = np.concatenate([s.labels for s in sites])
+    angina = np.asarray(
+        [
+            "exercise angina" in t
+            and "no exercise angina" not in t
+            or "angina on exercise" in t
+            and "no angina" not in t
+            for t in texts
+        ]
+    )
+    assert angina[labels == 1].mean() > angina[labels == 0].mean() + 0.3

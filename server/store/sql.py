@@ -25,6 +25,7 @@ from sqlalchemy import (
     BigInteger,
     Integer,
     String,
+    Table,
     create_engine,
     event,
     insert,
@@ -560,7 +561,7 @@ class SqlRunStore(RunStore):
             session.add_all(rows())
             if sites:  # one statement for all of them: the ORM sends one per row, or per
                 # pattern of empty fields; the table's own insert sends NULLs as they are
-                session.execute(insert(SiteResultRow.__table__), site_values())
+                session.execute(insert(cast(Table, SiteResultRow.__table__)), site_values())
 
         self._write(write)
 
