@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
 from fedpeft.common.metrics import CALIBRATION_BINS, Difference
-from fedpeft.server.rounds import delivered_round
+from fedpeft.server.rounds import LISTED_SITES, delivered_round
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
     BaselineResult,
@@ -450,11 +451,22 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
         _reliability(rel, curve, chosen)
     else:
         fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
-    for site in sorted({r.site for r in results}):
+    names = sorted({r.site for r in results})
+    for site in names:
         points = [(r.round, r.auc) for r in results if r.site == site]
+        if len(names) > LISTED_SITES:  # one faint line each, no legend entry
+            ax.plot(*zip(*points, strict=True), color="tab:blue", alpha=0.15, linewidth=0.8)
+            continue
         n = next((r.n for r in results if r.site == site and r.n is not None), None)
         label = f"{site} (n={n})" if n is not None else site
         ax.plot(*zip(*points, strict=True), marker="o", linewidth=1.2, label=label)
+    if len(names) > LISTED_SITES:
+        ax.plot([], [], color="tab:blue", alpha=0.3, label=f"each of {len(names)} sites")
+        per_round = sorted({r.round for r in results})
+        medians = [
+            statistics.median(r.auc or 0.0 for r in results if r.round == k) for k in per_round
+        ]
+        ax.plot(per_round, medians, color="tab:blue", linewidth=2, label="median site")
     pooled = [(r.round, r.pooled_auc) for r in rounds if r.pooled_auc is not None]
     if pooled:
         ax.plot(*zip(*pooled, strict=True), color="black", linewidth=2.5, label="pooled")

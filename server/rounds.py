@@ -155,17 +155,35 @@ def site_rows(rnd: int, replies: list[Reply], phase: Phase) -> list[SiteResult]:
     return rows
 
 
+#: A round's progress line names each site's AUC up to this many sites, and summarizes above.
+LISTED_SITES = 12
+
+
 def round_summary(result: RoundResult, train: list[Reply], evaluations: list[Reply]) -> list[str]:
     """What the operator reads after a round: the AUCs and counts, then each reply not used."""
 
     def fmt(x: float | None) -> str:
         return "  n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
+    ok = sorted((e for e in evaluations if e.status == ReplyStatus.OK), key=lambda e: e.site)
     sites = ", ".join(
         f"{e.site} {fmt(e.metrics.get(keys.AUC))} (n={int(e.metrics.get(keys.N_TEST, 0))})"
-        for e in sorted(evaluations, key=lambda e: e.site)
-        if e.status == ReplyStatus.OK
+        for e in ok
     )
+    if len(ok) > LISTED_SITES:  # one line stays one line with 100 sites
+        sites = f"{len(ok)} sites evaluated"
+        aucs = [
+            (e.metrics[keys.AUC], e.site)
+            for e in ok
+            if np.isfinite(e.metrics.get(keys.AUC, np.nan))
+        ]
+        if aucs:
+            (low, low_site), (high, high_site) = min(aucs), max(aucs)
+            median = float(np.median([a for a, _ in aucs]))
+            sites += (
+                f", site AUC median {median:.3f}, lowest {low_site} {low:.3f}, highest "
+                f"{high_site} {high:.3f} (fedpeft report lists each)"
+            )
     interval = ""
     if result.pooled_low is not None and result.pooled_high is not None:
         interval = f" [{result.pooled_low:.2f}, {result.pooled_high:.2f}]"

@@ -609,3 +609,43 @@ def test_baselines_are_stored_when_the_federated_comparison_fails(
         f"warning: no federated − baseline differences for run {run_id} (the baselines are "
         "stored without them): no store key at /x/b.db.key"
     ]
+
+
+def test_the_plot_of_many_sites_draws_them_as_one_band_and_a_median(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 20 sites: a legend entry each would overflow the figure; one faint line each instead,
+    # under one legend entry, and the median site's AUC per round.
+    import matplotlib.figure
+
+    from fedpeft.report import plot_auc
+
+    store = open_store(f"sqlite:///{tmp_path / 'many.db'}")
+    run_id = _new_run(store)
+    t = datetime(2026, 1, 1)
+    for rnd in (1, 2):
+        aucs = [0.5 + 0.02 * i + 0.05 * rnd for i in range(20)]
+        store.add_round(
+            run_id,
+            RoundResult(rnd, t, t, 1.0, 0.8, 0.7, 0.5, 20, 0, True, val_loss=0.5),
+            [SiteResult(rnd, f"S{i}", "evaluate", "ok", n=9, auc=a) for i, a in enumerate(aucs)],
+            b"s",
+        )
+    drawn: dict[str, list[str]] = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def saved(fig: matplotlib.figure.Figure, *args: object, **kw: object) -> None:
+        ax = fig.axes[0]
+        drawn["legend"] = [x.get_text() for x in ax.get_legend().get_texts()]
+        drawn["median"] = [
+            list(line.get_ydata()) for line in ax.get_lines() if line.get_label() == "median site"
+        ]
+        save(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saved)
+    path = plot_auc(store, run_id, tmp_path / "many.png")
+    store.close()
+    assert path.stat().st_size > 0
+    assert drawn["legend"][:2] == ["each of 20 sites", "median site"]
+    assert not any(label.startswith("S1") for label in drawn["legend"])
+    assert drawn["median"] == [[pytest.approx(0.74), pytest.approx(0.79)]]

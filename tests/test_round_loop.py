@@ -296,6 +296,30 @@ def test_sampling_keeps_flower_node_ids_above_2_63() -> None:
         assert all(isinstance(n, int) for n in sampled)
 
 
+def test_a_round_of_many_sites_is_one_progress_line_that_summarizes_them(
+    harness: Callable[..., Harness],
+) -> None:
+    names = [f"S{i:02d}" for i in range(1, 15)]
+    keys_ = {name: crypto.new_identity() for name in names}
+    trust = CoordinatorTrust(COORDINATOR, {n: k.public_key() for n, k in keys_.items()})
+    nodes: dict[int, Node] = {
+        i: ScriptedSite(n, keys_[n], COORDINATOR.public_key(), constant(0.1))
+        for i, n in enumerate(names, start=1)
+    }
+    h = harness(nodes, trust=trust)
+    h.start()
+    [line] = [x for x in h.lines if x.startswith("round 1: pooled AUC")]
+    listed = line.split(" | ", 1)[1]
+    assert listed.startswith("14 sites evaluated, site AUC median ")
+    assert "(fedpeft report lists each)" in listed
+    assert not any(f"{n} " in listed.split("lowest")[0] for n in names)
+    # Four sites: each named with its AUC, as before.
+    few = harness({i: site(n, constant(0.1)) for i, n in enumerate("ABCD", start=1)})
+    few.start()
+    [line] = [x for x in few.lines if x.startswith("round 1: pooled AUC")]
+    assert [part.split()[0] for part in line.split(" | ", 1)[1].split(", ")] == list("ABCD")
+
+
 def test_sites_per_round_samples_that_many_sites_by_seed() -> None:
     sampled, h = _sampled(seed=3)
     # The run's seed and the round decide: a resumed run samples as the uninterrupted one.
