@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -250,6 +250,8 @@ class FederatedRun:
                 applied = self._apply_sum(rnd, train, total, sample_rate)
             else:
                 applied = self._aggregate_train(rnd, train, sample_rate)
+            for reply in train:  # applied or not, no update is needed again: hold none
+                reply.delta = None
             pending = _Trained(rnd, started, train, applied, self.state, time.perf_counter() - t0)
             if applied and self.accountant is not None:
                 pending.sample_rate, pending.epsilon = sample_rate, self.accountant.epsilon()
@@ -729,8 +731,9 @@ class FederatedRun:
             coordinator=self.trust.identity,
         )
         messages: list[object] = []
+        state_record = blob_record(signed)  # one record in every message, not a copy each
         for node in nodes:
-            content = RecordDict({keys.GLOBAL: blob_record(signed), keys.CONFIG: config})
+            content = RecordDict({keys.GLOBAL: state_record, keys.CONFIG: config})
             if tasks is not None:
                 content[keys.SECAGG] = blob_record(tasks[node].to_bytes())
             messages.append(
@@ -762,8 +765,11 @@ class FederatedRun:
             messages += self._configure(Phase.EVALUATE, evaluate, state_round + 1, tasks)
         elif evaluate:
             messages += self._configure(Phase.EVALUATE, evaluate, state_round)
-        received = exchange(grid, messages, timeout)
+        # Each reply is let go once read: the sealed bytes of a round's updates and their opened
+        # deltas are not all held at once.
+        received = deque(exchange(grid, messages, timeout))
         sent = {m.metadata.dst_node_id: message_nbytes(m) for m in messages}  # type: ignore[attr-defined]
+        del messages
         intake = self._intake(
             state_round + 1, None if tasks is None else next(iter(tasks.values())).entries
         )
@@ -771,7 +777,8 @@ class FederatedRun:
         opened: set[str] = set()
         trained: dict[int, Reply] = {}
         evaluated: dict[int, Reply] = {}
-        for msg in received:
+        while received:
+            msg = received.popleft()
             node = int(msg.metadata.src_node_id)
             if node in trained or node in evaluated:
                 continue  # one reply per node and exchange
