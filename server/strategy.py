@@ -118,8 +118,9 @@ def round_rng(seed: int, rnd: int) -> np.random.Generator:
 
 
 def sample_nodes(nodes: list[int], k: int, rng: np.random.Generator) -> list[int]:
-    """The nodes that train this round: ``k`` of them drawn without replacement, in node order;
-    all of them when ``k`` is 0 or not below their number (``federation.sites_per_round``)."""
+    """The nodes that train this round: ``k`` of them drawn without replacement from ``nodes``
+    in the order given (the round loop gives them by site name), returned by node id; all of
+    them when ``k`` is 0 or not below their number (``federation.sites_per_round``)."""
     if k == 0 or k >= len(nodes):
         return list(nodes)
     # Draw positions, not the ids: Flower's node ids are unsigned 64-bit, and numpy turns a
@@ -228,7 +229,11 @@ class FederatedRun:
         for rnd in range(first, fed.rounds + 1):
             started, t0 = utcnow(), time.perf_counter()
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
-            sampled = sample_nodes(nodes, fed.sites_per_round, round_rng(self.cfg.seed, rnd))
+            if rnd == first:
+                self._roll_call(grid, rnd, nodes)
+            sampled = sample_nodes(
+                self._by_site(nodes), fed.sites_per_round, round_rng(self.cfg.seed, rnd)
+            )
             sample_rate = len(sampled) / max(len(nodes), 1)
             if self._over_budget(rnd, sample_rate):
                 break
@@ -688,6 +693,35 @@ class FederatedRun:
                 r.notes[keys.SITE_EPSILON] = self.accountant.site_epsilon(r.site)
         self.state = apply_delta(self.state, delta)
         return True
+
+    # -- sampling --------------------------------------------------------------------------------
+
+    def _roll_call(self, grid: object, rnd: int, nodes: list[int]) -> None:
+        """Before the first round this loop samples, learn which site each node is: every node
+        evaluates the current global state, and its signed reply binds it (:meth:`_bind`).
+        Sampling then draws from the sites in name order (:meth:`_by_site`), so a seed samples
+        the same sites in every run and in a resumed one: Flower's node ids are drawn anew by
+        every simulation (and by a SuperLink for a node that registers again). Only where a
+        round samples; not under secure aggregation, where no site's evaluation reaches the
+        coordinator on its own. The evaluations are not recorded."""
+        fed = self.cfg.federation
+        if fed.secure_aggregation.enabled or not 0 < fed.sites_per_round < len(nodes):
+            return
+        unbound = [n for n in nodes if n not in self.bound]
+        if not unbound:
+            return
+        self._exchange(grid, rnd - 1, [], unbound)
+        named = sum(n in self.bound for n in nodes)
+        self.progress(
+            f"round {rnd}: {named} of {len(nodes)} site(s) answered the roll call (each evaluated "
+            f"round {rnd - 1}'s state, not recorded); sampling draws from the sites by name"
+            + ("" if named == len(nodes) else ", the silent ones after them by node id")
+        )
+
+    def _by_site(self, nodes: list[int]) -> list[int]:
+        """``nodes`` in the order sampling draws from: by the site each is bound to, then the
+        unbound ones by node id."""
+        return sorted(nodes, key=lambda n: (n not in self.bound, self.bound.get(n, ""), n))
 
     # -- messaging -------------------------------------------------------------------------------
 

@@ -320,6 +320,32 @@ def test_a_round_of_many_sites_is_one_progress_line_that_summarizes_them(
     assert [part.split()[0] for part in line.split(" | ", 1)[1].split(", ")] == list("ABCD")
 
 
+def test_a_seed_samples_the_same_sites_whatever_their_node_ids(
+    harness: Callable[..., Harness],
+) -> None:
+    # Flower draws a simulation's node ids anew each run: sampling goes by site name, learnt
+    # in a roll call before the first round (its evaluations are not recorded).
+    def trained(ids: list[int]) -> tuple[list[list[str]], Harness]:
+        nodes: dict[int, Node] = {
+            i: site(n, constant(0.1)) for i, n in zip(ids, "ABCD", strict=True)
+        }
+        h = harness(nodes, seed=3, rounds=4, sites_per_round=2)
+        h.start()
+        return [[r.site for r in h.rows(rnd, Phase.TRAIN)] for rnd in range(1, 5)], h
+
+    in_order, _ = trained([1, 2, 3, 4])
+    shuffled, h = trained([40, 3, 27, 1])
+    assert shuffled == in_order
+    assert all(len(names) == 2 for names in in_order)
+    assert "round 1: 4 of 4 site(s) answered the roll call" in "\n".join(h.lines)
+    assert sorted(h.grid.sent_to(Phase.EVALUATE, 0)) == [1, 3, 27, 40]
+    assert min(r.round for r in h.store.site_results(h.run_id)) == 1
+    # Every site trains: no roll call.
+    full = harness({i: site(n, constant(0.1)) for i, n in zip([9, 5], "AB", strict=True)})
+    full.start()
+    assert full.grid.sent_to(Phase.EVALUATE, 0) == []
+
+
 def test_sites_per_round_samples_that_many_sites_by_seed() -> None:
     sampled, h = _sampled(seed=3)
     # The run's seed and the round decide: a resumed run samples as the uninterrupted one.

@@ -255,3 +255,44 @@ def test_compressed_codecs_shrink_the_upload(
         assert 74_498 * bytes_per_value < sealed < r.bytes_up < sealed + REPLY_FRAMING
         assert r.bytes_up < 74_498 * 4  # smaller than the fp32 payload alone
     store.close()
+
+
+def test_a_hundred_sites_with_ten_training_a_round(tmp_path: Path) -> None:
+    # Issue 17: 100 virtual sites on this machine's CPUs (2 Ray actors serve them all). Each
+    # round trains 10 of them, every other site evaluates the round's state in the same
+    # exchange, and the store gets every site's evaluation of every round.
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = load_config(
+        overrides={
+            "data.dataset": "synthetic:100",
+            "db": db,
+            "federation.rounds": 2,
+            "federation.sites_per_round": 10,
+            "model.max_length": 64,
+            "train.batch_size": 16,
+            "seed": 1,
+            "device": "cpu",
+        }
+    )
+    lines: list[str] = []
+    result = run_simulation(cfg, cpus=2, progress=lines.append)
+    store = open_store(db)
+    rounds = store.rounds(result.run_id)
+    results = store.site_results(result.run_id)
+    store.close()
+    assert [(r.round, r.accepted, r.rejected, r.applied) for r in rounds] == [
+        (1, 10, 0, True),
+        (2, 10, 0, True),
+    ]
+    names = {f"site-{i:03d}" for i in range(1, 101)}
+    trained = {}
+    for rnd in (1, 2):
+        train = [r for r in results if r.round == rnd and r.phase == "train"]
+        evaluate = [r for r in results if r.round == rnd and r.phase == "evaluate"]
+        assert len(train) == 10 and all(r.status == "ok" for r in train)
+        trained[rnd] = {r.site for r in train}
+        assert len(trained[rnd]) == 10 and trained[rnd] <= names
+        assert {r.site for r in evaluate} == names  # every site evaluated every round's state
+        assert all(r.status == "ok" and r.auc is not None for r in evaluate)
+    assert trained[1] != trained[2]
+    assert sum("100 sites evaluated, site AUC median" in line for line in lines) == 2
