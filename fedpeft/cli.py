@@ -85,8 +85,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="run config TOML (flags override its values)")
     p.add_argument(
         "--dataset",
-        help="heart | pima | synthetic[:N] (N sites of generated notes, default 100, for scale "
-        "runs; not patient data) | PATH to a folder with one data file per site",
+        help="heart | pima | medpar | synthetic[:N] (N sites of generated notes, default 100, "
+        "for scale runs; not patient data) | PATH to a folder with one data file per site",
     )
     p.add_argument("--method", help=method_help())
     p.add_argument("--rounds", type=int, help="federated rounds (with --patience: at most)")

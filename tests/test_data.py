@@ -15,6 +15,7 @@ from fedpeft.common.data import (
     load_site_file,
     load_site_folder,
     load_sites,
+    medpar_sites,
     pima_sites,
     split_site,
     synthetic_sites,
@@ -162,6 +163,22 @@ def test_pima_benchmark_four_age_bands() -> None:
     assert sum(len(s) for s in sites) == 532
     assert all(0 < s.labels.mean() < 1 for s in sites)
     assert all("Yes" not in t and "No" not in t for s in sites for t in s.texts)
+
+
+def test_medpar_benchmark_is_seven_real_hospitals() -> None:
+    sites = medpar_sites()
+    assert [s.name for s in sites] == [
+        f"provider {p}" for p in (30002, 30006, 30013, 30014, 30061, 30088, 30089)
+    ]
+    assert [len(s) for s in sites] == [61, 74, 61, 66, 92, 71, 64]
+    assert [int(s.labels.sum()) for s in sites] == [19, 23, 19, 18, 38, 32, 14]  # died
+    assert sites[4].texts[0] == (
+        "elective admission. length of stay 18 days. under 80. white. not in an HMO."
+    )
+    for site in sites:  # neither the outcome nor the hospital is in a note
+        assert not any("died" in t or "300" in t or "provider" in t for t in site.texts)
+        split_site(site, 0, 0.3, 0.2)
+    assert [s.name for s in load_sites(DataConfig(dataset="medpar"))] == [s.name for s in sites]
 
 
 def test_synthetic_sites_are_a_fixed_data_set_of_that_many_sites() -> None:
