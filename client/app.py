@@ -124,7 +124,10 @@ def _base_model(cfg: SiteRunConfig, device: torch.device) -> torch.nn.Module:
     key = (repr(cfg.model), cfg.train.dropout, cfg.seed, str(device))
     if key not in _BASES:
         if len(_BASES) >= _MAX_BASES:
-            _BASES.pop(next(iter(_BASES)))  # oldest first
+            dropped = _BASES.pop(next(iter(_BASES)))  # oldest first, with its sessions: a
+            # long-lived site worker serving runs of other seeds keeps at most two models
+            for stale in [k for k, s in _SESSIONS.items() if s.base is dropped]:
+                del _SESSIONS[stale]
         _BASES[key] = load_base_model(cfg.model, cfg.train.dropout, cfg.seed).to(device)
     return _BASES[key]
 

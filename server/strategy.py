@@ -205,6 +205,8 @@ class FederatedRun:
         self.progress = progress or log.info
         self.site_names: dict[int, str] = {}  # the name each node's last reply claimed
         self.bound: dict[int, str] = {}  # the site each node's signed replies are from
+        #: The nodes a roll call asked for their site (:meth:`_roll_call`).
+        self.called: set[int] = set()
         #: Secure aggregation: this round's weight of each site of the roster.
         self.secure_weights: dict[str, float] = {}
 
@@ -227,16 +229,17 @@ class FederatedRun:
             self._replay_privacy(history)
         pending: _Trained | None = None  # the last round, its new state not yet evaluated
         for rnd in range(first, fed.rounds + 1):
-            started, t0 = utcnow(), time.perf_counter()
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
-            if rnd == first:
-                self._roll_call(grid, rnd, nodes)
-            sampled = sample_nodes(
-                self._by_site(nodes), fed.sites_per_round, round_rng(self.cfg.seed, rnd)
-            )
-            sample_rate = len(sampled) / max(len(nodes), 1)
+            k = fed.sites_per_round
+            sample_rate = (k if 0 < k < len(nodes) else len(nodes)) / max(len(nodes), 1)
             if self._over_budget(rnd, sample_rate):
                 break
+            self._roll_call(grid, rnd, nodes)
+            started, t0 = utcnow(), time.perf_counter()
+            # Under secure aggregation a node is bound to its site partway through round 1 (its
+            # keys stage), and no roll call runs: the draw follows node ids in every round.
+            order = nodes if fed.secure_aggregation.enabled else self._by_site(nodes)
+            sampled = sample_nodes(order, k, round_rng(self.cfg.seed, rnd))
             evaluate = [] if pending is None else pending.evaluators(nodes, sampled)
             self.progress(
                 f"round {rnd}/{fed.rounds}: training at {len(sampled)} site(s)"
@@ -697,19 +700,22 @@ class FederatedRun:
     # -- sampling --------------------------------------------------------------------------------
 
     def _roll_call(self, grid: object, rnd: int, nodes: list[int]) -> None:
-        """Before the first round this loop samples, learn which site each node is: every node
-        evaluates the current global state, and its signed reply binds it (:meth:`_bind`).
-        Sampling then draws from the sites in name order (:meth:`_by_site`), so a seed samples
-        the same sites in every run and in a resumed one: Flower's node ids are drawn anew by
-        every simulation (and by a SuperLink for a node that registers again). Only where a
-        round samples; not under secure aggregation, where no site's evaluation reaches the
-        coordinator on its own. The evaluations are not recorded."""
+        """Before a round samples, learn which site each node not yet asked is: it evaluates
+        the current global state, and its signed reply binds it (:meth:`_bind`). Sampling then
+        draws from the sites in name order (:meth:`_by_site`), so a seed samples the same sites
+        in every run and in a resumed one: Flower's node ids are drawn anew by every simulation
+        (and by a SuperLink for a node that registers again). A node is asked once (one that
+        stays silent does not hold up every round); a node that joins later is asked in the
+        round it appears. Only where a round samples; not under secure aggregation, where no
+        site's evaluation reaches the coordinator on its own. The evaluations are not
+        recorded."""
         fed = self.cfg.federation
         if fed.secure_aggregation.enabled or not 0 < fed.sites_per_round < len(nodes):
             return
-        unbound = [n for n in nodes if n not in self.bound]
+        unbound = [n for n in nodes if n not in self.bound and n not in self.called]
         if not unbound:
             return
+        self.called.update(unbound)
         self._exchange(grid, rnd - 1, [], unbound)
         named = sum(n in self.bound for n in nodes)
         self.progress(

@@ -333,3 +333,26 @@ def test_virtual_sites_in_one_process_share_one_frozen_base_model() -> None:
     after = sessions[0].base.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_base_model_let_go_takes_its_sessions_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A long-lived site worker serving runs of three seeds keeps two base models, and no session
+    # keeps a third alive. (A small stand-in model: what is checked is the cache.)
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedpeft.client import app
+
+    monkeypatch.setattr(app, "_BASES", {})
+    monkeypatch.setattr(app, "_SESSIONS", {})
+    monkeypatch.setattr(app, "load_base_model", lambda _m, _d, _s: torch.nn.Linear(1, 1))
+    cfgs = [load_config(overrides={"seed": seed}).for_sites() for seed in (1, 2, 3)]
+    cpu = torch.device("cpu")
+    first, second = (app._base_model(c, cpu) for c in cfgs[:2])
+    assert app._base_model(cfgs[0], cpu) is first  # loaded once
+    app._SESSIONS[("run-1",)] = SimpleNamespace(base=first)  # type: ignore[assignment]
+    app._SESSIONS[("run-2",)] = SimpleNamespace(base=second)  # type: ignore[assignment]
+    app._base_model(cfgs[2], cpu)
+    assert list(app._SESSIONS) == [("run-2",)]
+    assert len(app._BASES) == 2 and first not in app._BASES.values()

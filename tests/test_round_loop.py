@@ -346,6 +346,49 @@ def test_a_seed_samples_the_same_sites_whatever_their_node_ids(
     assert full.grid.sent_to(Phase.EVALUATE, 0) == []
 
 
+def test_a_resumed_run_samples_the_sites_the_uninterrupted_run_sampled(
+    harness: Callable[..., Harness],
+) -> None:
+    def nodes(ids: list[int]) -> dict[int, Node]:
+        return {i: site(n, constant(0.1)) for i, n in zip(ids, "ABCD", strict=True)}
+
+    def trained(h: Harness, rnd: int) -> list[str]:
+        return [r.site for r in h.rows(rnd, Phase.TRAIN)]
+
+    whole = harness(nodes([1, 2, 3, 4]), seed=3, rounds=4, sites_per_round=2)
+    whole.start()
+    first = harness(nodes([1, 2, 3, 4]), seed=3, rounds=2, sites_per_round=2)
+    first.start()
+    history = first.rounds()
+    # The coordinator restarts; the sites come back under other node ids.
+    resumed = harness(nodes([40, 3, 27, 1]), seed=3, rounds=4, sites_per_round=2)
+    for result in history:
+        resumed.store.add_round(resumed.run_id, result, [], None)
+    resumed.loop.start(resumed.grid, Resume(2, first.state(2), history))
+    assert [trained(resumed, r) for r in (3, 4)] == [trained(whole, r) for r in (3, 4)]
+    assert "round 3: 4 of 4 site(s) answered the roll call" in "\n".join(resumed.lines)
+
+
+def test_a_site_silent_in_the_roll_call_is_asked_once_and_the_run_goes_on(
+    harness: Callable[..., Harness],
+) -> None:
+    quiet = {"silent": lambda kind, rnd: kind == Phase.EVALUATE and rnd == 0}
+    nodes: dict[int, Node] = {
+        1: site("A", constant(0.1)),
+        2: site("B", constant(0.1)),
+        3: site("C", constant(0.1)),
+        4: site("D", constant(0.1), **quiet),
+    }
+    h = harness(nodes, rounds=3, sites_per_round=2)
+    h.start()
+    calls = [x for x in h.lines if "roll call" in x]
+    assert len(calls) == 1
+    assert calls[0].startswith("round 1: 3 of 4 site(s) answered the roll call")
+    assert calls[0].endswith("the silent ones after them by node id")
+    assert sorted(h.grid.sent_to(Phase.EVALUATE, 0)) == [1, 2, 3, 4]
+    assert all(r.applied for r in h.rounds()) and len(h.rounds()) == 3
+
+
 def test_sites_per_round_samples_that_many_sites_by_seed() -> None:
     sampled, h = _sampled(seed=3)
     # The run's seed and the round decide: a resumed run samples as the uninterrupted one.
