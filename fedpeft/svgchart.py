@@ -12,6 +12,9 @@ from html import escape
 #: A colour-blind-safe cycle (Okabe & Ito), one per series.
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f0e442", "#000")
 
+#: The colour of faint series (:attr:`Series.faint`).
+FAINT = "#5b7a99"
+
 _W, _H = 640, 300
 _LEFT, _RIGHT, _TOP, _BOTTOM = 52, 180, 12, 32
 
@@ -30,6 +33,9 @@ class Series:
     name: str
     points: Sequence[Point]
     dashed: bool = False
+    #: One of many (a site of 100): a thin pale line without whiskers or a legend entry of its
+    #: own; the chart's legend names the faint series once, with their count.
+    faint: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,17 +114,33 @@ def render(chart: Chart) -> str:
         )
         out.append(_legend(legend_y, colour, f"{label} {y:.3f}", dashed=True))
         legend_y += 16
-    for i, s in enumerate(chart.series):
-        colour = PALETTE[i % len(PALETTE)]
+    faint = [s for s in chart.series if s.faint]
+    if faint:
+        out.append(_legend(legend_y, FAINT, f"each of {len(faint)} sites", dashed=False))
+        legend_y += 16
+    bold = [s for s in chart.series if not s.faint]
+    for i, s in enumerate(faint + bold):
+        colour = FAINT if s.faint else PALETTE[(i - len(faint)) % len(PALETTE)]
         name = escape(s.name)
         pts = sorted((p for p in s.points if math.isfinite(p.y)), key=lambda p: p.x)
         dash = ' stroke-dasharray="6 3"' if s.dashed else ""
+        width, opacity = ("1", ' stroke-opacity="0.25"') if s.faint else ("2", "")
         if len(pts) > 1:
             path = " ".join(f"{px(p.x):.1f},{py(p.y):.1f}" for p in pts)
             out.append(
-                f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{path}"/>'
+                f'<polyline fill="none" stroke="{colour}" stroke-width="{width}"{opacity}{dash} '
+                f'points="{path}"/>'
             )
         for p in pts:
+            if s.faint:  # the point stays, with its values, for a reader of the source
+                out.append(
+                    f'<circle class="point" data-series="{name}" data-x="{p.x}" '
+                    f'data-y="{p.y:.6f}" cx="{px(p.x):.1f}" cy="{py(p.y):.1f}" r="1.5" '
+                    f'fill="{colour}" fill-opacity="0.4"><title>{name}, '
+                    f"{escape(chart.x_label)} {p.x}: {p.y:.3f}{_interval_text(p)}</title>"
+                    "</circle>"
+                )
+                continue
             if p.low is not None and p.high is not None:
                 low, high = max(p.low, lo), min(p.high, hi)
                 out.append(
@@ -131,8 +153,9 @@ def render(chart: Chart) -> str:
                 f'fill="{colour}"><title>{name}, {escape(chart.x_label)} {p.x}: {p.y:.3f}'
                 f"{_interval_text(p)}</title></circle>"
             )
-        out.append(_legend(legend_y, colour, s.name, dashed=s.dashed))
-        legend_y += 16
+        if not s.faint:
+            out.append(_legend(legend_y, colour, s.name, dashed=s.dashed))
+            legend_y += 16
     out.append("</svg>")
     return "\n".join(out)
 

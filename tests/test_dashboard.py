@@ -195,6 +195,30 @@ def test_a_chart_spans_its_points_and_cuts_wide_intervals() -> None:
     assert len(set(ticks)) == len(ticks) == 5
 
 
+def test_a_run_of_many_sites_charts_each_faintly_under_one_legend_entry_and_the_median(
+    tmp_path: Path,
+) -> None:
+    from recorded_runs import create
+
+    store = open_store(f"sqlite:///{tmp_path / 'many.db'}")
+    run = create(store, rounds=2, lr=5e-3)
+    for rnd in (1, 2):
+        aucs = {f"site-{i:02d}": 0.5 + 0.02 * i + 0.05 * rnd for i in range(14)}
+        add_round(store, run, rnd, 0.8, aucs)
+    html = TestClient(create_app(store)).get(f"/runs/{run}").text
+    store.close()
+    svg = re.search(r'<svg class="chart".*?</svg>', html, re.S)
+    assert svg
+    legend = re.findall(r'font-size="11">([^<]+)</text>', svg[0])
+    assert "each of 14 sites" in legend and "median site" in legend
+    assert not any(label.startswith("site-") for label in legend)
+    # Every site's points stay in the chart, with their values.
+    points = re.findall(r'data-series="(site-\d+)" data-x="(\d)" data-y="([\d.]+)"', svg[0])
+    assert len(points) == 28
+    median = re.findall(r'data-series="median site" data-x="(\d)" data-y="([\d.]+)"', svg[0])
+    assert [(x, round(float(y), 3)) for x, y in median] == [("1", 0.68), ("2", 0.73)]
+
+
 def test_a_port_in_use_is_a_clear_error(
     store: RunStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
