@@ -114,6 +114,8 @@ class TrainConfig:
 
 #: ``federation.aggregator`` values (server/aggregation.py).
 AGGREGATORS = ("fedavg", "trimmed-mean")
+#: ``federation.server_optimizer`` values (server/aggregation.py ``server_step``).
+SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 #: ``federation.dp.mode`` values: who adds the Gaussian noise (common/dp.py).
 DP_MODES = ("central", "distributed")
 
@@ -208,6 +210,18 @@ class FederationConfig:
     #: trimmed-mean: the share of updates dropped at each end of every coordinate (rounded up,
     #: leaving at least one update).
     trim_fraction: float = 0.2
+    #: How the round's aggregated update moves the global state (Reddi et al. 2021, "Adaptive
+    #: Federated Optimization"): ``fedavg`` adds it times ``server_lr``; ``fedadam`` and
+    #: ``fedyogi`` treat it as a pseudo-gradient with first and second moments (``server_beta1``,
+    #: ``server_beta2``, adaptivity ``server_tau``), kept with each round's checkpoint so that a
+    #: resumed run goes on with them. Coordinator-only: the sites never see it.
+    server_optimizer: str = "fedavg"
+    #: The server's learning rate (η): 1 with fedavg is plain FedAvg; the paper's grid for
+    #: fedadam / fedyogi spans 1e-3..1, around 1e-2.
+    server_lr: float = 1.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
     #: Largest sealed upload accepted, in bytes; 0 = twice the fp32 size of the shared state
     #: plus 64 KiB.
     max_upload_bytes: int = 0
@@ -586,6 +600,15 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         f"federation.aggregator: {f.aggregator!r} is not one of {', '.join(AGGREGATORS)}",
     )
     need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction: must be in [0, 0.5)")
+    need(
+        f.server_optimizer in SERVER_OPTIMIZERS,
+        f"federation.server_optimizer: {f.server_optimizer!r} is not one of "
+        f"{', '.join(SERVER_OPTIMIZERS)}",
+    )
+    need(f.server_lr > 0, "federation.server_lr: must be positive")
+    for name in ("server_beta1", "server_beta2"):
+        need(0 <= getattr(f, name) < 1, f"federation.{name}: must be in [0, 1)")
+    need(f.server_tau > 0, "federation.server_tau: must be positive")
     need(f.max_upload_bytes >= 0, "federation.max_upload_bytes: must not be negative (0 = auto)")
     need(
         2 <= f.histogram_bins <= HIST_BINS,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpeft import __version__
-from fedpeft.common.config import MethodConfig, RunConfig
+from fedpeft.common.config import SERVER_OPTIMIZERS, MethodConfig, RunConfig
 from fedpeft.common.environment import QUIET
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.methods import ExportFormat, specs
@@ -119,6 +119,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="FedProx: local training adds MU/2 ||w - w_global||^2, keeping each site's update "
         "near the global state (default 0: FedAvg)",
     )
+    p.add_argument(
+        "--server-optimizer",
+        choices=SERVER_OPTIMIZERS,
+        help="how the round's aggregated update moves the global state: fedavg adds it times "
+        "--server-lr; fedadam / fedyogi (Reddi et al. 2021) step with its moments "
+        "([federation] server_beta1, server_beta2, server_tau); default fedavg",
+    )
+    p.add_argument(
+        "--server-lr",
+        type=float,
+        metavar="ETA",
+        help="the server's learning rate (default 1: plain FedAvg; about 1e-2 for fedadam)",
+    )
     p.add_argument("--seed", type=int, help="seed for splits, init, sampling and training")
     p.add_argument("--db", help="SQLAlchemy URL of the run store (default sqlite:///fedpeft.db)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
@@ -176,6 +189,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "federation.histogram_bins": args.histogram_bins,
         "train.class_weight": args.class_weight,
         "train.prox_mu": args.prox_mu,
+        "federation.server_optimizer": args.server_optimizer,
+        "federation.server_lr": args.server_lr,
         "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only
         **_dp_overrides(args),
     }

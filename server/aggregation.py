@@ -39,6 +39,48 @@ def apply_delta(state: State, delta: State) -> State:
     return {name: (value + delta[name]).astype(np.float32) for name, value in state.items()}
 
 
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """``federation.server_optimizer`` and its settings (common/config.py)."""
+
+    name: str = "fedavg"
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+def server_step(
+    state: State, delta: State, moments: State, opt: ServerOptimizer
+) -> tuple[State, State]:
+    """The next global state from the round's aggregated update ``delta``, and the optimizer's
+    moments after the step (``m/NAME``, ``v/NAME``; empty for fedavg). Pure.
+
+    fedavg: ``x + lr·Δ``. fedadam / fedyogi (Reddi et al. 2021, Algorithm 2): ``m = β1·m +
+    (1−β1)·Δ``; Adam ``v = β2·v + (1−β2)·Δ²``, Yogi ``v = v − (1−β2)·Δ²·sign(v − Δ²)``;
+    ``x + lr·m / (√v + τ)``. The moments start at zero (as Flower's FedAdam and FedYogi
+    do)."""
+    if opt.name == "fedavg":
+        if opt.lr == 1.0:
+            return apply_delta(state, delta), {}
+        return apply_delta(state, scale(delta, opt.lr)), {}
+    new_state, new_moments = {}, {}
+    for name, value in state.items():
+        d = delta[name].astype(np.float64)
+        m = moments.get(f"m/{name}", np.zeros_like(value)).astype(np.float64)
+        v = moments.get(f"v/{name}", np.zeros_like(value)).astype(np.float64)
+        m = opt.beta1 * m + (1 - opt.beta1) * d
+        if opt.name == "fedadam":
+            v = opt.beta2 * v + (1 - opt.beta2) * d * d
+        else:
+            v = v - (1 - opt.beta2) * d * d * np.sign(v - d * d)
+        step = opt.lr * m / (np.sqrt(v) + opt.tau)
+        new_state[name] = (value.astype(np.float64) + step).astype(np.float32)
+        new_moments[f"m/{name}"] = m.astype(np.float32)
+        new_moments[f"v/{name}"] = v.astype(np.float32)
+    return new_state, new_moments
+
+
 def update_norm(delta: State) -> float:
     """The L2 norm of an update over all its tensors (float64)."""
     return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values())))

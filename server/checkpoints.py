@@ -82,11 +82,20 @@ def resolve_store_key(
     )
 
 
-def seal_state(key: bytes, run_id: int, round_: int, state: State) -> bytes:
-    return crypto.seal_checkpoint(key, run_id, round_, state_to_bytes(state))
+#: The prefix of the server optimizer's moments in a checkpoint (server/aggregation.py
+#: ``server_step``): kept beside the global state so that a resumed run goes on with them.
+MOMENTS = "server-optimizer/"
 
 
-def open_state(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
+def seal_state(
+    key: bytes, run_id: int, round_: int, state: State, moments: State | None = None
+) -> bytes:
+    full = dict(state)
+    full.update({MOMENTS + name: value for name, value in (moments or {}).items()})
+    return crypto.seal_checkpoint(key, run_id, round_, state_to_bytes(full))
+
+
+def _open(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
     data = crypto.open_checkpoint(key, run_id, round_, blob)
     if data is None:
         raise StoreError(
@@ -94,3 +103,14 @@ def open_state(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
             "store key (another key, or altered bytes)"
         )
     return state_from_bytes(data)
+
+
+def open_state(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
+    """The global state a checkpoint holds (without the server optimizer's moments)."""
+    return {k: v for k, v in _open(key, run_id, round_, blob).items() if not k.startswith(MOMENTS)}
+
+
+def open_moments(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
+    """The server optimizer's moments a checkpoint holds (empty: none, as with fedavg)."""
+    full = _open(key, run_id, round_, blob)
+    return {k.removeprefix(MOMENTS): v for k, v in full.items() if k.startswith(MOMENTS)}

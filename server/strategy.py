@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -61,11 +61,12 @@ from fedpeft.common.wire import RING
 from fedpeft.server.aggregation import (
     WEIGHT,
     Bounds,
+    ServerOptimizer,
     aggregate,
-    apply_delta,
     dp_aggregate,
     scale,
     secure_scales,
+    server_step,
 )
 from fedpeft.server.checkpoints import seal_state
 from fedpeft.server.replies import (
@@ -137,6 +138,9 @@ class Resume:
     round: int
     state: State
     history: list[RoundResult]
+    #: The server optimizer's moments after that round (server/aggregation.py
+    #: ``server_step``; empty with fedavg).
+    moments: State = field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +152,7 @@ class _Trained:
     train: list[Reply]
     applied: bool
     state: State  # the global state after the round
+    moments: State  # the server optimizer's moments after the round
     seconds: float  # its exchange and aggregation (the last round's: and its evaluation)
     #: A DP run: the share of the available sites sampled, and the run's ε after the round.
     sample_rate: float | None = None
@@ -205,6 +210,15 @@ class FederatedRun:
         self.progress = progress or log.info
         self.site_names: dict[int, str] = {}  # the name each node's last reply claimed
         self.bound: dict[int, str] = {}  # the site each node's signed replies are from
+        #: How the aggregated update moves the global state, and its moments (empty: fedavg).
+        self.optimizer = ServerOptimizer(
+            fed.server_optimizer,
+            fed.server_lr,
+            fed.server_beta1,
+            fed.server_beta2,
+            fed.server_tau,
+        )
+        self.moments: State = {}
         #: The nodes a roll call asked for their site (:meth:`_roll_call`).
         self.called: set[int] = set()
         #: Secure aggregation: this round's weight of each site of the roster.
@@ -226,6 +240,7 @@ class FederatedRun:
         first = 1
         if resume is not None:  # the rounds the store holds stand; go on from the last one
             history, first, self.state = list(resume.history), resume.round + 1, resume.state
+            self.moments = dict(resume.moments)
             self._replay_privacy(history)
         pending: _Trained | None = None  # the last round, its new state not yet evaluated
         for rnd in range(first, fed.rounds + 1):
@@ -260,7 +275,9 @@ class FederatedRun:
                 applied = self._aggregate_train(rnd, train, sample_rate)
             for reply in train:  # applied or not, no update is needed again: hold none
                 reply.delta = None
-            pending = _Trained(rnd, started, train, applied, self.state, time.perf_counter() - t0)
+            pending = _Trained(
+                rnd, started, train, applied, self.state, self.moments, time.perf_counter() - t0
+            )
             if applied and self.accountant is not None:
                 pending.sample_rate, pending.epsilon = sample_rate, self.accountant.epsilon()
             if self._converged(history, rnd):
@@ -311,7 +328,7 @@ class FederatedRun:
             self.run_id,
             result,
             site_rows(rnd, train, Phase.TRAIN) + site_rows(rnd, evaluations, Phase.EVALUATE),
-            seal_state(self.store_key, self.run_id, rnd, trained.state),
+            seal_state(self.store_key, self.run_id, rnd, trained.state, trained.moments),
         )
         for line in round_summary(result, train, evaluations):
             self.progress(line)
@@ -389,7 +406,7 @@ class FederatedRun:
             self.accountant.record_round(sample_rate, [r.site for r in ordered])
             for r in ordered:
                 r.notes = {**notes[r.site], keys.SITE_EPSILON: self.accountant.site_epsilon(r.site)}
-            self.state = apply_delta(self.state, delta)
+            self.state, self.moments = server_step(self.state, delta, self.moments, self.optimizer)
             return True
         bounds = Bounds(
             max_examples=fed.max_examples,
@@ -402,7 +419,7 @@ class FederatedRun:
         delta, notes = aggregate(updates, bounds)  # type: ignore[arg-type]
         for r in ordered:
             r.notes = notes[r.site]
-        self.state = apply_delta(self.state, delta)
+        self.state, self.moments = server_step(self.state, delta, self.moments, self.optimizer)
         return True
 
     # -- secure aggregation (common/secagg.py; its messages: common/secagg_messages.py) ----------
@@ -694,7 +711,7 @@ class FederatedRun:
             r.notes = {WEIGHT: weights[r.site] / total_weight}
             if self.accountant is not None:
                 r.notes[keys.SITE_EPSILON] = self.accountant.site_epsilon(r.site)
-        self.state = apply_delta(self.state, delta)
+        self.state, self.moments = server_step(self.state, delta, self.moments, self.optimizer)
         return True
 
     # -- sampling --------------------------------------------------------------------------------

@@ -15,10 +15,12 @@ from fedpeft.server.aggregation import (
     TRIMMED,
     WEIGHT,
     Bounds,
+    ServerOptimizer,
     aggregate,
     apply_delta,
     dp_aggregate,
     fedavg,
+    server_step,
     trim_count,
     trimmed_mean,
     update_norm,
@@ -50,6 +52,37 @@ def test_fedavg_of_one_is_identity_and_refuses_empty() -> None:
 def test_apply_delta() -> None:
     out = apply_delta(_state(1.0), _state(0.5))
     assert np.allclose(out["a"], 1.5)
+
+
+def test_the_server_step_of_fedavg_adds_the_update_times_its_rate() -> None:
+    state, moments = server_step(_state(1.0), _state(0.5), {}, ServerOptimizer())
+    assert np.allclose(state["a"], 1.5) and moments == {}
+    state, _ = server_step(_state(1.0), _state(0.5), {}, ServerOptimizer(lr=0.2))
+    assert np.allclose(state["b"], 1.1)
+
+
+def test_fedadam_steps_by_the_updates_moments() -> None:
+    # Reddi et al. 2021, Algorithm 2, by hand: Δ = 1 twice, β1 0.9, β2 0.99, τ 1e-3, η 0.1.
+    opt = ServerOptimizer("fedadam", lr=0.1)
+    one, moments = server_step(_state(0.0), _state(1.0), {}, opt)
+    assert np.allclose(one["a"], 0.1 * 0.1 / (0.1 + 1e-3))  # m 0.1, v 0.01
+    assert np.allclose(moments["m/a"], 0.1) and np.allclose(moments["v/b"], 0.01)
+    two, moments = server_step(one, _state(1.0), moments, opt)
+    assert np.allclose(two["a"] - one["a"], 0.1 * 0.19 / (np.sqrt(0.0199) + 1e-3))
+    assert sorted(moments) == ["m/a", "m/b", "v/a", "v/b"]
+    # A negative update moves the state down by the same rule.
+    down, _ = server_step(_state(0.0), _state(-1.0), {}, opt)
+    assert np.allclose(down["b"], -one["b"])
+
+
+def test_fedyogi_grows_its_second_moment_additively() -> None:
+    # Yogi: v − (1−β2)·Δ²·sign(v − Δ²): from v = 0.01 and Δ = 2 (Δ² > v), v grows by 0.04,
+    # where Adam's would be 0.99·0.01 + 0.04.
+    opt = ServerOptimizer("fedyogi", lr=0.1)
+    _, moments = server_step(_state(0.0), _state(1.0), {}, opt)
+    _, yogi = server_step(_state(0.0), _state(2.0), moments, opt)
+    _, adam = server_step(_state(0.0), _state(2.0), moments, ServerOptimizer("fedadam", lr=0.1))
+    assert np.allclose(yogi["v/a"], 0.01 + 0.04) and np.allclose(adam["v/a"], 0.0099 + 0.04)
 
 
 @pytest.mark.parametrize(

@@ -327,3 +327,25 @@ def test_a_bad_lr_grid_is_named(grid: list[object], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
         load_config(overrides={"tuning.lr_grid": grid})
     assert "tuning.lr_grid" in str(err.value)
+
+
+def test_server_optimizer_settings_are_checked() -> None:
+    cfg = load_config(
+        overrides={"federation.server_optimizer": "fedyogi", "federation.server_lr": 0.01}
+    )
+    assert (cfg.federation.server_optimizer, cfg.federation.server_lr) == ("fedyogi", 0.01)
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            overrides={
+                "federation.server_optimizer": "sgd",
+                "federation.server_lr": 0.0,
+                "federation.server_beta2": 1.0,
+                "federation.server_tau": -1.0,
+            }
+        )
+    assert info.value.problems == [
+        "federation.server_optimizer: 'sgd' is not one of fedavg, fedadam, fedyogi",
+        "federation.server_lr: must be positive",
+        "federation.server_beta2: must be in [0, 1)",
+        "federation.server_tau: must be positive",
+    ]

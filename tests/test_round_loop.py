@@ -946,6 +946,48 @@ def test_a_resumed_run_goes_on_from_its_last_recorded_round(
     assert resumed.loop.run_token == token != first.loop.run_token
 
 
+def test_fedadam_moves_the_state_by_its_moments_and_a_resumed_run_keeps_them(
+    harness: Callable[..., Harness],
+) -> None:
+    from fedpeft.server.app import resume_point
+    from fedpeft.server.checkpoints import open_moments
+
+    adam = {"server_optimizer": "fedadam", "server_lr": 0.1}
+
+    def nodes() -> dict[int, Node]:
+        return {1: site("A", constant(1.0)), 2: site("B", constant(1.0))}
+
+    whole = harness(nodes(), rounds=4, **adam)
+    whole.start()
+    # Δ = 1 each round: steps of η·m/(√v + τ), m and v the moments (Reddi et al. 2021).
+    step1, step2 = 0.1 * 0.1 / (0.1 + 1e-3), 0.1 * 0.19 / (np.sqrt(0.0199) + 1e-3)
+    assert_state(whole.state(1), plus(step1))
+    assert_state(whole.state(2), plus(step1 + step2))
+    first = harness(nodes(), rounds=2, **adam)
+    first.start()
+    _, blob = first.store.global_state(first.run_id, 2)
+    moments = open_moments(STORE_KEY, first.run_id, 2, blob)
+    assert sorted(moments) == ["m/a", "m/b", "v/a", "v/b"]
+    assert sorted(first.state(2)) == ["a", "b"]  # the state alone, without the moments
+    history = first.rounds()
+    # What the coordinator's resume reads back from the store: the state and its moments.
+    first.store.finish_run(first.run_id, status="failed", error="killed", wall_seconds=1.0)
+    point = resume_point(first.store, first.run_id, first.cfg, FINGERPRINT, STORE_KEY)
+    assert point.round == 2 and sorted(point.moments) == sorted(moments)
+    assert all(np.array_equal(point.moments[k], moments[k]) for k in moments)
+    resumed = harness(nodes(), rounds=4, **adam)
+    for result in history:
+        resumed.store.add_round(resumed.run_id, result, [], None)
+    resumed.loop.start(resumed.grid, Resume(2, point.state, history, point.moments))
+    assert_state(resumed.state(4), whole.state(4))
+    # Without its moments the resumed run would have stepped differently.
+    cold = harness(nodes(), rounds=4, **adam)
+    for result in history:
+        cold.store.add_round(cold.run_id, result, [], None)
+    cold.loop.start(cold.grid, Resume(2, first.state(2), history))
+    assert not np.allclose(cold.state(4)["a"], whole.state(4)["a"])
+
+
 DP = {"dp.enabled": True, "dp.clip": 1.0, "dp.delta": 1e-5}
 
 
