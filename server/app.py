@@ -27,7 +27,7 @@ from fedpeft.common.methods import build_model, count_parameters, shared_state
 from fedpeft.common.model import DEFAULT_MODEL_NAME, model_fingerprint, resolve_model_path
 from fedpeft.common.tensors import to_numpy
 from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
-from fedpeft.server.checkpoints import open_moments, open_state, resolve_store_key
+from fedpeft.server.checkpoints import open_checkpoint, resolve_store_key
 from fedpeft.server.store import RunStatus, RunStore, open_store
 from fedpeft.server.strategy import FederatedRun, Resume
 
@@ -175,10 +175,7 @@ def resume_point(
     if not last:
         return Resume(0, {}, [])
     _, blob = store.global_state(run_id, last)
-    state, moments = (
-        open_state(store_key, run_id, last, blob),
-        open_moments(store_key, run_id, last, blob),
-    )
+    state, moments = open_checkpoint(store_key, run_id, last, blob)
     return Resume(last, state, history, moments)
 
 

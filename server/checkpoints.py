@@ -95,22 +95,25 @@ def seal_state(
     return crypto.seal_checkpoint(key, run_id, round_, state_to_bytes(full))
 
 
-def _open(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
+def open_checkpoint(key: bytes, run_id: int, round_: int, blob: bytes) -> tuple[State, State]:
+    """What a checkpoint holds, opened once: the global state, and the server optimizer's
+    moments (empty: none, as with fedavg)."""
     data = crypto.open_checkpoint(key, run_id, round_, blob)
     if data is None:
         raise StoreError(
             f"run {run_id} round {round_}: the stored global state does not open with this "
             "store key (another key, or altered bytes)"
         )
-    return state_from_bytes(data)
+    state: State = {}
+    moments: State = {}
+    for name, value in state_from_bytes(data).items():
+        if name.startswith(MOMENTS):
+            moments[name.removeprefix(MOMENTS)] = value
+        else:
+            state[name] = value
+    return state, moments
 
 
 def open_state(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
     """The global state a checkpoint holds (without the server optimizer's moments)."""
-    return {k: v for k, v in _open(key, run_id, round_, blob).items() if not k.startswith(MOMENTS)}
-
-
-def open_moments(key: bytes, run_id: int, round_: int, blob: bytes) -> State:
-    """The server optimizer's moments a checkpoint holds (empty: none, as with fedavg)."""
-    full = _open(key, run_id, round_, blob)
-    return {k.removeprefix(MOMENTS): v for k, v in full.items() if k.startswith(MOMENTS)}
+    return open_checkpoint(key, run_id, round_, blob)[0]

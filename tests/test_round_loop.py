@@ -950,7 +950,7 @@ def test_fedadam_moves_the_state_by_its_moments_and_a_resumed_run_keeps_them(
     harness: Callable[..., Harness],
 ) -> None:
     from fedpeft.server.app import resume_point
-    from fedpeft.server.checkpoints import open_moments
+    from fedpeft.server.checkpoints import open_checkpoint
 
     adam = {"server_optimizer": "fedadam", "server_lr": 0.1}
 
@@ -966,7 +966,7 @@ def test_fedadam_moves_the_state_by_its_moments_and_a_resumed_run_keeps_them(
     first = harness(nodes(), rounds=2, **adam)
     first.start()
     _, blob = first.store.global_state(first.run_id, 2)
-    moments = open_moments(STORE_KEY, first.run_id, 2, blob)
+    _, moments = open_checkpoint(STORE_KEY, first.run_id, 2, blob)
     assert sorted(moments) == ["m/a", "m/b", "v/a", "v/b"]
     assert sorted(first.state(2)) == ["a", "b"]  # the state alone, without the moments
     history = first.rounds()
