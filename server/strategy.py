@@ -118,11 +118,17 @@ def round_rng(seed: int, rnd: int) -> np.random.Generator:
     return np.random.default_rng([seed, rnd])
 
 
+def samples(k: int, n: int) -> bool:
+    """Whether ``federation.sites_per_round`` = ``k`` draws a sample of ``n`` nodes (0, or not
+    below their number: every node trains)."""
+    return 0 < k < n
+
+
 def sample_nodes(nodes: list[int], k: int, rng: np.random.Generator) -> list[int]:
     """The nodes that train this round: ``k`` of them drawn without replacement from ``nodes``
     in the order given (the round loop gives them by site name), returned by node id; all of
     them when ``k`` is 0 or not below their number (``federation.sites_per_round``)."""
-    if k == 0 or k >= len(nodes):
+    if not samples(k, len(nodes)):
         return list(nodes)
     # Draw positions, not the ids: Flower's node ids are unsigned 64-bit, and numpy turns a
     # list holding ids above 2**63 into floats, which round them to ids no node has.
@@ -246,7 +252,7 @@ class FederatedRun:
         for rnd in range(first, fed.rounds + 1):
             nodes = sorted(grid.get_node_ids()) or nodes  # type: ignore[attr-defined]
             k = fed.sites_per_round
-            sample_rate = (k if 0 < k < len(nodes) else len(nodes)) / max(len(nodes), 1)
+            sample_rate = (k if samples(k, len(nodes)) else len(nodes)) / max(len(nodes), 1)
             if self._over_budget(rnd, sample_rate):
                 break
             self._roll_call(grid, rnd, nodes)
@@ -727,7 +733,7 @@ class FederatedRun:
         site's evaluation reaches the coordinator on its own. The evaluations are not
         recorded."""
         fed = self.cfg.federation
-        if fed.secure_aggregation.enabled or not 0 < fed.sites_per_round < len(nodes):
+        if fed.secure_aggregation.enabled or not samples(fed.sites_per_round, len(nodes)):
             return
         unbound = [n for n in nodes if n not in self.bound and n not in self.called]
         if not unbound:
