@@ -93,8 +93,18 @@ def _measured_fedpeft_app() -> Any:
     return client
 
 
-def run_fedpeft(args: argparse.Namespace, codec: str, work: Path) -> dict[str, float]:
+def stored_run(db: str, run_id: int) -> tuple[list[Any], list[Any]]:
+    """Run ``run_id``'s rounds and per-site results, read back from the store ``db``."""
     from fedpeft.server.store import open_store
+
+    store = open_store(db, create=False)
+    try:
+        return store.rounds(run_id), store.site_results(run_id)
+    finally:
+        store.close()
+
+
+def run_fedpeft(args: argparse.Namespace, codec: str, work: Path) -> dict[str, float]:
     from fedpeft.simulate import run_simulation
 
     db = f"sqlite:///{work / 'runs.db'}"
@@ -107,12 +117,7 @@ def run_fedpeft(args: argparse.Namespace, codec: str, work: Path) -> dict[str, f
         store_key_file=None,
     )
     seconds = time.perf_counter() - started
-    store = open_store(db, create=False)
-    try:
-        rounds = store.rounds(result.run_id)
-        results = store.site_results(result.run_id)
-    finally:
-        store.close()
+    rounds, results = stored_run(db, result.run_id)
     last = max(r.round for r in rounds)
     aucs = [r.auc for r in results if r.phase == "evaluate" and r.round == last and r.auc]
     uploads = [r.bytes_up for r in results if r.phase == "train" and r.status == "ok"]

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from seal import _median_seconds  # bench/seal.py: this script's folder is on the path
+from compare import stored_run  # bench/compare.py and bench/seal.py: this folder is on the path
+from seal import _median_seconds
 
 from fedpeft.common.config import RunConfig
 
@@ -85,7 +86,6 @@ def main() -> None:
 
     from fedpeft.common.config import load_config
     from fedpeft.common.keys import TASK_SECONDS
-    from fedpeft.server.store import open_store
     from fedpeft.simulate import run_simulation
 
     workers = os.cpu_count() or 1
@@ -94,12 +94,7 @@ def main() -> None:
         overrides = {"data.dataset": args.dataset, "federation.rounds": args.rounds}
         cfg = load_config(overrides={**overrides, "seed": args.seed, "db": db})
         result = run_simulation(cfg, progress=lambda _: None)
-        store = open_store(db, create=False)
-        try:
-            rounds = store.rounds(result.run_id)
-            results = store.site_results(result.run_id)
-        finally:
-            store.close()
+        rounds, results = stored_run(db, result.run_id)
     seal_s, open_s, sealed_bytes = seal_open_seconds(cfg, args.repeat)
 
     print(

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compare import RSS_DIR_ENV, _measured_fedpeft_app, _peak_mb, _site_peak
+from compare import RSS_DIR_ENV, _measured_fedpeft_app, _peak_mb, _site_peak, stored_run
 
 
 def _rss_mb() -> float:
@@ -48,7 +48,6 @@ def one(n_sites: int, per_round: int, rounds: int, seed: int) -> dict[str, Any]:
     from sqlalchemy.engine import Engine
 
     from fedpeft.common.config import load_config
-    from fedpeft.server.store import open_store
     from fedpeft.server.store.sql import SqlRunStore
     from fedpeft.simulate import run_simulation
 
@@ -94,12 +93,7 @@ def one(n_sites: int, per_round: int, rounds: int, seed: int) -> dict[str, Any]:
         started = time.perf_counter()
         result = run_simulation(cfg, client_app=_measured_fedpeft_app(), progress=lambda _: None)
         wall = time.perf_counter() - started
-        store = open_store(db, create=False)
-        try:
-            stored = store.rounds(result.run_id)
-            sites = store.site_results(result.run_id)
-        finally:
-            store.close()
+        stored, sites = stored_run(db, result.run_id)
         site_peak = _site_peak(work / "rss")
     later = [r for r in stored if r.round >= 2] or stored
     last = max(r.round for r in stored)
