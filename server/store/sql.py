@@ -509,17 +509,17 @@ class SqlRunStore(RunStore):
     ) -> None:
         digest = None if state is None else hashlib.sha256(state).hexdigest()
 
-        def site_values() -> list[dict[str, Any]]:
-            out = []
-            for site in sites:
-                values = {f.name: getattr(site, f.name) for f in fields(SiteResult)}
-                for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
-                    values[key] = _finite(values[key])
-                values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
-                # The enums' plain values: every database driver takes a str.
-                values["phase"], values["status"] = str(site.phase), str(site.status)
-                out.append({"run_id": run_id, **values})
-            return out
+        # Plain values, built once: every attempt of the write sends the same (unlike ORM
+        # rows, which bind to one session).
+        site_values: list[dict[str, Any]] = []
+        for site in sites:
+            values = {f.name: getattr(site, f.name) for f in fields(SiteResult)}
+            for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
+                values[key] = _finite(values[key])
+            values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
+            # The enums' plain values: every database driver takes a str.
+            values["phase"], values["status"] = str(site.phase), str(site.status)
+            site_values.append({"run_id": run_id, **values})
 
         def rows() -> list[Base]:
             out: list[Base] = [
@@ -555,13 +555,13 @@ class SqlRunStore(RunStore):
                 )
             return out
 
-        _check_fits(rows() + [SiteResultRow(**v) for v in site_values()], self._shown)
+        _check_fits(rows() + [SiteResultRow(**v) for v in site_values], self._shown)
 
         def write(session: Session) -> None:  # the round, its sites and state: one commit
             session.add_all(rows())
             if sites:  # one statement for all of them: the ORM sends one per row, or per
                 # pattern of empty fields; the table's own insert sends NULLs as they are
-                session.execute(insert(cast(Table, SiteResultRow.__table__)), site_values())
+                session.execute(insert(cast(Table, SiteResultRow.__table__)), site_values)
 
         self._write(write)
 
