@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac
 import json
 import math
-import statistics
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from starlette.routing import Route
 from fedpeft.card import flatten, site_config_json
 from fedpeft.common.errors import StoreError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON, Phase
-from fedpeft.report import Summary, summarize
+from fedpeft.report import Summary, median_by_round, summarize
 from fedpeft.server.rounds import LISTED_SITES, delivered_round
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
@@ -210,11 +209,8 @@ def _auc_chart(
     many = len(per_site) > LISTED_SITES  # one faint line each, and the median site
     series = [Series(site, pts, faint=many) for site, pts in sorted(per_site.items())]
     if many:
-        by_round: dict[int, list[float]] = {}
-        for (rnd, _), (auc, _, _) in aucs.items():
-            by_round.setdefault(rnd, []).append(auc)
-        median = [Point(rnd, statistics.median(v)) for rnd, v in sorted(by_round.items())]
-        series.append(Series("median site", median))
+        median = median_by_round((rnd, auc) for (rnd, _), (auc, _, _) in aucs.items())
+        series.append(Series("median site", [Point(rnd, auc) for rnd, auc in median]))
     pooled = [
         Point(r.round, r.pooled_auc, r.pooled_low, r.pooled_high)
         for r in rounds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -432,6 +432,16 @@ def _rate(x: float) -> str:
     return f"{x:.3g}"
 
 
+def median_by_round(aucs: Iterable[tuple[int, float | None]]) -> list[tuple[int, float]]:
+    """The median site's AUC per round, from (round, AUC) pairs (an AUC of None is left out):
+    what the plot and the dashboard draw for a run of many sites."""
+    by_round: dict[int, list[float]] = {}
+    for rnd, auc in aucs:
+        if auc is not None:
+            by_round.setdefault(rnd, []).append(auc)
+    return [(rnd, statistics.median(v)) for rnd, v in sorted(by_round.items())]
+
+
 def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
     """A PNG of AUC per round: one line per site and the pooled AUC."""
     import matplotlib
@@ -462,10 +472,7 @@ def plot_auc(store: RunStore, run_id: int, path: Path) -> Path:
         ax.plot(*zip(*points, strict=True), marker="o", linewidth=1.2, label=label)
     if len(names) > LISTED_SITES:
         ax.plot([], [], color="tab:blue", alpha=0.3, label=f"each of {len(names)} sites")
-        per_round = sorted({r.round for r in results})
-        medians = [
-            statistics.median(r.auc or 0.0 for r in results if r.round == k) for k in per_round
-        ]
+        per_round, medians = zip(*median_by_round((r.round, r.auc) for r in results), strict=True)
         ax.plot(per_round, medians, color="tab:blue", linewidth=2, label="median site")
     pooled = [(r.round, r.pooled_auc) for r in rounds if r.pooled_auc is not None]
     if pooled:
