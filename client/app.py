@@ -224,6 +224,7 @@ def handle_train(
         cfg.train.local_epochs,
         session.device,
         site_seed(cfg.seed, rnd, session.site),
+        span=((rnd - 1) / cfg.rounds, rnd / cfg.rounds),  # where the rate schedule is
     )
     local = to_numpy(shared_state(model))
     delta = {name: (local[name] - global_state[name]).astype(np.float32) for name in global_state}

@@ -7,6 +7,7 @@ AdamW over the shared parameters only, gradient clipping, early stopping on a va
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +117,17 @@ def class_weights(labels: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
+def lr_factor(progress: float, warmup: float, decay: str) -> float:
+    """The share of ``train.lr`` a step takes at ``progress`` (0 to 1) through the training
+    budget: linear warm-up over the first ``warmup`` of it, then ``decay`` toward 0 at its end."""
+    warm = min(1.0, progress / warmup) if warmup > 0 else 1.0
+    if decay == "linear":
+        return warm * (1.0 - progress)
+    if decay == "cosine":
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warm
+
+
 def train_local(
     model: torch.nn.Module,
     train: Encoded,
@@ -124,12 +136,21 @@ def train_local(
     epochs: int,
     device: torch.device,
     seed: int,
+    span: tuple[float, float] = (0.0, 1.0),
 ) -> TrainResult:
-    """Train the model's shared parameters for up to ``epochs`` epochs; keep the best on ``val``."""
+    """Train the model's shared parameters for up to ``epochs`` epochs; keep the best on ``val``.
+
+    ``span`` is the part of the whole training budget these epochs are (round r of R at a site:
+    ((r - 1) / R, r / R)); the learning-rate schedule (``train.warmup``, ``train.decay``) follows
+    it, each step taking the rate at its midpoint, so that sites and baselines see the same rate
+    at the same share of their budget."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = -(-len(train) // cfg.batch_size)
+    step_share = (span[1] - span[0]) / max(epochs * per_epoch, 1)
+    scheduled = cfg.warmup > 0 or cfg.decay != "none"
     weight = class_weights(train.labels, device) if cfg.class_weight == "balanced" else None
     # FedProx's anchor: the shared parameters as this training found them (the global state).
     anchor = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
@@ -153,6 +174,10 @@ def train_local(
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if scheduled:
+                middle = span[0] + (steps + 0.5) * step_share
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(middle, cfg.warmup, cfg.decay)
             optimizer.step()
             steps += 1
         train_seconds += time.perf_counter() - epoch_started

@@ -84,6 +84,8 @@ class MethodConfig:
 
 #: ``train.class_weight`` values.
 CLASS_WEIGHTS = ("none", "balanced")
+#: ``train.decay`` values (client/trainer.py ``lr_factor``).
+DECAYS = ("none", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,12 @@ class TrainConfig:
     #: FedProx's µ (Li et al. 2020): local training adds µ/2 ||w − w_global||² over the shared
     #: parameters, pulling each site's update toward the global state; 0 = plain FedAvg.
     prox_mu: float = 0.0
+    #: Learning-rate warm-up: the rate rises linearly from 0 to ``lr`` over this share of the
+    #: training budget (all rounds' local steps at a site; all epochs for a baseline); 0 = none.
+    warmup: float = 0.0
+    #: Learning-rate decay over the same budget: ``linear`` or ``cosine`` down toward 0 at its
+    #: end, ``none`` keeps ``lr``. A run stopped early by ``federation.patience`` stops partway.
+    decay: str = "none"
 
 
 #: ``federation.aggregator`` values (server/aggregation.py).
@@ -540,6 +548,11 @@ def _check_model_and_training(
         math.isfinite(t.prox_mu) and t.prox_mu >= 0,
         f"train.prox_mu: must be 0 (off) or positive, got {t.prox_mu!r}",
     )
+    need(
+        0 <= t.warmup < 1,
+        f"train.warmup: must be in [0, 1) (a share of the budget), got {t.warmup!r}",
+    )
+    need(t.decay in DECAYS, f"train.decay: {t.decay!r} is not one of {', '.join(DECAYS)}")
 
 
 def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpeft import __version__
-from fedpeft.common.config import SERVER_OPTIMIZERS, MethodConfig, RunConfig
+from fedpeft.common.config import DECAYS, SERVER_OPTIMIZERS, MethodConfig, RunConfig
 from fedpeft.common.environment import QUIET
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.methods import ExportFormat, specs
@@ -120,6 +120,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "near the global state (default 0: FedAvg)",
     )
     p.add_argument(
+        "--warmup",
+        type=float,
+        metavar="SHARE",
+        help="learning-rate warm-up over this share of the training budget (default 0: none)",
+    )
+    p.add_argument(
+        "--decay",
+        choices=DECAYS,
+        help="learning-rate decay toward 0 over the training budget (default none)",
+    )
+    p.add_argument(
         "--server-optimizer",
         choices=SERVER_OPTIMIZERS,
         help="how the round's aggregated update moves the global state: fedavg adds it times "
@@ -189,6 +200,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "federation.histogram_bins": args.histogram_bins,
         "train.class_weight": args.class_weight,
         "train.prox_mu": args.prox_mu,
+        "train.warmup": args.warmup,
+        "train.decay": args.decay,
         "federation.server_optimizer": args.server_optimizer,
         "federation.server_lr": args.server_lr,
         "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only

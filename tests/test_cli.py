@@ -570,6 +570,19 @@ def test_class_weight_and_prox_mu_flags_reach_the_sites_config() -> None:
         load_config(overrides=_overrides(parser().parse_args(["simulate", "--prox-mu", "-1"])))
 
 
+def test_schedule_flags_reach_the_sites_config_and_bad_ones_are_refused() -> None:
+    from fedpeft.cli import _overrides, parser
+    from fedpeft.common.config import load_config
+
+    args = parser().parse_args(["simulate", "--warmup", "0.1", "--decay", "cosine"])
+    site = load_config(overrides=_overrides(args)).for_sites()
+    assert (site.train.warmup, site.train.decay) == (0.1, "cosine")
+    with pytest.raises(ConfigError, match=r"train.warmup: must be in \[0, 1\)"):
+        load_config(overrides=_overrides(parser().parse_args(["simulate", "--warmup", "1"])))
+    with pytest.raises(ConfigError, match="train.decay: 'step' is not one of none, linear"):
+        load_config(overrides={"train.decay": "step"})
+
+
 def test_tune_lr_and_resume_are_refused_together(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.client.trainer import Encoded, class_weights, predict, train_local
+from fedpeft.client.trainer import Encoded, class_weights, lr_factor, predict, train_local
 from fedpeft.common.config import (
     AdapterConfig,
     LoraConfig,
@@ -250,12 +250,14 @@ def test_balanced_class_weights_are_n_over_twice_the_class_count() -> None:
     assert class_weights(np.array([0, 0]), CPU).tolist() == pytest.approx([1.0, 1.0])  # no 1s
 
 
-def _moved(rows: Encoded, **train: object) -> tuple[float, np.ndarray]:
+def _moved(
+    rows: Encoded, span: tuple[float, float] = (0.0, 1.0), **train: object
+) -> tuple[float, np.ndarray]:
     """The trained shared state's distance from where it started, and the trained scores."""
     model = _model("lora")
     start = {n: t.clone() for n, t in shared_state(model).items()}
     cfg = TrainConfig(lr=5e-3, batch_size=8, **train)  # type: ignore[arg-type]
-    train_local(model, rows, rows, cfg, 2, CPU, seed=0)
+    train_local(model, rows, rows, cfg, 2, CPU, seed=0, span=span)
     end = shared_state(model)
     distance = float(sum(((end[n] - start[n]) ** 2).sum() for n in start) ** 0.5)
     return distance, predict(model, rows, CPU)[0]
@@ -272,3 +274,50 @@ def test_balanced_weighting_raises_the_rare_class_s_scores(rows: Encoded) -> Non
     _, plain = _moved(rare)
     _, balanced = _moved(rare, class_weight="balanced")
     assert balanced.mean() > plain.mean() + 0.02, (balanced.mean(), plain.mean())
+
+
+def test_the_rate_schedule_warms_up_then_decays_over_the_budget() -> None:
+    assert lr_factor(0.3, 0.0, "none") == 1.0
+    assert lr_factor(0.05, 0.1, "none") == pytest.approx(0.5)  # halfway through the warm-up
+    assert lr_factor(0.5, 0.1, "none") == 1.0
+    assert lr_factor(0.25, 0.0, "linear") == pytest.approx(0.75)
+    assert lr_factor(0.5, 0.0, "cosine") == pytest.approx(0.5)
+    assert lr_factor(1.0, 0.0, "cosine") == pytest.approx(0.0)
+    assert lr_factor(0.05, 0.1, "cosine") == pytest.approx(0.5 * 0.5 * (1 + np.cos(np.pi * 0.05)))
+
+
+def test_training_takes_the_scheduled_rate_for_its_share_of_the_budget(rows: Encoded) -> None:
+    plain, _ = _moved(rows)
+    # The last 2 % of a linearly decayed budget, and the first 2 % of a long warm-up: each step
+    # takes at most 2 % of the rate, so the state barely moves; the same span undecayed moves
+    # as far as the whole budget does.
+    late, _ = _moved(rows, span=(0.98, 1.0), decay="linear")
+    early, _ = _moved(rows, span=(0.0, 0.02), warmup=0.5)
+    undecayed, _ = _moved(rows, span=(0.98, 1.0))
+    assert late < 0.2 * plain and early < 0.2 * plain, (late, early, plain)
+    assert undecayed == pytest.approx(plain)
+
+
+@pytest.mark.parametrize("decay", ["none", "linear"])
+def test_a_site_s_round_trains_at_its_round_s_share_of_the_schedule(
+    rows: Encoded, decay: str
+) -> None:
+    import copy
+
+    from fedpeft.client.app import SiteSession, _base_model, handle_train
+    from fedpeft.common.config import load_config
+    from fedpeft.common.tensors import to_numpy
+
+    cfg = load_config(overrides={"train.decay": decay, "federation.rounds": 10}).for_sites()
+    base = _base_model(cfg, CPU)
+    session = SiteSession("A", rows, rows, rows, base, fingerprint="f", device=CPU)
+    state = to_numpy(shared_state(build_method(cfg.method, copy.deepcopy(base))))
+
+    def moved(rnd: int) -> float:
+        delta, _ = handle_train(cfg, rnd, "f", state, session)
+        return float(np.sqrt(sum(float((d**2).sum()) for d in delta.values())))
+
+    # Round 10 of 10 is the last tenth of the budget: a linear decay gives it at most a tenth
+    # of the rate round 1 had; without one, both rounds step alike.
+    ratio = moved(10) / moved(1)
+    assert ratio < 0.2 if decay == "linear" else ratio > 0.5, ratio
