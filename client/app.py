@@ -244,15 +244,52 @@ def handle_train(
     return delta, metrics
 
 
+#: The shared parameters each ``federation.personalize`` part names (a substring of their names).
+PERSONAL_PARTS = {"head": "classifier.", "lora-b": ".lora_B."}
+
+
+def personalize(model: torch.nn.Module, cfg: SiteRunConfig, session: SiteSession) -> int:
+    """Fine-tune ``cfg.personalize``'s part of ``model`` (the global state) on the site's own
+    training rows, the rest frozen: up to ``personalize_epochs`` epochs, the best on the
+    validation rows kept, and the global part kept when no epoch lowers the validation loss.
+    Returns the epochs run, 0 when the global part was kept. Nothing of it leaves the site."""
+    marker = PERSONAL_PARTS[cfg.personalize]
+    for name, param in model.named_parameters():
+        if param.requires_grad and marker not in name:
+            param.requires_grad_(False)
+    start = shared_state(model)  # now the personal part alone
+    _, start_loss = predict(model, session.val, session.device)
+    result = train_local(
+        model,
+        session.train,
+        session.val,
+        dataclasses.replace(cfg.train, prox_mu=0.0),
+        cfg.personalize_epochs,
+        session.device,
+        site_seed(cfg.seed, cfg.rounds + 1, session.site),
+    )
+    if result.best_val_loss >= start_loss:
+        load_shared_state(model, start)
+        return 0
+    return result.epochs_run
+
+
 def handle_evaluate(
-    cfg: SiteRunConfig, global_state: State, session: SiteSession
+    cfg: SiteRunConfig, global_state: State, session: SiteSession, personal: bool = False
 ) -> tuple[Evaluation, dict[str, float]]:
     """The global state on the test rows (reported) and its loss on the validation rows (for
-    choosing the round, as early stopping does in local training)."""
+    choosing the round, as early stopping does in local training). ``personal``: the site's
+    personalized model instead (:func:`personalize`), with the epochs it took."""
     model = _model_with(session, cfg, global_state)
+    extra = {keys.EPOCHS_RUN: personalize(model, cfg, session)} if personal else {}
     test = evaluate(model, session.test, session.device, bins=cfg.histogram_bins)
     _, val_loss = predict(model, session.val, session.device)
-    return test, {**_metrics(test), keys.VAL_LOSS: val_loss, keys.N_VAL: len(session.val)}
+    return test, {
+        **_metrics(test),
+        keys.VAL_LOSS: val_loss,
+        keys.N_VAL: len(session.val),
+        **extra,
+    }
 
 
 def _reply(
@@ -300,13 +337,14 @@ def seal_site_evaluation(
     setup: SiteSetup,
     session: SiteSession,
     masked: bool = False,
+    personal: bool = False,
 ) -> tuple[bytes, Histograms]:
     """The evaluation of the global state in ``signed`` (that of round ``rnd``), sealed for the
     run's key and signed by the site: only the coordinator reads it, and it knows who sent it.
     Also returns its score histograms: with ``masked`` (secure aggregation) they leave only
     inside the site's masked vector, summed with the others', and the sealed evaluation holds
-    none."""
-    ev, metrics = handle_evaluate(signed.config, signed.state, session)
+    none. ``personal``: the evaluation of the site's personalized model instead."""
+    ev, metrics = handle_evaluate(signed.config, signed.state, session, personal)
     shown: Histograms = ([], []) if masked else (ev.hist_pos, ev.hist_neg)
     sealed = seal_evaluation(
         metrics,
@@ -469,7 +507,11 @@ def task_facts(
         shapes = {MASKED: (entries,)}
     return TaskFacts(
         method=cfg.method.name,
-        local_epochs=cfg.train.local_epochs,
+        # The most epochs any task of the run trains here: a round's, or personalization's.
+        local_epochs=max(
+            cfg.train.local_epochs,
+            0 if cfg.personalize == "none" else cfg.personalize_epochs,
+        ),
         rounds=cfg.rounds,
         round=signed.round,
         codec=cfg.codec,
@@ -531,7 +573,7 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
     site, kind = setup.site, str(msg.metadata.message_type)
     started = time.perf_counter()
     try:
-        if kind not in (*Phase, *STAGES):
+        if kind not in (*keys.MESSAGES, *STAGES):
             raise FedpeftError(f"unknown message type {kind[:32]!r}")
         rnd = int(msg.content[keys.CONFIG][keys.ROUND])
         trusted = setup.coordinator_keys()
@@ -609,7 +651,10 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 evaluation=evaluation,
                 data_fingerprint=session.data_fingerprint,
             )
-        evaluation, _ = seal_site_evaluation(signed, rnd, site, setup, session)
+        personal = bool(msg.content[keys.CONFIG].get(keys.PERSONALIZE, 0))
+        if personal and cfg.personalize == "none":
+            raise TaskRefused("a personalization request in a run without personalization")
+        evaluation, _ = seal_site_evaluation(signed, rnd, site, setup, session, personal=personal)
         record.upload(None)
         metrics = {keys.TASK_SECONDS: time.perf_counter() - started}
         return _reply(msg, site, metrics=metrics, evaluation=evaluation)

@@ -124,6 +124,9 @@ class TrainConfig:
 AGGREGATORS = ("fedavg", "trimmed-mean")
 #: ``federation.server_optimizer`` values (server/aggregation.py ``server_step``).
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
+#: ``federation.personalize`` values: which shared parameters a site adapts for itself after
+#: the run (client/app.py ``personalized``); ``lora-b`` is LoRA's B matrices (FedSA-LoRA).
+PERSONAL_PARTS = ("none", "head", "lora-b")
 #: ``federation.dp.mode`` values: who adds the Gaussian noise (common/dp.py).
 DP_MODES = ("central", "distributed")
 
@@ -238,6 +241,14 @@ class FederationConfig:
     #: the pooled AUC's precision (docs/benchmarks.md); with secure aggregation it sees only
     #: their sum anyway.
     histogram_bins: int = HIST_BINS
+    #: Personalization: after the last round, each site fine-tunes this part of the delivered
+    #: global state on its own training rows (``head``: the classification head; ``lora-b``:
+    #: LoRA's B matrices) and reports the AUC of the global and of its personalized model on its
+    #: test rows. The personalized part never leaves the site; ``none`` = no personalization.
+    personalize: str = "none"
+    #: Most epochs of that fine-tuning (early-stopped on the site's validation rows; the site
+    #: keeps the global part unchanged when no epoch lowers its validation loss).
+    personalize_epochs: int = 5
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     dp: DPConfig = field(default_factory=DPConfig)
 
@@ -351,6 +362,10 @@ class SiteRunConfig:
     privacy: SitePrivacy
     #: Bins of the score histograms by label in its evaluations (``federation.histogram_bins``).
     histogram_bins: int
+    #: The part a site personalizes after the run, and for how many epochs at most
+    #: (``federation.personalize``, ``federation.personalize_epochs``).
+    personalize: str
+    personalize_epochs: int
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no spaces; what is signed and hashed."""
@@ -460,6 +475,8 @@ class RunConfig:
             test_fraction=self.data.test_fraction,
             privacy=privacy,
             histogram_bins=self.federation.histogram_bins,
+            personalize=f.personalize,
+            personalize_epochs=f.personalize_epochs,
         )
 
 
@@ -555,9 +572,37 @@ def _check_model_and_training(
     need(t.decay in DECAYS, f"train.decay: {t.decay!r} is not one of {', '.join(DECAYS)}")
 
 
+def _check_personalize(
+    part: str, epochs: int, method: str, secure: bool, prefix: str, problems: list[str]
+) -> None:
+    """``personalize``: a known part, one the method has, and a bounded number of epochs."""
+    need = _needs(problems)
+    if part not in PERSONAL_PARTS:
+        problems.append(f"{prefix}personalize: {part!r} is not one of {', '.join(PERSONAL_PARTS)}")
+        return
+    need(1 <= epochs <= 100, f"{prefix}personalize_epochs: must be in 1..100, got {epochs!r}")
+    need(
+        part != "lora-b" or method == "lora",
+        f"{prefix}personalize: lora-b needs method lora (the method is {method!r})",
+    )
+    need(
+        part == "none" or not secure,
+        f"{prefix}personalize: not with secure aggregation (the sites' personalized evaluations "
+        "would reach the coordinator one by one, outside the secure exchange)",
+    )
+
+
 def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     need = _needs(problems)
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
+    _check_personalize(
+        cfg.personalize,
+        cfg.personalize_epochs,
+        cfg.method.name,
+        cfg.privacy.secure_aggregation,
+        "",
+        problems,
+    )
     need(cfg.train.lr > 0, "train.lr: must be positive (resolved by the coordinator)")
     need(cfg.rounds >= 1, "rounds: must be at least 1")
     need(cfg.codec in CODECS, f"codec: must be one of {', '.join(CODECS)}")
@@ -628,6 +673,14 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         f"federation.histogram_bins: must be in 2..{HIST_BINS}",
     )
     _check_privacy(f, problems)
+    _check_personalize(
+        f.personalize,
+        f.personalize_epochs,
+        cfg.method.name,
+        f.secure_aggregation.enabled,
+        "federation.",
+        problems,
+    )
     need(0 < cfg.data.test_fraction < 1, "data.test_fraction: must be in (0, 1)")
     try:
         synthetic = synthetic_site_count(cfg.data.dataset) is not None

@@ -15,6 +15,13 @@ class Phase(StrEnum):
 
     TRAIN = "train"
     EVALUATE = "evaluate"
+    #: A store phase only (no message type): a site's personalized model after the run, asked
+    #: for by an evaluate message with :data:`PERSONALIZE`.
+    PERSONALIZE = "personalize"
+
+
+#: The phases that are message types: what a site is asked to do.
+MESSAGES: Final = (Phase.TRAIN, Phase.EVALUATE)
 
 
 class SiteStatus(StrEnum):
@@ -38,6 +45,9 @@ EVALUATION: Final = "evaluation"
 
 # ConfigRecord keys, server -> site.
 ROUND: Final = "round"
+#: An evaluate message's request that the site personalize the global state it carries first
+#: (``federation.personalize``, which the signed config must name); 1 = yes.
+PERSONALIZE: Final = "personalize"
 
 # ConfigRecord keys, site -> server.
 SITE: Final = "site"

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedpeft import __version__
-from fedpeft.common.config import DECAYS, SERVER_OPTIMIZERS, MethodConfig, RunConfig
+from fedpeft.common.config import (
+    DECAYS,
+    PERSONAL_PARTS,
+    SERVER_OPTIMIZERS,
+    MethodConfig,
+    RunConfig,
+)
 from fedpeft.common.environment import QUIET
 from fedpeft.common.errors import FedpeftError
 from fedpeft.common.methods import ExportFormat, specs
@@ -131,6 +137,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="learning-rate decay toward 0 over the training budget (default none)",
     )
     p.add_argument(
+        "--personalize",
+        choices=PERSONAL_PARTS,
+        help="after the run each site fine-tunes this part of the global state on its own rows "
+        "and reports global vs personalized AUC; the part never leaves the site (default none)",
+    )
+    p.add_argument(
+        "--personalize-epochs",
+        type=int,
+        metavar="N",
+        help="most epochs of that fine-tuning, early-stopped on the site's validation rows (5)",
+    )
+    p.add_argument(
         "--server-optimizer",
         choices=SERVER_OPTIMIZERS,
         help="how the round's aggregated update moves the global state: fedavg adds it times "
@@ -202,6 +220,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "train.prox_mu": args.prox_mu,
         "train.warmup": args.warmup,
         "train.decay": args.decay,
+        "federation.personalize": args.personalize,
+        "federation.personalize_epochs": args.personalize_epochs,
         "federation.server_optimizer": args.server_optimizer,
         "federation.server_lr": args.server_lr,
         "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only

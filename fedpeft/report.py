@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
+from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, SITE_EPSILON
 from fedpeft.common.metrics import CALIBRATION_BINS, Difference
 from fedpeft.server.rounds import LISTED_SITES, delivered_round
 from fedpeft.server.store import (
@@ -38,6 +38,11 @@ class SiteRow:
     degenerate: frozenset[str] = frozenset()
     #: The federated AUC's 95 % interval as the site computed it (DeLong), if it sent one.
     federated_interval: tuple[float, float] | None = None
+    #: The site's personalized model (``federation.personalize``): its AUC and interval, and the
+    #: epochs it fine-tuned (0: it kept the global part); None without personalization.
+    personalized: float | None = None
+    personalized_interval: tuple[float, float] | None = None
+    personal_epochs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ class Summary:
     pooled_brier: float | None = None
     pooled_ece: float | None = None
     site_brier: dict[str, float] = field(default_factory=dict)
+    #: The part each site personalized (``federation.personalize``); None without it.
+    personalized_part: str | None = None
 
     @property
     def has_tfidf(self) -> bool:
@@ -110,6 +117,7 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
     delivered = delivered_round(rounds)
     chosen = delivered.round if delivered else None
     evals = {r.site: r for r in results if r.phase == "evaluate" and r.round == chosen}
+    personal = {r.site: r for r in results if r.phase == "personalize" and r.round == chosen}
     trains = [r for r in results if r.phase == "train"]
     n_train = {r.site: r.n for r in trains if r.n is not None}
     baselines = {(b.kind, b.site): b for b in store.baselines(run.id)}
@@ -126,8 +134,11 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
             for attr, kind in _BASELINE_COLUMNS.items()
             if (b := baselines.get((kind, site))) is not None and b.degenerate
         }
-        if federated is not None and federated < 0.5:
-            flagged.add("federated")
+        mine = personal.get(site)
+        personalized = mine.auc if mine and mine.status == "ok" else None
+        for attr, auc in (("federated", federated), ("personalized", personalized)):
+            if auc is not None and auc < 0.5:
+                flagged.add(attr)
         rows.append(
             SiteRow(
                 site=site,
@@ -141,6 +152,16 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
                 degenerate=frozenset(flagged),
                 federated_interval=_interval(
                     ev.extra.get(AUC_LOW) if ev else None, ev.extra.get(AUC_HIGH) if ev else None
+                ),
+                personalized=personalized,
+                personalized_interval=_interval(
+                    mine.extra.get(AUC_LOW) if mine else None,
+                    mine.extra.get(AUC_HIGH) if mine else None,
+                ),
+                personal_epochs=(
+                    int(mine.extra.get(EPOCHS_RUN, 0))
+                    if mine and personalized is not None
+                    else None
                 ),
             )
         )
@@ -185,6 +206,12 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         federated_candidates=run.lr_candidates,
         pooled_brier=delivered.pooled_brier if delivered else None,
         pooled_ece=delivered.pooled_ece if delivered else None,
+        personalized_part=(
+            str(part)
+            if (part := _config_value(run.config_json, "federation", "personalize"))
+            not in (None, "none")
+            else None
+        ),
         site_brier={
             site: ev.brier
             for site, ev in sorted(evals.items())
@@ -259,6 +286,9 @@ def _f(x: float | None) -> str:
 def render_table(s: Summary) -> str:
     header = ["site", "n train / n test", "alone AUC", "federated AUC", "centralized AUC"]
     attrs = ["alone", "federated", "centralized"]
+    if any(r.personalized is not None for r in s.rows):
+        header.insert(4, "personalized AUC")
+        attrs.insert(2, "personalized")
     if s.has_tfidf:  # a run recorded before the TF-IDF reference existed shows no empty columns
         header += ["TF-IDF alone AUC", "TF-IDF pooled AUC"]
         attrs += ["tfidf_alone", "tfidf_pooled"]
@@ -267,6 +297,9 @@ def render_table(s: Summary) -> str:
         text = _f(getattr(r, attr))
         if attr == "federated":
             text = _with_interval(text, r.federated_interval)
+        elif attr == "personalized":
+            text = _with_interval(text, r.personalized_interval)
+            text += " (kept global)" if r.personal_epochs == 0 else ""
         return f"{text} {DEGENERATE}" if attr in r.degenerate else text
 
     def macro(attr: str) -> str:
@@ -303,6 +336,13 @@ def render_table(s: Summary) -> str:
         out.append(
             "[low, high] = the AUC's 95 % interval (DeLong): a site's computed at the site from "
             "its scores, the pooled one from the pooled score histograms"
+        )
+    if "personalized" in attrs:
+        out.append(
+            f"personalized AUC = each site's model after fine-tuning the {s.personalized_part} "
+            f"of round {s.selected_round}'s state on its own training rows (kept by its "
+            "validation loss; the part never left the site). (kept global) = no epoch lowered "
+            "its validation loss, so it is the global model"
         )
     out += _rates_lines(s)
     out += _difference_lines(s)

@@ -217,3 +217,58 @@ def bounded(reply: Reply) -> list[str]:
             "(federation.norm_bound_factor x the round's median)"
         )
     return said
+
+
+def personal_summary(
+    personal: list[SiteResult], global_rows: dict[str, SiteResult], listed: int = LISTED_SITES
+) -> list[str]:
+    """What the operator reads after personalization: each site's personalized AUC beside its
+    AUC under the delivered global state (up to ``listed`` sites; a summary above), then the
+    mean of both over the sites that have both."""
+
+    def auc(row: SiteResult | None) -> float | None:
+        if row is None or row.status != ReplyStatus.OK or row.auc is None:
+            return None
+        return row.auc if np.isfinite(row.auc) else None
+
+    lines, pairs = [], []
+    for row in sorted(personal, key=lambda r: r.site):
+        mine, theirs = auc(row), auc(global_rows.get(row.site))
+        if row.status != ReplyStatus.OK:
+            lines.append(f"personalized: {row.site} {row.status}: {row.reason}")
+            continue
+        if mine is None:
+            lines.append(f"personalized: {row.site} has no AUC (one class in its test rows)")
+            continue
+        epochs = int(row.extra.get(keys.EPOCHS_RUN, 0))
+        how = (
+            f"{epochs} epoch(s)"
+            if epochs
+            else "kept the global part (no epoch lowered its validation loss)"
+        )
+        low, high = row.extra.get(keys.AUC_LOW), row.extra.get(keys.AUC_HIGH)
+        interval = "" if low is None or high is None else f" [{low:.2f}, {high:.2f}]"
+        versus = "" if theirs is None else f" (global {theirs:.3f}, {mine - theirs:+.3f})"
+        lines.append(f"personalized: {row.site} AUC {mine:.3f}{interval}{versus}, {how}")
+        if theirs is not None:
+            pairs.append((row.site, mine, theirs))
+    if len(lines) > listed:
+        failed = [line for line in lines if " AUC " not in line]
+        gains = sorted((m - t, s) for s, m, t in pairs)
+        lines = failed[:listed]
+        if gains:
+            lines.insert(
+                0,
+                f"personalized: {len(personal)} sites, AUC gain over the global state median "
+                f"{float(np.median([g for g, _ in gains])):+.3f}, lowest {gains[0][1]} "
+                f"{gains[0][0]:+.3f}, highest {gains[-1][1]} {gains[-1][0]:+.3f} "
+                "(fedpeft report lists each)",
+            )
+    if pairs:
+        mine_mean = float(np.mean([m for _, m, _ in pairs]))
+        theirs_mean = float(np.mean([t for _, _, t in pairs]))
+        lines.append(
+            f"personalized: macro AUC {mine_mean:.3f} against the global state's {theirs_mean:.3f} "
+            f"at the same {len(pairs)} site(s) ({mine_mean - theirs_mean:+.3f})"
+        )
+    return lines

@@ -68,7 +68,7 @@ from fedpeft.server.aggregation import (
     secure_scales,
     server_step,
 )
-from fedpeft.server.checkpoints import seal_state
+from fedpeft.server.checkpoints import open_state, seal_state
 from fedpeft.server.replies import (
     EvaluationIntake,
     Intake,
@@ -78,7 +78,14 @@ from fedpeft.server.replies import (
     read_evaluate,
     read_train,
 )
-from fedpeft.server.rounds import round_result, round_summary, select_round, site_rows
+from fedpeft.server.rounds import (
+    LISTED_SITES,
+    personal_summary,
+    round_result,
+    round_summary,
+    select_round,
+    site_rows,
+)
 from fedpeft.server.store.base import ReplyStatus, RoundResult, RunStore, utcnow
 from fedpeft.server.validation import MAX_SIGNED_EXAMPLES
 
@@ -309,7 +316,32 @@ class FederatedRun:
         self.progress(
             f"selected the global state of round {chosen} (lowest validation loss across sites)"
         )
+        if fed.personalize != "none" and chosen is not None:
+            self._personalize(grid, chosen)
         return chosen
+
+    def _personalize(self, grid: object, rnd: int) -> None:
+        """After the run, every site fine-tunes the ``federation.personalize`` part of round
+        ``rnd``'s global state (the delivered one) on its own rows and evaluates its model
+        (client/app.py ``personalize``): one evaluate message each, asking for it. Only the
+        evaluation comes back, recorded as the site's ``personalize`` row of round ``rnd``,
+        beside its evaluation of the global state."""
+        fed = self.cfg.federation
+        _, blob = self.store.global_state(self.run_id, rnd)
+        state = open_state(self.store_key, self.run_id, rnd, blob)
+        nodes = sorted(grid.get_node_ids())  # type: ignore[attr-defined]
+        self.progress(
+            f"personalization: {len(nodes)} site(s) fine-tune the {fed.personalize} of round "
+            f"{rnd}'s state on their own rows (at most {fed.personalize_epochs} epochs)"
+        )
+        _, replies = self._exchange(grid, rnd, [], nodes, state=state, personal=True)
+        self.store.add_site_results(self.run_id, site_rows(rnd, replies, Phase.PERSONALIZE))
+        rows = self.store.site_results(self.run_id)
+        named = {r.site: r for r in rows if r.round == rnd and r.phase == Phase.EVALUATE}
+        for line in personal_summary(
+            site_rows(rnd, replies, Phase.PERSONALIZE), named, LISTED_SITES
+        ):
+            self.progress(line)
 
     def _record(
         self, trained: _Trained, evaluations: list[Reply], pooled: Histogram | None = None
@@ -775,13 +807,14 @@ class FederatedRun:
         rnd: int,
         tasks: Mapping[int, StageTask] | None = None,
         state: State | None = None,
+        personal: bool = False,
     ) -> list[object]:
         """One ``phase`` message of round ``rnd`` per node: the signed global state (with the
         run's site config; ``state``, else the run's) and the round, and with ``tasks`` each
-        node's secure-aggregation task."""
+        node's secure-aggregation task; ``personal``: asking each site to personalize it."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        config = ConfigRecord({keys.ROUND: rnd})
+        config = ConfigRecord({keys.ROUND: rnd, **({keys.PERSONALIZE: 1} if personal else {})})
         # The settings sites act on travel inside the signed global state, nowhere else.
         signed = sign_global(
             self.state if state is None else state,
@@ -812,6 +845,8 @@ class FederatedRun:
         evaluate: list[int],
         tasks: Mapping[int, StageTask] | None = None,
         evaluated_masked: dict[str, np.ndarray] | None = None,
+        state: State | None = None,
+        personal: bool = False,
     ) -> tuple[list[Reply], list[Reply]]:
         """Send the global state of round ``state_round`` (0: the initial one) in one exchange:
         to ``train`` as round ``state_round + 1``'s train message, to ``evaluate`` as an
@@ -821,13 +856,18 @@ class FederatedRun:
 
         With ``tasks`` (secure aggregation) every message carries its node's task, an evaluate
         message is of round ``state_round + 1`` too, the score histograms come only inside the
-        masked vectors, and an evaluating site's vector goes into ``evaluated_masked``."""
+        masked vectors, and an evaluating site's vector goes into ``evaluated_masked``.
+
+        ``state`` and ``personal`` (evaluate only): that state instead of the run's, each
+        site asked to personalize it first (:meth:`_personalize`)."""
         timeout = self.cfg.federation.round_timeout_s
         messages = self._configure(Phase.TRAIN, train, state_round + 1, tasks) if train else []
         if evaluate and tasks is not None:
             messages += self._configure(Phase.EVALUATE, evaluate, state_round + 1, tasks)
         elif evaluate:
-            messages += self._configure(Phase.EVALUATE, evaluate, state_round)
+            messages += self._configure(
+                Phase.EVALUATE, evaluate, state_round, state=state, personal=personal
+            )
         # Each reply is let go once read: the sealed bytes of a round's updates and their opened
         # deltas are not all held at once.
         received = deque(exchange(grid, messages, timeout))

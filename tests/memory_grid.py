@@ -10,7 +10,7 @@ SuperLink, no network, no model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,10 @@ class ScriptedSite:
     clear_histograms: bool = False
     #: What it states as its data fingerprint beside each update ("": nothing).
     data_fingerprint: str = ""
+    #: Its evaluation of its personalized model, when an evaluate message asks for one
+    #: (``keys.PERSONALIZE``), and the requests it got: (round, the global state carried).
+    personal: Callable[[int], Evaluation] = evaluation
+    personal_requests: list[tuple[int, State]] = field(default_factory=list)
 
     def __call__(self, msg: Message) -> Message | None:
         kind = msg.metadata.message_type
@@ -185,17 +189,23 @@ class ScriptedSite:
             records[keys.METRICS] = MetricRecord({keys.N_TRAIN: self.n_train, keys.AUC: 0.5})
         else:
             records[keys.METRICS] = MetricRecord({keys.TASK_SECONDS: 0.1})
-            records[keys.EVALUATION] = self._sealed_evaluation(signed, signed.round)
+            personal = bool(msg.content[keys.CONFIG].get(keys.PERSONALIZE, 0))
+            if personal:
+                self.personal_requests.append((signed.round, dict(signed.state)))
+            records[keys.EVALUATION] = self._sealed_evaluation(
+                signed, signed.round, personal=personal
+            )
         if self.tamper is not None:
             self.tamper(phase, signed.round, records)
         return Message(records, reply_to=msg)
 
     def _sealed_evaluation(
-        self, signed: GlobalState, rnd: int, masked: bool = False
+        self, signed: GlobalState, rnd: int, masked: bool = False, personal: bool = False
     ) -> ArrayRecord:
         """The sealed evaluation of round ``rnd``'s state (``masked``: secure aggregation, its
-        histograms left out: they go in the masked vector)."""
-        metrics, pos, neg = self.evaluate(rnd)
+        histograms left out: they go in the masked vector; ``personal``: of its personalized
+        model)."""
+        metrics, pos, neg = (self.personal if personal else self.evaluate)(rnd)
         if masked and not self.clear_histograms:
             pos, neg = [], []
         return blob_record(

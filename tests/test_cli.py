@@ -12,7 +12,7 @@ import pytest
 
 from fedpeft.cli import main
 from fedpeft.common.errors import ConfigError, FedpeftError
-from fedpeft.common.keys import AUC_HIGH, AUC_LOW, SITE_EPSILON
+from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, SITE_EPSILON
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
     BaselineResult,
@@ -207,6 +207,53 @@ def test_report_shows_the_sites_auc_intervals_and_the_pooled_one(
     assert table["pooled (all test rows)"][3] == "0.810 [0.70, 0.90]"
     assert "[low, high] = the AUC's 95 % interval (DeLong)" in out
     assert (tmp_path / "i.png").stat().st_size > 1000
+
+
+def test_report_shows_each_site_s_personalized_auc_beside_the_global_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    store = open_store(db)
+    run_id = _new_run(store, '{"federation": {"personalize": "head"}}')
+    t = datetime(2026, 1, 1)
+    store.add_round(
+        run_id,
+        RoundResult(1, t, t, 1.0, 0.81, 0.8, 0.5, 2, 0, True, val_loss=0.4),
+        [
+            SiteResult(1, "A", "evaluate", "ok", n=10, auc=0.9),
+            SiteResult(1, "B", "evaluate", "ok", n=12, auc=0.6),
+            SiteResult(1, "C", "evaluate", "ok", n=12, auc=0.7),
+        ],
+        b"s",
+    )
+    store.add_site_results(
+        run_id,
+        [
+            SiteResult(1, "A", "personalize", "ok", n=10, auc=0.9, extra={EPOCHS_RUN: 0}),
+            SiteResult(
+                1,
+                "B",
+                "personalize",
+                "ok",
+                n=12,
+                auc=0.7,
+                extra={EPOCHS_RUN: 2, AUC_LOW: 0.6, AUC_HIGH: 0.8},
+            ),
+            SiteResult(1, "C", "personalize", "failed", reason="no-reply: no reply"),
+        ],
+    )
+    store.close()
+    assert main(["report", "--db", db]) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    header, table = rows[0], {r[0]: r for r in rows[2:]}
+    assert header[3:5] == ["federated AUC", "personalized AUC"]
+    assert table["A"][3:5] == ["0.900", "0.900 (kept global)"]
+    assert table["B"][3:5] == ["0.600", "0.700 [0.60, 0.80]"]
+    assert table["C"][3:5] == ["0.700", "n/a"]
+    assert table["macro (mean of sites)"][4] == "n/a"  # C has none: no mean over fewer sites
+    assert "fine-tuning the head of round 1's state on its own training rows" in out
+    assert "round 1 personalize C: failed (no-reply: no reply)" in out
 
 
 def test_report_shows_the_delivered_round_s_calibration_and_its_reliability_curve(

@@ -349,3 +349,27 @@ def test_server_optimizer_settings_are_checked() -> None:
         "federation.server_beta2: must be in [0, 1)",
         "federation.server_tau: must be positive",
     ]
+
+
+def test_personalization_settings_are_checked_and_reach_the_sites() -> None:
+    cfg = load_config(overrides={"federation.personalize": "lora-b"})
+    site = cfg.for_sites()
+    assert (site.personalize, site.personalize_epochs) == ("lora-b", 5)
+    assert SiteRunConfig.from_json(site.to_json()) == site
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            overrides={
+                "federation.personalize": "lora-b",
+                "federation.personalize_epochs": 0,
+                "method.name": "ia3",
+                "federation.secure_aggregation.enabled": True,
+            }
+        )
+    assert [p for p in info.value.problems if "personaliz" in p] == [
+        "federation.personalize_epochs: must be in 1..100, got 0",
+        "federation.personalize: lora-b needs method lora (the method is 'ia3')",
+        "federation.personalize: not with secure aggregation (the sites' personalized "
+        "evaluations would reach the coordinator one by one, outside the secure exchange)",
+    ]
+    with pytest.raises(ConfigError, match="federation.personalize: 'all' is not one of none"):
+        load_config(overrides={"federation.personalize": "all"})

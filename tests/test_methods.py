@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -321,3 +323,55 @@ def test_a_site_s_round_trains_at_its_round_s_share_of_the_schedule(
     # of the rate round 1 had; without one, both rounds step alike.
     ratio = moved(10) / moved(1)
     assert ratio < 0.2 if decay == "linear" else ratio > 0.5, ratio
+
+
+def _session_and_state(rows: Encoded, val: Encoded, **federation: object) -> tuple[Any, Any, Any]:
+    import copy
+
+    from fedpeft.client.app import SiteSession, _base_model
+    from fedpeft.common.config import load_config
+    from fedpeft.common.tensors import to_numpy
+
+    overrides = {f"federation.{k}": v for k, v in federation.items()}
+    cfg = load_config(overrides={"train.dropout": 0.0, **overrides}).for_sites()
+    base = _base_model(cfg, CPU)
+    session = SiteSession("A", rows, val, rows, base, fingerprint="f", device=CPU)
+    trained = build_method(cfg.method, copy.deepcopy(base))
+    train_local(trained, rows, rows, TrainConfig(lr=5e-3, batch_size=8), 1, CPU, seed=0)
+    return cfg, session, to_numpy(shared_state(trained))
+
+
+@pytest.mark.parametrize("part", ["head", "lora-b"])
+def test_personalizing_trains_only_its_part_and_lowers_the_validation_loss(
+    rows: Encoded, part: str
+) -> None:
+    from fedpeft.client.app import PERSONAL_PARTS, _model_with, personalize
+    from fedpeft.common.tensors import to_numpy
+
+    cfg, session, state = _session_and_state(rows, rows, personalize=part)
+    model = _model_with(session, cfg, state)
+    _, before = predict(model, rows, CPU)
+    epochs = personalize(model, cfg, session)
+    _, after = predict(model, rows, CPU)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    now = to_numpy({n: p.detach() for n, p in model.named_parameters() if n in state})
+    changed = {n for n in state if not np.array_equal(now[n], state[n])}
+    assert epochs >= 1 and after < before, (epochs, after, before)
+    assert changed and all(PERSONAL_PARTS[part] in n for n in changed), sorted(changed)[:3]
+
+
+def test_personalizing_keeps_the_global_part_when_no_epoch_helps_on_validation(
+    rows: Encoded,
+) -> None:
+    from fedpeft.client.app import _model_with, personalize
+    from fedpeft.common.tensors import to_numpy
+
+    flipped = Encoded(rows.ids, 1 - rows.labels)  # what training learns, validation punishes
+    cfg, session, state = _session_and_state(rows, flipped, personalize="head")
+    model = _model_with(session, cfg, state)
+    assert personalize(model, cfg, session) == 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+    now = to_numpy({n: p.detach() for n, p in model.named_parameters() if n in state})
+    assert all(np.array_equal(now[n], state[n]) for n in state)

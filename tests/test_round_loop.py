@@ -810,7 +810,7 @@ def test_a_flower_error_reply_is_recorded_as_failed(harness: Callable[..., Harne
 
     h = harness({1: site("A", constant(1.0)), 2: crashing})
     assert h.start() == 1
-    for phase in Phase:
+    for phase in keys.MESSAGES:
         a, other = h.rows(1, phase)
         assert a.status == "ok"
         assert (other.site, other.status, other.reason) == (
@@ -828,7 +828,7 @@ def test_the_real_client_app_failing_its_checks_is_recorded(
     # A SuperNode configured with no identity key: the real ClientApp refuses before any model.
     h = harness({1: site("A", constant(1.0)), 2: client_app_site(app, 2, {keys.NODE_SITE: "D"})})
     assert h.start() == 1
-    for phase in Phase:
+    for phase in keys.MESSAGES:
         a, d = h.rows(1, phase)
         assert a.status == "ok"
         assert (d.site, d.status, d.reason) == (
@@ -1532,3 +1532,39 @@ def test_a_site_refuses_a_task_for_other_histogram_bins() -> None:
     histograms = ([0] * 20, [0] * 20)
     with pytest.raises(SecAggError, match="a task for histograms of 50 bins; the signed config"):
         masked_update(None, histograms, privacy, task, "A", IDENTITY["A"], b"context")
+
+
+def test_personalization_asks_each_site_once_with_the_delivered_state_and_records_both(
+    harness: Callable[..., Harness],
+) -> None:
+    def personal(rnd: int) -> Evaluation:
+        metrics, pos, neg = evaluation(rnd)
+        return {**metrics, keys.AUC: 0.9, keys.EPOCHS_RUN: 3}, pos, neg
+
+    a, b = site("A", constant(1.0), personal=personal), site("B", constant(2.0))
+    h = harness({1: a, 2: b}, rounds=3, personalize="head")
+    chosen = h.start()
+    assert chosen is not None
+    for s in (a, b):
+        assert [rnd for rnd, _ in s.personal_requests] == [chosen]
+        assert_state(s.personal_requests[0][1], h.state(chosen))
+    rows = h.rows(chosen, Phase.PERSONALIZE)
+    assert [(r.site, r.status, r.auc, r.extra.get(keys.EPOCHS_RUN)) for r in rows] == [
+        ("A", "ok", 0.9, 3),
+        ("B", "ok", 0.75, None),  # B's scripted personal model is its global one
+    ]
+    assert all(r.phase == Phase.EVALUATE for r in h.rows(chosen, Phase.EVALUATE))
+    assert "personalized: A AUC 0.900 (global 0.750, +0.150), 3 epoch(s)" in h.lines
+    assert any(
+        line.startswith("personalized: B AUC 0.750 (global 0.750, +0.000), kept the global")
+        for line in h.lines
+    )
+    assert (
+        "personalized: macro AUC 0.825 against the global state's 0.750 at the same 2 site(s) "
+        "(+0.075)" in h.lines
+    )
+    # Without personalization no site is asked.
+    c = site("C", constant(1.0))
+    plain = harness({3: c}, rounds=2)
+    plain.start()
+    assert c.personal_requests == [] and plain.rows(1, Phase.PERSONALIZE) == []

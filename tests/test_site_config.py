@@ -29,7 +29,6 @@ from fedpeft.common._proto.fedpeft.v1 import envelope_pb2 as pb
 from fedpeft.common.config import DataSchema, RunConfig, SiteRunConfig, load_config
 from fedpeft.common.envelope import open_global
 from fedpeft.common.errors import ConfigError
-from fedpeft.common.keys import Phase
 from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.common.trust import CoordinatorTrust, SiteTrust
@@ -99,7 +98,7 @@ def test_a_config_altered_in_transit_is_refused_as_forged_and_the_coordinator_re
     )
     rows: list[SiteResult] = store.site_results(run_id)
     forged = [r for r in rows if r.site == "D"]
-    assert {(r.round, r.phase) for r in forged} == {(n, p) for n in (1, 2) for p in Phase}
+    assert {(r.round, r.phase) for r in forged} == {(n, p) for n in (1, 2) for p in keys.MESSAGES}
     for r in forged:
         assert (r.status, r.reason) == (
             "failed",
@@ -149,6 +148,8 @@ def test_the_site_config_holds_what_sites_read_and_no_coordinator_setting() -> N
         "test_fraction",
         "privacy",
         "histogram_bins",
+        "personalize",
+        "personalize_epochs",
     }
     assert (site.seed, site.model, site.method, site.train) == (
         cfg.seed,

@@ -191,7 +191,7 @@ def test_a_site_whose_policy_forbids_the_method_refuses_and_the_others_are_aggre
     reason = "refused: policy: method 'lora' is not allowed at this site (allowed: prompt)"
     rows = store.site_results(run_id)
     refused = [r for r in rows if r.site == "D"]
-    assert {(r.round, r.phase) for r in refused} == {(n, p) for n in (1, 2) for p in Phase}
+    assert {(r.round, r.phase) for r in refused} == {(n, p) for n in (1, 2) for p in keys.MESSAGES}
     assert all((r.status, r.reason) == ("failed", reason) for r in refused)
     assert all(r.status == "ok" for r in rows if r.site in "AB")
     rounds = store.rounds(run_id)
@@ -493,3 +493,42 @@ def test_a_site_that_requires_dp_or_secure_aggregation_refuses_a_run_without_it(
     store.close()
     assert train.status == "failed" and (train.reason == refusal) is not met, train.reason
     assert result.applied and result.accepted == 2
+
+
+def _personal(cfg: RunConfig, fp: str) -> Message:
+    msg = _message(cfg, fp, "evaluate")
+    msg.content[keys.CONFIG] = ConfigRecord({keys.ROUND: 1, keys.PERSONALIZE: 1})
+    return msg
+
+
+def test_a_site_personalizes_only_for_a_run_that_asks_and_within_its_policy(
+    tmp_path: Path, cfg: RunConfig
+) -> None:
+    from fedpeft.common.envelope import open_evaluation
+
+    data, fp = _rows(tmp_path), _fp(cfg)
+    setup = _setup(data, _policy(tmp_path), None)
+    # A run without personalization: the request is refused, nothing trained.
+    assert _error(handle(_personal(cfg, fp), setup)) == (
+        "refused: a personalization request in a run without personalization"
+    )
+    personal = dataclasses.replace(
+        cfg, federation=dataclasses.replace(cfg.federation, personalize="head")
+    )
+    reply = handle(_personal(personal, fp), setup)
+    assert reply.content[keys.CONFIG][keys.STATUS] == "ok" and keys.SEALED not in reply.content
+    opened = open_evaluation(
+        from_blob_record(reply.content[keys.EVALUATION]),
+        run_token="run-token",
+        round=1,
+        fingerprint=fp,
+        run_key=RUN_KEY,
+        sites={"site-x": SITE_KEY.public_key()},
+    )
+    # Its personalized model's evaluation, with the epochs its fine-tuning took.
+    assert 0 <= opened.metrics[keys.EPOCHS_RUN] <= 5 and opened.metrics[keys.N_TEST] > 0
+    # The site's policy bounds personalization's epochs as it bounds a round's.
+    strict = _setup(data, _policy(tmp_path, max_local_epochs=2), None)
+    assert "5 local epochs above the site's maximum of 2" in _error(
+        handle(_personal(personal, fp), strict)
+    )

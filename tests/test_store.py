@@ -281,6 +281,20 @@ def test_rounds_sites_and_state(store: RunStore) -> None:
     assert store.global_state(run_id, 1) == (1, bytes([1]) * 100)
 
 
+def test_site_results_outside_a_round_row_are_kept_beside_its_own(store: RunStore) -> None:
+    run_id = _run(store)
+    store.add_round(run_id, _round(1), _sites(1), state=b"x")
+    personal = [
+        SiteResult(1, "A", Phase.PERSONALIZE, ReplyStatus.OK, n=9, auc=0.91, extra={"x": 2.0}),
+        SiteResult(1, "B", Phase.PERSONALIZE, ReplyStatus.FAILED, reason="no-reply: gone"),
+    ]
+    store.add_site_results(run_id, personal)
+    assert [r.round for r in store.rounds(run_id)] == [1]  # no round row of its own
+    kept = [s for s in store.site_results(run_id) if s.phase == Phase.PERSONALIZE]
+    assert kept == personal
+    assert len(store.site_results(run_id)) == len(_sites(1)) + 2
+
+
 def test_a_dp_run_s_epsilon_and_sampling_rate_are_kept_per_round(store: RunStore) -> None:
     run_id = _run(store)
     for n, eps in ((1, 0.61), (2, 0.87)):

@@ -305,6 +305,11 @@ class RunStore(abc.ABC):
         """Record one round, its per-site results and the global state after it, atomically."""
 
     @abc.abstractmethod
+    def add_site_results(self, run_id: int, sites: list[SiteResult]) -> None:
+        """Record site results outside a round's row (the sites' personalized models after the
+        run, ``Phase.PERSONALIZE``), in one commit."""
+
+    @abc.abstractmethod
     def add_baselines(self, run_id: int, results: list[BaselineResult]) -> None:
         """Record baseline results computed beside the run."""
 

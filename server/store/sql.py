@@ -99,6 +99,28 @@ def _to(cls: type[T], row: Any, **extra: Any) -> T:
     return cls(**values, **extra)
 
 
+def _site_values(run_id: int, sites: list[SiteResult]) -> list[dict[str, Any]]:
+    """Site rows as plain values, built once: every attempt of a write sends the same (unlike
+    ORM rows, which bind to one session)."""
+    site_values: list[dict[str, Any]] = []
+    for site in sites:
+        values = {f.name: getattr(site, f.name) for f in fields(SiteResult)}
+        for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
+            values[key] = _finite(values[key])
+        values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
+        # The enums' plain values: every database driver takes a str.
+        values["phase"], values["status"] = str(site.phase), str(site.status)
+        site_values.append({"run_id": run_id, **values})
+    return site_values
+
+
+def _insert_sites(session: Session, site_values: list[dict[str, Any]]) -> None:
+    """One statement for all the rows: the ORM sends one per row, or per pattern of empty
+    fields; the table's own insert sends NULLs as they are."""
+    if site_values:
+        session.execute(insert(cast(Table, SiteResultRow.__table__)), site_values)
+
+
 def _safe_url(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -508,18 +530,7 @@ class SqlRunStore(RunStore):
         self, run_id: int, result: RoundResult, sites: list[SiteResult], state: bytes | None
     ) -> None:
         digest = None if state is None else hashlib.sha256(state).hexdigest()
-
-        # Plain values, built once: every attempt of the write sends the same (unlike ORM
-        # rows, which bind to one session).
-        site_values: list[dict[str, Any]] = []
-        for site in sites:
-            values = {f.name: getattr(site, f.name) for f in fields(SiteResult)}
-            for key in ("loss", "auc", "auprc", "accuracy", "brier", "seconds"):
-                values[key] = _finite(values[key])
-            values["extra"] = {k: _finite(v) for k, v in site.extra.items()}
-            # The enums' plain values: every database driver takes a str.
-            values["phase"], values["status"] = str(site.phase), str(site.status)
-            site_values.append({"run_id": run_id, **values})
+        site_values = _site_values(run_id, sites)
 
         def rows() -> list[Base]:
             out: list[Base] = [
@@ -559,11 +570,14 @@ class SqlRunStore(RunStore):
 
         def write(session: Session) -> None:  # the round, its sites and state: one commit
             session.add_all(rows())
-            if sites:  # one statement for all of them: the ORM sends one per row, or per
-                # pattern of empty fields; the table's own insert sends NULLs as they are
-                session.execute(insert(cast(Table, SiteResultRow.__table__)), site_values)
+            _insert_sites(session, site_values)
 
         self._write(write)
+
+    def add_site_results(self, run_id: int, sites: list[SiteResult]) -> None:
+        site_values = _site_values(run_id, sites)
+        _check_fits([SiteResultRow(**v) for v in site_values], self._shown)
+        self._write(lambda session: _insert_sites(session, site_values))
 
     def add_baselines(self, run_id: int, results: list[BaselineResult]) -> None:
         def rows() -> list[BaselineRow]:
