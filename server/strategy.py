@@ -335,12 +335,11 @@ class FederatedRun:
             f"{rnd}'s state on their own rows (at most {fed.personalize_epochs} epochs)"
         )
         _, replies = self._exchange(grid, rnd, [], nodes, state=state, personal=True)
-        self.store.add_site_results(self.run_id, site_rows(rnd, replies, Phase.PERSONALIZE))
+        personal = site_rows(rnd, replies, Phase.PERSONALIZE)
+        self.store.add_site_results(self.run_id, personal)
         rows = self.store.site_results(self.run_id)
         named = {r.site: r for r in rows if r.round == rnd and r.phase == Phase.EVALUATE}
-        for line in personal_summary(
-            site_rows(rnd, replies, Phase.PERSONALIZE), named, LISTED_SITES
-        ):
+        for line in personal_summary(personal, named, LISTED_SITES):
             self.progress(line)
 
     def _record(
