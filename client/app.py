@@ -53,7 +53,7 @@ from fedpeft.client.secagg import Histograms, answer_once, answer_stage, masked_
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
-from fedpeft.common.config import DataConfig, SiteRunConfig
+from fedpeft.common.config import PERSONAL_MARKERS, DataConfig, SiteRunConfig
 from fedpeft.common.data import (
     SiteData,
     data_fingerprint,
@@ -244,16 +244,12 @@ def handle_train(
     return delta, metrics
 
 
-#: The shared parameters each ``federation.personalize`` part names (a substring of their names).
-PERSONAL_PARTS = {"head": "classifier.", "lora-b": ".lora_B."}
-
-
 def personalize(model: torch.nn.Module, cfg: SiteRunConfig, session: SiteSession) -> int:
     """Fine-tune ``cfg.personalize``'s part of ``model`` (the global state) on the site's own
     training rows, the rest frozen: up to ``personalize_epochs`` epochs, the best on the
     validation rows kept, and the global part kept when no epoch lowers the validation loss.
     Returns the epochs run, 0 when the global part was kept. Nothing of it leaves the site."""
-    marker = PERSONAL_PARTS[cfg.personalize]
+    marker = PERSONAL_MARKERS[cfg.personalize]
     for name, param in model.named_parameters():
         if param.requires_grad and marker not in name:
             param.requires_grad_(False)

@@ -124,9 +124,12 @@ class TrainConfig:
 AGGREGATORS = ("fedavg", "trimmed-mean")
 #: ``federation.server_optimizer`` values (server/aggregation.py ``server_step``).
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
-#: ``federation.personalize`` values: which shared parameters a site adapts for itself after
-#: the run (client/app.py ``personalized``); ``lora-b`` is LoRA's B matrices (FedSA-LoRA).
-PERSONAL_PARTS = ("none", "head", "lora-b")
+#: The parts a site may personalize after the run (client/app.py ``personalize``), each with
+#: what names its shared parameters (a substring of their names); ``lora-b`` is LoRA's B
+#: matrices (FedSA-LoRA).
+PERSONAL_MARKERS = {"head": "classifier.", "lora-b": ".lora_B."}
+#: ``federation.personalize`` values.
+PERSONAL_PARTS = ("none", *PERSONAL_MARKERS)
 #: ``federation.dp.mode`` values: who adds the Gaussian noise (common/dp.py).
 DP_MODES = ("central", "distributed")
 

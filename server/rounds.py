@@ -231,11 +231,11 @@ def personal_summary(
             return None
         return row.auc if np.isfinite(row.auc) else None
 
-    lines, pairs = [], []
+    lines, problems, pairs = [], [], []
     for row in sorted(personal, key=lambda r: r.site):
         mine, theirs = auc(row), auc(global_rows.get(row.site))
         if row.status != ReplyStatus.OK:
-            lines.append(f"personalized: {row.site} {row.status}: {row.reason}")
+            problems.append(f"personalized: {row.site} {row.status}: {row.reason}")
             continue
         if mine is None:
             lines.append(f"personalized: {row.site} has no AUC (one class in its test rows)")
@@ -252,18 +252,18 @@ def personal_summary(
         lines.append(f"personalized: {row.site} AUC {mine:.3f}{interval}{versus}, {how}")
         if theirs is not None:
             pairs.append((row.site, mine, theirs))
-    if len(lines) > listed:
-        failed = [line for line in lines if " AUC " not in line]
+    if len(personal) > listed:  # one line for the sites, then at most ``listed`` failures
         gains = sorted((m - t, s) for s, m, t in pairs)
-        lines = failed[:listed]
+        lines = []
         if gains:
-            lines.insert(
-                0,
+            lines.append(
                 f"personalized: {len(personal)} sites, AUC gain over the global state median "
                 f"{float(np.median([g for g, _ in gains])):+.3f}, lowest {gains[0][1]} "
                 f"{gains[0][0]:+.3f}, highest {gains[-1][1]} {gains[-1][0]:+.3f} "
-                "(fedpeft report lists each)",
+                "(fedpeft report lists each)"
             )
+        problems = problems[:listed]
+    lines += problems
     if pairs:
         mine_mean = float(np.mean([m for _, m, _ in pairs]))
         theirs_mean = float(np.mean([t for _, _, t in pairs]))

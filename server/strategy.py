@@ -79,7 +79,6 @@ from fedpeft.server.replies import (
     read_train,
 )
 from fedpeft.server.rounds import (
-    LISTED_SITES,
     personal_summary,
     round_result,
     round_summary,
@@ -339,7 +338,7 @@ class FederatedRun:
         self.store.add_site_results(self.run_id, personal)
         rows = self.store.site_results(self.run_id)
         named = {r.site: r for r in rows if r.round == rnd and r.phase == Phase.EVALUATE}
-        for line in personal_summary(personal, named, LISTED_SITES):
+        for line in personal_summary(personal, named):
             self.progress(line)
 
     def _record(

@@ -345,7 +345,8 @@ def _session_and_state(rows: Encoded, val: Encoded, **federation: object) -> tup
 def test_personalizing_trains_only_its_part_and_lowers_the_validation_loss(
     rows: Encoded, part: str
 ) -> None:
-    from fedpeft.client.app import PERSONAL_PARTS, _model_with, personalize
+    from fedpeft.client.app import _model_with, personalize
+    from fedpeft.common.config import PERSONAL_MARKERS
     from fedpeft.common.tensors import to_numpy
 
     cfg, session, state = _session_and_state(rows, rows, personalize=part)
@@ -358,7 +359,7 @@ def test_personalizing_trains_only_its_part_and_lowers_the_validation_loss(
     now = to_numpy({n: p.detach() for n, p in model.named_parameters() if n in state})
     changed = {n for n in state if not np.array_equal(now[n], state[n])}
     assert epochs >= 1 and after < before, (epochs, after, before)
-    assert changed and all(PERSONAL_PARTS[part] in n for n in changed), sorted(changed)[:3]
+    assert changed and all(PERSONAL_MARKERS[part] in n for n in changed), sorted(changed)[:3]
 
 
 def test_personalizing_keeps_the_global_part_when_no_epoch_helps_on_validation(

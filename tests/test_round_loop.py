@@ -44,7 +44,7 @@ from fedpeft.common.trust import CoordinatorTrust, read_sites_file
 from fedpeft.identity import add_site, remove_site
 from fedpeft.server import replies
 from fedpeft.server.checkpoints import open_state
-from fedpeft.server.store import RoundResult, RunStore, SiteResult, open_store
+from fedpeft.server.store import ReplyStatus, RoundResult, RunStore, SiteResult, open_store
 from fedpeft.server.strategy import FederatedRun, Resume, round_rng, sample_nodes
 
 COORDINATOR = crypto.new_identity()
@@ -1568,3 +1568,22 @@ def test_personalization_asks_each_site_once_with_the_delivered_state_and_record
     plain = harness({3: c}, rounds=2)
     plain.start()
     assert c.personal_requests == [] and plain.rows(1, Phase.PERSONALIZE) == []
+
+
+def test_personalization_above_the_listed_sites_is_one_line_and_its_failures() -> None:
+    from fedpeft.server.rounds import personal_summary
+
+    def row(site: str, auc: float, phase: Phase = Phase.PERSONALIZE) -> SiteResult:
+        return SiteResult(1, site, phase, ReplyStatus.OK, n=9, auc=auc)
+
+    personal = [row(f"s{i:02d}", 0.70 + i / 100) for i in range(13)]
+    personal.append(SiteResult(1, "s99", Phase.PERSONALIZE, ReplyStatus.FAILED, reason="gone"))
+    global_rows = {f"s{i:02d}": row(f"s{i:02d}", 0.70, Phase.EVALUATE) for i in range(13)}
+    lines = personal_summary(personal, global_rows, listed=12)
+    assert lines == [
+        "personalized: 14 sites, AUC gain over the global state median +0.060, lowest s00 "
+        "+0.000, highest s12 +0.120 (fedpeft report lists each)",
+        "personalized: s99 failed: gone",
+        "personalized: macro AUC 0.760 against the global state's 0.700 at the same 13 site(s) "
+        "(+0.060)",
+    ]

@@ -30,7 +30,7 @@ from fedpeft.client.policy import DEFAULT_APPS, SitePolicy, expected_upload_byte
 from fedpeft.client.setup import SiteSetup, read_setup_file
 from fedpeft.common import crypto, keys
 from fedpeft.common.config import DataSchema, RunConfig, load_config
-from fedpeft.common.envelope import open_global, sign_global
+from fedpeft.common.envelope import OpenedEvaluation, open_evaluation, open_global, sign_global
 from fedpeft.common.keys import Phase
 from fedpeft.common.manifest import RunManifest
 from fedpeft.common.methods import build_model, shared_state
@@ -495,6 +495,18 @@ def test_a_site_that_requires_dp_or_secure_aggregation_refuses_a_run_without_it(
     assert result.applied and result.accepted == 2
 
 
+def _opened_evaluation(reply: Message, fp: str) -> OpenedEvaluation:
+    """The sealed evaluation in a reply of round 1, opened as the coordinator opens it."""
+    return open_evaluation(
+        from_blob_record(reply.content[keys.EVALUATION]),
+        run_token="run-token",
+        round=1,
+        fingerprint=fp,
+        run_key=RUN_KEY,
+        sites={"site-x": SITE_KEY.public_key()},
+    )
+
+
 def _personal(cfg: RunConfig, fp: str) -> Message:
     msg = _message(cfg, fp, "evaluate")
     msg.content[keys.CONFIG] = ConfigRecord({keys.ROUND: 1, keys.PERSONALIZE: 1})
@@ -504,8 +516,6 @@ def _personal(cfg: RunConfig, fp: str) -> Message:
 def test_a_site_personalizes_only_for_a_run_that_asks_and_within_its_policy(
     tmp_path: Path, cfg: RunConfig
 ) -> None:
-    from fedpeft.common.envelope import open_evaluation
-
     data, fp = _rows(tmp_path), _fp(cfg)
     setup = _setup(data, _policy(tmp_path), None)
     # A run without personalization: the request is refused, nothing trained.
@@ -516,17 +526,18 @@ def test_a_site_personalizes_only_for_a_run_that_asks_and_within_its_policy(
         cfg, federation=dataclasses.replace(cfg.federation, personalize="head")
     )
     reply = handle(_personal(personal, fp), setup)
-    assert reply.content[keys.CONFIG][keys.STATUS] == "ok" and keys.SEALED not in reply.content
-    opened = open_evaluation(
-        from_blob_record(reply.content[keys.EVALUATION]),
-        run_token="run-token",
-        round=1,
-        fingerprint=fp,
-        run_key=RUN_KEY,
-        sites={"site-x": SITE_KEY.public_key()},
-    )
-    # Its personalized model's evaluation, with the epochs its fine-tuning took.
+    assert reply.content[keys.CONFIG][keys.STATUS] == "ok"
+    # What leaves: the site's status, its task time and the sealed evaluation; no update.
+    assert sorted(reply.content.keys()) == sorted([keys.CONFIG, keys.METRICS, keys.EVALUATION])
+    assert list(reply.content[keys.METRICS].keys()) == [keys.TASK_SECONDS]
+    opened = _opened_evaluation(reply, fp)
+    # Its personalized model's evaluation, with the epochs its fine-tuning took: the metrics
+    # every evaluation has and that count, nothing of the parameters.
     assert 0 <= opened.metrics[keys.EPOCHS_RUN] <= 5 and opened.metrics[keys.N_TEST] > 0
+    plain = handle(_message(personal, fp, "evaluate"), setup)
+    usual = _opened_evaluation(plain, fp)
+    assert set(opened.metrics) == set(usual.metrics) | {keys.EPOCHS_RUN}
+    assert len(opened.hist_pos) == len(usual.hist_pos)
     # The site's policy bounds personalization's epochs as it bounds a round's.
     strict = _setup(data, _policy(tmp_path, max_local_epochs=2), None)
     assert "5 local epochs above the site's maximum of 2" in _error(
