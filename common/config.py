@@ -294,6 +294,12 @@ class TuningConfig:
     #: Learning rates to choose from; empty = ``train.lr`` times 1, 1/3 and 1/10 (resolved when
     #: the config is built, so the stored config shows the grid used). One rate = no choice.
     lr_grid: tuple[float, ...] = ()
+    #: 0: each baseline trains every rate of the grid for its whole budget and keeps the model
+    #: with the lowest validation loss. k > 0: each rate first trains only the budget's first k
+    #: epochs (exactly the start of its whole run), the rate with the lowest validation loss
+    #: then is chosen, and only it trains the whole budget: the grid then costs k epochs per
+    #: other rate instead of a whole budget each.
+    probe_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -641,6 +647,7 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         f"tuning.lr_grid: each rate must be in (0, 1), each once; got {list(grid)}",
     )
     need(len(grid) <= 8, f"tuning.lr_grid: at most 8 rates (each trains a model), got {len(grid)}")
+    need(cfg.tuning.probe_epochs >= 0, "tuning.probe_epochs: must be 0 (whole runs) or more")
     need(f.rounds >= 1, "federation.rounds: must be at least 1")
     need(f.patience >= 0, "federation.patience: must be 0 (off) or more")
     need(f.sites_per_round >= 0, "federation.sites_per_round: must be 0 (all) or more")
@@ -769,7 +776,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         grid = (cfg.train.lr,) + tuple(
             float(f"{cfg.train.lr * k:.3g}") for k in LR_GRID_FACTORS[1:]
         )
-        cfg = dataclasses.replace(cfg, tuning=TuningConfig(lr_grid=grid))
+        cfg = dataclasses.replace(cfg, tuning=dataclasses.replace(cfg.tuning, lr_grid=grid))
     return cfg
 
 

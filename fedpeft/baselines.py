@@ -4,9 +4,12 @@
 ``centralized``: one model trains on the union of every site's training rows (the upper
 reference that federation tries to reach without moving a record). Both use the same split,
 model, method, trainer, budget and stopping rule as the federated run (:func:`budget`), and
-each picks its learning rate: it trains once per rate of ``tuning.lr_grid`` and keeps the model
-with the lowest validation loss (never the test rows), so that no reference is judged at a rate
-chosen for federated rounds of a few steps each.
+each picks its learning rate from ``tuning.lr_grid`` by validation loss (never the test rows), so
+that no reference is judged at a rate chosen for federated rounds of a few steps each. With
+``tuning.probe_epochs`` = 0 every rate trains the whole budget and the model with the lowest
+validation loss is kept; with k > 0 every rate first trains k epochs (a probe: exactly the first
+k epochs of its whole run), the rate whose probe reached the lowest validation loss is chosen, and
+only that rate trains the whole budget (:func:`run_baselines`).
 
 ``tfidf-alone`` / ``tfidf-pooled``: the classical reference, TF-IDF + logistic regression, on the
 same split (each site's training rows / all sites' together, scored on each site's test rows):
@@ -20,7 +23,7 @@ import math
 import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +41,9 @@ from fedpeft.common.metrics import (
 from fedpeft.server.store.base import ALL_TEST_ROWS
 
 if TYPE_CHECKING:
-    from fedpeft.client.trainer import Encoded
+    import torch
+
+    from fedpeft.client.trainer import Encoded, TrainResult
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,8 @@ class BaselineTask:
     kind: str  # alone | centralized
     sites: tuple[str, ...]  # the sites whose training rows it uses
     lr: float  # the learning rate this model trains at (one rate of the grid)
+    #: A probe: only the budget's first ``probe`` epochs, to compare rates (0 = the whole budget).
+    probe: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,11 +108,16 @@ def budget(cfg: RunConfig) -> tuple[int, int]:
     return epochs, patience if patience > 0 else epochs
 
 
-def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[BaselineOutcome]:
-    """Train one baseline model and evaluate it on the test rows of each site it covers."""
+def _train(
+    cfg: RunConfig, task: BaselineTask, threads: int
+) -> tuple[torch.nn.Module, dict[str, dict[str, Encoded]], TrainResult, int, float]:
+    """Train ``task``'s model: its rate, the run's budget and stopping rule, or the budget's
+    first ``task.probe`` epochs with the learning-rate schedule those epochs have in the whole
+    run (so a probe is exactly its rate's whole run cut short). The model, the sites' encoded
+    parts, the training result, the training rows and the seconds taken."""
     import torch
 
-    from fedpeft.client.trainer import Encoded, predict, train_local
+    from fedpeft.client.trainer import Encoded, train_local
     from fedpeft.common.methods import build_model
     from fedpeft.common.model import resolve_device
 
@@ -120,11 +132,39 @@ def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[Basel
     device = resolve_device(cfg.device)
     model = build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed).to(device)
     epochs, patience = budget(cfg)
+    run = min(task.probe, epochs) if task.probe else epochs
     # No FedProx: a model trained in one piece has no global state to stay near.
     train = dataclasses.replace(cfg.train, lr=task.lr, patience=patience, prox_mu=0.0)
-    result = train_local(model, union("train"), union("val"), train, epochs, device, cfg.seed)
-    seconds = time.perf_counter() - started
-    n_train = len(union("train"))
+    data = union("train")
+    result = train_local(
+        model, data, union("val"), train, run, device, cfg.seed, span=(0.0, run / epochs)
+    )
+    return model, parts, result, len(data), time.perf_counter() - started
+
+
+def run_probe(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> BaselineOutcome:
+    """Train ``task``'s probe (its rate's first epochs) and return its best validation loss and
+    seconds; nothing is scored on test rows."""
+    _, _, result, n_train, seconds = _train(cfg, task, threads)
+    no_auc = math.nan  # a probe scores no test row
+    return BaselineOutcome(
+        task.kind,
+        ALL_TEST_ROWS,
+        n_train,
+        0,
+        no_auc,
+        seconds,
+        lr=task.lr,
+        val_loss=result.best_val_loss,
+    )
+
+
+def run_task(cfg: RunConfig, task: BaselineTask, threads: int = 1) -> list[BaselineOutcome]:
+    """Train one baseline model and evaluate it on the test rows of each site it covers."""
+    from fedpeft.client.trainer import predict
+
+    model, parts, result, n_train, seconds = _train(cfg, task, threads)
+    device = next(model.parameters()).device
     outcomes = []
     for s in task.sites:
         scores, loss = predict(model, parts[s]["test"], device)
@@ -356,7 +396,9 @@ def run_baselines(
     kinds: tuple[str, ...] = BASELINE_KINDS,
 ) -> list[BaselineOutcome]:
     """The baselines of ``kinds``: TF-IDF in this process (seconds), then alone for every site
-    and/or centralized spread over ``workers`` single-thread processes."""
+    and/or centralized spread over ``workers`` single-thread processes, each choosing its rate
+    from the grid: by its whole runs, or by probes (``tuning.probe_epochs``) and then one whole
+    run at the chosen rate, started as soon as that model's probes are in."""
     outcomes: list[BaselineOutcome] = []
     if "tfidf" in kinds:
         tfidf = run_tfidf(cfg)
@@ -368,34 +410,68 @@ def run_baselines(
     groups = [("centralized", names)] if "centralized" in kinds else []
     if "alone" in kinds:
         groups += [("alone", (n,)) for n in names]
-    tasks = [BaselineTask(kind, sites, lr) for kind, sites in groups for lr in cfg.tuning.lr_grid]
-    if not tasks:
+    if not groups:
         return outcomes
+    grid = cfg.tuning.lr_grid
+    probe = cfg.tuning.probe_epochs if len(grid) > 1 and cfg.tuning.probe_epochs else 0
+    probe = probe if probe < budget(cfg)[0] else 0  # a probe as long as the run decides nothing
     trained: dict[tuple[str, tuple[str, ...]], list[list[BaselineOutcome]]] = {
         g: [] for g in groups
     }
+    probed: dict[tuple[str, tuple[str, ...]], list[BaselineOutcome]] = {g: [] for g in groups}
     # A process pool that fails loudly (BrokenProcessPool) if a worker dies, instead of hanging.
     with ProcessPoolExecutor(
-        max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")
+        max_workers=min(workers, len(groups) * len(grid)),
+        mp_context=multiprocessing.get_context("spawn"),
     ) as pool:
-        futures = {pool.submit(run_task, cfg, t): t for t in tasks}
-        for future in as_completed(futures):
-            task = futures[future]
-            result = future.result()
-            trained[(task.kind, task.sites)].append(result)
-            first = result[0]
-            progress(
-                f"baseline {task.kind} ({_what(task.sites, task.kind)}) at lr {task.lr:g} done in "
-                f"{first.seconds:.0f} s: validation loss {first.val_loss:.4f}"
-            )
+        running: dict[Future[Any], BaselineTask] = {}
+
+        def submit(task: BaselineTask) -> None:
+            running[pool.submit(run_probe if task.probe else run_task, cfg, task)] = task
+
+        for kind, sites in groups:
+            for lr in grid:
+                submit(BaselineTask(kind, sites, lr, probe))
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                group = (task.kind, task.sites)
+                what = _what(task.sites, task.kind)
+                if task.probe:
+                    first = future.result()
+                    probed[group].append(first)
+                    progress(
+                        f"baseline {task.kind} ({what}) at lr {task.lr:g}, first {task.probe} "
+                        f"epochs, done in {first.seconds:.0f} s: validation loss "
+                        f"{first.val_loss:.4f}"
+                    )
+                    if len(probed[group]) == len(grid):
+                        best = min(probed[group], key=lambda o: rate_rank(o.val_loss, o.lr or 0))
+                        progress(
+                            f"baseline {task.kind} ({what}): lr {best.lr:g} chosen by validation "
+                            f"loss after {task.probe} epochs; it now trains the whole budget"
+                        )
+                        submit(BaselineTask(task.kind, task.sites, best.lr or 0.0))
+                    continue
+                result = future.result()
+                trained[group].append(result)
+                progress(
+                    f"baseline {task.kind} ({what}) at lr {task.lr:g} done in "
+                    f"{result[0].seconds:.0f} s: validation loss {result[0].val_loss:.4f}"
+                )
     for (kind, sites), results in trained.items():
         chosen = choose_rate(results)
-        outcomes.extend(chosen)
-        losses = ", ".join(f"{r[0].lr:g} {r[0].val_loss:.4f}" for r in _by_rate(results))
+        # What choosing cost: every probe's time as well as the whole runs'.
+        spent = chosen[0].seconds + sum(o.seconds for o in probed[(kind, sites)])
+        outcomes.extend(dataclasses.replace(o, seconds=spent) for o in chosen)
+        how = f"after {probe} epochs " if probe else ""
+        tried = probed[(kind, sites)] or [r[0] for r in results]
+        losses = ", ".join(f"{o.lr:g} {o.val_loss:.4f}" for o in sorted(tried, key=_larger_first))
         aucs = ", ".join(f"{o.site} {o.auc:.3f}" for o in chosen)
         progress(
             f"baseline {kind} ({_what(sites, kind)}): lr {chosen[0].lr:g} chosen by validation "
-            f"loss ({losses}); test AUC {aucs}"
+            f"loss {how}({losses}); test AUC {aucs}"
         )
     return outcomes
 
@@ -404,9 +480,8 @@ def _what(sites: tuple[str, ...], kind: str) -> str:
     return sites[0] if kind == "alone" else "all sites"
 
 
-def _by_rate(results: list[list[BaselineOutcome]]) -> list[list[BaselineOutcome]]:
-    """Grid results (one list of outcomes per rate), largest rate first."""
-    return sorted(results, key=lambda r: -(r[0].lr or 0.0))
+def _larger_first(outcome: BaselineOutcome) -> float:
+    return -(outcome.lr or 0.0)
 
 
 def rate_rank(val_loss: float | None, lr: float) -> tuple[float, float]:

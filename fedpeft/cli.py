@@ -230,6 +230,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "federation.server_optimizer": args.server_optimizer,
         "federation.server_lr": args.server_lr,
         "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only
+        "tuning.probe_epochs": getattr(args, "probe_epochs", None),
         **_dp_overrides(args),
     }
 
@@ -289,6 +290,14 @@ def parser() -> argparse.ArgumentParser:
         "federated run) choose from, each by its lowest validation loss ([tuning] lr_grid; "
         "default: the run's rate, a third and a tenth "
         "of it; one rate = no choice). Each rate trains one more model per baseline",
+    )
+    sim.add_argument(
+        "--probe-epochs",
+        type=int,
+        metavar="K",
+        help="baselines compare the grid's rates after their first K epochs and train only the "
+        "chosen rate for the whole budget ([tuning] probe_epochs; 0 = every rate trains the "
+        "whole budget, the best kept: the grid's size times the time)",
     )
     sim.add_argument(
         "--plot", type=Path, default=None, help="PNG of AUC per round (default fedpeft-run-ID.png)"

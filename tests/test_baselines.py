@@ -70,6 +70,48 @@ def test_alone_and_centralized_cover_every_site(tmp_path: Path) -> None:
         assert o.diff_se is not None and o.diff_se > 0
 
 
+@pytest.mark.slow
+def test_probes_choose_the_rate_and_only_it_trains_the_whole_budget(tmp_path: Path) -> None:
+    write_heart_sites(tmp_path, ("a", "b"), rows=40)
+
+    def cfg_with(**tuning: object) -> RunConfig:
+        return load_config(
+            overrides={
+                "data.dataset": str(tmp_path),
+                "federation.rounds": 3,
+                "model.max_length": 48,
+                "device": "cpu",
+                **{f"tuning.{k}": v for k, v in tuning.items()},
+            }
+        )
+
+    cfg = cfg_with(lr_grid=[5e-3, 5e-4], probe_epochs=1)
+    lines: list[str] = []
+    outcomes = run_baselines(cfg, workers=2, progress=lines.append, kinds=("centralized",))
+    probes = [line for line in lines if "first 1 epochs" in line]
+    assert len(probes) == 2  # one probe per rate
+    losses = {float(line.split(" at lr ")[1].split(",")[0]): float(line.rsplit(" ", 1)[1])
+              for line in probes}  # fmt: skip
+    best = min(losses, key=lambda lr: (losses[lr], -lr))
+    assert any(f"lr {best:g} chosen by validation loss after 1 epochs" in line for line in lines)
+    # Only the chosen rate trained the whole budget: one whole-run line, at that rate.
+    whole = [line for line in lines if " done in " in line and "first" not in line]
+    assert len(whole) == 1 and f"at lr {best:g} done" in whole[0]
+    assert {o.lr for o in outcomes} == {best}
+
+    # The chosen model is exactly the one that rate trains without any probing: the probe
+    # changed which rate was chosen, never how the chosen model trained.
+    alone_rate = run_baselines(
+        cfg_with(lr_grid=[best]), workers=1, progress=lambda _: None, kinds=("centralized",)
+    )
+    assert [(o.site, o.auc, o.val_loss, o.scores) for o in outcomes] == [
+        (o.site, o.auc, o.val_loss, o.scores) for o in alone_rate
+    ]
+    # A probe is the start of its rate's whole run: after one epoch of three it has no lower
+    # validation loss than the whole run's best.
+    assert losses[best] >= outcomes[0].val_loss
+
+
 def _outcome(lr: float, val_loss: float, seconds: float, site: str = "a") -> BaselineOutcome:
     return BaselineOutcome("alone", site, 10, 5, 0.7, seconds, lr=lr, val_loss=val_loss)
 
