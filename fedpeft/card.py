@@ -108,6 +108,9 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             }
         )
     sites: dict[str, dict[str, Any]] = {}
+    # Each site's own fine-tuning of one part after the run (federation.personalize), of the
+    # delivered round only: not part of the exported adapter, and not kept at the site.
+    personal = summary.personalized_part is not None and chosen == summary.selected_round
     for row in summary.rows:
         stated = sorted(
             {
@@ -140,6 +143,15 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             "alone_auc": _num(row.alone),
             "centralized_auc": _num(row.centralized),
         }
+        if personal:
+            sites[row.site]["personalized"] = {
+                "auc": _num(row.personalized),
+                "auc_interval": list(row.personalized_interval)
+                if row.personalized_interval
+                else None,
+                # 0: no epoch lowered its validation loss; it kept the global part.
+                "epochs": row.personal_epochs,
+            }
     aucs = [s["auc"] for s in sites.values()]
     dp = fed.get("dp", {})
     secagg = fed.get("secure_aggregation", {})
@@ -182,6 +194,7 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             "pooled_ece": _num(described.pooled_ece) if described else None,
             "alone_macro_auc": _num(summary.macro("alone")),
             "centralized_macro_auc": _num(summary.macro("centralized")),
+            "personalized_part": summary.personalized_part if personal else None,
         },
         "privacy": {
             "sealed_uploads": True,
@@ -315,6 +328,9 @@ def to_markdown(card: dict, *, front_matter: bool = True) -> str:
         f"- calibration: Brier {_f(metrics['pooled_brier'])}, expected calibration error "
         f"{_f(metrics['pooled_ece'])}",
         "",
+    ]
+    out += _personalized_lines(card)
+    out += [
         "## Privacy",
         "",
         "- updates: sealed for the coordinator and signed by their site",
@@ -337,6 +353,30 @@ def to_markdown(card: dict, *, front_matter: bool = True) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _personalized_lines(card: dict) -> list[str]:
+    part = card["metrics"]["personalized_part"]
+    if part is None:
+        return []
+    out = [
+        "## Personalization (not part of this model)",
+        "",
+        f"After the run each site fine-tuned its own {part} of this model on its own training rows",
+        "and sent back only the evaluation. That part never left the site and is not kept there:",
+        "this adapter is the global model.",
+        "",
+        "| site | AUC, global | AUC, personalized [95 % interval] | epochs |",
+        "|---|---|---|---|",
+    ]
+    for name, s in card["sites"].items():
+        mine = s["personalized"]
+        interval = mine["auc_interval"]
+        shown = _f(mine["auc"]) + (f" [{_f(interval[0])}, {_f(interval[1])}]" if interval else "")
+        kept = " (kept global)" if mine["epochs"] == 0 else ""
+        epochs = "—" if mine["epochs"] is None else mine["epochs"]
+        out.append(f"| {name} | {_f(s['auc'])} | {shown}{kept} | {epochs} |")
+    return out + [""]
 
 
 def to_html(card: dict) -> str:

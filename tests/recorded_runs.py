@@ -18,19 +18,24 @@ DATA = {"Cleveland": "sha256:" + "c1" * 32, "Hungary": "sha256:" + "4b" * 32}
 T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 
 
-def config(rounds: int, lr: float) -> str:
+def config(rounds: int, lr: float, personalize: str = "none") -> str:
     cfg = RunConfig()
     data = json.loads(cfg.to_json())
     data["federation"]["rounds"] = rounds
+    data["federation"]["personalize"] = personalize
     data["train"]["lr"] = lr
     return json.dumps(data)
 
 
 def create(
-    store: RunStore, rounds: int, lr: float, fingerprint: str = "sha256:" + "ab" * 32
+    store: RunStore,
+    rounds: int,
+    lr: float,
+    fingerprint: str = "sha256:" + "ab" * 32,
+    personalize: str = "none",
 ) -> int:
     return store.create_run(
-        config_json=config(rounds, lr),
+        config_json=config(rounds, lr, personalize),
         dataset="heart",
         method="lora",
         model_name="all-MiniLM-L6-v2",

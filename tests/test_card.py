@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from recorded_runs import DATA, record_runs
+from recorded_runs import DATA, add_round, create, record_runs
 
 from fedpeft.card import build_card, hub_id, to_html, to_json, to_markdown
 from fedpeft.cli import main
+from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN
 from fedpeft.common.model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
-from fedpeft.server.store import RunStore, open_store
+from fedpeft.server.store import RunStore, SiteResult, open_store
 
 
 @pytest.fixture
@@ -116,3 +117,42 @@ def test_report_prints_the_card_in_each_format(db: str, capsys: pytest.CaptureFi
     assert "<h2>Lineage</h2>" in capsys.readouterr().out
     assert main(["report", "--db", db, "--run", "1"]) == 0  # the table, as before
     assert "federated AUC" in capsys.readouterr().out
+
+
+def test_a_personalized_run_s_card_shows_each_site_s_own_model_beside_the_global_one(
+    store: RunStore,
+) -> None:
+    run = create(store, rounds=2, lr=5e-3, personalize="lora-b")
+    add_round(store, run, 1, 0.66, {"Cleveland": 0.61, "Hungary": 0.74})
+    add_round(store, run, 2, 0.70, {"Cleveland": 0.72, "Hungary": 0.81})  # delivered
+    store.add_site_results(
+        run,
+        [
+            SiteResult(
+                2, "Cleveland", "personalize", "ok", n=40, auc=0.79,
+                extra={AUC_LOW: 0.70, AUC_HIGH: 0.88, EPOCHS_RUN: 3},
+            ),
+            SiteResult(2, "Hungary", "personalize", "ok", n=40, auc=0.81, extra={EPOCHS_RUN: 0}),
+        ],
+    )  # fmt: skip
+    card = build_card(store, run)
+    assert card["metrics"]["personalized_part"] == "lora-b"
+    assert card["sites"]["Cleveland"]["personalized"] == {
+        "auc": 0.79,
+        "auc_interval": [0.70, 0.88],
+        "epochs": 3,
+    }
+    assert card["sites"]["Hungary"]["personalized"]["epochs"] == 0  # it kept the global part
+    md = to_markdown(card)
+    assert "## Personalization (not part of this model)" in md
+    assert "| Cleveland | 0.720 | 0.790 [0.700, 0.880] | 3 |" in md
+    assert "| Hungary | 0.810 | 0.810 (kept global) | 0 |" in md
+    html = to_html(card)
+    assert re.search(r'id="card-personalized".*?class="n personalized">0.790<', html, re.S)
+    # An earlier round's card shows none: only the delivered round's state was personalized.
+    earlier = build_card(store, run, round=1)
+    assert earlier["metrics"]["personalized_part"] is None
+    assert "personalized" not in earlier["sites"]["Cleveland"]
+    assert "Personalization" not in to_markdown(earlier) and "card-personalized" not in to_html(
+        earlier
+    )
