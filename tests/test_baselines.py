@@ -225,7 +225,9 @@ def test_tfidf_alone_starts_no_language_model(tmp_path: Path) -> None:
 
 
 def test_a_baseline_has_the_run_s_budget_and_stopping_rule() -> None:
-    cfg = load_config(overrides={"federation.rounds": 6, "train.local_epochs": 2})
+    cfg = load_config(
+        overrides={"federation.rounds": 6, "train.local_epochs": 2, "federation.patience": 0}
+    )
     assert budget(cfg) == (12, 12)  # the run stops never early: neither does the baseline
     stops = load_config(
         overrides={"federation.rounds": 6, "train.local_epochs": 2, "federation.patience": 2}

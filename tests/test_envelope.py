@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -480,7 +481,9 @@ def _signed_with_header(edit: object) -> tuple[bytes, ec.EllipticCurvePrivateKey
     [
         (lambda h: setattr(h, "site_config_json", ""), "site config is not valid"),
         (
-            lambda h: setattr(h, "site_config_json", h.site_config_json.replace('"rounds":5,', "")),
+            lambda h: setattr(
+                h, "site_config_json", re.sub(r'"rounds":\d+,', "", h.site_config_json)
+            ),
             "rounds: missing",
         ),
         (

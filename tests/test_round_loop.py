@@ -1409,6 +1409,7 @@ def test_federated_early_stopping_ends_the_run_once_the_validation_loss_stops_im
             2: site("B", constant(0.2), evaluate=rising),
         },
         rounds=6,
+        patience=0,
     )
     without.start()
     assert [r.round for r in without.rounds()] == [1, 2, 3, 4, 5, 6]  # patience 0: every round
