@@ -77,6 +77,9 @@ class Summary:
     #: baselines chose theirs from (``tuning.lr_grid``; empty for runs recorded before).
     federated_lr: float | None = None
     lr_grid: tuple[float, ...] = ()
+    #: The baselines' probes (``tuning.probe_epochs``, where the run used them): each rate
+    #: trained this many epochs and only the chosen one the whole budget; 0 = whole runs.
+    probe_epochs: int = 0
     #: Baseline kind (alone, centralized) -> site -> the rate its model chose.
     baseline_lrs: dict[str, dict[str, float]] = field(default_factory=dict)
     #: The federated runs this run's rate was chosen from (``simulate --tune-lr``), if it was.
@@ -203,6 +206,7 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         else None,
         federated_lr=_number(_config_value(run.config_json, "train", "lr")),
         lr_grid=_rates(_config_value(run.config_json, "tuning", "lr_grid")),
+        probe_epochs=_probe_epochs(run.config_json),
         federated_candidates=run.lr_candidates,
         pooled_brier=delivered.pooled_brier if delivered else None,
         pooled_ece=delivered.pooled_ece if delivered else None,
@@ -254,6 +258,19 @@ DEGENERATE = "(degenerate)"
 
 def _auc_of(baseline: BaselineResult | None) -> float | None:
     return baseline.auc if baseline is not None else None
+
+
+def _probe_epochs(config_json: str) -> int:
+    """The probe length the baselines used: ``tuning.probe_epochs`` where it applied (a grid of
+    more than one rate and a probe shorter than the budget, as ``baselines.run_baselines``
+    decides), else 0."""
+    probe = _number(_config_value(config_json, "tuning", "probe_epochs"))
+    rounds = _number(_config_value(config_json, "federation", "rounds"))
+    epochs = _number(_config_value(config_json, "train", "local_epochs"))
+    grid = _rates(_config_value(config_json, "tuning", "lr_grid"))
+    if not probe or rounds is None or epochs is None or len(grid) < 2:
+        return 0
+    return int(probe) if probe < rounds * epochs else 0
 
 
 def _config_value(config_json: str, *path: str) -> object:
@@ -407,7 +424,15 @@ def _rates_lines(s: Summary) -> list[str]:
             chosen.append(kind + " " + ", ".join(f"{k} {_rate(v)}" for k, v in by_site.items()))
     if chosen:  # language-model baselines recorded with their rates
         grid = ", ".join(_rate(r) for r in s.lr_grid) or "the run's grid"
-        out.append(f"learning rate, chosen by validation loss from {grid}: " + "; ".join(chosen))
+        how = (
+            f"after each rate's first {s.probe_epochs} epochs (then only that rate trained the "
+            "whole budget) "
+            if s.probe_epochs
+            else ""
+        )
+        out.append(
+            f"learning rate, chosen by validation loss {how}from {grid}: " + "; ".join(chosen)
+        )
     if s.federated_candidates:
         runs = ", ".join(
             f"run {c.run} (lr {_rate(c.lr)}: {_f4(c.val_loss)})" for c in s.federated_candidates

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import pytest
 from fedpeft.cli import main
 from fedpeft.common.errors import ConfigError, FedpeftError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, SITE_EPSILON
+from fedpeft.report import Summary, _probe_epochs, _rates_lines, summarize
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
     BaselineResult,
@@ -385,6 +387,12 @@ def test_report_says_which_learning_rate_each_mode_used(
         "alone A 0.005, B 0.0005; centralized 0.00167"
     ) in out
     assert "learning rate, federated: 0.005 (train.lr, the same at every site and round; " in out
+    # Had the baselines chosen by probes, the line would say so.
+    probed = _rates_lines(dataclasses.replace(_summary(db, run_id), probe_epochs=2))
+    assert probed[0].startswith(
+        "learning rate, chosen by validation loss after each rate's first 2 epochs (then only "
+        "that rate trained the whole budget) from 0.005, 0.00167, 0.0005: alone A 0.005"
+    )
     # Federated minus alone, paired, per site and macro (se sqrt(0.03² + 0.04²) / 2 = 0.025).
     assert (
         "federated − alone AUC, same test rows: A +0.100 [+0.041, +0.159]; "
@@ -709,3 +717,30 @@ def test_the_plot_of_many_sites_draws_them_as_one_band_and_a_median(
     assert drawn["legend"][:2] == ["each of 20 sites", "median site"]
     assert not any(label.startswith("S1") for label in drawn["legend"])
     assert drawn["median"] == [[pytest.approx(0.74), pytest.approx(0.79)]]
+
+
+def _summary(db: str, run_id: int) -> Summary:
+    store = open_store(db)
+    try:
+        return summarize(store, run_id)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "probe"),
+    [
+        ({"federation": {"rounds": 20}, "train": {"local_epochs": 1}}, 2),
+        ({"federation": {"rounds": 2}, "train": {"local_epochs": 1}}, 0),  # the whole budget
+        ({"federation": {"rounds": 20}, "train": {"local_epochs": 1}, "grid": [5e-3]}, 0),
+        ({"federation": {"rounds": 20}, "train": {"local_epochs": 1}, "probe": 0}, 0),
+        ({"federation": {"rounds": 20}, "train": {"local_epochs": 1}, "probe": None}, 0),
+    ],
+)
+def test_the_report_knows_when_the_baselines_chose_by_probes(config: dict, probe: int) -> None:
+    """As ``baselines.run_baselines`` decides: probes with a grid of several rates and a probe
+    shorter than the budget; runs stored before the setting existed had none."""
+    tuning = {"lr_grid": config.pop("grid", [5e-3, 5e-4]), "probe_epochs": config.pop("probe", 2)}
+    if tuning["probe_epochs"] is None:
+        del tuning["probe_epochs"]
+    assert _probe_epochs(json.dumps({**config, "tuning": tuning})) == probe
