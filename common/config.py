@@ -193,13 +193,14 @@ class DPConfig:
 class FederationConfig:
     """The round loop at the coordinator."""
 
-    #: Most rounds (with ``patience``; every round without). 20 with patience 3 lets heart,
-    #: Pima and medpar run until they converge, within the heart demo's time (docs/benchmarks.md).
-    rounds: int = 20
+    #: Rounds (with ``patience``: at most). 5 keeps the default heart demo with faithful
+    #: baselines within about 8 minutes; Pima and medpar want ``rounds = 20`` with
+    #: ``patience = 3`` (docs/benchmarks.md).
+    rounds: int = 5
     #: Federated early stopping: the run ends once the sites' weighted validation loss of the
     #: global state has not improved for this many rounds (the last round is then evaluated as
     #: usual); ``rounds`` is then a maximum. 0 = run every round.
-    patience: int = 3
+    patience: int = 0
     #: Sites sampled for training each round; 0 = every site.
     sites_per_round: int = 0
     #: A round with fewer valid updates than this keeps the previous global state.
@@ -300,8 +301,9 @@ class TuningConfig:
     #: with the lowest validation loss. k > 0: each rate first trains only the budget's first k
     #: epochs (exactly the start of its whole run), the rate with the lowest validation loss
     #: then is chosen, and only it trains the whole budget: the grid then costs k epochs per
-    #: other rate instead of a whole budget each.
-    probe_epochs: int = 2
+    #: other rate instead of a whole budget each, but a probe often picks another rate than
+    #: whole runs would, and a weaker reference (docs/benchmarks.md).
+    probe_epochs: int = 0
 
 
 @dataclass(frozen=True)
