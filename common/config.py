@@ -306,6 +306,13 @@ class TuningConfig:
     probe_epochs: int = 0
 
 
+def probes_used(probe_epochs: int, rates: int, budget_epochs: int) -> int:
+    """The probe length the baselines train (``tuning.probe_epochs``) where a probe decides
+    anything: a grid of several rates and a probe shorter than the budget; else 0, whole runs.
+    The one rule for ``baselines.run_baselines`` and for the report of a stored run."""
+    return probe_epochs if rates > 1 and 0 < probe_epochs < budget_epochs else 0
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where site records come from and how they are split."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpeft.common.config import RunConfig
+from fedpeft.common.config import RunConfig, probes_used
 from fedpeft.common.data import SiteData, SiteSplit, load_sites, split_site
 from fedpeft.common.metrics import (
     auc,
@@ -413,8 +413,7 @@ def run_baselines(
     if not groups:
         return outcomes
     grid = cfg.tuning.lr_grid
-    probe = cfg.tuning.probe_epochs if len(grid) > 1 and cfg.tuning.probe_epochs else 0
-    probe = probe if probe < budget(cfg)[0] else 0  # a probe as long as the run decides nothing
+    probe = probes_used(cfg.tuning.probe_epochs, len(grid), budget(cfg)[0])
     trained: dict[tuple[str, tuple[str, ...]], list[list[BaselineOutcome]]] = {
         g: [] for g in groups
     }

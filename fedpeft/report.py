@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.common.config import probes_used
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, SITE_EPSILON
 from fedpeft.common.metrics import CALIBRATION_BINS, Difference
 from fedpeft.server.rounds import LISTED_SITES, delivered_round
@@ -261,16 +262,15 @@ def _auc_of(baseline: BaselineResult | None) -> float | None:
 
 
 def _probe_epochs(config_json: str) -> int:
-    """The probe length the baselines used: ``tuning.probe_epochs`` where it applied (a grid of
-    more than one rate and a probe shorter than the budget, as ``baselines.run_baselines``
-    decides), else 0."""
+    """The probe length the baselines used (``common.config.probes_used``), 0 for whole runs
+    or a config stored before the setting existed."""
     probe = _number(_config_value(config_json, "tuning", "probe_epochs"))
     rounds = _number(_config_value(config_json, "federation", "rounds"))
     epochs = _number(_config_value(config_json, "train", "local_epochs"))
-    grid = _rates(_config_value(config_json, "tuning", "lr_grid"))
-    if not probe or rounds is None or epochs is None or len(grid) < 2:
+    if probe is None or rounds is None or epochs is None:
         return 0
-    return int(probe) if probe < rounds * epochs else 0
+    grid = _rates(_config_value(config_json, "tuning", "lr_grid"))
+    return probes_used(int(probe), len(grid), int(rounds * epochs))
 
 
 def _config_value(config_json: str, *path: str) -> object:
