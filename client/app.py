@@ -71,7 +71,7 @@ from fedpeft.common.envelope import (
 )
 from fedpeft.common.errors import ConfigError, DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.keys import Phase, SiteStatus
-from fedpeft.common.methods import build_method, load_shared_state, shared_state
+from fedpeft.common.methods import build_method, load_shared_state, lora, shared_state
 from fedpeft.common.metrics import Evaluation
 from fedpeft.common.model import (
     load_base_model,
@@ -187,8 +187,26 @@ def site_seed(seed: int, rnd: int, site: str) -> int:
     return (seed * 1_000_003 + rnd * 10_007 + zlib.crc32(site.encode())) % (2**31)
 
 
-def _model_with(session: SiteSession, cfg: SiteRunConfig, state: State) -> torch.nn.Module:
-    model = build_method(cfg.method, copy.deepcopy(session.base))
+def site_lora_rank(cfg: SiteRunConfig, setting: int) -> int:
+    """The LoRA rank this site trains the run at: its own ``lora_rank`` setting where that is
+    below the run's rank (a site of less capacity), else the run's; 0 outside LoRA runs."""
+    if cfg.method.name != lora.SPEC.name:
+        return 0
+    run_rank = cfg.method.lora.r
+    return min(setting, run_rank) if setting > 0 else run_rank
+
+
+def _model_with(
+    session: SiteSession, cfg: SiteRunConfig, state: State, rank: int = 0
+) -> torch.nn.Module:
+    """The model of the global ``state``; with ``rank`` below the run's LoRA rank, a LoRA of
+    that rank holding the state's first ``rank`` components (common/methods/lora.py)."""
+    base = copy.deepcopy(session.base)
+    if 0 < rank < cfg.method.lora.r:
+        model = lora.build_at_rank(cfg.method.lora, base, rank)
+        state = lora.truncate(state, rank)
+    else:
+        model = build_method(cfg.method, base)
     load_shared_state(model, to_torch(state))
     return model.to(session.device)
 
@@ -207,15 +225,24 @@ def _metrics(ev: Evaluation) -> dict[str, float]:
 
 
 def handle_train(
-    cfg: SiteRunConfig, rnd: int, fingerprint: str, global_state: State, session: SiteSession
+    cfg: SiteRunConfig,
+    rnd: int,
+    fingerprint: str,
+    global_state: State,
+    session: SiteSession,
+    lora_rank: int = 0,
 ) -> tuple[State, dict[str, float]]:
-    """Local training from the global state; returns the delta and the reply metrics."""
+    """Local training from the global state; returns the delta and the reply metrics.
+
+    ``lora_rank``: the site's own ``lora_rank`` setting (0: the run's). Below the run's rank the
+    site trains the state's first components only, and its delta is zero beyond them."""
     if fingerprint != session.fingerprint:
         raise FingerprintMismatch(
             f"base-model fingerprint mismatch: the run uses {fingerprint[:19]}..., this site "
             f"holds {session.fingerprint[:19]}..."
         )
-    model = _model_with(session, cfg, global_state)
+    rank = site_lora_rank(cfg, lora_rank)
+    model = _model_with(session, cfg, global_state, rank)
     result = train_local(
         model,
         session.train,
@@ -227,7 +254,11 @@ def handle_train(
         span=((rnd - 1) / cfg.rounds, rnd / cfg.rounds),  # where the rate schedule is
     )
     local = to_numpy(shared_state(model))
-    delta = {name: (local[name] - global_state[name]).astype(np.float32) for name in global_state}
+    start = lora.truncate(global_state, rank) if rank else global_state
+    delta = lora.pad(
+        {name: (local[name] - start[name]).astype(np.float32) for name in start},
+        {name: value.shape for name, value in global_state.items()},
+    )
     privacy = cfg.privacy
     if privacy.clip > 0:  # DP or secure aggregation: no update leaves with a larger norm
         delta, _ = clip_update(delta, privacy.clip)
@@ -239,6 +270,7 @@ def handle_train(
             keys.STEPS: result.steps,
             keys.EPOCHS_RUN: result.epochs_run,
             "seconds-per-step": result.seconds_per_step,
+            **({keys.LORA_RANK: rank} if rank else {}),
         }
     )
     return delta, metrics
@@ -608,7 +640,9 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 )
             delta, metrics = None, {}
             if trains:
-                delta, metrics = handle_train(cfg, rnd, signed.fingerprint, signed.state, session)
+                delta, metrics = handle_train(
+                    cfg, rnd, signed.fingerprint, signed.state, session, setup.lora_rank
+                )
                 log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             codec = cfg.codec
             if stage is not None:  # secure aggregation: only the masked vector leaves

@@ -70,6 +70,10 @@ class SiteSetup:
     #: read. None in a simulation: one party runs coordinator and sites there, and its numbers
     #: stay those of the run config (a default policy would refuse ``full`` and cap epochs).
     policy: SitePolicy | None = None
+    #: The highest LoRA rank this site trains (a site of less capacity); 0: the run's. A LoRA
+    #: run of a higher rank is trained at this one, its first components only
+    #: (common/methods/lora.py); other methods ignore it.
+    lora_rank: int = 0
 
     def data_key(self) -> tuple[Any, ...]:
         """What decides the site's rows and where they are trained: a session cache key part."""
@@ -96,6 +100,7 @@ def write_setup_file(
     coordinator_key: Path,
     ledger: Path | None,
     policy: SitePolicy,
+    lora_rank: int = 0,
 ) -> Path:
     """Write a deployed site's setup (from its site.toml) as JSON: names and absolute paths only,
     the keys stay in their own files; the policy as its fields. Returns ``path``."""
@@ -108,6 +113,7 @@ def write_setup_file(
         "coordinator_key": str(Path(coordinator_key).resolve()),
         "ledger": None if ledger is None else str(Path(ledger).resolve()),
         "policy": _policy_values(policy),
+        "lora_rank": lora_rank,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
@@ -162,6 +168,9 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
         values = json.loads(Path(path).read_text())
         device = str(values["device"])
         policy = _policy_from(values["policy"])
+        lora_rank = values.get("lora_rank", 0)
+        if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
+            raise TypeError("lora_rank is not a whole number of 0 or more")
         setup = SiteSetup(
             site=str(values["site"]),
             data_file=Path(values["data_file"]),
@@ -171,6 +180,7 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
             ledger=None if values["ledger"] is None else Path(values["ledger"]),
             allowed_apps=policy.apps if allowed_apps is None else allowed_apps,
             policy=policy,
+            lora_rank=lora_rank,
         )
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the site setup ({exc.strerror})") from None
@@ -182,10 +192,16 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
     return setup
 
 
-def simulation_sites_env(data: DataConfig, device: str) -> str:
-    """The value of :data:`SIMULATION_SITES_ENV` for a simulation over ``data`` on ``device``."""
+def simulation_sites_env(data: DataConfig, device: str, lora_ranks: tuple[int, ...] = ()) -> str:
+    """The value of :data:`SIMULATION_SITES_ENV` for a simulation over ``data`` on ``device``,
+    virtual site ``i`` training LoRA at rank ``lora_ranks[i]`` at most (0 or none: the run's)."""
     return json.dumps(
-        {"dataset": data.dataset, "schema": dataclasses.asdict(data.schema), "device": device},
+        {
+            "dataset": data.dataset,
+            "schema": dataclasses.asdict(data.schema),
+            "device": device,
+            "lora_ranks": list(lora_ranks),
+        },
         sort_keys=True,
     )
 
@@ -209,6 +225,7 @@ def setup_for_partition(index: int) -> SiteSetup:
         device=device,
         trust=site_trust(Path(folder) / f"partition-{index}.key", Path(folder) / "coordinator.pub"),
         partition=Partition(str(values["dataset"]), index),
+        lora_rank=int(ranks[index]) if index < len(ranks := values.get("lora_ranks", [])) else 0,
     )
 
 

@@ -429,6 +429,10 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    #: Simulation only, standing in for each site's own ``lora_rank`` (site.toml): the highest
+    #: LoRA rank virtual site i trains, for sites of less capacity; 0, or a site past the list:
+    #: the run's ``method.lora.r``. Never signed to a site.
+    site_lora_ranks: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         """Everything but ``db``: the store URL (which may carry a password) is the coordinator's
@@ -650,6 +654,17 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need = _needs(problems)
     need(cfg.device in DEVICES, f"device: must be one of {', '.join(DEVICES)}")
     need(bool(cfg.db), "db: must be a SQLAlchemy URL")
+    if any(cfg.site_lora_ranks):
+        need(
+            cfg.method.name == "lora",
+            f"site_lora_ranks: sites of different LoRA ranks need method.name lora, not "
+            f"{cfg.method.name!r}",
+        )
+        need(
+            all(0 <= r <= cfg.method.lora.r for r in cfg.site_lora_ranks),
+            f"site_lora_ranks: each must be in 0..method.lora.r ({cfg.method.lora.r}; 0: that "
+            f"rank); got {list(cfg.site_lora_ranks)}",
+        )
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     f = cfg.federation
     grid = cfg.tuning.lr_grid

@@ -64,6 +64,7 @@ class Reason(StrEnum):
     NON_FINITE = "non-finite"
     EXAMPLES = "examples"
     NORM = "norm"
+    RANK = "rank"  # a LoRA rank outside the run's, or a delta non-zero beyond the rank sent
     # An opened evaluation's values (server/validation.py: validate_evaluation).
     EVALUATION = "evaluation"
     # The reply around it (server/replies.py).

@@ -75,6 +75,9 @@ TRAIN_SECONDS: Final = "train-seconds"
 TASK_SECONDS: Final = "task-seconds"
 STEPS: Final = "steps"
 EPOCHS_RUN: Final = "epochs-run"
+#: The LoRA rank the site trained at: the run's, or lower at a site of less capacity (its
+#: ``lora_rank`` setting; common/methods/lora.py). Only in a LoRA run's train replies.
+LORA_RANK: Final = "lora-rank"
 
 # SiteResult.extra keys the coordinator records for a site (besides aggregation's).
 #: A DP run's epsilon for this site after the round, over the rounds it took part in

@@ -48,6 +48,7 @@ TRAIN_METRICS: tuple[str, ...] = (
     keys.STEPS,
     keys.EPOCHS_RUN,
     "seconds-per-step",
+    keys.LORA_RANK,
 )
 #: What a site's evaluate reply carries besides the histogram.
 EVALUATE_METRICS: tuple[str, ...] = (

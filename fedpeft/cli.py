@@ -231,6 +231,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "federation.server_lr": args.server_lr,
         "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only
         "tuning.probe_epochs": getattr(args, "probe_epochs", None),
+        "site_lora_ranks": getattr(args, "site_lora_ranks", None),
         **_dp_overrides(args),
     }
 
@@ -290,6 +291,16 @@ def parser() -> argparse.ArgumentParser:
         "federated run) choose from, each by its lowest validation loss ([tuning] lr_grid; "
         "default: the run's rate, a third and a tenth "
         "of it; one rate = no choice). Each rate trains one more model per baseline",
+    )
+    sim.add_argument(
+        "--site-lora-ranks",
+        type=int,
+        nargs="+",
+        metavar="R",
+        help="sites of different capacity (LoRA only): site i trains LoRA at rank R_i at most, "
+        "its first R_i components, and sends zeros beyond them; each component is averaged "
+        "over the sites that trained it, and the delivered adapter keeps the run's rank "
+        "(site_lora_ranks; 0 or a site past the list: the run's rank, method.lora.r = 8)",
     )
     sim.add_argument(
         "--probe-epochs",

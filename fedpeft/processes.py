@@ -232,6 +232,7 @@ def write_site_setup(cfg: SiteConfig, folder: Path) -> Path:
         coordinator_key=cfg.coordinator_key,
         ledger=cfg.ledger,
         policy=cfg.policy,
+        lora_rank=cfg.lora_rank,
     )
 
 

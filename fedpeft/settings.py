@@ -282,6 +282,9 @@ class SiteConfig:
     #: How the records file reads (the ``[data]`` table: text_column ["text"], label_column
     #: ["label"], split_column ["split"], skip_bad_rows [false]).
     schema: DataSchema = DataSchema()
+    #: The highest LoRA rank the site trains, for a site of less capacity than the others: a
+    #: LoRA run of a higher rank trains its first components only here [0: the run's rank].
+    lora_rank: int = 0
 
 
 def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
@@ -313,6 +316,7 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         path=Path(path).resolve(),
         device=r.choice("device", "auto", DEVICES),
         schema=_data_schema(d),
+        lora_rank=r.count("lora_rank", 0) if "lora_rank" in r.values else 0,
     )
     if not cfg.ledger.parent.is_dir():
         r.problems.append(f"{path}: [site] ledger: {cfg.ledger.parent}: no such folder")

@@ -9,14 +9,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedpeft.common.dp import clip_update, dp_average, sum_updates
+from fedpeft.common.methods.lora import rank_weights
 from fedpeft.common.state import State
 
 
-def fedavg(deltas: Sequence[tuple[State, int]]) -> State:
+def fedavg(deltas: Sequence[tuple[State, int]], ranks: Sequence[int] | None = None) -> State:
     """Example-weighted mean of site deltas (FedAvg over updates).
 
     ``deltas`` holds (delta, n_examples) pairs with identical names and shapes (validated before).
     Sums run in float64 and in the given order; callers sort by site for reproducibility.
+    ``ranks``: the LoRA rank each site trained at, for sites of different capacity: each LoRA
+    component is then the mean over the sites that trained it (common/methods/lora.py
+    ``rank_weights``); without it every site weighs in every coordinate.
     """
     if not deltas:
         raise ValueError("fedavg needs at least one delta")
@@ -25,13 +29,22 @@ def fedavg(deltas: Sequence[tuple[State, int]]) -> State:
         raise ValueError("every delta needs a positive example count")
     weights = weights / weights.sum()
     names = deltas[0][0].keys()
-    return {
-        name: sum(
-            (w * d[name].astype(np.float64) for (d, _), w in zip(deltas, weights, strict=True)),
-            start=np.zeros_like(deltas[0][0][name], dtype=np.float64),
+    out: State = {}
+    for name in names:
+        shape = deltas[0][0][name].shape
+        site_weights = (
+            list(weights)
+            if ranks is None
+            else list(rank_weights(name, shape, weights, np.asarray(ranks, dtype=np.int64)))
+        )
+        out[name] = sum(
+            (
+                w * d[name].astype(np.float64)
+                for (d, _), w in zip(deltas, site_weights, strict=True)
+            ),
+            start=np.zeros(shape, dtype=np.float64),
         ).astype(np.float32)
-        for name in names
-    }
+    return out
 
 
 def apply_delta(state: State, delta: State) -> State:
@@ -178,12 +191,18 @@ def secure_scales(signed: Mapping[str, int], bounds: Bounds) -> dict[str, float]
 
 
 def aggregate(
-    updates: Sequence[tuple[str, State, int]], bounds: Bounds
+    updates: Sequence[tuple[str, State, int]],
+    bounds: Bounds,
+    ranks: Mapping[str, int] | None = None,
 ) -> tuple[State, dict[str, dict[str, float]]]:
     """The round's aggregate of ``(site, delta, signed example count)`` updates (validated, in
     site order), bounded: counts capped at ``max_examples``, norms above ``norm_factor`` times
     the median scaled down to it, then FedAvg or a trimmed mean. Returns the aggregate and, per
-    site, what :data:`WEIGHT` ... :data:`TRIMMED` say of its update."""
+    site, what :data:`WEIGHT` ... :data:`TRIMMED` say of its update.
+
+    ``ranks``: the LoRA rank each site trained at (by site), when some trained below the run's.
+    FedAvg then averages each LoRA component over the sites that trained it; a trimmed mean
+    takes the others' zeros as values (it has no weights to renormalize)."""
     if not updates:
         raise ValueError("aggregate needs at least one update")
     notes: dict[str, dict[str, float]] = {site: {} for site, _, _ in updates}
@@ -209,7 +228,10 @@ def aggregate(
     total = float(sum(counts))
     for (site, _, _), n in zip(updates, counts, strict=True):
         notes[site][WEIGHT] = n / total
-    return fedavg(list(zip(deltas, counts, strict=True))), notes
+    pairs = list(zip(deltas, counts, strict=True))
+    if ranks is not None:
+        return fedavg(pairs, [ranks[site] for site, _, _ in updates]), notes
+    return fedavg(pairs), notes
 
 
 def dp_aggregate(

@@ -15,7 +15,10 @@ A train reply is used only if each step passes, in this order:
    tensors' names, shapes and dtype; its reason codes);
 5. the site that signed it is the site the reply names, and no delta of that site has opened
    before in this round (else ``bad-signature``);
-6. its values pass :func:`validate_delta` (``non-finite``, ``examples``, ``norm``).
+6. its values pass :func:`validate_delta` (``non-finite``, ``examples``, ``norm``);
+7. in a LoRA run, the rank its reply says it trained at (``lora-rank``, a site of less capacity
+   trains a lower one) is within the run's, and its delta is zero beyond it (:func:`validate_rank`,
+   ``rank``).
 
 An evaluation (an evaluate reply's, or the one a train reply carries after round 1, of the
 global state it trained from) needs steps 1 and 2, then its sealed evaluation must be within
@@ -43,11 +46,12 @@ from fedpeft.common.envelope import (
 )
 from fedpeft.common.errors import DeltaRejected, Reason
 from fedpeft.common.keys import Phase, SiteStatus
+from fedpeft.common.methods.lora import state_rank
 from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_nbytes, from_blob_record
 from fedpeft.common.state import State
 from fedpeft.server.store.base import ReplyStatus
-from fedpeft.server.validation import validate_delta, validate_evaluation
+from fedpeft.server.validation import validate_delta, validate_evaluation, validate_rank
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -96,6 +100,11 @@ class Intake:
     #: Largest L2 norm of an update (``federation.max_update_norm``); None: no bound.
     max_norm: float | None = None
 
+    @property
+    def lora_rank(self) -> int:
+        """The run's LoRA rank, from the state's shapes; 0 when it is not a LoRA run."""
+        return state_rank(self.expected.shapes)
+
 
 def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Reply:
     """A train reply as an update to aggregate, or rejected with its reason.
@@ -118,12 +127,15 @@ def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Rep
             )
         reply.opened = True
         validate_delta(update.delta, update.num_examples, intake.max_norm)
+        rank = validate_rank(update.delta, reply.metrics.get(keys.LORA_RANK), intake.lora_rank)
     except DeltaRejected as exc:
         return replace(reply, status=ReplyStatus.REJECTED, reason=str(exc), code=exc.reason)
     except (KeyError, TypeError, ValueError) as exc:
         return _malformed(reply, exc)
     reply.delta = update.delta
     reply.metrics[keys.N_TRAIN] = float(update.num_examples)  # the signed count
+    if rank:
+        reply.metrics[keys.LORA_RANK] = float(rank)
     return reply
 
 

@@ -33,6 +33,7 @@ EXTRA_METRICS = (
     keys.AUC_HIGH,
     keys.STEPS,
     keys.EPOCHS_RUN,
+    keys.LORA_RANK,
     keys.VAL_LOSS,
     keys.N_VAL,
     "seconds-per-step",

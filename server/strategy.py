@@ -31,6 +31,7 @@ from fedpeft.common.dp import Accountant, dp_average, noise_std_central
 from fedpeft.common.envelope import Expected, sign_global
 from fedpeft.common.errors import FedpeftError, Reason
 from fedpeft.common.keys import Phase
+from fedpeft.common.methods.lora import state_rank
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.secagg import (
     FixedPoint,
@@ -452,7 +453,12 @@ class FederatedRun:
             trim_fraction=fed.trim_fraction,
         )
         updates = [(r.site, r.delta, int(r.metrics[keys.N_TRAIN])) for r in ordered]
-        delta, notes = aggregate(updates, bounds)  # type: ignore[arg-type]
+        # Sites of less capacity trained LoRA at a lower rank (validated in read_train): each
+        # component is averaged over the sites that trained it.
+        run_rank = state_rank({name: v.shape for name, v in self.state.items()})
+        ranks = {r.site: int(r.metrics.get(keys.LORA_RANK, run_rank)) for r in ordered}
+        lower = any(rank < run_rank for rank in ranks.values())
+        delta, notes = aggregate(updates, bounds, ranks if lower else None)  # type: ignore[arg-type]
         for r in ordered:
             r.notes = notes[r.site]
         self.state, self.moments = server_step(self.state, delta, self.moments, self.optimizer)

@@ -15,12 +15,28 @@ import numpy as np
 
 from fedpeft.common import keys
 from fedpeft.common.errors import DeltaRejected, Reason
+from fedpeft.common.methods.lora import nonzero_beyond
 from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.state import State
 
 #: The largest example count a site may sign: beyond it a count is no longer exact as a float
 #: (nor fits every store's integer column); capping its weight is federation.max_examples's job.
 MAX_SIGNED_EXAMPLES = 2**53
+
+
+def validate_rank(delta: State, declared: float | None, run_rank: int) -> int:
+    """The LoRA rank a site trained at, checked: ``declared`` (its reply's ``lora-rank``; None:
+    the run's) must be a whole number in 1..``run_rank`` and the delta zero beyond it, else
+    :class:`DeltaRejected` (``rank``). ``run_rank`` 0: not a LoRA run, nothing to check."""
+    if run_rank == 0 or declared is None:
+        return run_rank
+    if not (np.isfinite(declared) and float(declared).is_integer() and 1 <= declared <= run_rank):
+        raise DeltaRejected(Reason.RANK, f"LoRA rank {declared!r} outside 1..{run_rank}")
+    rank = int(declared)
+    beyond = nonzero_beyond(delta, rank)
+    if beyond is not None:
+        raise DeltaRejected(Reason.RANK, f"{beyond} is not zero beyond the rank {rank} sent")
+    return rank
 
 
 def validate_delta(delta: State, n_examples: float, max_norm: float | None = None) -> None:

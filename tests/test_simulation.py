@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from site_files import write_heart_sites
 
-from fedpeft.common import crypto
+from fedpeft.common import crypto, keys
 from fedpeft.common.config import RunConfig, load_config
 from fedpeft.common.envelope import seal_delta
 from fedpeft.common.errors import FedpeftError
+from fedpeft.common.methods import build_model, shared_state
 from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.state import State
+from fedpeft.common.tensors import to_numpy
 from fedpeft.server.checkpoints import open_state, read_store_key
 from fedpeft.server.store import open_store
 from fedpeft.simulate import run_simulation
@@ -208,6 +210,37 @@ def test_a_run_in_which_no_round_gets_its_minimum_of_sites_fails(
     assert run.status == "failed" and "min_sites" in (run.error or "")
     (rnd,) = store.rounds(run.id)  # the round itself is still recorded, not applied
     assert rnd.accepted == 1 and not rnd.applied
+    store.close()
+
+
+def test_sites_of_lower_lora_rank_train_only_their_components(
+    two_sites: Path, tmp_path: Path
+) -> None:
+    """Site a trains LoRA at rank 2, site b at rank 1 (of the run's 8): the round applies, the
+    store records each site's rank, and the components above 2, which no site trained, keep
+    their initial values while component 1 (site a's alone) moves."""
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = replace(_config(two_sites, db, rounds=1), site_lora_ranks=(2, 1))
+    result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    store = open_store(db)
+    (rnd,) = store.rounds(result.run_id)
+    assert rnd.accepted == 2 and rnd.applied
+    train = {r.site: r for r in store.site_results(result.run_id) if r.phase == "train"}
+    assert {s: r.extra[keys.LORA_RANK] for s, r in train.items()} == {
+        "a-cleveland": 2,
+        "b-hungary": 1,
+    }
+    key = read_store_key(tmp_path / "run.db.key")
+    after = open_state(key, result.run_id, 1, store.global_state(result.run_id, 1)[1])
+    initial = to_numpy(
+        shared_state(build_model(cfg.model, cfg.method, cfg.train.dropout, cfg.seed))
+    )
+    lora_a = [k for k in after if ".lora_A." in k]
+    assert len(lora_a) == 12
+    for name in lora_a:
+        assert after[name].shape == (8, 384)  # the delivered adapter keeps the run's rank
+        np.testing.assert_array_equal(after[name][2:], initial[name][2:])
+        assert not np.array_equal(after[name][1], initial[name][1])
     store.close()
 
 

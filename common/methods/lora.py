@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from fedpeft.common.methods._peft import peft_model
 from fedpeft.common.methods.spec import ExportFormat, MethodSpec, failed
 
 if TYPE_CHECKING:
     import torch
+
+    from fedpeft.common.state import State
 
 
 @dataclass(frozen=True)
@@ -32,19 +37,111 @@ def check(lora: LoraConfig) -> list[str]:
 
 
 def build(lora: LoraConfig, base: torch.nn.Module) -> torch.nn.Module:
+    return build_at_rank(lora, base, lora.r)
+
+
+def build_at_rank(lora: LoraConfig, base: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """LoRA of rank ``rank`` (at most ``lora.r``) that computes what the run's rank-``lora.r``
+    LoRA computes from its first ``rank`` components: the same scaling, ``alpha / r`` of the
+    run, so that a component means the same at every site whatever rank it trains."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType
 
+    if not 1 <= rank <= lora.r:
+        raise ValueError(f"LoRA rank {rank} outside 1..{lora.r}")
     return peft_model(
         base,
         PeftLoraConfig(
             task_type=TaskType.SEQ_CLS,
-            r=lora.r,
-            lora_alpha=lora.alpha,
+            r=rank,
+            # peft types it int, and only divides it by r: a float keeps alpha / r exact.
+            lora_alpha=lora.alpha if rank == lora.r else lora.alpha * rank / lora.r,  # type: ignore[arg-type]
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
         ),
     )
+
+
+# -- sites of different capacity: a lower rank, zero-padded (HetLoRA) --------------------------
+#
+# A site may train the run's LoRA at a lower rank k (its own setting). It trains the first k
+# components of each A (rows) and B (columns) of the global state and sends a delta of the
+# global shapes, zero beyond k: the wire format, the size bound, clipping and secure aggregation
+# stay those of the run. The coordinator averages each component over the sites that trained it
+# (:func:`rank_weights`); the global state keeps the run's rank.
+
+
+def rank_axis(name: str) -> int | None:
+    """The axis of a shared tensor along which LoRA's components lie: A is (rank, in), B is
+    (out, rank); None for any other tensor (the head)."""
+    if ".lora_A." in name:
+        return 0
+    if ".lora_B." in name:
+        return 1
+    return None
+
+
+def state_rank(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The LoRA rank of a shared state of these shapes; 0 when it holds no LoRA tensor."""
+    ranks = {shape[axis] for name, shape in shapes.items() if (axis := rank_axis(name)) is not None}
+    if len(ranks) > 1:
+        raise ValueError(f"LoRA tensors of different ranks: {sorted(ranks)}")
+    return ranks.pop() if ranks else 0
+
+
+def truncate(state: State, rank: int) -> State:
+    """The first ``rank`` components of every LoRA tensor; other tensors as they are."""
+    out = {}
+    for name, value in state.items():
+        axis = rank_axis(name)
+        out[name] = value if axis is None else np.take(value, np.arange(rank), axis=axis)
+    return out
+
+
+def pad(state: State, shapes: Mapping[str, tuple[int, ...]]) -> State:
+    """``state`` (LoRA tensors of a lower rank) zero-padded to ``shapes`` along the rank."""
+    out = {}
+    for name, value in state.items():
+        axis = rank_axis(name)
+        if axis is None or value.shape == tuple(shapes[name]):
+            out[name] = value
+            continue
+        full = np.zeros(shapes[name], dtype=value.dtype)
+        index = [slice(None)] * value.ndim
+        index[axis] = slice(0, value.shape[axis])
+        full[tuple(index)] = value
+        out[name] = full
+    return out
+
+
+def nonzero_beyond(delta: State, rank: int) -> str | None:
+    """The first LoRA tensor of ``delta`` with a non-zero value beyond component ``rank``
+    (what a site that trained at ``rank`` cannot have sent); None when there is none."""
+    for name, value in delta.items():
+        axis = rank_axis(name)
+        if axis is not None and np.take(value, np.arange(rank, value.shape[axis]), axis=axis).any():
+            return name
+    return None
+
+
+def rank_weights(
+    name: str, shape: tuple[int, ...], weights: np.ndarray, ranks: np.ndarray
+) -> np.ndarray:
+    """Each site's weight in each coordinate of tensor ``name`` (shape ``(sites, *shape)``,
+    broadcastable): its weight ``weights`` (summing to 1 over sites) where it trained the
+    component, renormalized over the sites that did (HetLoRA's rank-aware averaging); 0 in a
+    component no site trained, which then keeps its global value."""
+    axis = rank_axis(name)
+    if axis is None:
+        return weights.reshape(-1, *([1] * len(shape)))
+    components = np.arange(shape[axis])
+    trained = components[None, :] < ranks[:, None]  # (sites, rank)
+    w = weights[:, None] * trained
+    total = w.sum(axis=0, keepdims=True)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return w.reshape(-1, *view)
 
 
 SPEC = MethodSpec(
