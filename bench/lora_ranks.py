@@ -50,9 +50,9 @@ def main() -> int:
     step: dict[int, list[float]] = {}  # rank -> seconds per local step
     walls: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, flags in SETTINGS.items():
+        for index, (name, flags) in enumerate(SETTINGS.items()):
             for seed in args.seeds:
-                db = f"sqlite:///{Path(tmp) / f'{len(macro)}-{seed}.db'}"
+                db = f"sqlite:///{Path(tmp) / f'{index}-{seed}.db'}"
                 cmd = [sys.executable, "-m", "fedpeft", "simulate", "--seed", str(seed)]
                 cmd += ["--db", db, "--baselines", "none", *flags, *args.extra]
                 print("$", " ".join(cmd), flush=True)

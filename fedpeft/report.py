@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.common.config import probes_used
-from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, SITE_EPSILON
+from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, LORA_RANK, SITE_EPSILON
 from fedpeft.common.metrics import CALIBRATION_BINS, Difference
 from fedpeft.server.rounds import LISTED_SITES, delivered_round
 from fedpeft.server.store import (
@@ -20,6 +20,7 @@ from fedpeft.server.store import (
     LrCandidate,
     RunStatus,
     RunStore,
+    SiteResult,
 )
 
 
@@ -95,6 +96,10 @@ class Summary:
     site_brier: dict[str, float] = field(default_factory=dict)
     #: The part each site personalized (``federation.personalize``); None without it.
     personalized_part: str | None = None
+    #: The LoRA rank each site trained at (its last train row), when some site trained below
+    #: the run's ``run_lora_rank`` (a site of less capacity); empty otherwise.
+    lora_ranks: dict[str, int] = field(default_factory=dict)
+    run_lora_rank: int | None = None
 
     @property
     def has_tfidf(self) -> bool:
@@ -234,7 +239,22 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
             kind: {b.site: b.lr for (k, _), b in baselines.items() if k == kind and b.lr}
             for kind in ("alone", "centralized")
         },
+        **_lora_ranks(trains, run.config_json),
     )
+
+
+def _lora_ranks(trains: list[SiteResult], config_json: str) -> dict[str, Any]:
+    """``lora_ranks`` and ``run_lora_rank`` of :class:`Summary`: each site's rank from its
+    last train row, kept only when a site trained below the run's rank."""
+    run_rank = _number(_config_value(config_json, "method", "lora", "r"))
+    ranks = {
+        r.site: int(r.extra[LORA_RANK])
+        for r in sorted(trains, key=lambda r: r.round)
+        if r.extra.get(LORA_RANK) is not None
+    }
+    if run_rank is None or all(rank >= run_rank for rank in ranks.values()):
+        return {}
+    return {"lora_ranks": dict(sorted(ranks.items())), "run_lora_rank": int(run_rank)}
 
 
 def _interval(low: float | None, high: float | None) -> tuple[float, float] | None:
@@ -360,6 +380,12 @@ def render_table(s: Summary) -> str:
             f"of round {s.selected_round}'s state on its own training rows (kept by its "
             "validation loss; the part never left the site). (kept global) = no epoch lowered "
             "its validation loss, so it is the global model"
+        )
+    if s.lora_ranks:
+        out.append(
+            f"LoRA rank each site trained (the run's {s.run_lora_rank}; a site of less capacity "
+            "trains the first components, each averaged over the sites that trained it): "
+            + ", ".join(f"{site} {rank}" for site, rank in s.lora_ranks.items())
         )
     out += _rates_lines(s)
     out += _difference_lines(s)

@@ -18,6 +18,7 @@ from fedpeft.common.metrics import HIST_BINS
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.state import State
 from fedpeft.common.tensors import to_numpy
+from fedpeft.report import render_table, summarize
 from fedpeft.server.checkpoints import open_state, read_store_key
 from fedpeft.server.store import open_store
 from fedpeft.simulate import run_simulation
@@ -241,6 +242,10 @@ def test_sites_of_lower_lora_rank_train_only_their_components(
         assert after[name].shape == (8, 384)  # the delivered adapter keeps the run's rank
         np.testing.assert_array_equal(after[name][2:], initial[name][2:])
         assert not np.array_equal(after[name][1], initial[name][1])
+    # The report names each site's rank.
+    summary = summarize(store, result.run_id)
+    assert summary.lora_ranks == {"a-cleveland": 2, "b-hungary": 1}
+    assert "LoRA rank each site trained (the run's 8; " in render_table(summary)
     store.close()
 
 
