@@ -53,7 +53,12 @@ from fedpeft.client.secagg import Histograms, answer_once, answer_stage, masked_
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
-from fedpeft.common.config import PERSONAL_MARKERS, DataConfig, SiteRunConfig
+from fedpeft.common.config import (
+    PERSONAL_MARKERS,
+    TRAINS_BASE_WEIGHTS,
+    DataConfig,
+    SiteRunConfig,
+)
 from fedpeft.common.data import (
     SiteData,
     data_fingerprint,
@@ -80,6 +85,7 @@ from fedpeft.common.model import (
     resolve_device,
     resolve_model_path,
 )
+from fedpeft.common.quantize import quantize_base
 from fedpeft.common.records import blob_record, from_blob_record
 from fedpeft.common.secagg import round_context
 from fedpeft.common.secagg_messages import MASKED, STAGES, StageTask
@@ -120,15 +126,18 @@ _MAX_BASES = 2  # ~90 MB each with the default model
 _DATASETS: dict[DataConfig, list[SiteData]] = {}
 
 
-def _base_model(cfg: SiteRunConfig, device: torch.device) -> torch.nn.Module:
-    key = (repr(cfg.model), cfg.train.dropout, cfg.seed, str(device))
+def _base_model(cfg: SiteRunConfig, device: torch.device, quantize: str) -> torch.nn.Module:
+    key = (repr(cfg.model), cfg.train.dropout, cfg.seed, str(device), quantize)
     if key not in _BASES:
         if len(_BASES) >= _MAX_BASES:
             dropped = _BASES.pop(next(iter(_BASES)))  # oldest first, with its sessions: a
             # long-lived site worker serving runs of other seeds keeps at most two models
             for stale in [k for k, s in _SESSIONS.items() if s.base is dropped]:
                 del _SESSIONS[stale]
-        _BASES[key] = load_base_model(cfg.model, cfg.train.dropout, cfg.seed).to(device)
+        base = load_base_model(cfg.model, cfg.train.dropout, cfg.seed)
+        if quantize == "int8":  # the site's own setting: its copy of the base in int8
+            base = quantize_base(base)
+        _BASES[key] = base.to(device)
     return _BASES[key]
 
 
@@ -168,7 +177,7 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
     device = resolve_device(setup.device)
     session = SiteSession(
         site=site.name,
-        base=_base_model(cfg, device),
+        base=_base_model(cfg, device, setup.quantize),
         fingerprint=model_fingerprint(resolve_model_path(cfg.model)),
         device=device,
         data_fingerprint=data_fingerprint(site),
@@ -613,6 +622,11 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
         if setup.policy is not None:
             facts = task_facts(signed, signer, site, trains=kind == Phase.TRAIN)
             check_policy(setup.policy, facts, trusted)
+        if setup.quantize == "int8" and cfg.method.name in TRAINS_BASE_WEIGHTS:
+            raise TaskRefused(
+                f"method {cfg.method.name!r} trains the base weights; this site holds its base "
+                "model in int8"
+            )
         context = round_context(signed.run_token, rnd)
         stage = _stage_task(msg, cfg, kind)
         if stage is not None:

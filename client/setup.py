@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.client.policy import DEFAULT_APPS, SitePolicy, read_coordinator_keys
 from fedpeft.common import crypto, keys
-from fedpeft.common.config import DEVICES, DataConfig, DataSchema
+from fedpeft.common.config import DEVICES, QUANTIZE, DataConfig, DataSchema
 from fedpeft.common.environment import SIMULATION_KEYS_ENV, SIMULATION_SITES_ENV
 from fedpeft.common.errors import ConfigError, KeyFileError
 from fedpeft.common.trust import SiteTrust, site_trust
@@ -74,10 +74,13 @@ class SiteSetup:
     #: run of a higher rank is trained at this one, its first components only
     #: (common/methods/lora.py); other methods ignore it.
     lora_rank: int = 0
+    #: How the site holds its frozen base model: ``none`` (as loaded) or ``int8`` (weights in
+    #: int8, a quarter of the memory; common/quantize.py). Nothing shared changes.
+    quantize: str = "none"
 
     def data_key(self) -> tuple[Any, ...]:
         """What decides the site's rows and where they are trained: a session cache key part."""
-        return (self.site, self.data_file, self.partition, self.schema, self.device)
+        return (self.site, self.data_file, self.partition, self.schema, self.device, self.quantize)
 
     def coordinator_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
         """The coordinator keys whose global states this site opens, by fingerprint: its
@@ -101,6 +104,7 @@ def write_setup_file(
     ledger: Path | None,
     policy: SitePolicy,
     lora_rank: int = 0,
+    quantize: str = "none",
 ) -> Path:
     """Write a deployed site's setup (from its site.toml) as JSON: names and absolute paths only,
     the keys stay in their own files; the policy as its fields. Returns ``path``."""
@@ -114,6 +118,7 @@ def write_setup_file(
         "ledger": None if ledger is None else str(Path(ledger).resolve()),
         "policy": _policy_values(policy),
         "lora_rank": lora_rank,
+        "quantize": quantize,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
@@ -171,6 +176,7 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
         lora_rank = values.get("lora_rank", 0)
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
             raise TypeError("lora_rank is not a whole number of 0 or more")
+        quantize = str(values.get("quantize", "none"))
         setup = SiteSetup(
             site=str(values["site"]),
             data_file=Path(values["data_file"]),
@@ -181,6 +187,7 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
             allowed_apps=policy.apps if allowed_apps is None else allowed_apps,
             policy=policy,
             lora_rank=lora_rank,
+            quantize=quantize,
         )
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the site setup ({exc.strerror})") from None
@@ -188,19 +195,28 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
         raise ConfigError(f"{path}: not a site setup file ({exc!r})") from None
     if device not in DEVICES:
         raise ConfigError(f"{path}: device {device!r} is not one of {', '.join(DEVICES)}")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"{path}: quantize {quantize!r} is not one of {', '.join(QUANTIZE)}")
     setup.coordinator_keys()
     return setup
 
 
-def simulation_sites_env(data: DataConfig, device: str, lora_ranks: tuple[int, ...] = ()) -> str:
+def simulation_sites_env(
+    data: DataConfig,
+    device: str,
+    lora_ranks: tuple[int, ...] = (),
+    quantize: tuple[str, ...] = (),
+) -> str:
     """The value of :data:`SIMULATION_SITES_ENV` for a simulation over ``data`` on ``device``,
-    virtual site ``i`` training LoRA at rank ``lora_ranks[i]`` at most (0 or none: the run's)."""
+    virtual site ``i`` training LoRA at rank ``lora_ranks[i]`` at most (0 or none: the run's)
+    on a base held as ``quantize[i]`` (none past the list)."""
     return json.dumps(
         {
             "dataset": data.dataset,
             "schema": dataclasses.asdict(data.schema),
             "device": device,
             "lora_ranks": list(lora_ranks),
+            "quantize": list(quantize),
         },
         sort_keys=True,
     )
@@ -226,6 +242,7 @@ def setup_for_partition(index: int) -> SiteSetup:
         trust=site_trust(Path(folder) / f"partition-{index}.key", Path(folder) / "coordinator.pub"),
         partition=Partition(str(values["dataset"]), index),
         lora_rank=int(ranks[index]) if index < len(ranks := values.get("lora_ranks", [])) else 0,
+        quantize=str(q[index]) if index < len(q := values.get("quantize", [])) else "none",
     )
 
 

@@ -34,6 +34,10 @@ from fedpeft.common.tomlfile import read_toml
 
 BENCHMARKS = ("heart", "pima", "medpar")
 DEVICES = ("auto", "cpu", "cuda")
+#: How a site holds its frozen base model (its own setting; common/quantize.py).
+QUANTIZE = ("none", "int8")
+#: Methods that train base weights, which an int8 base cannot.
+TRAINS_BASE_WEIGHTS = ("full",)
 CODECS = ("fp32", "fp16", "int8")
 
 
@@ -433,6 +437,9 @@ class RunConfig:
     #: LoRA rank virtual site i trains, for sites of less capacity; 0, or a site past the list:
     #: the run's ``method.lora.r``. Never signed to a site.
     site_lora_ranks: tuple[int, ...] = ()
+    #: Simulation only, standing in for each site's own ``quantize`` (site.toml): how virtual
+    #: site i holds the frozen base model, ``none`` or ``int8``; a site past the list: none.
+    site_quantize: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         """Everything but ``db``: the store URL (which may carry a password) is the coordinator's
@@ -664,6 +671,16 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
             all(0 <= r <= cfg.method.lora.r for r in cfg.site_lora_ranks),
             f"site_lora_ranks: each must be in 0..method.lora.r ({cfg.method.lora.r}; 0: that "
             f"rank); got {list(cfg.site_lora_ranks)}",
+        )
+    need(
+        all(q in QUANTIZE for q in cfg.site_quantize),
+        f"site_quantize: each must be one of {', '.join(QUANTIZE)}; got {list(cfg.site_quantize)}",
+    )
+    if "int8" in cfg.site_quantize:
+        need(
+            cfg.method.name not in TRAINS_BASE_WEIGHTS,
+            f"site_quantize: method {cfg.method.name!r} trains the base weights, which an int8 "
+            "base holds frozen",
         )
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     f = cfg.federation

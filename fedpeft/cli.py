@@ -19,6 +19,7 @@ from fedpeft import __version__
 from fedpeft.common.config import (
     DECAYS,
     PERSONAL_PARTS,
+    QUANTIZE,
     SERVER_OPTIMIZERS,
     MethodConfig,
     RunConfig,
@@ -232,6 +233,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "tuning.lr_grid": getattr(args, "lr_grid", None),  # simulate's only
         "tuning.probe_epochs": getattr(args, "probe_epochs", None),
         "site_lora_ranks": getattr(args, "site_lora_ranks", None),
+        "site_quantize": getattr(args, "site_quantize", None),
         **_dp_overrides(args),
     }
 
@@ -301,6 +303,15 @@ def parser() -> argparse.ArgumentParser:
         "its first R_i components, and sends zeros beyond them; each component is averaged "
         "over the sites that trained it, and the delivered adapter keeps the run's rank "
         "(site_lora_ranks; 0 or a site past the list: the run's rank, method.lora.r = 8)",
+    )
+    sim.add_argument(
+        "--site-quantize",
+        choices=QUANTIZE,
+        nargs="+",
+        metavar="Q",
+        help="how site i holds the frozen base model: none, or int8 (every linear layer and the "
+        "word embeddings in int8, a quarter of the memory; what is trained and shared stays "
+        "fp32 and unchanged; not with --method full). site_quantize; a site past the list: none",
     )
     sim.add_argument(
         "--probe-epochs",

@@ -233,6 +233,7 @@ def write_site_setup(cfg: SiteConfig, folder: Path) -> Path:
         ledger=cfg.ledger,
         policy=cfg.policy,
         lora_rank=cfg.lora_rank,
+        quantize=cfg.quantize,
     )
 
 

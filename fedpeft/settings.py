@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from fedpeft.client.policy import DEFAULT_APPROVALS, SitePolicy
-from fedpeft.common.config import DEVICES, DataSchema
+from fedpeft.common.config import DEVICES, QUANTIZE, DataSchema
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import method_names
 from fedpeft.common.tomlfile import read_toml
@@ -285,6 +285,9 @@ class SiteConfig:
     #: The highest LoRA rank the site trains, for a site of less capacity than the others: a
     #: LoRA run of a higher rank trains its first components only here [0: the run's rank].
     lora_rank: int = 0
+    #: How the site holds the frozen base model: none, or int8 (a quarter of the memory; no
+    #: method that trains base weights, ``full``) ["none"].
+    quantize: str = "none"
 
 
 def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
@@ -317,6 +320,7 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         device=r.choice("device", "auto", DEVICES),
         schema=_data_schema(d),
         lora_rank=r.count("lora_rank", 0) if "lora_rank" in r.values else 0,
+        quantize=r.choice("quantize", "none", QUANTIZE),
     )
     if not cfg.ledger.parent.is_dir():
         r.problems.append(f"{path}: [site] ledger: {cfg.ledger.parent}: no such folder")

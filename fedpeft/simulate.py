@@ -106,7 +106,9 @@ def run_simulation(
         trust = make_simulation_keys(Path(folder), sites)
         site_env = {
             SIMULATION_KEYS_ENV: folder,
-            SIMULATION_SITES_ENV: simulation_sites_env(cfg.data, cfg.device, cfg.site_lora_ranks),
+            SIMULATION_SITES_ENV: simulation_sites_env(
+                cfg.data, cfg.device, cfg.site_lora_ranks, cfg.site_quantize
+            ),
         }
         previous = {name: os.environ.get(name) for name in site_env}
         os.environ.update(site_env)

@@ -249,6 +249,18 @@ def test_sites_of_lower_lora_rank_train_only_their_components(
     store.close()
 
 
+def test_a_site_with_an_int8_base_takes_part_in_a_round(two_sites: Path, tmp_path: Path) -> None:
+    """Site a holds its base in int8, site b in fp32: both updates are accepted and applied."""
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = replace(_config(two_sites, db, rounds=1), site_quantize=("int8",))
+    result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    store = open_store(db)
+    (rnd,) = store.rounds(result.run_id)
+    assert rnd.accepted == 2 and rnd.rejected == 0 and rnd.applied
+    assert all(r.status == "ok" for r in store.site_results(result.run_id))
+    store.close()
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ia3", "adapter", "bitfit", "full"])
 def test_other_methods_run_a_federated_round(two_sites: Path, tmp_path: Path, method: str) -> None:
     db = f"sqlite:///{tmp_path / 'run.db'}"
