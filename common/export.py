@@ -18,6 +18,11 @@ set or paths) with its hash, and the base model's fingerprint). Beside it:
   with :func:`load_export`, which builds the base model, applies the method and copies the
   tensors.
 
+* with ``quantize="int8"`` (``fedpeft export --quantize int8``), also ``fedpeft_int8.safetensors``:
+  the whole model for inference, base and method, its base's linear layers and word embeddings
+  in int8 (common/quantize.py), a quarter of the fp32 model's bytes. ``load_export(DIR,
+  quantized=True)`` loads it (it reads the base model's architecture, not its weights' values).
+
 :func:`load_export` loads every kind of export; it checks the base model's fingerprint first.
 """
 
@@ -29,12 +34,20 @@ from typing import Any
 
 import torch
 
-from fedpeft.common.config import RunConfig, SiteRunConfig
+from fedpeft.common.config import QUANTIZE, TRAINS_BASE_WEIGHTS, RunConfig, SiteRunConfig
 from fedpeft.common.errors import FingerprintMismatch, ModelError
-from fedpeft.common.methods import ExportFormat, build_model, get_spec, load_shared_state
+from fedpeft.common.methods import (
+    ExportFormat,
+    build_method,
+    build_model,
+    get_spec,
+    load_shared_state,
+)
 from fedpeft.common.model import load_base_model, model_fingerprint, resolve_model_path
+from fedpeft.common.quantize import quantize_base
 
 MANIFEST = "fedpeft-export.json"
+INT8_FILE = "fedpeft_int8.safetensors"
 #: 2: ``config`` is the site config; 1 (read still): the whole run config.
 FORMAT = 2
 STATE_FILE = "fedpeft_state.safetensors"
@@ -48,9 +61,18 @@ def export_state(
     run_id: int,
     round: int,
     fingerprint: str,
+    quantize: str = "none",
 ) -> list[Path]:
     """Write ``state`` (a global shared state of a run with ``cfg``) to ``out``; return the files
-    written. Refuses a base model whose fingerprint differs from the run's."""
+    written. Refuses a base model whose fingerprint differs from the run's. ``quantize`` int8:
+    also the whole model with an int8 base, for inference (:data:`INT8_FILE`)."""
+    if quantize not in QUANTIZE:
+        raise ModelError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE)}")
+    if quantize == "int8" and cfg.method.name in TRAINS_BASE_WEIGHTS:
+        raise ModelError(
+            f"method {cfg.method.name!r} trained the base weights: an int8 export would hold "
+            "them rounded; export it without --quantize"
+        )
     local = model_fingerprint(resolve_model_path(cfg.model))
     if local != fingerprint:
         raise FingerprintMismatch(
@@ -72,6 +94,8 @@ def export_state(
             metadata={"fedpeft.method": cfg.method.name, "fedpeft.fingerprint": fingerprint},
         )
         files = [out / STATE_FILE]
+    if quantize == "int8":
+        files.append(_write_int8(cfg, state, out / INT8_FILE, fingerprint))
     site_config = cfg.for_sites()
     manifest = {
         "format": FORMAT,
@@ -88,6 +112,27 @@ def export_state(
     return [*files, out / MANIFEST]
 
 
+def _int8_model(cfg: RunConfig | SiteRunConfig) -> torch.nn.Module:
+    """The run's model on an int8 base (values still those of the base model as loaded)."""
+    base = quantize_base(load_base_model(cfg.model, dropout=0.0, seed=cfg.seed))
+    return build_method(cfg.method, base)
+
+
+def _write_int8(
+    cfg: RunConfig, state: dict[str, torch.Tensor], path: Path, fingerprint: str
+) -> Path:
+    from safetensors.torch import save_file
+
+    model = _int8_model(cfg)
+    load_shared_state(model, state)
+    save_file(
+        {k: t.contiguous() for k, t in model.state_dict().items()},
+        str(path),
+        metadata={"fedpeft.method": cfg.method.name, "fedpeft.fingerprint": fingerprint},
+    )
+    return path
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     try:
@@ -99,9 +144,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_export(folder: Path, base_model: str | None = None) -> torch.nn.Module:
+def load_export(
+    folder: Path, base_model: str | None = None, quantized: bool = False
+) -> torch.nn.Module:
     """The exported model, ready for inference: the base model (``base_model``, else the one the
-    run used) with the method applied and the exported state loaded."""
+    run used) with the method applied and the exported state loaded. ``quantized``: the int8
+    model of an export written with ``quantize="int8"`` instead (:data:`INT8_FILE`)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     values = manifest["config"]
@@ -118,6 +166,14 @@ def load_export(folder: Path, base_model: str | None = None) -> torch.nn.Module:
             f"({manifest['base_model_fingerprint']})"
         )
     spec = get_spec(manifest["method"])
+    if quantized:
+        if INT8_FILE not in manifest.get("files", []):
+            raise ModelError(f"{folder}: no int8 model; export with --quantize int8")
+        from safetensors.torch import load_file
+
+        model = _int8_model(cfg)
+        model.load_state_dict(load_file(str(folder / INT8_FILE)), strict=True)
+        return model.eval()
     if spec.export is ExportFormat.PEFT:
         from peft import PeftModel
 

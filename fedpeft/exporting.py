@@ -24,6 +24,7 @@ def export_run(
     round: int | None = None,
     store_key_file: Path | None = None,
     warn: Callable[[str], None] = print,
+    quantize: str = "none",
 ) -> tuple[int, int, list[Path]]:
     """Export run ``run_id`` (default: the latest) of store ``db`` at ``round`` (default: its
     delivered round) into ``out``, a new or empty folder; return (run, round, files)."""
@@ -49,6 +50,7 @@ def export_run(
         run_id=run.id,
         round=round_,
         fingerprint=run.model_fingerprint,
+        quantize=quantize,
     )
     readme = out / "README.md"  # in place of the blank card peft writes
     readme.write_text(to_markdown(model_card))

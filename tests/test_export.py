@@ -13,7 +13,7 @@ import torch
 from fedpeft.cli import main
 from fedpeft.client.trainer import Encoded, predict
 from fedpeft.common.config import RunConfig, load_config
-from fedpeft.common.errors import FingerprintMismatch
+from fedpeft.common.errors import FingerprintMismatch, ModelError
 from fedpeft.common.export import MANIFEST, export_state, load_export
 from fedpeft.common.methods import (
     ExportFormat,
@@ -140,3 +140,45 @@ def test_cli_exports_the_delivered_round(
     # An existing export is never overwritten.
     assert main([*args, str(tmp_path / "store.key")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+    # --quantize int8 adds the int8 model for inference.
+    small = tmp_path / "int8"
+    quantized = ["export", "--db", db, "--out", str(small), "--quantize", "int8"]
+    assert main([*quantized, "--store-key-file", str(tmp_path / "store.key")]) == 0
+    assert "fedpeft_int8.safetensors" in capsys.readouterr().out
+    assert np.abs(predict(load_export(small, quantized=True), rows, CPU)[0] - expected).max() < 0.05
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_an_int8_export_is_a_quarter_of_the_bytes_and_predicts_nearly_the_same(
+    tmp_path: Path, rows: Encoded, method: str
+) -> None:
+    from fedpeft.common.export import INT8_FILE
+    from fedpeft.common.quantize import Int8Linear
+
+    cfg = load_config(overrides={"method.name": method, "seed": 3})
+    model, state = _trained_state(cfg)
+    out = tmp_path / "export"
+    files = export_state(
+        cfg, state, out, run_id=7, round=2, fingerprint=_fingerprint(), quantize="int8"
+    )
+    assert out / INT8_FILE in files
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert (out / INT8_FILE).stat().st_size < 0.3 * fp32_bytes
+    loaded = load_export(out, quantized=True)
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 37
+    expected, got = predict(load_export(out), rows, CPU)[0], predict(loaded, rows, CPU)[0]
+    assert np.abs(got - expected).max() < 0.05
+    assert not np.array_equal(got, expected)  # it is the int8 model, not the fp32 one
+    # An export without it says so; a method that trained the base weights is refused.
+    plain = tmp_path / "plain"
+    export_state(cfg, state, plain, run_id=7, round=2, fingerprint=_fingerprint())
+    with pytest.raises(ModelError, match="no int8 model; export with --quantize int8"):
+        load_export(plain, quantized=True)
+
+
+def test_an_int8_export_of_full_fine_tuning_is_refused(tmp_path: Path) -> None:
+    cfg = load_config(overrides={"method.name": "full"})
+    with pytest.raises(ModelError, match="method 'full' trained the base weights"):
+        export_state(
+            cfg, {}, tmp_path, run_id=1, round=1, fingerprint=_fingerprint(), quantize="int8"
+        )
