@@ -55,7 +55,6 @@ from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, trai
 from fedpeft.common import keys
 from fedpeft.common.config import (
     PERSONAL_MARKERS,
-    TRAINS_BASE_WEIGHTS,
     DataConfig,
     SiteRunConfig,
 )
@@ -622,10 +621,10 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
         if setup.policy is not None:
             facts = task_facts(signed, signer, site, trains=kind == Phase.TRAIN)
             check_policy(setup.policy, facts, trusted)
-        if setup.quantize == "int8" and cfg.method.name in TRAINS_BASE_WEIGHTS:
+        if setup.quantize == "int8" and cfg.method.trains_base_weights():
             raise TaskRefused(
-                f"method {cfg.method.name!r} trains the base weights; this site holds its base "
-                "model in int8"
+                f"method {cfg.method.name!r} trains base weights; this site holds its base model "
+                "in int8"
             )
         context = round_context(signed.run_token, rnd)
         stage = _stage_task(msg, cfg, kind)

@@ -36,7 +36,8 @@ BENCHMARKS = ("heart", "pima", "medpar")
 DEVICES = ("auto", "cpu", "cuda")
 #: How a site holds its frozen base model (its own setting; common/quantize.py).
 QUANTIZE = ("none", "int8")
-#: Methods that train base weights, which an int8 base cannot.
+#: Methods that train every base weight, which an int8 base cannot (see also
+#: ``MethodConfig.trains_base_weights``).
 TRAINS_BASE_WEIGHTS = ("full",)
 CODECS = ("fp32", "fp16", "int8")
 
@@ -85,6 +86,13 @@ class MethodConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
+    def trains_base_weights(self) -> bool:
+        """Whether the method trains weights of the base model itself (``full``, or LoRA with
+        ``full_layers``), which a site holding an int8 base cannot."""
+        return self.name in TRAINS_BASE_WEIGHTS or (
+            self.name == "lora" and self.lora.full_layers > 0
+        )
+
 
 #: ``train.class_weight`` values.
 CLASS_WEIGHTS = ("none", "balanced")
@@ -126,6 +134,8 @@ class TrainConfig:
 
 #: ``federation.aggregator`` values (server/aggregation.py).
 AGGREGATORS = ("fedavg", "trimmed-mean")
+#: ``federation.lower_ranks`` values (server/aggregation.py ``fedavg``).
+LOWER_RANKS = ("rank-aware", "zero-padding")
 #: ``federation.server_optimizer`` values (server/aggregation.py ``server_step``).
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi")
 #: The parts a site may personalize after the run (client/app.py ``personalize``), each with
@@ -231,6 +241,10 @@ class FederationConfig:
     #: trimmed-mean: the share of updates dropped at each end of every coordinate (rounded up,
     #: leaving at least one update).
     trim_fraction: float = 0.2
+    #: FedAvg of LoRA updates from sites that trained a lower rank (their own ``lora_rank``):
+    #: ``rank-aware`` averages each component over the sites that trained it (HetLoRA);
+    #: ``zero-padding`` counts the others' zeros, shrinking the components few sites train.
+    lower_ranks: str = "rank-aware"
     #: How the round's aggregated update moves the global state (Reddi et al. 2021, "Adaptive
     #: Federated Optimization"): ``fedavg`` adds it times ``server_lr``; ``fedadam`` and
     #: ``fedyogi`` treat it as a pseudo-gradient with first and second moments (``server_beta1``,
@@ -678,9 +692,9 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     )
     if "int8" in cfg.site_quantize:
         need(
-            cfg.method.name not in TRAINS_BASE_WEIGHTS,
-            f"site_quantize: method {cfg.method.name!r} trains the base weights, which an int8 "
-            "base holds frozen",
+            not cfg.method.trains_base_weights(),
+            f"site_quantize: method {cfg.method.name!r} trains base weights (full, or "
+            "method.lora.full_layers), which an int8 base holds frozen",
         )
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     f = cfg.federation
@@ -709,6 +723,10 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(
         f.aggregator in AGGREGATORS,
         f"federation.aggregator: {f.aggregator!r} is not one of {', '.join(AGGREGATORS)}",
+    )
+    need(
+        f.lower_ranks in LOWER_RANKS,
+        f"federation.lower_ranks: {f.lower_ranks!r} is not one of {', '.join(LOWER_RANKS)}",
     )
     need(0 <= f.trim_fraction < 0.5, "federation.trim_fraction: must be in [0, 0.5)")
     need(

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.common.config import QUANTIZE, TRAINS_BASE_WEIGHTS, RunConfig, SiteRunConfig
+from fedpeft.common.config import QUANTIZE, RunConfig, SiteRunConfig
 from fedpeft.common.errors import FingerprintMismatch, ModelError
 from fedpeft.common.methods import (
     ExportFormat,
@@ -68,10 +68,10 @@ def export_state(
     also the whole model with an int8 base, for inference (:data:`INT8_FILE`)."""
     if quantize not in QUANTIZE:
         raise ModelError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE)}")
-    if quantize == "int8" and cfg.method.name in TRAINS_BASE_WEIGHTS:
+    if quantize == "int8" and cfg.method.trains_base_weights():
         raise ModelError(
-            f"method {cfg.method.name!r} trained the base weights: an int8 export would hold "
-            "them rounded; export it without --quantize"
+            f"method {cfg.method.name!r} trained base weights: an int8 export would hold them "
+            "rounded; export it without --quantize"
         )
     local = model_fingerprint(resolve_model_path(cfg.model))
     if local != fingerprint:

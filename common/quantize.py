@@ -19,11 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from fedpeft.common.config import QUANTIZE, TRAINS_BASE_WEIGHTS
+from fedpeft.common.config import QUANTIZE
 
 __all__ = [
     "QUANTIZE",
-    "TRAINS_BASE_WEIGHTS",
     "Int8Embedding",
     "Int8Linear",
     "quantize_base",

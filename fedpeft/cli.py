@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fedpeft import __version__
 from fedpeft.common.config import (
     DECAYS,
+    LOWER_RANKS,
     PERSONAL_PARTS,
     QUANTIZE,
     SERVER_OPTIMIZERS,
@@ -234,6 +235,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "tuning.probe_epochs": getattr(args, "probe_epochs", None),
         "site_lora_ranks": getattr(args, "site_lora_ranks", None),
         "site_quantize": getattr(args, "site_quantize", None),
+        "federation.lower_ranks": getattr(args, "lower_ranks", None),
         **_dp_overrides(args),
     }
 
@@ -303,6 +305,13 @@ def parser() -> argparse.ArgumentParser:
         "its first R_i components, and sends zeros beyond them; each component is averaged "
         "over the sites that trained it, and the delivered adapter keeps the run's rank "
         "(site_lora_ranks; 0 or a site past the list: the run's rank, method.lora.r = 8)",
+    )
+    sim.add_argument(
+        "--lower-ranks",
+        choices=LOWER_RANKS,
+        help="how FedAvg takes LoRA updates of sites that trained a lower rank: rank-aware "
+        "averages each component over the sites that trained it; zero-padding counts the "
+        "other sites' zeros ([federation] lower_ranks; default rank-aware)",
     )
     sim.add_argument(
         "--site-quantize",

@@ -457,7 +457,7 @@ class FederatedRun:
         # component is averaged over the sites that trained it.
         run_rank = state_rank({name: v.shape for name, v in self.state.items()})
         ranks = {r.site: int(r.metrics.get(keys.LORA_RANK, run_rank)) for r in ordered}
-        lower = any(rank < run_rank for rank in ranks.values())
+        lower = fed.lower_ranks == "rank-aware" and any(r < run_rank for r in ranks.values())
         delta, notes = aggregate(updates, bounds, ranks if lower else None)  # type: ignore[arg-type]
         for r in ordered:
             r.notes = notes[r.site]

@@ -178,7 +178,7 @@ def test_an_int8_export_is_a_quarter_of_the_bytes_and_predicts_nearly_the_same(
 
 def test_an_int8_export_of_full_fine_tuning_is_refused(tmp_path: Path) -> None:
     cfg = load_config(overrides={"method.name": "full"})
-    with pytest.raises(ModelError, match="method 'full' trained the base weights"):
+    with pytest.raises(ModelError, match="method 'full' trained base weights"):
         export_state(
             cfg, {}, tmp_path, run_id=1, round=1, fingerprint=_fingerprint(), quantize="int8"
         )

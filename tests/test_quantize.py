@@ -101,7 +101,7 @@ def test_a_site_with_an_int8_base_sends_the_runs_delta(tmp_path: Path, cfg: RunC
     full = load_config(overrides={"data.dataset": str(tmp_path), "method.name": "full"})
     refused = handle(_message(full, fp), setup)
     assert refused.content[keys.CONFIG][keys.STATUS] == "refused"
-    assert "trains the base weights" in refused.content[keys.CONFIG][keys.ERROR]
+    assert "trains base weights" in refused.content[keys.CONFIG][keys.ERROR]
 
 
 def test_quantize_is_the_sites_setting(tmp_path: Path) -> None:
@@ -116,8 +116,11 @@ def test_quantize_is_the_sites_setting(tmp_path: Path) -> None:
     assert build_config({"site_quantize": ["int8", "none"]}).site_quantize == ("int8", "none")
     with pytest.raises(ConfigError, match="site_quantize: each must be one of none, int8"):
         build_config({"site_quantize": ["int4"]})
-    with pytest.raises(ConfigError, match="method 'full' trains the base weights"):
+    with pytest.raises(ConfigError, match="method 'full' trains base weights"):
         build_config({"site_quantize": ["int8"], "method": {"name": "full"}})
+    # LoRA with fully trained top layers trains base weights too.
+    with pytest.raises(ConfigError, match="method 'lora' trains base weights"):
+        build_config({"site_quantize": ["int8"], "method": {"lora": {"full_layers": 1}}})
 
 
 def test_simulate_tells_each_virtual_site_its_own_settings(

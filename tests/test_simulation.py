@@ -246,7 +246,21 @@ def test_sites_of_lower_lora_rank_train_only_their_components(
     summary = summarize(store, result.run_id)
     assert summary.lora_ranks == {"a-cleveland": 2, "b-hungary": 1}
     assert "LoRA rank each site trained (the run's 8; " in render_table(summary)
+    weight_a = train["a-cleveland"].n / (train["a-cleveland"].n + train["b-hungary"].n)
     store.close()
+    # The same round with plain zero-padding: component 0 (both sites trained it) is the same;
+    # component 1 (site a's alone) moves by site a's weight times what it moved rank-aware.
+    db = f"sqlite:///{tmp_path / 'padded.db'}"
+    padded_cfg = replace(cfg, db=db, federation=replace(cfg.federation, lower_ranks="zero-padding"))
+    padded_run = run_simulation(padded_cfg, cpus=2, progress=lambda _: None).run_id
+    store = open_store(db)
+    key = read_store_key(tmp_path / "padded.db.key")
+    padded = open_state(key, padded_run, 1, store.global_state(padded_run, 1)[1])
+    store.close()
+    for name in lora_a:
+        np.testing.assert_allclose(padded[name][0], after[name][0], rtol=1e-6, atol=1e-7)
+        moved, moved_padded = after[name][1] - initial[name][1], padded[name][1] - initial[name][1]
+        np.testing.assert_allclose(moved_padded, weight_a * moved, rtol=1e-4, atol=1e-7)
 
 
 def test_a_site_with_an_int8_base_takes_part_in_a_round(two_sites: Path, tmp_path: Path) -> None:
