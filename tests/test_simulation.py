@@ -275,6 +275,22 @@ def test_a_site_with_an_int8_base_takes_part_in_a_round(two_sites: Path, tmp_pat
     store.close()
 
 
+def test_lora_with_a_fully_trained_top_layer_runs_a_round(two_sites: Path, tmp_path: Path) -> None:
+    """Hybrid fine-tuning: the top layer's 1.77 M values travel with LoRA's, and apply."""
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = _config(two_sites, db, rounds=1)
+    cfg = replace(cfg, method=replace(cfg.method, lora=replace(cfg.method.lora, full_layers=1)))
+    result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    store = open_store(db)
+    run = store.get_run(result.run_id)
+    (rnd,) = store.rounds(run.id)
+    assert rnd.accepted == 2 and rnd.applied
+    assert run.trainable_params == 1_774_464 + 10 * 6_144 + 770
+    train = [r for r in store.site_results(run.id) if r.phase == "train"]
+    assert all(run.trainable_params * 4 < r.bytes_up < run.trainable_params * 4.1 for r in train)
+    store.close()
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt", "ia3", "adapter", "bitfit", "full"])
 def test_other_methods_run_a_federated_round(two_sites: Path, tmp_path: Path, method: str) -> None:
     db = f"sqlite:///{tmp_path / 'run.db'}"
