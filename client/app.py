@@ -125,7 +125,9 @@ _MAX_BASES = 2  # ~90 MB each with the default model
 _DATASETS: dict[DataConfig, list[SiteData]] = {}
 
 
-def _base_model(cfg: SiteRunConfig, device: torch.device, quantize: str) -> torch.nn.Module:
+def _base_model(
+    cfg: SiteRunConfig, device: torch.device, quantize: str = "none"
+) -> torch.nn.Module:
     key = (repr(cfg.model), cfg.train.dropout, cfg.seed, str(device), quantize)
     if key not in _BASES:
         if len(_BASES) >= _MAX_BASES:
