@@ -53,11 +53,7 @@ from fedpeft.client.secagg import Histograms, answer_once, answer_stage, masked_
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
 from fedpeft.common import keys
-from fedpeft.common.config import (
-    PERSONAL_MARKERS,
-    DataConfig,
-    SiteRunConfig,
-)
+from fedpeft.common.config import PERSONAL_MARKERS, DataConfig, SiteRunConfig
 from fedpeft.common.data import (
     SiteData,
     data_fingerprint,
