@@ -129,11 +129,18 @@ def test_method_settings_are_checked() -> None:
 
 def test_the_method_tables_are_stored_as_before() -> None:
     """The ``method`` part of a stored run config (``to_json``), which sites and exports read.
-    (A new method's table adds a key; these stay as they are.)"""
+    (A new method's table adds a key, a new setting a key in its table, 0 or off by default;
+    these values stay as they are: hybrid LoRA added ``full_layers``, 0 = LoRA alone.)"""
     stored = json.loads(load_config().to_json())["method"]
     expected = {
         "name": "lora",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]},
+        "lora": {
+            "r": 8,
+            "alpha": 16,
+            "dropout": 0.05,
+            "target_modules": ["query", "value"],
+            "full_layers": 0,
+        },
         "prefix": {"num_virtual_tokens": 20},
         "prompt": {
             "num_virtual_tokens": 20,

@@ -88,7 +88,7 @@ def test_each_spec_accepts_its_defaults(spec: MethodSpec) -> None:  # type: igno
 
 #: A wrong value for every setting of the shipped methods' tables.
 WRONG = {
-    "lora": {"r": 0, "alpha": 0, "dropout": 1.0, "target_modules": []},
+    "lora": {"r": 0, "alpha": 0, "dropout": 1.0, "target_modules": [], "full_layers": -1},
     "prefix": {"num_virtual_tokens": 0},
     "prompt": {"num_virtual_tokens": 0, "init": "words", "init_text": " "},
     "adapter": {"bottleneck": 0, "placement": ["attention", "everywhere"]},
