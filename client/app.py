@@ -195,11 +195,16 @@ def site_seed(seed: int, rnd: int, site: str) -> int:
 
 def site_lora_rank(cfg: SiteRunConfig, setting: int) -> int:
     """The LoRA rank this site trains the run at: its own ``lora_rank`` setting where that is
-    below the run's rank (a site of less capacity), else the run's; 0 outside LoRA runs."""
+    below the run's rank (a site of less capacity), else the run's; 0 outside LoRA runs.
+
+    Never below the run's under secure aggregation: a component that fewer sites train would
+    show their updates in the unmasked sum (one site's alone, if only it trained it)."""
     if cfg.method.name != lora.SPEC.name:
         return 0
     run_rank = cfg.method.lora.r
-    return min(setting, run_rank) if setting > 0 else run_rank
+    if setting <= 0 or setting >= run_rank or cfg.privacy.secure_aggregation:
+        return run_rank
+    return setting
 
 
 def _model_with(
@@ -563,6 +568,7 @@ def task_facts(
         secure_aggregation=cfg.privacy.secure_aggregation,
         dp=cfg.privacy.noise_multiplier > 0,
         trains=trains,
+        full_layers=cfg.method.lora.full_layers if cfg.method.name == lora.SPEC.name else 0,
     )
 
 

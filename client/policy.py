@@ -70,6 +70,9 @@ class SitePolicy:
     codecs: tuple[str, ...] = CODECS
     #: Largest sealed upload of one round, in bytes [8 MiB].
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    #: Most encoder layers a hybrid LoRA run may train whole here (``method.lora.full_layers``:
+    #: their weights' deltas leave, as ``full``'s do) [0: none].
+    max_full_layers: int = 0
     #: ClientApp references (``module:attribute``) the site worker runs
     #: [``fedpeft.client.app:app``].
     apps: tuple[str, ...] = DEFAULT_APPS
@@ -106,6 +109,8 @@ class TaskFacts:
     #: A train message (else an evaluate or secure-aggregation stage message: the closing
     #: evaluation of a run with secure aggregation is its own exchange, one round past the last).
     trains: bool = True
+    #: Encoder layers the run trains whole (``method.lora.full_layers``; 0 for other methods).
+    full_layers: int = 0
 
 
 def expected_upload_bytes(
@@ -148,13 +153,19 @@ def check_task(
     ``approvals``: the approved manifests by config hash (client/approvals.py);
     ``trusted_keys``: the fingerprints of the policy's coordinator keys
     (:func:`read_coordinator_keys`). The first rule broken is named, in this order: coordinator
-    key, method, codec, local epochs, rounds, upload size, secure aggregation, DP, approval."""
+    key, method, layers trained whole, codec, local epochs, rounds, upload size, secure
+    aggregation, DP, approval."""
     if task.coordinator_key not in trusted_keys:
         _refuse(f"coordinator key {task.coordinator_key} is not trusted at this site")
     if task.method not in policy.methods:
         _refuse(
             f"method {task.method!r} is not allowed at this site "
             f"(allowed: {', '.join(policy.methods) or 'none'})"
+        )
+    if task.full_layers > policy.max_full_layers:
+        _refuse(
+            f"{task.full_layers} encoder layer(s) trained whole (method.lora.full_layers), above "
+            f"the site's maximum of {policy.max_full_layers} (max_full_layers)"
         )
     if task.codec not in policy.codecs:
         _refuse(

@@ -156,6 +156,7 @@ def _policy_from(values: dict[str, Any]) -> SitePolicy:
         max_rounds=number("max_rounds"),
         codecs=names("codecs"),
         max_upload_bytes=number("max_upload_bytes"),
+        max_full_layers=number("max_full_layers") if "max_full_layers" in values else 0,
         apps=names("apps"),
         require_secure_aggregation=flag("require_secure_aggregation"),
         require_dp=flag("require_dp"),

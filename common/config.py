@@ -677,6 +677,11 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     need(bool(cfg.db), "db: must be a SQLAlchemy URL")
     if any(cfg.site_lora_ranks):
         need(
+            not cfg.federation.secure_aggregation.enabled,
+            "site_lora_ranks: not with secure aggregation (a component fewer sites train would "
+            "show their updates in the sum; sites train the run's rank there)",
+        )
+        need(
             cfg.method.name == "lora",
             f"site_lora_ranks: sites of different LoRA ranks need method.name lora, not "
             f"{cfg.method.name!r}",

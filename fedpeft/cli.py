@@ -313,7 +313,8 @@ def parser() -> argparse.ArgumentParser:
         help="sites of different capacity (LoRA only): site i trains LoRA at rank R_i at most, "
         "its first R_i components, and sends zeros beyond them; each component is averaged "
         "over the sites that trained it, and the delivered adapter keeps the run's rank "
-        "(site_lora_ranks; 0 or a site past the list: the run's rank, method.lora.r = 8)",
+        "(site_lora_ranks; 0 or a site past the list: the run's rank, method.lora.r, 8 by "
+        "default; not with secure aggregation)",
     )
     sim.add_argument(
         "--lower-ranks",

@@ -245,14 +245,19 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
 
 def _lora_ranks(trains: list[SiteResult], config_json: str) -> dict[str, Any]:
     """``lora_ranks`` and ``run_lora_rank`` of :class:`Summary`: each site's rank from its
-    last train row, kept only when a site trained below the run's rank."""
+    last accepted train row (the coordinator checked it against the delta), kept only in a
+    LoRA run where a site trained below the run's rank."""
     run_rank = _number(_config_value(config_json, "method", "lora", "r"))
+    if _config_value(config_json, "method", "name") != "lora" or run_rank is None:
+        return {}
     ranks = {
-        r.site: int(r.extra[LORA_RANK])
+        r.site: int(rank)
         for r in sorted(trains, key=lambda r: r.round)
-        if r.extra.get(LORA_RANK) is not None
+        if r.status == "ok"
+        and isinstance(rank := r.extra.get(LORA_RANK), int | float)
+        and math.isfinite(rank)
     }
-    if run_rank is None or all(rank >= run_rank for rank in ranks.values()):
+    if all(rank >= run_rank for rank in ranks.values()):
         return {}
     return {"lora_ranks": dict(sorted(ranks.items())), "run_lora_rank": int(run_rank)}
 

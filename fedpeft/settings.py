@@ -90,6 +90,17 @@ class _Reader:
             self.problems.append(f"{self.path}: [{self.table}] {key}: {path}: no such file")
         return path
 
+    def whole(self, key: str, default: int) -> int:
+        """An integer of 0 or more."""
+        self.known.add(key)
+        value = self.values.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            self.problems.append(
+                f"{self.path}: [{self.table}] {key}: expected 0 or a positive integer"
+            )
+            return default
+        return value
+
     def count(self, key: str, default: int) -> int:
         """A positive integer."""
         self.known.add(key)
@@ -319,7 +330,7 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         path=Path(path).resolve(),
         device=r.choice("device", "auto", DEVICES),
         schema=_data_schema(d),
-        lora_rank=r.count("lora_rank", 0) if "lora_rank" in r.values else 0,
+        lora_rank=r.whole("lora_rank", 0),
         quantize=r.choice("quantize", "none", QUANTIZE),
     )
     if not cfg.ledger.parent.is_dir():
@@ -361,6 +372,7 @@ def _site_policy(p: _Reader, coordinator_key: Path) -> SitePolicy:
         max_rounds=p.count("max_rounds", default.max_rounds),
         codecs=p.names("codecs", default.codecs, CODECS),
         max_upload_bytes=p.count("max_upload_bytes", default.max_upload_bytes),
+        max_full_layers=p.whole("max_full_layers", default.max_full_layers),
         apps=p.names("apps", default.apps),
         require_secure_aggregation=p.flag("require_secure_aggregation", False),
         require_dp=p.flag("require_dp", False),

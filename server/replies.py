@@ -113,6 +113,8 @@ def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Rep
     node is known as, for a reply that does not say.
     """
     reply = _read(msg, name)
+    # The rank a site says it trained is kept only once checked against its delta.
+    declared = reply.metrics.pop(keys.LORA_RANK, None)
     if reply.status is not ReplyStatus.OK:
         return reply
     try:
@@ -127,7 +129,7 @@ def read_train(msg: Message, intake: Intake, opened: Set[str], name: str) -> Rep
             )
         reply.opened = True
         validate_delta(update.delta, update.num_examples, intake.max_norm)
-        rank = validate_rank(update.delta, reply.metrics.get(keys.LORA_RANK), intake.lora_rank)
+        rank = validate_rank(update.delta, declared, intake.lora_rank)
     except DeltaRejected as exc:
         return replace(reply, status=ReplyStatus.REJECTED, reason=str(exc), code=exc.reason)
     except (KeyError, TypeError, ValueError) as exc:

@@ -82,6 +82,6 @@ def test_full_layers_are_checked() -> None:
     with pytest.raises(ConfigError, match="method.lora.full_layers: must be 0"):
         _cfg(-1)
     cfg = load_config()
-    seven = replace(cfg.method, lora=replace(cfg.method.lora, full_layers=7))
-    with pytest.raises(ModelError, match="full_layers: 7 above the base model's 6 layers"):
-        build_model(cfg.model, seven, dropout=0.0, seed=0)
+    every = replace(cfg.method, lora=replace(cfg.method.lora, full_layers=6))
+    with pytest.raises(ModelError, match="6 leaves none of the base model's 6 layers to LoRA"):
+        build_model(cfg.model, every, dropout=0.0, seed=0)

@@ -174,5 +174,39 @@ def test_site_toml_sets_the_sites_lora_rank(tmp_path: Path) -> None:
 
     assert read_setup_file(Path(setup("default"))).lora_rank == 0  # the run's
     assert read_setup_file(Path(setup("four", "lora_rank = 4\n"))).lora_rank == 4
-    with pytest.raises(ConfigError, match=r"\[site\] lora_rank: expected a positive integer"):
-        setup("zero", "lora_rank = 0\n")
+    assert read_setup_file(Path(setup("zero", "lora_rank = 0\n"))).lora_rank == 0
+    with pytest.raises(ConfigError, match=r"\[site\] lora_rank: expected 0 or a positive integer"):
+        setup("negative", "lora_rank = -1\n")
+
+
+def test_under_secure_aggregation_every_site_trains_the_runs_rank() -> None:
+    """A component fewer sites train would show their updates in the unmasked sum."""
+    from fedpeft.client.app import site_lora_rank
+
+    plain = load_config().for_sites()
+    assert site_lora_rank(plain, 2) == 2 and site_lora_rank(plain, 0) == 8
+    assert site_lora_rank(plain, 64) == 8
+    secure = load_config(overrides={"federation.secure_aggregation.enabled": True}).for_sites()
+    assert site_lora_rank(secure, 2) == 8
+    with pytest.raises(ConfigError, match="site_lora_ranks: not with secure aggregation"):
+        build_config(
+            {"site_lora_ranks": [2], "federation": {"secure_aggregation": {"enabled": True}}}
+        )
+
+
+def test_the_report_lists_only_ranks_the_coordinator_checked() -> None:
+    from fedpeft.report import _lora_ranks
+    from fedpeft.server.store import SiteResult
+
+    config = load_config().to_json()
+
+    def row(site: str, rank: float, status: str = "ok") -> SiteResult:
+        return SiteResult(1, site, "train", status, extra={keys.LORA_RANK: rank})  # type: ignore[arg-type]
+
+    got = _lora_ranks(
+        [row("a", 8), row("b", 2), row("c", 1, "rejected"), row("d", float("nan"))], config
+    )
+    assert got == {"lora_ranks": {"a": 8, "b": 2}, "run_lora_rank": 8}
+    assert _lora_ranks([row("a", 8), row("c", 1, "rejected")], config) == {}  # none lower
+    bitfit = load_config(overrides={"method.name": "bitfit"}).to_json()
+    assert _lora_ranks([row("b", 2)], bitfit) == {}

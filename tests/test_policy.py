@@ -193,6 +193,7 @@ def test_a_task_within_every_rule_is_accepted() -> None:
     with pytest.raises(PolicyRefusal, match="round 101 above"):
         check_task(POLICY, _task(rounds=100, round=101), {}, {KEY})
     check_task(POLICY, _task(upload_bytes=POLICY.max_upload_bytes), {}, {KEY})
+    check_task(dataclasses.replace(POLICY, max_full_layers=1), _task(full_layers=1), {}, {KEY})
     required = dataclasses.replace(POLICY, require_secure_aggregation=True, require_dp=True)
     check_task(required, _task(secure_aggregation=True, dp=True), {}, {KEY})
 
@@ -204,6 +205,12 @@ def test_a_task_within_every_rule_is_accepted() -> None:
             POLICY,
             _task(coordinator_key="SHA256:other"),
             "policy: coordinator key SHA256:other is not trusted at this site",
+        ),
+        (
+            POLICY,
+            _task(full_layers=1),
+            "policy: 1 encoder layer(s) trained whole (method.lora.full_layers), above the "
+            "site's maximum of 0 (max_full_layers)",
         ),
         (
             POLICY,

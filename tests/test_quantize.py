@@ -97,6 +97,11 @@ def test_a_site_with_an_int8_base_sends_the_runs_delta(tmp_path: Path, cfg: RunC
     delta = open_delta(sealed, expected, RUN_KEY, {"site-x": SITE_KEY.public_key()}).delta
     assert sum(v.size for v in delta.values()) == 74_498
     assert any(abs(v).max() > 0 for v in delta.values())
+    # The site trained on its int8 copy of the base (the session's, built from its setup).
+    from fedpeft.client.app import site_session
+
+    base = site_session(cfg.for_sites(), setup).base
+    assert sum(isinstance(m, Int8Linear) for m in base.modules()) == 37
     # A method that trains the base weights is refused, with the reason, before any training.
     full = load_config(overrides={"data.dataset": str(tmp_path), "method.name": "full"})
     refused = handle(_message(full, fp), setup)

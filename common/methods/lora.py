@@ -86,8 +86,11 @@ def _top_layers(base: torch.nn.Module, n: int) -> list[int]:
     total = int(getattr(base.config, "num_hidden_layers", 0))
     if not any(name.endswith(f"encoder.layer.{total - 1}") for name, _ in base.named_modules()):
         raise ModelError("method.lora.full_layers: the base model has no encoder.layer.N modules")
-    if n > total:
-        raise ModelError(f"method.lora.full_layers: {n} above the base model's {total} layers")
+    if n >= total:
+        raise ModelError(
+            f"method.lora.full_layers: {n} leaves none of the base model's {total} layers to "
+            f"LoRA; at most {total - 1} (or method full)"
+        )
     return list(range(total - n, total))
 
 
