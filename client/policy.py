@@ -22,13 +22,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedpeft.common import crypto
+from fedpeft.common.config import TRAINS_BASE_WEIGHTS
 from fedpeft.common.errors import FedpeftError, KeyFileError
 from fedpeft.common.manifest import RunManifest, sealed_size_bound
 from fedpeft.common.methods import method_names
 from fedpeft.common.wire import CODECS
 
-#: The one method a site must opt into: it uploads the whole model.
-WHOLE_MODEL_METHODS = ("full",)
 #: The ClientApps a site runs unless its policy says otherwise: fedpeft's own, as installed.
 DEFAULT_APPS: tuple[str, ...] = ("fedpeft.client.app:app",)
 DEFAULT_MAX_LOCAL_EPOCHS = 5
@@ -40,8 +39,9 @@ POLICY = "policy"
 
 
 def default_methods() -> tuple[str, ...]:
-    """Every registered method except those that upload the whole model."""
-    return tuple(m for m in method_names() if m not in WHOLE_MODEL_METHODS)
+    """Every registered method except those that train, and so upload, the whole model
+    (``full``: a site must opt into it)."""
+    return tuple(m for m in method_names() if m not in TRAINS_BASE_WEIGHTS)
 
 
 class PolicyRefusal(FedpeftError):

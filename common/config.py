@@ -36,8 +36,8 @@ BENCHMARKS = ("heart", "pima", "medpar")
 DEVICES = ("auto", "cpu", "cuda")
 #: How a site holds its frozen base model (its own setting; common/quantize.py).
 QUANTIZE = ("none", "int8")
-#: Methods that train every base weight, which an int8 base cannot (see also
-#: ``MethodConfig.trains_base_weights``).
+#: Methods that train, and so upload, every base weight: not in a site policy's default methods,
+#: and not on an int8 base (see also ``MethodConfig.trains_base_weights``).
 TRAINS_BASE_WEIGHTS = ("full",)
 CODECS = ("fp32", "fp16", "int8")
 

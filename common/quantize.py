@@ -83,10 +83,9 @@ def quantize_base(model: torch.nn.Module) -> torch.nn.Module:
     word embeddings in int8, in place; the classification head (:data:`KEEP`) as it was."""
     embeddings = model.get_input_embeddings()  # type: ignore[operator]
     for name, module in list(model.named_modules()):
-        if any(name == k or name.startswith(k + ".") for k in KEEP):
-            continue
         for child_name, child in list(module.named_children()):
-            if any(f"{name}.{child_name}".lstrip(".") == k for k in KEEP):
+            qualified = f"{name}.{child_name}" if name else child_name
+            if any(qualified == k or qualified.startswith(k + ".") for k in KEEP):
                 continue
             if type(child) is torch.nn.Linear:
                 setattr(module, child_name, Int8Linear(child))

@@ -90,23 +90,13 @@ class _Reader:
             self.problems.append(f"{self.path}: [{self.table}] {key}: {path}: no such file")
         return path
 
-    def whole(self, key: str, default: int) -> int:
-        """An integer of 0 or more."""
+    def count(self, key: str, default: int, least: int = 1) -> int:
+        """A positive integer (``least`` 0: or 0)."""
         self.known.add(key)
         value = self.values.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            self.problems.append(
-                f"{self.path}: [{self.table}] {key}: expected 0 or a positive integer"
-            )
-            return default
-        return value
-
-    def count(self, key: str, default: int) -> int:
-        """A positive integer."""
-        self.known.add(key)
-        value = self.values.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            self.problems.append(f"{self.path}: [{self.table}] {key}: expected a positive integer")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            expected = "a positive integer" if least else "0 or a positive integer"
+            self.problems.append(f"{self.path}: [{self.table}] {key}: expected {expected}")
             return default
         return value
 
@@ -330,7 +320,7 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         path=Path(path).resolve(),
         device=r.choice("device", "auto", DEVICES),
         schema=_data_schema(d),
-        lora_rank=r.whole("lora_rank", 0),
+        lora_rank=r.count("lora_rank", 0, least=0),
         quantize=r.choice("quantize", "none", QUANTIZE),
     )
     if not cfg.ledger.parent.is_dir():
@@ -372,7 +362,7 @@ def _site_policy(p: _Reader, coordinator_key: Path) -> SitePolicy:
         max_rounds=p.count("max_rounds", default.max_rounds),
         codecs=p.names("codecs", default.codecs, CODECS),
         max_upload_bytes=p.count("max_upload_bytes", default.max_upload_bytes),
-        max_full_layers=p.whole("max_full_layers", default.max_full_layers),
+        max_full_layers=p.count("max_full_layers", default.max_full_layers, least=0),
         apps=p.names("apps", default.apps),
         require_secure_aggregation=p.flag("require_secure_aggregation", False),
         require_dp=p.flag("require_dp", False),

@@ -16,6 +16,7 @@ for _name, _value in QUIET.items():
 
 if TYPE_CHECKING:
     from fedpeft.client.trainer import Encoded
+    from fedpeft.common.config import RunConfig
 
 
 @pytest.fixture(params=["sqlite-memory", "sqlite-file", "postgres"])
@@ -49,3 +50,12 @@ def rows() -> Encoded:
     from fedpeft.common.model import load_tokenizer
 
     return encode(load_tokenizer(ModelConfig()), NOTES, NOTE_LABELS, 64)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> RunConfig:
+    """The default run config over ``tmp_path`` as its data folder, rows cut at 32 tokens: what
+    the site-handler tests sign and send."""
+    from fedpeft.common.config import load_config
+
+    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})

@@ -107,11 +107,6 @@ def task_identity() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> RunConfig:
-    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
-
-
 def test_train_replies_with_a_sealed_delta_of_the_shared_state(
     tmp_path: Path, cfg: RunConfig
 ) -> None:

@@ -123,11 +123,6 @@ def test_a_lower_rank_lora_computes_the_global_model_without_its_top_components(
         assert not torch.allclose(full(input_ids=ids).logits, expected, atol=1e-4)
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> RunConfig:
-    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
-
-
 def test_a_site_of_lower_rank_trains_and_sends_only_its_components(
     tmp_path: Path, cfg: RunConfig
 ) -> None:

@@ -81,11 +81,6 @@ def test_every_method_trains_on_an_int8_base_and_shares_the_same_state(
             assert torch.equal(p, frozen[name])  # the int8 base never changes
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> RunConfig:
-    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
-
-
 def test_a_site_with_an_int8_base_sends_the_runs_delta(tmp_path: Path, cfg: RunConfig) -> None:
     fp = model_fingerprint(resolve_model_path(cfg.model))
     setup = replace(_setup(_site_file(tmp_path)), quantize="int8")

@@ -57,11 +57,6 @@ def task_identity() -> None:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> RunConfig:
-    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
-
-
 def _rows(folder: Path, rows: int = 40) -> Path:
     texts = [f"{50 + i % 20} y. bp {120 + i}. {'pain' if i % 2 else 'none'}." for i in range(rows)]
     path = folder / "site-x.csv"

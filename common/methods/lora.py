@@ -122,11 +122,13 @@ def state_rank(shapes: Mapping[str, tuple[int, ...]]) -> int:
 
 
 def truncate(state: State, rank: int) -> State:
-    """The first ``rank`` components of every LoRA tensor; other tensors as they are."""
+    """The first ``rank`` components of every LoRA tensor; other tensors, and LoRA tensors of
+    no more than ``rank`` components, as they are (not copied)."""
     out = {}
     for name, value in state.items():
         axis = rank_axis(name)
-        out[name] = value if axis is None else np.take(value, np.arange(rank), axis=axis)
+        cut = axis is not None and value.shape[axis] > rank
+        out[name] = np.take(value, np.arange(rank), axis=axis) if cut else value
     return out
 
 
