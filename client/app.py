@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import math
 import re
@@ -51,9 +52,17 @@ from fedpeft.client.policy import (
 )
 from fedpeft.client.secagg import Histograms, answer_once, answer_stage, masked_update
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
-from fedpeft.client.trainer import Encoded, encode_site, evaluate, predict, train_local
+from fedpeft.client.trainer import (
+    Encoded,
+    Teacher,
+    encode_site,
+    evaluate,
+    logits_of,
+    predict,
+    train_local,
+)
 from fedpeft.common import keys
-from fedpeft.common.config import PERSONAL_MARKERS, DataConfig, SiteRunConfig
+from fedpeft.common.config import PERSONAL_MARKERS, DataConfig, ModelConfig, SiteRunConfig
 from fedpeft.common.data import (
     SiteData,
     data_fingerprint,
@@ -105,6 +114,9 @@ class SiteSession:
     #: The site's rows as loaded (common/data.py ``data_fingerprint``): its data version, sent
     #: beside each update and written in the ledger, so that a model card can name it.
     data_fingerprint: str = ""
+    #: A distillation teacher's logits on the training rows, by the teacher state's SHA-256:
+    #: the teacher never changes during a run, so a site computes them once per process.
+    teacher_logits: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 # One process may serve many messages (simulation keeps its actors, each serving any site);
@@ -122,16 +134,22 @@ _DATASETS: dict[DataConfig, list[SiteData]] = {}
 
 
 def _base_model(
-    cfg: SiteRunConfig, device: torch.device, quantize: str = "none"
+    cfg: SiteRunConfig,
+    device: torch.device,
+    quantize: str = "none",
+    model: ModelConfig | None = None,
 ) -> torch.nn.Module:
-    key = (repr(cfg.model), cfg.train.dropout, cfg.seed, str(device), quantize)
+    """The run's frozen base model, cached per process; ``model``: that one instead (a
+    distillation teacher's, of other layers)."""
+    model = model or cfg.model
+    key = (repr(model), cfg.train.dropout, cfg.seed, str(device), quantize)
     if key not in _BASES:
         if len(_BASES) >= _MAX_BASES:
             dropped = _BASES.pop(next(iter(_BASES)))  # oldest first, with its sessions: a
             # long-lived site worker serving runs of other seeds keeps at most two models
             for stale in [k for k, s in _SESSIONS.items() if s.base is dropped]:
                 del _SESSIONS[stale]
-        base = load_base_model(cfg.model, cfg.train.dropout, cfg.seed)
+        base = load_base_model(model, cfg.train.dropout, cfg.seed)
         if quantize == "int8":  # the site's own setting: its copy of the base in int8
             base = quantize_base(base)
         _BASES[key] = base.to(device)
@@ -222,6 +240,28 @@ def _model_with(
     return model.to(session.device)
 
 
+def teacher_of(
+    cfg: SiteRunConfig, teacher_state: State, session: SiteSession, quantize: str = "none"
+) -> Teacher:
+    """A distillation run's teacher at this site: the teacher's model (its base layers and
+    method, ``cfg.distill``) with ``teacher_state``, its logits on the site's training rows
+    (computed once per process and teacher), the temperature and the soft loss's weight."""
+    digest = hashlib.sha256()
+    for name in sorted(teacher_state):
+        digest.update(name.encode() + b"\0" + np.ascontiguousarray(teacher_state[name]).tobytes())
+    key = digest.hexdigest()
+    if key not in session.teacher_logits:
+        d = cfg.distill
+        teacher_model = dataclasses.replace(cfg.model, layers=d.teacher_layers)
+        base = _base_model(cfg, session.device, quantize, teacher_model)
+        model = build_method(d.teacher_method, copy.deepcopy(base))
+        load_shared_state(model, to_torch(teacher_state))
+        logits = logits_of(model.to(session.device), session.train, session.device)
+        session.teacher_logits.clear()  # one teacher a run: the run's before it is done with
+        session.teacher_logits[key] = logits
+    return Teacher(session.teacher_logits[key], cfg.distill.temperature, cfg.distill.alpha)
+
+
 def _metrics(ev: Evaluation) -> dict[str, float]:
     return {
         keys.N_TEST: ev.n,
@@ -242,11 +282,13 @@ def handle_train(
     global_state: State,
     session: SiteSession,
     lora_rank: int = 0,
+    teacher: Teacher | None = None,
 ) -> tuple[State, dict[str, float]]:
     """Local training from the global state; returns the delta and the reply metrics.
 
     ``lora_rank``: the site's own ``lora_rank`` setting (0: the run's). Below the run's rank the
-    site trains the state's first components only, and its delta is zero beyond them."""
+    site trains the state's first components only, and its delta is zero beyond them.
+    ``teacher``: a distillation run's (:func:`teacher_of`), which the student imitates."""
     if fingerprint != session.fingerprint:
         raise FingerprintMismatch(
             f"base-model fingerprint mismatch: the run uses {fingerprint[:19]}..., this site "
@@ -263,6 +305,7 @@ def handle_train(
         session.device,
         site_seed(cfg.seed, rnd, session.site),
         span=((rnd - 1) / cfg.rounds, rnd / cfg.rounds),  # where the rate schedule is
+        teacher=teacher,
     )
     local = to_numpy(shared_state(model))
     start = lora.truncate(global_state, rank) if rank else global_state
@@ -657,8 +700,11 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 )
             delta, metrics = None, {}
             if trains:
+                teacher = None
+                if cfg.distill.enabled:
+                    teacher = teacher_of(cfg, signed.teacher, session, setup.quantize)
                 delta, metrics = handle_train(
-                    cfg, rnd, signed.fingerprint, signed.state, session, setup.lora_rank
+                    cfg, rnd, signed.fingerprint, signed.state, session, setup.lora_rank, teacher
                 )
                 log.info("site %s round %d: local AUC %.3f", site, rnd, metrics[keys.AUC])
             codec = cfg.codec

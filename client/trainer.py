@@ -42,6 +42,30 @@ class TrainResult:
     best_val_loss: float = float("inf")
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """What a student imitates in distillation: the teacher's logits on each training row (in
+    the rows' order), the softmax temperature and the soft loss's weight (``[distill]``)."""
+
+    logits: np.ndarray
+    temperature: float
+    alpha: float
+
+    def loss(self, logits: torch.Tensor, idx: np.ndarray, hard: torch.Tensor) -> torch.Tensor:
+        """``alpha`` times the KL divergence from the teacher's to the student's softened
+        distribution (times T², Hinton et al. 2015, so that its gradients keep their size
+        across temperatures) plus ``1 - alpha`` times ``hard``, the hard labels' loss."""
+        t = self.temperature
+        target = torch.as_tensor(self.logits[idx], dtype=torch.float32, device=logits.device)
+        soft = torch.nn.functional.kl_div(
+            torch.log_softmax(logits / t, dim=-1),
+            torch.log_softmax(target / t, dim=-1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return self.alpha * t * t * soft + (1 - self.alpha) * hard
+
+
 def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
     out = tokenizer(texts, truncation=True, max_length=max_length)
     return Encoded(tuple(tuple(x) for x in out["input_ids"]), np.asarray(labels, dtype=np.int64))
@@ -76,6 +100,21 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def logits_of(
+    model: torch.nn.Module, rows: Encoded, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
+    """The model's logits on every row, in the rows' order (a teacher's, for distillation)."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = _batch(rows, np.arange(start, min(start + batch_size, len(rows))), device)
+            batch.pop("labels")
+            with _autocast(device):
+                out.append(model(**batch).logits.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
 
 def predict(
@@ -137,13 +176,15 @@ def train_local(
     device: torch.device,
     seed: int,
     span: tuple[float, float] = (0.0, 1.0),
+    teacher: Teacher | None = None,
 ) -> TrainResult:
     """Train the model's shared parameters for up to ``epochs`` epochs; keep the best on ``val``.
 
     ``span`` is the part of the whole training budget these epochs are (round r of R at a site:
     ((r - 1) / R, r / R)); the learning-rate schedule (``train.warmup``, ``train.decay``) follows
     it, each step taking the rate at its midpoint, so that sites and baselines see the same rate
-    at the same share of their budget."""
+    at the same share of their budget. With a ``teacher`` (distillation), the loss is its
+    :meth:`Teacher.loss`; early stopping still reads the hard labels' loss on ``val``."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -162,11 +203,14 @@ def train_local(
         order = rng.permutation(len(train))
         epoch_started = time.perf_counter()
         for start in range(0, len(order), cfg.batch_size):
-            batch = _batch(train, order[start : start + cfg.batch_size], device)
+            idx = order[start : start + cfg.batch_size]
+            batch = _batch(train, idx, device)
             labels = batch.pop("labels")
             with _autocast(device):
                 logits = model(**batch).logits
             loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight)
+            if teacher is not None:
+                loss = teacher.loss(logits.float(), idx, loss)
             if anchor is not None:
                 drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * cfg.prox_mu * drift

@@ -72,6 +72,10 @@ class ModelConfig:
     name_or_path: str = ""
     #: Notes longer than this many tokens are truncated.
     max_length: int = 128
+    #: Encoder layers of the base kept, evenly spaced and the top one always (a smaller student
+    #: initialized from the base's own layers, ``fedpeft distill``; common/model.py
+    #: ``kept_layers``); 0 = every layer.
+    layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,29 @@ class MethodConfig:
         return self.name in TRAINS_BASE_WEIGHTS or (
             self.name == "lora" and self.lora.full_layers > 0
         )
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``[distill]``: the run trains a student (usually ``model.layers`` below the base's) that
+    imitates a finished run's delivered model, its teacher, at every site (``fedpeft distill``).
+    Each site computes the teacher's logits on its own training rows and trains the student on
+    ``alpha`` times the soft loss (KL divergence at ``temperature``, times its square) plus
+    ``1 - alpha`` times the hard labels' cross-entropy. The teacher's state travels inside the
+    signed global state, under ``teacher/`` (common/envelope.py); it never changes."""
+
+    #: The teacher run in the coordinator's store; 0 = no distillation.
+    teacher_run: int = 0
+    #: The teacher's method as it ran (read from its stored config by ``fedpeft distill``).
+    teacher_method: MethodConfig = field(default_factory=MethodConfig)
+    #: The teacher's encoder layers (its ``model.layers``; 0 = every layer).
+    teacher_layers: int = 0
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher_run > 0
 
 
 #: ``train.class_weight`` values.
@@ -404,6 +431,8 @@ class SiteRunConfig:
     #: (``federation.personalize``, ``federation.personalize_epochs``).
     personalize: str
     personalize_epochs: int
+    #: The teacher a student imitates (``[distill]``); ``teacher_run`` 0: none.
+    distill: DistillConfig
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no spaces; what is signed and hashed."""
@@ -447,6 +476,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     #: Simulation only, standing in for each site's own ``lora_rank`` (site.toml): the highest
     #: LoRA rank virtual site i trains, for sites of less capacity; 0, or a site past the list:
     #: the run's ``method.lora.r``. Never signed to a site.
@@ -522,6 +552,7 @@ class RunConfig:
             histogram_bins=self.federation.histogram_bins,
             personalize=f.personalize,
             personalize_epochs=f.personalize_epochs,
+            distill=self.distill,
         )
 
 
@@ -591,6 +622,7 @@ def _check_model_and_training(
     """What a coordinator's run config and a site's signed config check alike."""
     need = _needs(problems)
     need(model.max_length >= 8, "model.max_length: must be at least 8")
+    need(model.layers >= 0, "model.layers: must be 0 (every layer) or more")
     for spec in specs():
         if spec.config is not None:
             problems.extend(spec.check(getattr(method, spec.name)))
@@ -637,9 +669,28 @@ def _check_personalize(
     )
 
 
+def _check_distill(d: DistillConfig, prefix: str, problems: list[str]) -> None:
+    need = _needs(problems)
+    need(d.teacher_run >= 0, f"{prefix}teacher_run: must be 0 (none) or a run id")
+    need(
+        d.temperature > 0 and math.isfinite(d.temperature),
+        f"{prefix}temperature: must be positive, got {d.temperature!r}",
+    )
+    need(0 <= d.alpha <= 1, f"{prefix}alpha: must be in [0, 1], got {d.alpha!r}")
+    need(d.teacher_layers >= 0, f"{prefix}teacher_layers: must be 0 (every layer) or more")
+    if d.enabled:
+        for spec in specs():
+            if spec.config is not None:
+                problems.extend(
+                    f"{prefix}teacher_method: {p}"
+                    for p in spec.check(getattr(d.teacher_method, spec.name))
+                )
+
+
 def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     need = _needs(problems)
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
+    _check_distill(cfg.distill, "distill.", problems)
     _check_personalize(
         cfg.personalize,
         cfg.personalize_epochs,
@@ -749,6 +800,12 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         f"federation.histogram_bins: must be in 2..{HIST_BINS}",
     )
     _check_privacy(f, problems)
+    _check_distill(cfg.distill, "distill.", problems)
+    if cfg.distill.enabled:
+        need(
+            f.personalize == "none",
+            "distill: not with federation.personalize (a student is delivered as one model)",
+        )
     _check_personalize(
         f.personalize,
         f.personalize_epochs,

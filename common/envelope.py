@@ -25,7 +25,7 @@ settings.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from google.protobuf.message import DecodeError
@@ -38,6 +38,8 @@ from fedpeft.common.state import State
 from fedpeft.common.wire import CODECS, RING, decode, encode
 
 SCHEMA_VERSION = 1
+#: Where a distillation run's teacher state travels in the signed global state's payload.
+TEACHER = "teacher/"
 #: The wire codecs (common/wire.py) by their value in the header.
 _CODEC_IDS = {
     "fp32": pb.CODEC_FP32,
@@ -312,6 +314,9 @@ class GlobalState:
     config: SiteRunConfig
     #: SHA-256 (hex) of the config's canonical JSON, as signed.
     config_hash: str
+    #: A distillation run's teacher (its delivered state, names without :data:`TEACHER`),
+    #: signed with the state; empty otherwise.
+    teacher: State = field(default_factory=dict)
 
 
 def sign_global(
@@ -324,11 +329,17 @@ def sign_global(
     run_public: bytes,
     config: SiteRunConfig,
     coordinator: ec.EllipticCurvePrivateKey,
+    teacher: State | None = None,
 ) -> bytes:
     """The coordinator's global state for one round: fp32 values and the run's site config,
-    signed with its identity key."""
+    signed with its identity key. A distillation run's ``teacher`` travels in the same payload,
+    its names under :data:`TEACHER`."""
     if config.method.name != method:
         raise ValueError(f"the site config's method {config.method.name!r} is not {method!r}")
+    if bool(teacher) != config.distill.enabled:
+        raise ValueError("a teacher state goes with a distillation config, and only with one")
+    if teacher:
+        state = {**state, **{TEACHER + name: value for name, value in teacher.items()}}
     header = _header_bytes(
         pb.GlobalStateHeader(run_public_key=run_public, site_config_json=config.to_json()),
         state,
@@ -393,6 +404,12 @@ def open_global_signed_by(
         state = decode(signed.payload, shapes, "fp32")
     except DeltaRejected as exc:
         raise ForgedGlobalState(f"signed global state is inconsistent ({exc})") from None
+    teacher = {n[len(TEACHER) :]: v for n, v in state.items() if n.startswith(TEACHER)}
+    if bool(teacher) != config.distill.enabled:
+        raise ForgedGlobalState(
+            "the signed global state's teacher does not match its config's distill"
+        )
+    state = {n: v for n, v in state.items() if not n.startswith(TEACHER)}
     return GlobalState(
         header.run_token,
         header.round,
@@ -402,6 +419,7 @@ def open_global_signed_by(
         state,
         config,
         config.config_hash(),
+        teacher,
     ), signer
 
 

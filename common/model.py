@@ -76,8 +76,40 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         raise ModelError(f"cannot load the tokenizer from {path}: {exc}") from None
 
 
+def kept_layers(total: int, keep: int) -> list[int]:
+    """The base's encoder layers a student of ``keep`` layers is built from: evenly spaced, the
+    top layer always among them (its output is what the base was trained to produce), e.g. 1, 3,
+    5 of 0..5; every layer for ``keep`` 0. :class:`ModelError` when the base has fewer."""
+    if keep == 0:
+        return list(range(total))
+    if not 1 <= keep <= total:
+        raise ModelError(f"model.layers: {keep} is not in 1..{total}, the base model's layers")
+    return [round((i + 1) * total / keep) - 1 for i in range(keep)]
+
+
+def keep_layers(model: torch.nn.Module, keep: int) -> torch.nn.Module:
+    """``model`` with only :func:`kept_layers` of its encoder's layers (in place), renumbered
+    from 0 and ``config.num_hidden_layers`` set to match; unchanged for ``keep`` 0."""
+    if keep == 0:
+        return model
+    encoder = getattr(getattr(model, "base_model", None), "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelError("model.layers: the base model has no encoder.layer list to take from")
+    chosen = kept_layers(len(layers), keep)
+    encoder.layer = torch.nn.ModuleList(layers[i] for i in chosen)  # type: ignore[union-attr]
+    for new, layer in enumerate(encoder.layer):  # type: ignore[union-attr]
+        attention = getattr(layer, "attention", None)
+        inner = getattr(attention, "self", None)
+        if inner is not None and hasattr(inner, "layer_idx"):
+            inner.layer_idx = new
+    model.config.num_hidden_layers = keep
+    return model
+
+
 def load_base_model(cfg: ModelConfig, dropout: float, seed: int) -> torch.nn.Module:
-    """The base model with a fresh two-class head; the head's init is fixed by ``seed``."""
+    """The base model with a fresh two-class head; the head's init is fixed by ``seed``. With
+    ``cfg.layers``, only those of its encoder layers (:func:`keep_layers`): a student."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -100,4 +132,4 @@ def load_base_model(cfg: ModelConfig, dropout: float, seed: int) -> torch.nn.Mod
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    return model
+    return keep_layers(model, cfg.layers)

@@ -365,6 +365,57 @@ def parser() -> argparse.ArgumentParser:
     _add_mlflow_options(sim, "the finished run (its delivered round exported)")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower's own log")
 
+    dis = sub.add_parser(
+        "distill",
+        help="train a smaller student of a finished run across the sites (simulation)",
+        description="Distill a finished run (the teacher: its delivered round) into a student: "
+        "the base model with fewer encoder layers (evenly spaced, the top one kept, each "
+        "initialized from the base's own) and a PEFT method, trained as a new federated run in "
+        "simulation on the teacher's data set and sites. Each site computes the teacher's "
+        "logits on its own training rows and trains the student on alpha x the soft labels' "
+        "KL divergence at --temperature (times its square) plus (1 - alpha) x the hard labels' "
+        "cross-entropy; only the student's delta leaves, sealed, as in any round. Prints the "
+        "teacher and the student side by side: layers, parameters, macro AUC and the share "
+        "retained, inference time per batch measured on this machine. Export the student with "
+        "`fedpeft export --run STUDENT`.",
+    )
+    dis.add_argument("--run", type=int, required=True, help="the teacher: a finished run's id")
+    dis.add_argument(
+        "--layers",
+        type=int,
+        metavar="K",
+        help="the student's encoder layers (default: half the base's, rounded up: 3 of MiniLM's 6)",
+    )
+    dis.add_argument(
+        "--temperature", type=float, default=2.0, help="softmax temperature of the soft labels (2)"
+    )
+    dis.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="weight of the soft labels' loss, the hard labels' taking 1 - alpha (0.5; 0 trains "
+        "the student on the hard labels alone, with no teacher's help)",
+    )
+    dis.add_argument("--method", help="the student's PEFT method (default: the teacher's)")
+    dis.add_argument("--rounds", type=int, help="federated rounds (default: the teacher's)")
+    dis.add_argument("--lr", type=float, help="learning rate (default: the teacher's)")
+    dis.add_argument(
+        "--local-epochs", type=int, help="local epochs per round (default: the teacher's)"
+    )
+    dis.add_argument(
+        "--db", default="sqlite:///fedpeft.db", help="SQLAlchemy URL of the store (must exist)"
+    )
+    dis.add_argument("--store-key-file", type=Path, help=STORE_KEY_HELP)
+    dis.add_argument("--cpus", type=int, help="CPUs for the simulation (default: all)")
+    dis.add_argument(
+        "--time-batch",
+        type=int,
+        default=32,
+        metavar="N",
+        help="rows per batch of the side-by-side inference timing (32; 0 skips it)",
+    )
+    dis.set_defaults(ray_address=None, verbose=False)
+
     rep = sub.add_parser("report", help="print the summary table of a finished run from the store")
     rep.add_argument("--run", type=int, help="run id (default: the latest)")
     rep.add_argument(
@@ -691,6 +742,73 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"AUC per round plot: {png}")
     if args.mlflow:
         _log_simulation(args, cfg, result.run_id)
+    print(f"total wall time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from fedpeft import distilling
+    from fedpeft.report import render_table, summarize
+    from fedpeft.server.store import open_store
+    from fedpeft.simulate import delivered_state
+
+    started = time.perf_counter()
+    store = open_store(args.db, create=False)
+    try:
+        teacher = dataclasses.replace(distilling.teacher_config(store, args.run), db=args.db)
+    finally:
+        store.close()
+    layers = args.layers
+    if layers is None:
+        layers = -(-distilling.base_layers(teacher) // 2)
+    cfg = distilling.student_config(
+        teacher,
+        args.run,
+        layers=layers,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        overrides={
+            "method.name": args.method,
+            "federation.rounds": args.rounds,
+            "train.lr": args.lr,
+            "train.local_epochs": args.local_epochs,
+        },
+    )
+    _say(
+        f"fedpeft distill: run {args.run} ({teacher.method.name}) into a student of {layers} "
+        f"encoder layers ({cfg.method.name}), T {cfg.distill.temperature:g}, alpha "
+        f"{cfg.distill.alpha:g}, {cfg.federation.rounds} rounds on {cfg.data.dataset}"
+    )
+    result = _simulate_once(cfg, args)
+    _say(f"student run {result.run_id} done in {result.seconds:.0f} s")
+    ms: list[float | None] = [None, None]
+    if args.time_batch > 0:
+        states = [
+            delivered_state(args.db, run, args.store_key_file) for run in (args.run, result.run_id)
+        ]
+        if all(s is not None for s in states):
+            models = [
+                distilling.delivered_model(c, s)  # type: ignore[arg-type]
+                for c, s in zip((teacher, cfg), states, strict=True)
+            ]
+            ms = list(
+                distilling.inference_ms(models, batch=args.time_batch, tokens=cfg.model.max_length)
+            )
+    store = open_store(args.db)
+    try:
+        print()
+        print(render_table(summarize(store, result.run_id)))
+        comparison = distilling.Comparison(
+            distilling.side(store, args.run, ms[0]),
+            distilling.side(store, result.run_id, ms[1]),
+            batch=args.time_batch,
+            tokens=cfg.model.max_length,
+        )
+    finally:
+        store.close()
+    print()
+    print(distilling.render(comparison))
+    print(f"export the student: fedpeft export --run {result.run_id} --db {args.db} --out DIR")
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -1139,6 +1257,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "simulate": cmd_simulate,
+        "distill": cmd_distill,
         "report": cmd_report,
         "export": cmd_export,
         "dashboard": cmd_dashboard,

@@ -25,9 +25,11 @@ from fedpeft.common.environment import STORE_ENV
 from fedpeft.common.errors import ConfigError
 from fedpeft.common.methods import build_model, count_parameters, shared_state
 from fedpeft.common.model import DEFAULT_MODEL_NAME, model_fingerprint, resolve_model_path
+from fedpeft.common.state import State
 from fedpeft.common.tensors import to_numpy
 from fedpeft.common.trust import CoordinatorTrust, coordinator_trust_from_env
-from fedpeft.server.checkpoints import open_checkpoint, resolve_store_key
+from fedpeft.server.checkpoints import open_checkpoint, open_state, resolve_store_key
+from fedpeft.server.rounds import select_round
 from fedpeft.server.store import RunStatus, RunStore, open_store
 from fedpeft.server.strategy import FederatedRun, Resume
 
@@ -66,6 +68,7 @@ def run_federation(
     del model
     store = open_store(cfg.db)
     try:
+        teacher = distill_teacher(store, cfg, fingerprint, store_key, say)
         if resume is None:
             cfg = with_calibrated_noise(cfg, len(trust.sites), say)
             run_id, point = (
@@ -94,9 +97,18 @@ def run_federation(
                 "(a new run key and token; the sites need nothing)"
             )
         try:
-            FederatedRun(
-                cfg, store, run_id, initial, fingerprint, trust, store_key, progress
-            ).start(grid, point if point is not None and point.round else None)
+            run = FederatedRun(
+                cfg,
+                store,
+                run_id,
+                initial,
+                fingerprint,
+                trust,
+                store_key,
+                progress,
+                teacher=teacher,
+            )
+            run.start(grid, point if point is not None and point.round else None)
         except (KeyboardInterrupt, SystemExit) as exc:
             # Stopped from outside (its coordinator stopping: Flower signals the ServerApp when
             # its parent goes): the run did not fail, it can be taken up again.
@@ -127,6 +139,40 @@ def run_federation(
         return run_id
     finally:
         store.close()
+
+
+def distill_teacher(
+    store: RunStore,
+    cfg: RunConfig,
+    fingerprint: str,
+    store_key: bytes,
+    say: Callable[[str], None] = log.info,
+) -> State | None:
+    """A distillation run's teacher (``cfg.distill``): the delivered round's global state of its
+    ``teacher_run``, a finished run of this store on the same base model, whose method and
+    layers are the ones ``cfg.distill`` names; None without distillation. ``ConfigError``
+    naming what does not fit."""
+    d = cfg.distill
+    if not d.enabled:
+        return None
+    info = store.get_run(d.teacher_run)
+    where = f"distill.teacher_run {d.teacher_run}"
+    if info.status != RunStatus.FINISHED:
+        raise ConfigError(f"{where}: the run is {info.status}, not finished")
+    if info.model_fingerprint != fingerprint:
+        raise ConfigError(f"{where}: trained on another base model ({info.model_fingerprint})")
+    taught = RunConfig.from_json(info.config_json)
+    if taught.method != d.teacher_method or taught.model.layers != d.teacher_layers:
+        raise ConfigError(
+            f"{where}: its method ({taught.method.name}) or layers ({taught.model.layers}) are "
+            "not distill.teacher_method / teacher_layers"
+        )
+    chosen = select_round(store.rounds(info.id))
+    if chosen is None:
+        raise ConfigError(f"{where}: the run has no stored round")
+    round_, blob = store.global_state(info.id, chosen)
+    say(f"distilling run {info.id}'s round {round_} ({taught.method.name}) into the student")
+    return open_state(store_key, info.id, round_, blob)
 
 
 def with_calibrated_noise(cfg: RunConfig, n_sites: int, say: Callable[[str], None]) -> RunConfig:

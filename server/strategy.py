@@ -194,9 +194,12 @@ class FederatedRun:
         progress: Progress | None = None,
         load_sites: Callable[[], Mapping[str, ec.EllipticCurvePublicKey]] | None = None,
         noise_rng: np.random.Generator | None = None,
+        teacher: State | None = None,
     ):
         fed = cfg.federation
         self.cfg = cfg
+        #: A distillation run's teacher state, signed into every global state it sends.
+        self.teacher = teacher
         self.site_config = cfg.for_sites()
         # A DP run (federation.dp, central): the privacy spent, round after round, and the
         # noise's source (the OS's entropy; a seeded one in tests only).
@@ -829,6 +832,7 @@ class FederatedRun:
             run_public=crypto.raw_public(self.run_key),
             config=self.site_config,
             coordinator=self.trust.identity,
+            teacher=self.teacher,
         )
         messages: list[object] = []
         state_record = blob_record(signed)  # one record in every message, not a copy each
