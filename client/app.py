@@ -196,7 +196,9 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
         fingerprint=model_fingerprint(resolve_model_path(cfg.model)),
         device=device,
         data_fingerprint=data_fingerprint(site),
-        **rows,
+        train=rows["train"],
+        val=rows["val"],
+        test=rows["test"],
     )
     if site.skipped_rows:
         log.warning("site %s: skipped %d bad rows", site.name, site.skipped_rows)

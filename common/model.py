@@ -103,7 +103,8 @@ def keep_layers(model: torch.nn.Module, keep: int) -> torch.nn.Module:
         inner = getattr(attention, "self", None)
         if inner is not None and hasattr(inner, "layer_idx"):
             inner.layer_idx = new
-    model.config.num_hidden_layers = keep
+    config: Any = model.config
+    config.num_hidden_layers = keep
     return model
 
 

@@ -180,6 +180,7 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             "total_params": run.total_params,
         },
         "site_config_sha256": config_hash(received) if received else None,
+        "distilled_from": _distilled(summary),
         "lineage": lineage,
         "sites": sites,
         "metrics": {
@@ -212,6 +213,24 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             "histogram_bins": fed.get("histogram_bins"),
         },
         "software": _versions(),
+    }
+
+
+def _distilled(summary: Any) -> dict | None:
+    """A student's teacher and how much of it the student keeps (``fedpeft distill``)."""
+    c = summary.distilled
+    if c is None:
+        return None
+    settings = summary.distill_settings or (None, None)
+    return {
+        "teacher_run": c.teacher.run_id,
+        "temperature": settings[0],
+        "alpha": settings[1],
+        "teacher_layers": c.teacher.layers,
+        "student_layers": c.student.layers,
+        "teacher_total_params": c.teacher.total_params,
+        "teacher_macro_auc": _num(c.teacher.macro_auc),
+        "auc_retained": _num(c.retained),
     }
 
 
@@ -330,6 +349,7 @@ def to_markdown(card: dict, *, front_matter: bool = True) -> str:
         "",
     ]
     out += _personalized_lines(card)
+    out += _distilled_lines(card)
     out += [
         "## Privacy",
         "",
@@ -353,6 +373,27 @@ def to_markdown(card: dict, *, front_matter: bool = True) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _distilled_lines(card: dict) -> list[str]:
+    d = card.get("distilled_from")
+    if d is None:
+        return []
+    retained = d["auc_retained"]
+    return [
+        "## Distillation",
+        "",
+        f"- a student of {d['student_layers']} encoder layers (the base model's, evenly spaced, "
+        f"the top one kept), distilled from run {d['teacher_run']} ({d['teacher_layers']} "
+        f"layers, {d['teacher_total_params']:,} parameters, macro AUC "
+        f"{_f(d['teacher_macro_auc'])}) at temperature {d['temperature']}, alpha {d['alpha']}",
+        "- macro AUC retained: "
+        + ("—" if retained is None else f"{100 * retained:.1f} % of the teacher's"),
+        "- load it with `fedpeft.common.export.load_export(DIR)`, which builds the base model "
+        "with the student's layers (`model.layers` in fedpeft-export.json); peft's own loader "
+        "needs that base too",
+        "",
+    ]
 
 
 def _personalized_lines(card: dict) -> list[str]:

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.common.config import probes_used
+from fedpeft.common.errors import StoreError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, LORA_RANK, SITE_EPSILON
 from fedpeft.common.metrics import CALIBRATION_BINS, Difference
+from fedpeft.distilling import Comparison, side
 from fedpeft.server.rounds import LISTED_SITES, delivered_round
 from fedpeft.server.store import (
     ALL_TEST_ROWS,
@@ -100,6 +102,10 @@ class Summary:
     #: the run's ``run_lora_rank`` (a site of less capacity); empty otherwise.
     lora_ranks: dict[str, int] = field(default_factory=dict)
     run_lora_rank: int | None = None
+    #: A distilled student's teacher and itself (``fedpeft distill``); None for other runs.
+    distilled: Comparison | None = None
+    #: The distillation's temperature and the soft loss's weight.
+    distill_settings: tuple[float, float] | None = None
 
     @property
     def has_tfidf(self) -> bool:
@@ -240,7 +246,26 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
             for kind in ("alone", "centralized")
         },
         **_lora_ranks(trains, run.config_json),
+        **_distilled(store, run.id, run.config_json),
     )
+
+
+def _distilled(store: RunStore, run_id: int, config_json: str) -> dict[str, Any]:
+    """``distilled`` and ``distill_settings`` of :class:`Summary`, for a student whose teacher
+    the store still holds."""
+    teacher = _number(_config_value(config_json, "distill", "teacher_run"))
+    if not teacher:
+        return {}
+    try:
+        pair = Comparison(side(store, int(teacher)), side(store, run_id))
+    except StoreError:
+        return {}  # the teacher's run is no longer in the store
+    t = _number(_config_value(config_json, "distill", "temperature"))
+    a = _number(_config_value(config_json, "distill", "alpha"))
+    return {
+        "distilled": pair,
+        "distill_settings": None if t is None or a is None else (t, a),
+    }
 
 
 def _lora_ranks(trains: list[SiteResult], config_json: str) -> dict[str, Any]:
@@ -427,6 +452,8 @@ def render_table(s: Summary) -> str:
                 "ε per site, over the rounds it took part in: "
                 + ", ".join(f"{site} {eps:.2f}" for site, eps in sorted(s.site_epsilons.items()))
             )
+    if s.distilled is not None:
+        out += _distilled_lines(s.distilled, s.distill_settings)
     if s.rejections:
         out.append("not used:")
         out += [f"  {r}" for r in s.rejections]
@@ -441,6 +468,23 @@ def render_table(s: Summary) -> str:
     if s.wall_seconds is not None:
         out.append(f"federated run wall time: {s.wall_seconds:.0f} s")
     return "\n".join(out)
+
+
+def _distilled_lines(c: Comparison, settings: tuple[float, float] | None) -> list[str]:
+    t, st = c.teacher, c.student
+    how = "" if settings is None else f" at temperature {settings[0]:g}, alpha {settings[1]:g}"
+    lines = [
+        f"distilled from run {t.run_id}{how}: teacher {t.layers} encoder layers, "
+        f"{t.total_params:,} parameters, macro AUC {_f(t.macro_auc)}; this student "
+        f"{st.layers} layers, {st.total_params:,} parameters "
+        f"({100 * st.total_params / max(t.total_params, 1):.0f} %), macro AUC {_f(st.macro_auc)}"
+    ]
+    if c.retained is not None:
+        lines.append(
+            f"AUC retained: {100 * c.retained:.1f} % of the teacher's macro AUC (inference "
+            "time: `fedpeft distill` times both side by side)"
+        )
+    return lines
 
 
 def _rates_lines(s: Summary) -> list[str]:
