@@ -264,6 +264,20 @@ def teacher_of(
     return Teacher(session.teacher_logits[key], cfg.distill.temperature, cfg.distill.alpha)
 
 
+def stage_trains(model: torch.nn.Module, trains: str) -> None:
+    """Leave only a stage's part of the shared parameters to train (``[[schedule]]``
+    ``trains``): the classification head alone (``head``), the method's own parameters without
+    the head (``method``), or every one (``all``). The rest stays as the global state has it."""
+    if trains == "all":
+        return
+    head = PERSONAL_MARKERS["head"]
+    for name, param in model.named_parameters():
+        if param.requires_grad and (head in name) != (trains == "head"):
+            param.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise FedpeftError(f"schedule: a stage that trains {trains!r} leaves nothing to train")
+
+
 def _metrics(ev: Evaluation) -> dict[str, float]:
     return {
         keys.N_TEST: ev.n,
@@ -298,21 +312,28 @@ def handle_train(
         )
     rank = site_lora_rank(cfg, lora_rank)
     model = _model_with(session, cfg, global_state, rank)
+    stage = cfg.stage(rnd)  # [[schedule]]: what trains this round, at which rate
+    stage_trains(model, stage.trains)
     result = train_local(
         model,
         session.train,
         session.val,
-        cfg.train,
+        dataclasses.replace(cfg.train, lr=stage.lr),
         cfg.train.local_epochs,
         session.device,
         site_seed(cfg.seed, rnd, session.site),
         span=((rnd - 1) / cfg.rounds, rnd / cfg.rounds),  # where the rate schedule is
         teacher=teacher,
     )
-    local = to_numpy(shared_state(model))
+    local = to_numpy(shared_state(model))  # what trained: a stage may leave a part as it was
     start = lora.truncate(global_state, rank) if rank else global_state
     delta = lora.pad(
-        {name: (local[name] - start[name]).astype(np.float32) for name in start},
+        {
+            name: (local[name] - start[name]).astype(np.float32)
+            if name in local
+            else np.zeros_like(start[name], dtype=np.float32)
+            for name in start
+        },
         {name: value.shape for name, value in global_state.items()},
     )
     privacy = cfg.privacy

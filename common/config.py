@@ -121,6 +121,25 @@ class DistillConfig:
         return self.teacher_run > 0
 
 
+#: ``[[schedule]]`` ``trains`` values: every shared parameter, the classification head alone,
+#: or the method's own parameters without the head (client/app.py ``stage_trains``).
+STAGE_TRAINS = ("all", "head", "method")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a staged run (``[[schedule]]``): for ``rounds`` rounds, the sites train
+    ``trains`` of the shared parameters at ``lr``. The shared state stays the method's whole
+    state across stages (what a stage does not train stays as it is and its delta is zero), so
+    each stage starts where the one before it ended, e.g. the head alone first, then the head
+    with LoRA (linear probing, then fine-tuning: Kumar et al. 2022)."""
+
+    rounds: int = 1
+    #: 0 = the run's ``train.lr`` (resolved when the config is built).
+    lr: float = 0.0
+    trains: str = "all"
+
+
 #: ``train.class_weight`` values.
 CLASS_WEIGHTS = ("none", "balanced")
 #: ``train.decay`` values (client/trainer.py ``lr_factor``).
@@ -433,6 +452,12 @@ class SiteRunConfig:
     personalize_epochs: int
     #: The teacher a student imitates (``[distill]``); ``teacher_run`` 0: none.
     distill: DistillConfig
+    #: The run's stages (``[[schedule]]``); empty: every round trains everything at train.lr.
+    schedule: tuple[Stage, ...]
+
+    def stage(self, rnd: int) -> Stage:
+        """The stage round ``rnd`` is in; the whole run as one stage without a schedule."""
+        return stage_of(self.schedule, rnd, self.train.lr)
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no spaces; what is signed and hashed."""
@@ -477,6 +502,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    #: Stages (``[[schedule]]``, ``simulate --schedule``): their rounds add up to the run's
+    #: ``federation.rounds``, which a schedule sets.
+    schedule: tuple[Stage, ...] = ()
     #: Simulation only, standing in for each site's own ``lora_rank`` (site.toml): the highest
     #: LoRA rank virtual site i trains, for sites of less capacity; 0, or a site past the list:
     #: the run's ``method.lora.r``. Never signed to a site.
@@ -553,6 +581,7 @@ class RunConfig:
             personalize=f.personalize,
             personalize_epochs=f.personalize_epochs,
             distill=self.distill,
+            schedule=self.schedule,
         )
 
 
@@ -590,7 +619,25 @@ def _build(
     return cls(**kwargs)
 
 
+def stage_of(schedule: tuple[Stage, ...], rnd: int, lr: float) -> Stage:
+    """The stage of ``schedule`` that round ``rnd`` (from 1) is in; without a schedule, or past
+    its end, every parameter at ``lr``."""
+    end = 0
+    for stage in schedule:
+        end += stage.rounds
+        if rnd <= end:
+            return stage
+    return Stage(rounds=max(rnd, 1), lr=lr, trains="all")
+
+
 def _convert(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    if get_origin(hint) is tuple and is_dataclass(get_args(hint)[0]):
+        item = get_args(hint)[0]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, dict) for v in value):
+            problems.append(f"{where}: expected a list of tables")
+            return None
+        built = [_build(item, v, f"{where}[{i}].", problems) for i, v in enumerate(value)]
+        return None if any(b is None for b in built) else tuple(built)
     if get_origin(hint) is tuple:
         item = get_args(hint)[0]
         if not isinstance(value, list | tuple) or not all(isinstance(v, item) for v in value):
@@ -687,10 +734,34 @@ def _check_distill(d: DistillConfig, prefix: str, problems: list[str]) -> None:
                 )
 
 
+def _check_schedule(schedule: tuple[Stage, ...], rounds: int, problems: list[str]) -> None:
+    need = _needs(problems)
+    for i, stage in enumerate(schedule):
+        where = f"schedule[{i}]"
+        need(stage.rounds >= 1, f"{where}.rounds: must be at least 1")
+        need(stage.lr >= 0 and stage.lr < 1, f"{where}.lr: must be in [0, 1) (0 = train.lr)")
+        need(
+            stage.trains in STAGE_TRAINS,
+            f"{where}.trains: {stage.trains!r} is not one of {', '.join(STAGE_TRAINS)}",
+        )
+    if schedule:
+        total = sum(s.rounds for s in schedule)
+        need(
+            total == rounds,
+            f"schedule: its stages' rounds add up to {total}, the run has {rounds} "
+            "(federation.rounds)",
+        )
+
+
 def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     need = _needs(problems)
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     _check_distill(cfg.distill, "distill.", problems)
+    _check_schedule(cfg.schedule, cfg.rounds, problems)
+    need(
+        all(s.lr > 0 for s in cfg.schedule),
+        "schedule: each stage's lr must be positive (resolved by the coordinator)",
+    )
     _check_personalize(
         cfg.personalize,
         cfg.personalize_epochs,
@@ -801,6 +872,13 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     )
     _check_privacy(f, problems)
     _check_distill(cfg.distill, "distill.", problems)
+    _check_schedule(cfg.schedule, f.rounds, problems)
+    if cfg.schedule:
+        need(
+            f.patience == 0,
+            "schedule: not with federation.patience (a stage could be stopped before the next "
+            "one starts)",
+        )
     if cfg.distill.enabled:
         need(
             f.personalize == "none",
@@ -882,6 +960,10 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from nested values; report every problem at once."""
     problems: list[str] = []
     cfg = _build(RunConfig, values, "", problems)
+    if not problems and cfg.schedule:  # a schedule sets the run's rounds
+        rounds = sum(s.rounds for s in cfg.schedule)
+        fed = dataclasses.replace(cfg.federation, rounds=rounds)
+        cfg = dataclasses.replace(cfg, federation=fed)
     if not problems:
         _check_ranges(cfg, problems)
     if problems:
@@ -894,6 +976,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             )
         lr = get_spec(cfg.method.name).default_lr
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
+    if any(s.lr == 0 for s in cfg.schedule):  # the stored config shows each stage's rate
+        stages = tuple(s if s.lr else dataclasses.replace(s, lr=cfg.train.lr) for s in cfg.schedule)
+        cfg = dataclasses.replace(cfg, schedule=stages)
     if not cfg.tuning.lr_grid:
         # The run's own rate exactly, the others to three significant digits.
         grid = (cfg.train.lr,) + tuple(

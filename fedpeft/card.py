@@ -181,6 +181,7 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
         },
         "site_config_sha256": config_hash(received) if received else None,
         "distilled_from": _distilled(summary),
+        "schedule": summary.stages,
         "lineage": lineage,
         "sites": sites,
         "metrics": {
@@ -301,6 +302,11 @@ def to_markdown(card: dict, *, front_matter: bool = True) -> str:
         f"delivered round {run['delivered_round']}; this card describes round "
         f"{run['described_round']}",
         f"- site config SHA-256 (as in each site's ledger): `{card['site_config_sha256']}`",
+        *(
+            [f"- schedule (what trained, by rounds): {'; '.join(card['schedule'])}"]
+            if card.get("schedule")
+            else []
+        ),
         "",
         "## Lineage: who contributed to each round",
         "",

@@ -117,6 +117,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="end the run once the sites' validation loss has not improved for this many rounds "
         "(default 0: run every round)",
     )
+    p.add_argument(
+        "--schedule",
+        type=_stage,
+        nargs="+",
+        metavar="TRAINS:ROUNDS[:LR]",
+        help="stages ([[schedule]]): for ROUNDS rounds the sites train TRAINS of the shared "
+        "parameters (all, head: the classification head alone, method: the method's own without "
+        "the head) at LR (default --lr); the next stage starts where it ended. The run's rounds "
+        "are the stages' sum, e.g. --schedule head:2:0.01 all:5 (linear probing, then "
+        "fine-tuning). Not with --patience",
+    )
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
     p.add_argument("--local-epochs", type=int, help="local epochs per round at each site")
@@ -213,6 +224,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _stage(text: str) -> dict[str, Any]:
+    """``--schedule``'s TRAINS:ROUNDS[:LR] -> one ``[[schedule]]`` table."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        stage: dict[str, Any] = {"trains": parts[0], "rounds": int(parts[1])}
+        if len(parts) == 3:
+            stage["lr"] = float(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected TRAINS:ROUNDS[:LR], e.g. head:2:0.01 or all:5"
+        ) from None
+    return stage
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """CLI flags -> dotted config keys. The one place where flags override file values."""
     return {
@@ -221,6 +248,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "method.lora.full_layers": args.full_layers,
         "federation.rounds": args.rounds,
         "federation.patience": args.patience,
+        "schedule": args.schedule,
         "federation.sites_per_round": args.sites_per_round,
         "federation.min_sites": args.min_sites,
         "train.local_epochs": args.local_epochs,

@@ -106,6 +106,8 @@ class Summary:
     distilled: Comparison | None = None
     #: The distillation's temperature and the soft loss's weight.
     distill_settings: tuple[float, float] | None = None
+    #: The run's stages (``[[schedule]]``) as "rounds 1-2: head at lr 0.01"; empty without.
+    stages: list[str] = field(default_factory=list)
 
     @property
     def has_tfidf(self) -> bool:
@@ -247,7 +249,19 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         },
         **_lora_ranks(trains, run.config_json),
         **_distilled(store, run.id, run.config_json),
+        stages=stage_lines(run.config_json),
     )
+
+
+def stage_lines(config_json: str) -> list[str]:
+    """Each stage of a staged run (``[[schedule]]``) as "rounds 1-2: head at lr 0.01"."""
+    schedule = _config_value(config_json, "schedule")
+    lines, end = [], 0
+    for stage in schedule if isinstance(schedule, list) else []:
+        start, end = end + 1, end + int(stage["rounds"])
+        rounds = f"round {start}" if start == end else f"rounds {start}-{end}"
+        lines.append(f"{rounds}: {stage['trains']} at lr {float(stage['lr']):g}")
+    return lines
 
 
 def _distilled(store: RunStore, run_id: int, config_json: str) -> dict[str, Any]:
@@ -452,6 +466,11 @@ def render_table(s: Summary) -> str:
                 "ε per site, over the rounds it took part in: "
                 + ", ".join(f"{site} {eps:.2f}" for site, eps in sorted(s.site_epsilons.items()))
             )
+    if s.stages:
+        out.append(
+            "schedule (what the sites trained, all: every shared parameter, head: the head "
+            "alone, method: the method's own): " + "; ".join(s.stages)
+        )
     if s.distilled is not None:
         out += _distilled_lines(s.distilled, s.distill_settings)
     if s.rejections:
