@@ -81,6 +81,7 @@ from fedpeft.common.envelope import (
 from fedpeft.common.errors import ConfigError, DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.keys import Phase, SiteStatus
 from fedpeft.common.methods import build_method, load_shared_state, lora, shared_state
+from fedpeft.common.methods.compose import MARKERS
 from fedpeft.common.metrics import Evaluation
 from fedpeft.common.model import (
     load_base_model,
@@ -264,15 +265,21 @@ def teacher_of(
     return Teacher(session.teacher_logits[key], cfg.distill.temperature, cfg.distill.alpha)
 
 
-def stage_trains(model: torch.nn.Module, trains: str) -> None:
+def stage_trains(model: torch.nn.Module, trains: str, marker: str | None = None) -> None:
     """Leave only a stage's part of the shared parameters to train (``[[schedule]]``
     ``trains``): the classification head alone (``head``), the method's own parameters without
-    the head (``method``), or every one (``all``). The rest stays as the global state has it."""
-    if trains == "all":
-        return
+    the head (``method``), or both (``all``). ``marker``: in a model of several methods, the
+    substring naming the stage's method's parameters (common/methods/compose.py ``MARKERS``);
+    None: every shared parameter but the head is the method's. The rest stays as it is."""
     head = PERSONAL_MARKERS["head"]
+
+    def trained(name: str) -> bool:
+        if head in name:
+            return trains in ("all", "head")
+        return trains in ("all", "method") and (marker is None or marker in name)
+
     for name, param in model.named_parameters():
-        if param.requires_grad and (head in name) != (trains == "head"):
+        if param.requires_grad and not trained(name):
             param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise FedpeftError(f"schedule: a stage that trains {trains!r} leaves nothing to train")
@@ -313,7 +320,7 @@ def handle_train(
     rank = site_lora_rank(cfg, lora_rank)
     model = _model_with(session, cfg, global_state, rank)
     stage = cfg.stage(rnd)  # [[schedule]]: what trains this round, at which rate
-    stage_trains(model, stage.trains)
+    stage_trains(model, stage.trains, MARKERS[stage.method] if cfg.method.compose else None)
     result = train_local(
         model,
         session.train,
@@ -635,6 +642,7 @@ def task_facts(
         dp=cfg.privacy.noise_multiplier > 0,
         trains=trains,
         full_layers=cfg.method.lora.full_layers if cfg.method.name == lora.SPEC.name else 0,
+        composed=cfg.method.compose,
     )
 
 

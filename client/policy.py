@@ -111,6 +111,9 @@ class TaskFacts:
     trains: bool = True
     #: Encoder layers the run trains whole (``method.lora.full_layers``; 0 for other methods).
     full_layers: int = 0
+    #: Other methods the run trains in its stages (``method.compose``), each judged as
+    #: ``method`` is.
+    composed: tuple[str, ...] = ()
 
 
 def expected_upload_bytes(
@@ -157,11 +160,12 @@ def check_task(
     aggregation, DP, approval."""
     if task.coordinator_key not in trusted_keys:
         _refuse(f"coordinator key {task.coordinator_key} is not trusted at this site")
-    if task.method not in policy.methods:
-        _refuse(
-            f"method {task.method!r} is not allowed at this site "
-            f"(allowed: {', '.join(policy.methods) or 'none'})"
-        )
+    for method in (task.method, *task.composed):
+        if method not in policy.methods:
+            _refuse(
+                f"method {method!r} is not allowed at this site "
+                f"(allowed: {', '.join(policy.methods) or 'none'})"
+            )
     if task.full_layers > policy.max_full_layers:
         _refuse(
             f"{task.full_layers} encoder layer(s) trained whole (method.lora.full_layers), above "

@@ -89,6 +89,9 @@ class MethodConfig:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    #: Other methods in the same model, for a staged run whose stages train different methods
+    #: (set from ``[[schedule]]``; common/methods/compose.py). Empty: the method alone.
+    compose: tuple[str, ...] = ()
 
     def trains_base_weights(self) -> bool:
         """Whether the method trains weights of the base model itself (``full``, or LoRA with
@@ -135,9 +138,14 @@ class Stage:
     with LoRA (linear probing, then fine-tuning: Kumar et al. 2022)."""
 
     rounds: int = 1
-    #: 0 = the run's ``train.lr`` (resolved when the config is built).
+    #: 0 = the run's ``train.lr``, or for a stage of another method, that method's default rate
+    #: (resolved when the config is built).
     lr: float = 0.0
     trains: str = "all"
+    #: The method whose parameters the stage trains (with the head, per ``trains``); "" = the
+    #: run's ``method.name``. Stages of different methods compose them in one model
+    #: (``method.compose``; common/methods/compose.py).
+    method: str = ""
 
 
 #: ``train.class_weight`` values.
@@ -673,6 +681,7 @@ def _check_model_and_training(
     for spec in specs():
         if spec.config is not None:
             problems.extend(spec.check(getattr(method, spec.name)))
+    _check_compose(method, problems)
     need(t.local_epochs >= 1, "train.local_epochs: must be at least 1")
     need(t.batch_size >= 1, "train.batch_size: must be at least 1")
     need(t.lr >= 0, "train.lr: must not be negative (0 = the method's own rate)")
@@ -734,6 +743,22 @@ def _check_distill(d: DistillConfig, prefix: str, problems: list[str]) -> None:
                 )
 
 
+def _check_compose(method: MethodConfig, problems: list[str]) -> None:
+    """A model of several methods (``method.compose``): ones that compose, LoRA without
+    ``full_layers``."""
+    from fedpeft.common.methods import compose
+
+    if not method.compose:
+        return
+    names = (method.name, *method.compose)
+    if len(set(names)) < len(names):
+        problems.append(f"method.compose: {', '.join(names)}: each method once")
+    distinct = tuple(dict.fromkeys(names))
+    problems.extend(f"method.compose: {p}" for p in compose.problems(distinct))
+    if "lora" in names and method.lora.full_layers:
+        problems.append("method.compose: not with method.lora.full_layers")
+
+
 def _check_schedule(schedule: tuple[Stage, ...], rounds: int, problems: list[str]) -> None:
     need = _needs(problems)
     for i, stage in enumerate(schedule):
@@ -743,6 +768,10 @@ def _check_schedule(schedule: tuple[Stage, ...], rounds: int, problems: list[str
         need(
             stage.trains in STAGE_TRAINS,
             f"{where}.trains: {stage.trains!r} is not one of {', '.join(STAGE_TRAINS)}",
+        )
+        need(
+            stage.method in ("", *method_names()),
+            f"{where}.method: unknown method {stage.method!r}",
         )
     if schedule:
         total = sum(s.rounds for s in schedule)
@@ -761,6 +790,10 @@ def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     need(
         all(s.lr > 0 for s in cfg.schedule),
         "schedule: each stage's lr must be positive (resolved by the coordinator)",
+    )
+    need(
+        all(s.method in (cfg.method.name, *cfg.method.compose) for s in cfg.schedule),
+        "schedule: each stage's method must be the run's or one it composes",
     )
     _check_personalize(
         cfg.personalize,
@@ -802,6 +835,10 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
             not cfg.federation.secure_aggregation.enabled,
             "site_lora_ranks: not with secure aggregation (a component fewer sites train would "
             "show their updates in the sum; sites train the run's rank there)",
+        )
+        need(
+            not cfg.method.compose,
+            "site_lora_ranks: not with stages of different methods",
         )
         need(
             cfg.method.name == "lora",
@@ -960,10 +997,13 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from nested values; report every problem at once."""
     problems: list[str] = []
     cfg = _build(RunConfig, values, "", problems)
-    if not problems and cfg.schedule:  # a schedule sets the run's rounds
+    if not problems and cfg.schedule:  # a schedule sets the run's rounds, and its methods
         rounds = sum(s.rounds for s in cfg.schedule)
         fed = dataclasses.replace(cfg.federation, rounds=rounds)
-        cfg = dataclasses.replace(cfg, federation=fed)
+        named = [s.method for s in cfg.schedule if s.method and s.method != cfg.method.name]
+        compose = tuple(dict.fromkeys(named))
+        method = dataclasses.replace(cfg.method, compose=compose)
+        cfg = dataclasses.replace(cfg, federation=fed, method=method)
     if not problems:
         _check_ranges(cfg, problems)
     if problems:
@@ -976,8 +1016,18 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             )
         lr = get_spec(cfg.method.name).default_lr
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
-    if any(s.lr == 0 for s in cfg.schedule):  # the stored config shows each stage's rate
-        stages = tuple(s if s.lr else dataclasses.replace(s, lr=cfg.train.lr) for s in cfg.schedule)
+    if any(s.lr == 0 or not s.method for s in cfg.schedule):  # the stored config shows each
+        # stage's method and rate
+        run = cfg.method.name
+        stages = tuple(
+            dataclasses.replace(
+                s,
+                method=s.method or run,
+                lr=s.lr
+                or (cfg.train.lr if s.method in ("", run) else get_spec(s.method).default_lr),
+            )
+            for s in cfg.schedule
+        )
         cfg = dataclasses.replace(cfg, schedule=stages)
     if not cfg.tuning.lr_grid:
         # The run's own rate exactly, the others to three significant digits.

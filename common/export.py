@@ -82,7 +82,7 @@ def export_state(
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model, cfg.method, dropout=0.0, seed=cfg.seed)
     load_shared_state(model, state)
-    if get_spec(cfg.method.name).export is ExportFormat.PEFT:
+    if export_format(cfg) is ExportFormat.PEFT:
         model.save_pretrained(str(out))  # type: ignore[operator]
         files = [out / "adapter_config.json", out / "adapter_model.safetensors"]
     else:
@@ -110,6 +110,14 @@ def export_state(
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return [*files, out / MANIFEST]
+
+
+def export_format(cfg: RunConfig | SiteRunConfig) -> ExportFormat:
+    """How a run's state is exported: its method's format; fedpeft's state file for a model of
+    several methods (``method.compose``), which no one peft adapter holds."""
+    if cfg.method.compose:
+        return ExportFormat.STATE
+    return get_spec(cfg.method.name).export
 
 
 def _int8_model(cfg: RunConfig | SiteRunConfig) -> torch.nn.Module:
@@ -174,7 +182,7 @@ def load_export(
         model = _int8_model(cfg)
         model.load_state_dict(load_file(str(folder / INT8_FILE)), strict=True)
         return model.eval()
-    if spec.export is ExportFormat.PEFT:
+    if export_format(cfg) is ExportFormat.PEFT:
         from peft import PeftModel
 
         base = load_base_model(cfg.model, dropout=0.0, seed=cfg.seed)

@@ -121,12 +121,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--schedule",
         type=_stage,
         nargs="+",
-        metavar="TRAINS:ROUNDS[:LR]",
-        help="stages ([[schedule]]): for ROUNDS rounds the sites train TRAINS of the shared "
-        "parameters (all, head: the classification head alone, method: the method's own without "
-        "the head) at LR (default --lr); the next stage starts where it ended. The run's rounds "
-        "are the stages' sum, e.g. --schedule head:2:0.01 all:5 (linear probing, then "
-        "fine-tuning). Not with --patience",
+        metavar="PART:ROUNDS[:LR]",
+        help="stages ([[schedule]]): for ROUNDS rounds the sites train PART of the shared "
+        "parameters at LR (default --lr, or the method's own rate): all, head (the "
+        "classification head alone), method (the method's own without the head), or another "
+        "method's name (its parameters and the head: e.g. --method lora --schedule prompt:3 "
+        "lora:5 trains prompt tuning, then LoRA, in one model; one of prompt, prefix with one of "
+        "lora, ia3). Each stage starts where the one before ended; the run's rounds are the "
+        "stages' sum, e.g. --schedule head:2:0.01 all:5 (linear probing, then fine-tuning). "
+        "Not with --patience",
     )
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
@@ -225,17 +228,21 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _stage(text: str) -> dict[str, Any]:
-    """``--schedule``'s TRAINS:ROUNDS[:LR] -> one ``[[schedule]]`` table."""
+    """``--schedule``'s PART:ROUNDS[:LR] -> one ``[[schedule]]`` table; PART is what trains
+    (all, head, method) or a method's name (its parameters and the head)."""
+    from fedpeft.common.methods import method_names
+
     parts = text.split(":")
     try:
         if len(parts) not in (2, 3):
             raise ValueError
-        stage: dict[str, Any] = {"trains": parts[0], "rounds": int(parts[1])}
+        part = {"method": parts[0]} if parts[0] in method_names() else {"trains": parts[0]}
+        stage: dict[str, Any] = {**part, "rounds": int(parts[1])}
         if len(parts) == 3:
             stage["lr"] = float(parts[2])
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected TRAINS:ROUNDS[:LR], e.g. head:2:0.01 or all:5"
+            f"{text!r}: expected PART:ROUNDS[:LR], e.g. head:2:0.01, all:5 or prompt:3"
         ) from None
     return stage
 

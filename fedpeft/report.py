@@ -256,11 +256,13 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
 def stage_lines(config_json: str) -> list[str]:
     """Each stage of a staged run (``[[schedule]]``) as "rounds 1-2: head at lr 0.01"."""
     schedule = _config_value(config_json, "schedule")
+    composed = bool(_config_value(config_json, "method", "compose"))
     lines, end = [], 0
     for stage in schedule if isinstance(schedule, list) else []:
         start, end = end + 1, end + int(stage["rounds"])
         rounds = f"round {start}" if start == end else f"rounds {start}-{end}"
-        lines.append(f"{rounds}: {stage['trains']} at lr {float(stage['lr']):g}")
+        part = f"{stage['method']} ({stage['trains']})" if composed else stage["trains"]
+        lines.append(f"{rounds}: {part} at lr {float(stage['lr']):g}")
     return lines
 
 

@@ -3,6 +3,7 @@ rate for some rounds, and the next starts where it ended."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fedpeft.common.config import (
 from fedpeft.common.envelope import Expected, open_delta
 from fedpeft.common.errors import ConfigError, FedpeftError
 from fedpeft.common.methods import build_model
+from fedpeft.common.methods.compose import MARKERS
 from fedpeft.common.model import model_fingerprint, resolve_model_path
 from fedpeft.common.records import from_blob_record
 from fedpeft.report import stage_lines
@@ -34,7 +36,8 @@ HEAD = "classifier."
 def test_a_schedule_sets_the_rounds_and_each_stages_rate() -> None:
     cfg = build_config({"schedule": [{"rounds": 2, "lr": 0.01, "trains": "head"}, {"rounds": 3}]})
     assert cfg.federation.rounds == 5
-    assert cfg.schedule == (Stage(2, 0.01, "head"), Stage(3, cfg.train.lr, "all"))
+    lr = cfg.train.lr
+    assert cfg.schedule == (Stage(2, 0.01, "head", "lora"), Stage(3, lr, "all", "lora"))
     site = cfg.for_sites()
     assert SiteRunConfig.from_json(site.to_json()) == site
     assert [site.stage(r).trains for r in range(1, 6)] == ["head"] * 2 + ["all"] * 3
@@ -131,15 +134,96 @@ def test_the_cli_reads_stages() -> None:
 
     args = parser().parse_args(["simulate", "--schedule", "head:2:0.01", "all:5"])
     cfg = load_config(overrides=_overrides(args))
-    assert cfg.federation.rounds == 7 and cfg.schedule[0] == Stage(2, 0.01, "head")
+    assert cfg.federation.rounds == 7 and cfg.schedule[0] == Stage(2, 0.01, "head", "lora")
     with pytest.raises(SystemExit):
         parser().parse_args(["simulate", "--schedule", "head-2"])
 
 
+# -- stages of different methods: prompt tuning, then LoRA, in one model -----------------------
+
+
+def _composed(cfg: RunConfig) -> RunConfig:
+    return build_config(
+        {
+            **json.loads(cfg.to_json()),
+            "schedule": [{"rounds": 1, "method": "prompt"}, {"rounds": 1, "method": "lora"}],
+        }
+    )
+
+
+def test_stages_of_two_methods_share_one_model_of_both() -> None:
+    cfg = _composed(load_config())
+    assert (cfg.method.name, cfg.method.compose) == ("lora", ("prompt",))
+    assert [(s.method, s.lr) for s in cfg.schedule] == [("prompt", 3e-2), ("lora", 5e-3)]
+    model = build_model(cfg.model, cfg.method, 0.0, 0)
+    state = {n for n, p in model.named_parameters() if p.requires_grad}
+    prompt = {n for n in state if "prompt_encoder." in n}
+    lora = {n for n in state if ".lora_" in n}
+    head = {n for n in state if HEAD in n}
+    assert prompt and lora and head and state == prompt | lora | head
+    alone = build_model(cfg.model, load_config().method, 0.0, 0)
+    lora_alone = sum(p.numel() for n, p in alone.named_parameters() if ".lora_" in n)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in lora) == lora_alone
+    stage_trains(model, "all", MARKERS["prompt"])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == prompt | head
+    with pytest.raises(ConfigError) as err:
+        build_config({"schedule": [{"method": "adapter"}, {"method": "ia3"}]})
+    assert "adapter: not composed with another method" in str(err.value)
+    assert "methods lora, adapter, ia3: stages of different methods take at most one" in str(
+        err.value
+    )
+    with pytest.raises(ConfigError, match="not with method.lora.full_layers"):
+        build_config({"method": {"lora": {"full_layers": 1}}, "schedule": [{"method": "prompt"}]})
+
+
+def test_a_site_trains_each_methods_stage_in_turn(tmp_path: Path, cfg: RunConfig) -> None:
+    staged = _composed(cfg)
+    first, second = _delta(staged, tmp_path, 1), _delta(staged, tmp_path, 2)
+    moved = {name for name, v in first.items() if np.abs(v).max() > 0}
+    assert any("prompt_encoder." in n for n in moved)
+    assert all("prompt_encoder." in n or HEAD in n for n in moved)
+    moved = {name for name, v in second.items() if np.abs(v).max() > 0}
+    assert any(".lora_" in n for n in moved)
+    assert all(".lora_" in n or HEAD in n for n in moved)
+
+
+def test_a_composed_model_exports_as_its_state_and_loads_back(tmp_path: Path) -> None:
+    import torch
+
+    from fedpeft.common.export import STATE_FILE, export_state, load_export
+    from fedpeft.common.methods import shared_state
+
+    cfg = _composed(load_config())
+    model = build_model(cfg.model, cfg.method, 0.0, cfg.seed).eval()
+    state = {k: v + 0.01 for k, v in shared_state(model).items()}
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    files = export_state(cfg, state, tmp_path / "out", run_id=1, round=2, fingerprint=fp)
+    assert tmp_path / "out" / STATE_FILE in files
+    loaded = load_export(tmp_path / "out").eval()
+    reference = build_model(cfg.model, cfg.method, 0.0, cfg.seed).eval()
+    from fedpeft.common.methods import load_shared_state
+
+    load_shared_state(reference, state)
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_a_site_policy_judges_every_method_a_run_trains() -> None:
+    from test_policy import KEY, POLICY, _task
+
+    from fedpeft.client.policy import PolicyRefusal, check_task
+
+    check_task(POLICY, _task(composed=("prompt",)), {}, {KEY})
+    strict = dataclasses.replace(POLICY, methods=("lora",))
+    with pytest.raises(PolicyRefusal, match="method 'prompt' is not allowed"):
+        check_task(strict, _task(composed=("prompt",)), {}, {KEY})
+
+
 @pytest.mark.slow
 def test_a_staged_run_in_simulation(tmp_path: Path) -> None:
-    """Two stages in Flower's simulation: both rounds take every site and apply, and the
-    report names the stages."""
+    """Prompt tuning for a round, then LoRA, in Flower's simulation: both rounds take every
+    site and apply, and the report names the stages."""
     from site_files import write_heart_sites
 
     from fedpeft.report import render_table, summarize
@@ -155,7 +239,7 @@ def test_a_staged_run_in_simulation(tmp_path: Path) -> None:
             "model.max_length": 64,
             "seed": 1,
             "device": "cpu",
-            "schedule": [{"rounds": 1, "lr": 0.01, "trains": "head"}, {"rounds": 1}],
+            "schedule": [{"rounds": 1, "method": "prompt"}, {"rounds": 1, "method": "lora"}],
         }
     )
     result = run_simulation(cfg, cpus=2, progress=lambda _: None)
@@ -167,4 +251,4 @@ def test_a_staged_run_in_simulation(tmp_path: Path) -> None:
         text = render_table(summarize(store, result.run_id))
     finally:
         store.close()
-    assert "round 1: head at lr 0.01; round 2: all at lr 0.005" in text
+    assert "round 1: prompt (all) at lr 0.03; round 2: lora (all) at lr 0.005" in text

@@ -64,6 +64,10 @@ for _spec in BUILTIN:
 
 def build_method(cfg: MethodConfig, base: torch.nn.Module) -> torch.nn.Module:
     """Wrap ``base`` with the configured method. Only the shared parameters require grad."""
+    if cfg.compose:  # a staged run's methods, in one model
+        from fedpeft.common.methods import compose
+
+        return compose.build(cfg, base)
     spec = get_spec(cfg.name)
     settings = getattr(cfg, spec.name) if spec.config is not None else None
     return spec.build(settings, base)

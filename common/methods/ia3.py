@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.common.methods._peft import peft_model
 from fedpeft.common.methods.spec import ExportFormat, MethodSpec
@@ -13,9 +13,14 @@ if TYPE_CHECKING:
 
 def build(settings: None, base: torch.nn.Module) -> torch.nn.Module:
     """Scaling vectors where peft's defaults for the model type put them, plus the head."""
+    return peft_model(base, peft_config())
+
+
+def peft_config() -> Any:
+    """peft's (IA)³ config of :func:`build`."""
     from peft import IA3Config, TaskType
 
-    return peft_model(base, IA3Config(task_type=TaskType.SEQ_CLS))
+    return IA3Config(task_type=TaskType.SEQ_CLS)
 
 
 SPEC = MethodSpec(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -52,9 +52,15 @@ def build_at_rank(lora: LoraConfig, base: torch.nn.Module, rank: int) -> torch.n
     """LoRA of rank ``rank`` (at most ``lora.r``) that computes what the run's rank-``lora.r``
     LoRA computes from its first ``rank`` components: the same scaling, ``alpha / r`` of the
     run, so that a component means the same at every site whatever rank it trains."""
+    return peft_model(base, peft_config(lora, base, rank))
+
+
+def peft_config(lora: LoraConfig, base: torch.nn.Module, rank: int | None = None) -> Any:
+    """peft's LoRA config of :func:`build_at_rank` (``rank`` None: the run's)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType
 
+    rank = lora.r if rank is None else rank
     if not 1 <= rank <= lora.r:
         raise ValueError(f"LoRA rank {rank} outside 1..{lora.r}")
     targets: list[str] | str = list(lora.target_modules)
@@ -67,17 +73,14 @@ def build_at_rank(lora: LoraConfig, base: torch.nn.Module, rank: int) -> torch.n
         names = "|".join(re.escape(t) for t in lora.target_modules)
         layers = "|".join(str(i) for i in top)
         targets = rf"(?!.*\.encoder\.layer\.({layers})\.)(.*\.)?({names})"
-    return peft_model(
-        base,
-        PeftLoraConfig(
-            task_type=TaskType.SEQ_CLS,
-            r=rank,
-            # peft types it int, and only divides it by r: a float keeps alpha / r exact.
-            lora_alpha=lora.alpha if rank == lora.r else lora.alpha * rank / lora.r,  # type: ignore[arg-type]
-            lora_dropout=lora.dropout,
-            target_modules=targets,
-            modules_to_save=full,  # trained and saved whole, beside the classification head
-        ),
+    return PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=rank,
+        # peft types it int, and only divides it by r: a float keeps alpha / r exact.
+        lora_alpha=lora.alpha if rank == lora.r else lora.alpha * rank / lora.r,  # type: ignore[arg-type]
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        modules_to_save=full,  # trained and saved whole, beside the classification head
     )
 
 
