@@ -225,6 +225,8 @@ def site_lora_rank(cfg: SiteRunConfig, setting: int) -> int:
     run_rank = cfg.method.lora.r
     if setting <= 0 or setting >= run_rank or cfg.privacy.secure_aggregation:
         return run_rank
+    if cfg.method.compose:  # LoRA beside another method: its layers are the run's rank
+        return run_rank
     return setting
 
 
