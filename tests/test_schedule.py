@@ -230,6 +230,7 @@ def test_a_staged_run_in_simulation(tmp_path: Path) -> None:
     from fedpeft.server.store import open_store
     from fedpeft.simulate import run_simulation
 
+    (tmp_path / "sites").mkdir()
     sites = write_heart_sites(tmp_path / "sites", ("a-cleveland", "b-hungary"), 60)
     db = f"sqlite:///{tmp_path / 'run.db'}"
     cfg = load_config(
