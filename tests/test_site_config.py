@@ -150,6 +150,8 @@ def test_the_site_config_holds_what_sites_read_and_no_coordinator_setting() -> N
         "histogram_bins",
         "personalize",
         "personalize_epochs",
+        "distill",
+        "schedule",
     }
     assert (site.seed, site.model, site.method, site.train) == (
         cfg.seed,
