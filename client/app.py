@@ -223,9 +223,8 @@ def site_lora_rank(cfg: SiteRunConfig, setting: int) -> int:
     if cfg.method.name != lora.SPEC.name:
         return 0
     run_rank = cfg.method.lora.r
-    if setting <= 0 or setting >= run_rank or cfg.privacy.secure_aggregation:
-        return run_rank
-    if cfg.method.compose:  # LoRA beside another method: its layers are the run's rank
+    # Beside another method (a staged run's composed model) LoRA's layers are the run's rank.
+    if setting <= 0 or setting >= run_rank or cfg.privacy.secure_aggregation or cfg.method.compose:
         return run_rank
     return setting
 
@@ -260,7 +259,12 @@ def teacher_of(
         teacher_model = dataclasses.replace(cfg.model, layers=d.teacher_layers)
         base = _base_model(cfg, session.device, quantize, teacher_model)
         model = build_method(d.teacher_method, copy.deepcopy(base))
-        load_shared_state(model, to_torch(teacher_state))
+        try:
+            load_shared_state(model, to_torch(teacher_state))
+        except ValueError as exc:
+            raise ForgedGlobalState(  # signed but inconsistent: the coordinator's bug, refused
+                f"the teacher state does not fit distill.teacher_method: {exc}"
+            ) from None
         logits = logits_of(model.to(session.device), session.train, session.device)
         session.teacher_logits.clear()  # one teacher a run: the run's before it is done with
         session.teacher_logits[key] = logits

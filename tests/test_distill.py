@@ -227,6 +227,11 @@ def test_a_site_distills_the_signed_teacher_and_sends_only_the_students_delta(
     (logits,) = session.teacher_logits.values()
     assert logits.shape == (len(session.train), 2)
     assert (logits[:, 1] > logits[:, 0]).mean() > 0.9  # the teacher's head leans positive
+    # A teacher state that is not of the teacher's method is refused, and named.
+    content[keys.GLOBAL] = blob_record(_signed(cfg, {"x": np.zeros(2, np.float32)}))
+    reply = handle(Message(content, dst_node_id=7, message_type="train"), setup)
+    assert reply.content[keys.CONFIG][keys.STATUS] == "error"
+    assert "teacher state does not fit" in reply.content[keys.CONFIG][keys.ERROR]
 
 
 def _stored_teacher(tmp_path: Path, cfg: RunConfig, status: str = "finished") -> tuple[str, bytes]:
