@@ -81,7 +81,7 @@ from fedpeft.common.envelope import (
 from fedpeft.common.errors import ConfigError, DataError, FedpeftError, FingerprintMismatch
 from fedpeft.common.keys import Phase, SiteStatus
 from fedpeft.common.methods import build_method, load_shared_state, lora, shared_state
-from fedpeft.common.methods.compose import MARKERS
+from fedpeft.common.methods.compose import stage_marker, stage_trains_name
 from fedpeft.common.metrics import Evaluation
 from fedpeft.common.model import (
     load_base_model,
@@ -128,7 +128,7 @@ class SiteSession:
 _SESSIONS: dict[tuple[Any, str], SiteSession] = {}
 _MAX_SESSIONS = 1024
 _BASES: dict[tuple[Any, ...], torch.nn.Module] = {}
-_MAX_BASES = 2  # ~90 MB each with the default model
+_MAX_BASES = 3  # ~90 MB each with the default model; a distillation run holds two
 #: A shipped or generated data set's sites, read once per process (a folder's files are read
 #: for each new session: they may change between runs).
 _DATASETS: dict[DataConfig, list[SiteData]] = {}
@@ -277,15 +277,8 @@ def stage_trains(model: torch.nn.Module, trains: str, marker: str | None = None)
     the head (``method``), or both (``all``). ``marker``: in a model of several methods, the
     substring naming the stage's method's parameters (common/methods/compose.py ``MARKERS``);
     None: every shared parameter but the head is the method's. The rest stays as it is."""
-    head = PERSONAL_MARKERS["head"]
-
-    def trained(name: str) -> bool:
-        if head in name:
-            return trains in ("all", "head")
-        return trains in ("all", "method") and (marker is None or marker in name)
-
     for name, param in model.named_parameters():
-        if param.requires_grad and not trained(name):
+        if param.requires_grad and not stage_trains_name(name, trains, marker):
             param.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise FedpeftError(f"schedule: a stage that trains {trains!r} leaves nothing to train")
@@ -326,7 +319,7 @@ def handle_train(
     rank = site_lora_rank(cfg, lora_rank)
     model = _model_with(session, cfg, global_state, rank)
     stage = cfg.stage(rnd)  # [[schedule]]: what trains this round, at which rate
-    stage_trains(model, stage.trains, MARKERS[stage.method] if cfg.method.compose else None)
+    stage_trains(model, stage.trains, stage_marker(cfg, rnd))
     result = train_local(
         model,
         session.train,

@@ -458,10 +458,11 @@ class SiteRunConfig:
     #: (``federation.personalize``, ``federation.personalize_epochs``).
     personalize: str
     personalize_epochs: int
-    #: The teacher a student imitates (``[distill]``); ``teacher_run`` 0: none.
-    distill: DistillConfig
+    #: The teacher a student imitates (``[distill]``); ``teacher_run`` 0: none. (The defaults
+    #: here and in other settings added since are what an older export's config reads as.)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     #: The run's stages (``[[schedule]]``); empty: every round trains everything at train.lr.
-    schedule: tuple[Stage, ...]
+    schedule: tuple[Stage, ...] = ()
 
     def stage(self, rnd: int) -> Stage:
         """The stage round ``rnd`` is in; the whole run as one stage without a schedule."""
@@ -472,9 +473,10 @@ class SiteRunConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> SiteRunConfig:
+    def from_json(cls, text: str | bytes, complete: bool = True) -> SiteRunConfig:
         """Parse and check a site config; ``ConfigError`` naming every problem (every setting
-        must be there: a signed config is complete)."""
+        must be there: a signed config is complete; ``complete`` False: a stored one, such as
+        an older export's, where a setting added since takes its default)."""
         try:
             values = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -482,7 +484,7 @@ class SiteRunConfig:
         if not isinstance(values, dict):
             raise ConfigError("site config: expected a JSON object")
         problems: list[str] = []
-        cfg = _build(cls, values, "", problems, complete=True)
+        cfg = _build(cls, values, "", problems, complete=complete)
         if not problems:
             _check_site(cfg, problems)
         if problems:
@@ -735,6 +737,11 @@ def _check_distill(d: DistillConfig, prefix: str, problems: list[str]) -> None:
     need(0 <= d.alpha <= 1, f"{prefix}alpha: must be in [0, 1], got {d.alpha!r}")
     need(d.teacher_layers >= 0, f"{prefix}teacher_layers: must be 0 (every layer) or more")
     if d.enabled:
+        need(
+            not d.teacher_method.trains_base_weights(),
+            f"{prefix}teacher_method: {d.teacher_method.name!r} trains base weights (full, or "
+            "lora.full_layers): its state is the model itself, too large to send every round",
+        )
         for spec in specs():
             if spec.config is not None:
                 problems.extend(
@@ -787,6 +794,10 @@ def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     _check_distill(cfg.distill, "distill.", problems)
     _check_schedule(cfg.schedule, cfg.rounds, problems)
+    need(
+        not cfg.method.compose or bool(cfg.schedule),
+        "method.compose: only with the stages of a schedule that train each method",
+    )
     need(
         all(s.lr > 0 for s in cfg.schedule),
         "schedule: each stage's lr must be positive (resolved by the coordinator)",
@@ -910,6 +921,10 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     _check_privacy(f, problems)
     _check_distill(cfg.distill, "distill.", problems)
     _check_schedule(cfg.schedule, f.rounds, problems)
+    need(
+        not cfg.method.compose or bool(cfg.schedule),
+        "method.compose: set by the stages of a [[schedule]] that train other methods, not alone",
+    )
     if cfg.schedule:
         need(
             f.patience == 0,

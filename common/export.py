@@ -165,7 +165,9 @@ def load_export(
         values = {**values, "model": {**values["model"], "name_or_path": base_model}}
     text = json.dumps(values)
     cfg: RunConfig | SiteRunConfig = (
-        RunConfig.from_json(text) if manifest.get("format") == 1 else SiteRunConfig.from_json(text)
+        RunConfig.from_json(text)
+        if manifest.get("format") == 1
+        else SiteRunConfig.from_json(text, complete=False)
     )
     path = resolve_model_path(cfg.model)
     if model_fingerprint(path) != manifest["base_model_fingerprint"]:

@@ -732,6 +732,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulate import record_baselines
 
     started = time.perf_counter()
+    if args.tune_lr and args.schedule:
+        raise FedpeftError(
+            "--tune-lr varies the run's rate; a --schedule sets each stage's own: give one of them"
+        )
     if args.tune_lr and args.resume is not None:
         raise FedpeftError(
             "--tune-lr starts new runs, one per rate; --resume takes up one run with its own "

@@ -54,6 +54,12 @@ def student_config(
     values = json.loads(teacher.to_json())
     values["model"]["layers"] = layers
     values["federation"]["personalize"] = "none"
+    # One method, every round: a staged teacher's stages are not the student's.
+    values["schedule"] = []
+    values["method"]["compose"] = []
+    if overrides.get("method.name") not in (None, teacher.method.name):
+        values["train"]["lr"] = 0.0  # the student's method's own rate, unless --lr
+        values["site_lora_ranks"] = []  # LoRA's alone
     values["tuning"]["lr_grid"] = []  # resolved anew from the student's rate
     values["distill"] = dataclasses.asdict(
         DistillConfig(
@@ -64,8 +70,6 @@ def student_config(
             alpha=alpha,
         )
     )
-    if overrides.get("method.name") not in (None, teacher.method.name):
-        values["site_lora_ranks"] = []  # LoRA's alone
     for dotted, value in overrides.items():
         if value is None:
             continue

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.common.config import probes_used
-from fedpeft.common.errors import StoreError
+from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, EPOCHS_RUN, LORA_RANK, SITE_EPSILON
 from fedpeft.common.metrics import CALIBRATION_BINS, Difference
 from fedpeft.distilling import Comparison, side
@@ -274,8 +274,8 @@ def _distilled(store: RunStore, run_id: int, config_json: str) -> dict[str, Any]
         return {}
     try:
         pair = Comparison(side(store, int(teacher)), side(store, run_id))
-    except StoreError:
-        return {}  # the teacher's run is no longer in the store
+    except (FedpeftError, OSError, ValueError):
+        return {}  # the teacher's run is no longer in the store, or its base is not here
     t = _number(_config_value(config_json, "distill", "temperature"))
     a = _number(_config_value(config_json, "distill", "alpha"))
     return {

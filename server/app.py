@@ -202,7 +202,8 @@ def resume_point(
     recorded round, that round's global state (opened from the encrypted checkpoint) and the
     rounds so far."""
     info = store.get_run(run_id)
-    if info.config_json != cfg.to_json():
+    # As this version reads the stored config: a setting added since takes its default.
+    if RunConfig.from_json(info.config_json).to_json() != cfg.to_json():
         raise ConfigError(
             f"run {run_id} was run with another config: a resumed run keeps its own (`fedpeft "
             "run resume` and `fedpeft simulate --resume` read it from the store)"

@@ -31,6 +31,7 @@ from fedpeft.common.dp import Accountant, dp_average, noise_std_central
 from fedpeft.common.envelope import Expected, sign_global
 from fedpeft.common.errors import FedpeftError, Reason
 from fedpeft.common.keys import Phase
+from fedpeft.common.methods.compose import stage_marker, stage_trains_name
 from fedpeft.common.methods.lora import state_rank
 from fedpeft.common.records import blob_record, message_nbytes
 from fedpeft.common.secagg import (
@@ -446,7 +447,7 @@ class FederatedRun:
             self.accountant.record_round(sample_rate, [r.site for r in ordered])
             for r in ordered:
                 r.notes = {**notes[r.site], keys.SITE_EPSILON: self.accountant.site_epsilon(r.site)}
-            self.state, self.moments = server_step(self.state, delta, self.moments, self.optimizer)
+            self._step(rnd, delta)
             return True
         bounds = Bounds(
             max_examples=fed.max_examples,
@@ -464,8 +465,22 @@ class FederatedRun:
         delta, notes = aggregate(updates, bounds, ranks if lower else None)  # type: ignore[arg-type]
         for r in ordered:
             r.notes = notes[r.site]
-        self.state, self.moments = server_step(self.state, delta, self.moments, self.optimizer)
+        self._step(rnd, delta)
         return True
+
+    def _step(self, rnd: int, delta: State) -> None:
+        """Move the global state by round ``rnd``'s aggregate (``server_step``). In a staged
+        run only the round's stage's part moves: the rest keeps its values, which a server
+        optimizer's momentum or DP's noise would otherwise move (keeping them is
+        post-processing of the noisy aggregate: the DP guarantee holds)."""
+        before = self.state
+        self.state, self.moments = server_step(before, delta, self.moments, self.optimizer)
+        if self.cfg.schedule:
+            trains, marker = self.site_config.stage(rnd).trains, stage_marker(self.site_config, rnd)
+            self.state = {
+                name: value if stage_trains_name(name, trains, marker) else before[name]
+                for name, value in self.state.items()
+            }
 
     # -- secure aggregation (common/secagg.py; its messages: common/secagg_messages.py) ----------
 
@@ -756,7 +771,7 @@ class FederatedRun:
             r.notes = {WEIGHT: weights[r.site] / total_weight}
             if self.accountant is not None:
                 r.notes[keys.SITE_EPSILON] = self.accountant.site_epsilon(r.site)
-        self.state, self.moments = server_step(self.state, delta, self.moments, self.optimizer)
+        self._step(rnd, delta)
         return True
 
     # -- sampling --------------------------------------------------------------------------------

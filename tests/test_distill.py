@@ -144,6 +144,8 @@ def test_distill_settings_are_checked_and_signed(tmp_path: Path) -> None:
         assert part in text
     bad = build_config({"distill": {"teacher_method": {"lora": {"r": 0}}}})  # off: unchecked
     assert not bad.distill.enabled
+    with pytest.raises(ConfigError, match="distill.teacher_method: 'full' trains base weights"):
+        build_config({"distill": {"teacher_run": 1, "teacher_method": {"name": "full"}}})
     with pytest.raises(ConfigError, match="distill.teacher_method: method.lora.r"):
         build_config({"distill": {"teacher_run": 1, "teacher_method": {"lora": {"r": 0}}}})
 
@@ -271,6 +273,15 @@ def test_the_coordinator_takes_the_teachers_delivered_round_from_its_store(
         db=db,
     )
     assert (cfg.model.layers, cfg.distill.teacher_run, cfg.train.lr) == (2, 1, 1e-3)
+    # A staged teacher's stages are not the student's; another method takes its own rate.
+    staged = build_config(
+        {**json.loads(teacher_cfg.to_json()), "schedule": [{"method": "prompt"}, {"rounds": 2}]}
+    )
+    prompt = student_config(
+        staged, 1, layers=3, temperature=2.0, alpha=0.5, overrides={"method.name": "prompt"}
+    )
+    assert (prompt.schedule, prompt.method.compose) == ((), ())
+    assert (prompt.method.name, prompt.train.lr, prompt.federation.rounds) == ("prompt", 3e-2, 3)
     assert cfg.distill.teacher_method == teacher_cfg.method and cfg.data == teacher_cfg.data
     fp = model_fingerprint(resolve_model_path(cfg.model))
     store = open_store(db)

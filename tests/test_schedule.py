@@ -137,6 +137,18 @@ def test_the_cli_reads_stages() -> None:
     assert cfg.federation.rounds == 7 and cfg.schedule[0] == Stage(2, 0.01, "head", "lora")
     with pytest.raises(SystemExit):
         parser().parse_args(["simulate", "--schedule", "head-2"])
+    args = parser().parse_args(["simulate", "--method", "lora", "--schedule", "prompt:3", "lora:5"])
+    cfg = load_config(overrides=_overrides(args))
+    assert cfg.method.compose == ("prompt",) and cfg.schedule[0].lr == 3e-2
+
+
+def test_tune_lr_is_refused_with_a_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpeft.cli import main
+
+    assert main(["simulate", "--tune-lr", "--schedule", "head:1", "all:1"]) == 2
+    assert "--tune-lr varies the run's rate; a --schedule sets each stage's own" in (
+        capsys.readouterr().err
+    )
 
 
 # -- stages of different methods: prompt tuning, then LoRA, in one model -----------------------
@@ -161,6 +173,7 @@ def test_stages_of_two_methods_share_one_model_of_both() -> None:
     lora = {n for n in state if ".lora_" in n}
     head = {n for n in state if HEAD in n}
     assert prompt and lora and head and state == prompt | lora | head
+    assert not any(".original_module." in n for n in state)  # peft's untrained head copy
     alone = build_model(cfg.model, load_config().method, 0.0, 0)
     lora_alone = sum(p.numel() for n, p in alone.named_parameters() if ".lora_" in n)
     assert sum(p.numel() for n, p in model.named_parameters() if n in lora) == lora_alone
@@ -172,6 +185,8 @@ def test_stages_of_two_methods_share_one_model_of_both() -> None:
     assert "methods lora, adapter, ia3: stages of different methods take at most one" in str(
         err.value
     )
+    with pytest.raises(ConfigError, match="method.compose: set by the stages of a"):
+        build_config({"method": {"compose": ["prompt"]}})
     with pytest.raises(ConfigError, match="not with method.lora.full_layers"):
         build_config({"method": {"lora": {"full_layers": 1}}, "schedule": [{"method": "prompt"}]})
 
@@ -209,6 +224,22 @@ def test_a_composed_model_exports_as_its_state_and_loads_back(tmp_path: Path) ->
         assert torch.allclose(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
 
 
+def test_an_export_made_before_these_settings_still_loads(tmp_path: Path) -> None:
+    from fedpeft.common.export import MANIFEST, export_state, load_export
+    from fedpeft.common.methods import shared_state
+
+    cfg = load_config()
+    state = shared_state(build_model(cfg.model, cfg.method, 0.0, cfg.seed))
+    fp = model_fingerprint(resolve_model_path(cfg.model))
+    export_state(cfg, state, tmp_path, run_id=1, round=1, fingerprint=fp)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    for key in ("distill", "schedule"):
+        del manifest["config"][key]
+    del manifest["config"]["model"]["layers"], manifest["config"]["method"]["compose"]
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert load_export(tmp_path).config.num_hidden_layers == 6
+
+
 def test_a_site_policy_judges_every_method_a_run_trains() -> None:
     from test_policy import KEY, POLICY, _task
 
@@ -226,7 +257,10 @@ def test_a_staged_run_in_simulation(tmp_path: Path) -> None:
     site and apply, and the report names the stages."""
     from site_files import write_heart_sites
 
+    from fedpeft.common.methods import shared_state
+    from fedpeft.common.tensors import to_numpy
     from fedpeft.report import render_table, summarize
+    from fedpeft.server.checkpoints import open_state, read_store_key
     from fedpeft.server.store import open_store
     from fedpeft.simulate import run_simulation
 
@@ -241,15 +275,30 @@ def test_a_staged_run_in_simulation(tmp_path: Path) -> None:
             "seed": 1,
             "device": "cpu",
             "schedule": [{"rounds": 1, "method": "prompt"}, {"rounds": 1, "method": "lora"}],
+            # FedAdam's momentum would move what a stage froze: the coordinator keeps it.
+            "federation.server_optimizer": "fedadam",
+            "federation.server_lr": 0.01,
         }
     )
     result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    initial = to_numpy(shared_state(build_model(cfg.model, cfg.method, cfg.train.dropout, 1)))
     store = open_store(db)
     try:
         rounds = store.rounds(result.run_id)
         assert [r.round for r in rounds] == [1, 2]
         assert all(r.accepted == 2 and r.applied for r in rounds)
         text = render_table(summarize(store, result.run_id))
+        key = read_store_key(tmp_path / "run.db.key")
+        one, two = (
+            open_state(key, result.run_id, r, store.global_state(result.run_id, r)[1])
+            for r in (1, 2)
+        )
     finally:
         store.close()
+    prompt = [n for n in initial if "prompt_encoder." in n]
+    lora = [n for n in initial if ".lora_" in n]
+    assert not any(np.array_equal(one[n], initial[n]) for n in prompt)  # round 1 trained it
+    assert all(np.array_equal(one[n], initial[n]) for n in lora)  # and left LoRA as it was
+    assert all(np.array_equal(two[n], one[n]) for n in prompt)  # round 2 left the prompt
+    assert any(not np.array_equal(two[n], one[n]) for n in lora)
     assert "round 1: prompt (all) at lr 0.03; round 2: lora (all) at lr 0.005" in text

@@ -22,7 +22,7 @@ from fedpeft.common.methods import ia3, lora
 if TYPE_CHECKING:
     import torch
 
-    from fedpeft.common.config import MethodConfig
+    from fedpeft.common.config import MethodConfig, SiteRunConfig
 
 #: The methods a staged run composes, each with the substring that names its parameters.
 MARKERS = {
@@ -34,8 +34,26 @@ MARKERS = {
 #: Methods that wrap the model (one at most) and methods injected into its layers (one at most).
 WRAPPERS = ("prompt", "prefix")
 INJECTED = (lora.SPEC.name, ia3.SPEC.name)
-#: The classification head's parameters (always shared, in every method).
+#: The classification head's parameters (always shared, in every method); peft's wrapper of
+#: the head keeps the untrained original beside the trained copy, never shared.
 HEAD = "classifier."
+ORIGINAL = ".original_module."
+
+
+def stage_marker(cfg: SiteRunConfig, rnd: int) -> str | None:
+    """The substring naming the parameters of the method round ``rnd``'s stage trains, in a
+    composed model; None in a model of one method."""
+    return MARKERS[cfg.stage(rnd).method] if cfg.method.compose else None
+
+
+def stage_trains_name(name: str, trains: str, marker: str | None) -> bool:
+    """Whether a stage that trains ``trains`` (``[[schedule]]``: all, head, method) trains the
+    shared parameter ``name``; ``marker``: in a composed model, the substring of the stage's
+    method's parameters (:data:`MARKERS`), None: every parameter but the head is the method's.
+    One rule for the site that freezes and the coordinator that keeps the rest as it was."""
+    if HEAD in name:
+        return trains in ("all", "head")
+    return trains in ("all", "method") and (marker is None or marker in name)
 
 
 def problems(names: tuple[str, ...]) -> list[str]:
@@ -84,5 +102,5 @@ def build(cfg: MethodConfig, base: torch.nn.Module) -> torch.nn.Module:
         model = base
     marks = {MARKERS[n] for n in names} | {HEAD}
     for name, param in model.named_parameters():
-        param.requires_grad_(any(m in name for m in marks))
+        param.requires_grad_(ORIGINAL not in name and any(m in name for m in marks))
     return model
