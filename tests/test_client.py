@@ -331,8 +331,9 @@ def test_virtual_sites_in_one_process_share_one_frozen_base_model() -> None:
 
 
 def test_a_base_model_let_go_takes_its_sessions_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A long-lived site worker serving runs of three seeds keeps two base models, and no session
-    # keeps a third alive. (A small stand-in model: what is checked is the cache.)
+    # A long-lived site worker serving runs of more seeds than it keeps base models for
+    # (_MAX_BASES) lets the oldest go, and no session keeps it alive. (A small stand-in model:
+    # what is checked is the cache.)
     from types import SimpleNamespace
 
     import torch
@@ -342,12 +343,13 @@ def test_a_base_model_let_go_takes_its_sessions_with_it(monkeypatch: pytest.Monk
     monkeypatch.setattr(app, "_BASES", {})
     monkeypatch.setattr(app, "_SESSIONS", {})
     monkeypatch.setattr(app, "load_base_model", lambda _m, _d, _s: torch.nn.Linear(1, 1))
-    cfgs = [load_config(overrides={"seed": seed}).for_sites() for seed in (1, 2, 3)]
+    kept = app._MAX_BASES
+    cfgs = [load_config(overrides={"seed": seed}).for_sites() for seed in range(1, kept + 2)]
     cpu = torch.device("cpu")
-    first, second = (app._base_model(c, cpu) for c in cfgs[:2])
-    assert app._base_model(cfgs[0], cpu) is first  # loaded once
-    app._SESSIONS[("run-1",)] = SimpleNamespace(base=first)  # type: ignore[assignment]
-    app._SESSIONS[("run-2",)] = SimpleNamespace(base=second)  # type: ignore[assignment]
-    app._base_model(cfgs[2], cpu)
-    assert list(app._SESSIONS) == [("run-2",)]
-    assert len(app._BASES) == 2 and first not in app._BASES.values()
+    bases = [app._base_model(c, cpu) for c in cfgs[:kept]]
+    assert app._base_model(cfgs[0], cpu) is bases[0]  # loaded once
+    for i, base in enumerate(bases):
+        app._SESSIONS[(f"run-{i}",)] = SimpleNamespace(base=base)  # type: ignore[assignment]
+    app._base_model(cfgs[kept], cpu)
+    assert list(app._SESSIONS) == [(f"run-{i}",) for i in range(1, kept)]
+    assert len(app._BASES) == kept and bases[0] not in app._BASES.values()
