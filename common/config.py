@@ -680,9 +680,7 @@ def _check_model_and_training(
     need = _needs(problems)
     need(model.max_length >= 8, "model.max_length: must be at least 8")
     need(model.layers >= 0, "model.layers: must be 0 (every layer) or more")
-    for spec in specs():
-        if spec.config is not None:
-            problems.extend(spec.check(getattr(method, spec.name)))
+    problems.extend(_method_problems(method))
     _check_compose(method, problems)
     need(t.local_epochs >= 1, "train.local_epochs: must be at least 1")
     need(t.batch_size >= 1, "train.batch_size: must be at least 1")
@@ -727,6 +725,16 @@ def _check_personalize(
     )
 
 
+def _method_problems(method: MethodConfig) -> list[str]:
+    """Each registered method's check of its settings table in ``method``."""
+    return [
+        problem
+        for spec in specs()
+        if spec.config is not None
+        for problem in spec.check(getattr(method, spec.name))
+    ]
+
+
 def _check_distill(d: DistillConfig, prefix: str, problems: list[str]) -> None:
     need = _needs(problems)
     need(d.teacher_run >= 0, f"{prefix}teacher_run: must be 0 (none) or a run id")
@@ -742,12 +750,7 @@ def _check_distill(d: DistillConfig, prefix: str, problems: list[str]) -> None:
             f"{prefix}teacher_method: {d.teacher_method.name!r} trains base weights (full, or "
             "lora.full_layers): its state is the model itself, too large to send every round",
         )
-        for spec in specs():
-            if spec.config is not None:
-                problems.extend(
-                    f"{prefix}teacher_method: {p}"
-                    for p in spec.check(getattr(d.teacher_method, spec.name))
-                )
+        problems.extend(f"{prefix}teacher_method: {p}" for p in _method_problems(d.teacher_method))
 
 
 def _check_compose(method: MethodConfig, problems: list[str]) -> None:
@@ -766,8 +769,14 @@ def _check_compose(method: MethodConfig, problems: list[str]) -> None:
         problems.append("method.compose: not with method.lora.full_layers")
 
 
-def _check_schedule(schedule: tuple[Stage, ...], rounds: int, problems: list[str]) -> None:
+def _check_schedule(
+    schedule: tuple[Stage, ...], rounds: int, method: MethodConfig, problems: list[str]
+) -> None:
     need = _needs(problems)
+    need(
+        not method.compose or bool(schedule),
+        "method.compose: set by the stages of a [[schedule]] that train other methods, not alone",
+    )
     for i, stage in enumerate(schedule):
         where = f"schedule[{i}]"
         need(stage.rounds >= 1, f"{where}.rounds: must be at least 1")
@@ -793,11 +802,7 @@ def _check_site(cfg: SiteRunConfig, problems: list[str]) -> None:
     need = _needs(problems)
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     _check_distill(cfg.distill, "distill.", problems)
-    _check_schedule(cfg.schedule, cfg.rounds, problems)
-    need(
-        not cfg.method.compose or bool(cfg.schedule),
-        "method.compose: only with the stages of a schedule that train each method",
-    )
+    _check_schedule(cfg.schedule, cfg.rounds, cfg.method, problems)
     need(
         all(s.lr > 0 for s in cfg.schedule),
         "schedule: each stage's lr must be positive (resolved by the coordinator)",
@@ -920,11 +925,7 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
     )
     _check_privacy(f, problems)
     _check_distill(cfg.distill, "distill.", problems)
-    _check_schedule(cfg.schedule, f.rounds, problems)
-    need(
-        not cfg.method.compose or bool(cfg.schedule),
-        "method.compose: set by the stages of a [[schedule]] that train other methods, not alone",
-    )
+    _check_schedule(cfg.schedule, f.rounds, cfg.method, problems)
     if cfg.schedule:
         need(
             f.patience == 0,
@@ -1008,6 +1009,14 @@ def _check_privacy(f: FederationConfig, problems: list[str]) -> None:
         )
 
 
+def _resolved(stage: Stage, method: str, lr: float) -> Stage:
+    """``stage`` with its method named (``""``: the run's ``method``) and its rate (0: the run's
+    ``lr`` for the run's method, another method's own default rate)."""
+    name = stage.method or method
+    rate = stage.lr or (lr if name == method else get_spec(name).default_lr)
+    return dataclasses.replace(stage, method=name, lr=rate)
+
+
 def build_config(values: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from nested values; report every problem at once."""
     problems: list[str] = []
@@ -1031,18 +1040,8 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             )
         lr = get_spec(cfg.method.name).default_lr
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
-    if any(s.lr == 0 or not s.method for s in cfg.schedule):  # the stored config shows each
-        # stage's method and rate
-        run = cfg.method.name
-        stages = tuple(
-            dataclasses.replace(
-                s,
-                method=s.method or run,
-                lr=s.lr
-                or (cfg.train.lr if s.method in ("", run) else get_spec(s.method).default_lr),
-            )
-            for s in cfg.schedule
-        )
+    if cfg.schedule:  # the stored config shows each stage's method and rate
+        stages = tuple(_resolved(s, cfg.method.name, cfg.train.lr) for s in cfg.schedule)
         cfg = dataclasses.replace(cfg, schedule=stages)
     if not cfg.tuning.lr_grid:
         # The run's own rate exactly, the others to three significant digits.
@@ -1053,12 +1052,18 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
-    node = values
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``values`` (nested, changed in place and returned) with ``overrides`` (dotted keys) set;
+    overrides set to ``None`` are ignored, so CLI flags that were not given change nothing."""
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = values
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return values
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -1067,7 +1072,4 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     Overrides set to ``None`` are ignored, so CLI flags that were not given change nothing.
     """
     values = read_toml(path) if path is not None else {}
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(values, dotted, value)
-    return build_config(values)
+    return build_config(apply_overrides(values, overrides))

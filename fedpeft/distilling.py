@@ -49,7 +49,7 @@ def student_config(
     """The student's run config: the teacher's (data, seed, method, federation), with the
     student's ``model.layers`` and ``[distill]``, no personalization, and ``overrides`` (dotted
     keys; None changes nothing) on top. ``ConfigError`` naming every problem."""
-    from fedpeft.common.config import build_config
+    from fedpeft.common.config import apply_overrides, build_config
 
     values = json.loads(teacher.to_json())
     values["model"]["layers"] = layers
@@ -70,15 +70,7 @@ def student_config(
             alpha=alpha,
         )
     )
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = values
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    cfg = build_config(values)
+    cfg = build_config(apply_overrides(values, overrides))
     return dataclasses.replace(cfg, db=teacher.db)
 
 
