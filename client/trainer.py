@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,18 +103,27 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def _logits(
+    model: torch.nn.Module, rows: Encoded, device: torch.device, batch_size: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Each batch of ``rows`` in order: its row indices and the model's fp32 logits (eval mode,
+    no gradient)."""
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(rows)))
+            batch = _batch(rows, idx, device)
+            batch.pop("labels")
+            with _autocast(device):
+                logits = model(**batch).logits
+            yield idx, logits.float()
+
+
 def logits_of(
     model: torch.nn.Module, rows: Encoded, device: torch.device, batch_size: int = 64
 ) -> np.ndarray:
     """The model's logits on every row, in the rows' order (a teacher's, for distillation)."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = _batch(rows, np.arange(start, min(start + batch_size, len(rows))), device)
-            batch.pop("labels")
-            with _autocast(device):
-                out.append(model(**batch).logits.float().cpu().numpy())
+    out = [logits.cpu().numpy() for _, logits in _logits(model, rows, device, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.float32)
 
 
@@ -121,19 +131,11 @@ def predict(
     model: torch.nn.Module, rows: Encoded, device: torch.device, batch_size: int = 64
 ) -> tuple[np.ndarray, float]:
     """Probabilities of the positive class and the mean cross-entropy loss."""
-    model.eval()
     scores, total_loss = [], 0.0
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(rows)))
-            batch = _batch(rows, idx, device)
-            with _autocast(device):
-                out = model(**batch)
-            logits = out.logits.float()
-            total_loss += float(
-                torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
-            )
-            scores.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
+    for idx, logits in _logits(model, rows, device, batch_size):
+        labels = torch.as_tensor(rows.labels[idx]).to(device)
+        total_loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        scores.append(torch.softmax(logits, dim=-1)[:, 1].cpu().numpy())
     return np.concatenate(scores), total_loss / max(len(rows), 1)
 
 
