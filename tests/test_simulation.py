@@ -59,7 +59,15 @@ def two_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_heart_sites(tmp_path_factory.mktemp("sites"), ("a-cleveland", "b-hungary"), 60)
 
 
-def _config(folder: Path, db: str, rounds: int = 2, method: str = "lora") -> RunConfig:
+def _config(
+    folder: Path,
+    db: str,
+    rounds: int = 2,
+    method: str = "lora",
+    schedule: list[dict[str, object]] | None = None,
+    server_optimizer: str | None = None,
+    server_lr: float | None = None,
+) -> RunConfig:
     return load_config(
         overrides={
             "data.dataset": str(folder),
@@ -70,6 +78,9 @@ def _config(folder: Path, db: str, rounds: int = 2, method: str = "lora") -> Run
             "train.batch_size": 16,
             "seed": 1,
             "device": "cpu",
+            "schedule": schedule,
+            "federation.server_optimizer": server_optimizer,
+            "federation.server_lr": server_lr,
         }
     )
 
@@ -376,3 +387,39 @@ def test_a_hundred_sites_with_ten_training_a_round(tmp_path: Path) -> None:
         assert all(r.status == "ok" and r.auc is not None for r in evaluate)
     assert trained[1] != trained[2]
     assert sum("100 sites evaluated, site AUC median" in line for line in lines) == 2
+
+
+def test_a_staged_run_in_simulation(two_sites: Path, tmp_path: Path) -> None:
+    """Prompt tuning for a round, then LoRA, in Flower's simulation: both rounds take every
+    site and apply, and the report names the stages."""
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = _config(
+        two_sites,
+        db,
+        schedule=[{"rounds": 1, "method": "prompt"}, {"rounds": 1, "method": "lora"}],
+        # FedAdam's momentum would move what a stage froze: the coordinator keeps it.
+        server_optimizer="fedadam",
+        server_lr=0.01,
+    )
+    result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    initial = to_numpy(shared_state(build_model(cfg.model, cfg.method, cfg.train.dropout, 1)))
+    store = open_store(db)
+    try:
+        rounds = store.rounds(result.run_id)
+        assert [r.round for r in rounds] == [1, 2]
+        assert all(r.accepted == 2 and r.applied for r in rounds)
+        text = render_table(summarize(store, result.run_id))
+        key = read_store_key(tmp_path / "run.db.key")
+        one, two = (
+            open_state(key, result.run_id, r, store.global_state(result.run_id, r)[1])
+            for r in (1, 2)
+        )
+    finally:
+        store.close()
+    prompt = [n for n in initial if "prompt_encoder." in n]
+    lora = [n for n in initial if ".lora_" in n]
+    assert not any(np.array_equal(one[n], initial[n]) for n in prompt)  # round 1 trained it
+    assert all(np.array_equal(one[n], initial[n]) for n in lora)  # and left LoRA as it was
+    assert all(np.array_equal(two[n], one[n]) for n in prompt)  # round 2 left the prompt
+    assert any(not np.array_equal(two[n], one[n]) for n in lora)
+    assert "round 1: prompt (all) at lr 0.03; round 2: lora (all) at lr 0.005" in text
