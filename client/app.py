@@ -54,6 +54,7 @@ from fedpeft.client.secagg import Histograms, answer_once, answer_stage, masked_
 from fedpeft.client.setup import SiteSetup, setup_from_node_config, site_name
 from fedpeft.client.trainer import (
     Encoded,
+    MaskedLm,
     Teacher,
     encode_site,
     evaluate,
@@ -62,7 +63,13 @@ from fedpeft.client.trainer import (
     train_local,
 )
 from fedpeft.common import keys
-from fedpeft.common.config import PERSONAL_MARKERS, DataConfig, ModelConfig, SiteRunConfig
+from fedpeft.common.config import (
+    MLM,
+    PERSONAL_MARKERS,
+    DataConfig,
+    ModelConfig,
+    SiteRunConfig,
+)
 from fedpeft.common.data import (
     SiteData,
     data_fingerprint,
@@ -118,6 +125,9 @@ class SiteSession:
     #: A distillation teacher's logits on the training rows, by the teacher state's SHA-256:
     #: the teacher never changes during a run, so a site computes them once per process.
     teacher_logits: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: The tokenizer's mask token and vocabulary, for a schedule's mlm stage (None: it has no
+    #: mask token).
+    mlm: MaskedLm | None = None
 
 
 # One process may serve many messages (simulation keeps its actors, each serving any site);
@@ -200,6 +210,7 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
         train=rows["train"],
         val=rows["val"],
         test=rows["test"],
+        mlm=MaskedLm.of(tokenizer),
     )
     if site.skipped_rows:
         log.warning("site %s: skipped %d bad rows", site.name, site.skipped_rows)
@@ -223,8 +234,10 @@ def site_lora_rank(cfg: SiteRunConfig, setting: int) -> int:
     if cfg.method.name != lora.SPEC.name:
         return 0
     run_rank = cfg.method.lora.r
-    # Beside another method (a staged run's composed model) LoRA's layers are the run's rank.
-    if setting <= 0 or setting >= run_rank or cfg.privacy.secure_aggregation or cfg.method.compose:
+    # Beside another method or a masked-language head (a staged run's model) LoRA's layers are
+    # the run's rank.
+    beside = bool(cfg.method.compose) or cfg.method.mlm
+    if setting <= 0 or setting >= run_rank or cfg.privacy.secure_aggregation or beside:
         return run_rank
     return setting
 
@@ -320,6 +333,9 @@ def handle_train(
     model = _model_with(session, cfg, global_state, rank)
     stage = cfg.stage(rnd)  # [[schedule]]: what trains this round, at which rate
     stage_trains(model, stage.trains, stage_marker(cfg, rnd))
+    mlm = stage.trains == MLM  # domain-adaptive pretraining on the notes, no labels
+    if mlm and session.mlm is None:
+        raise FedpeftError("schedule: an mlm stage needs a tokenizer with a mask token")
     result = train_local(
         model,
         session.train,
@@ -329,7 +345,8 @@ def handle_train(
         session.device,
         site_seed(cfg.seed, rnd, session.site),
         span=((rnd - 1) / cfg.rounds, rnd / cfg.rounds),  # where the rate schedule is
-        teacher=teacher,
+        teacher=None if mlm else teacher,
+        mlm=session.mlm if mlm else None,
     )
     local = to_numpy(shared_state(model))  # what trained: a stage may leave a part as it was
     start = lora.truncate(global_state, rank) if rank else global_state
@@ -354,6 +371,7 @@ def handle_train(
             keys.EPOCHS_RUN: result.epochs_run,
             "seconds-per-step": result.seconds_per_step,
             **({keys.LORA_RANK: rank} if rank else {}),
+            **({keys.MLM_LOSS: result.best_val_loss} if mlm else {}),
         }
     )
     return delta, metrics
@@ -642,6 +660,7 @@ def task_facts(
         trains=trains,
         full_layers=cfg.method.lora.full_layers if cfg.method.name == lora.SPEC.name else 0,
         composed=cfg.method.compose,
+        mlm=cfg.method.mlm,
     )
 
 

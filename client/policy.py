@@ -73,6 +73,10 @@ class SitePolicy:
     #: Most encoder layers a hybrid LoRA run may train whole here (``method.lora.full_layers``:
     #: their weights' deltas leave, as ``full``'s do) [0: none].
     max_full_layers: int = 0
+    #: Train a schedule's mlm stages, domain-adaptive pretraining on this site's notes (their
+    #: text alone; what leaves is the delta of the method and of a masked-language head)
+    #: [false].
+    mlm: bool = False
     #: ClientApp references (``module:attribute``) the site worker runs
     #: [``fedpeft.client.app:app``].
     apps: tuple[str, ...] = DEFAULT_APPS
@@ -114,6 +118,8 @@ class TaskFacts:
     #: Other methods the run trains in its stages (``method.compose``), each judged as
     #: ``method`` is.
     composed: tuple[str, ...] = ()
+    #: The run has mlm stages (``method.mlm``): sites pretrain on their notes' text.
+    mlm: bool = False
 
 
 def expected_upload_bytes(
@@ -156,7 +162,7 @@ def check_task(
     ``approvals``: the approved manifests by config hash (client/approvals.py);
     ``trusted_keys``: the fingerprints of the policy's coordinator keys
     (:func:`read_coordinator_keys`). The first rule broken is named, in this order: coordinator
-    key, method, layers trained whole, codec, local epochs, rounds, upload size, secure
+    key, method, layers trained whole, mlm stages, codec, local epochs, rounds, upload size, secure
     aggregation, DP, approval."""
     if task.coordinator_key not in trusted_keys:
         _refuse(f"coordinator key {task.coordinator_key} is not trusted at this site")
@@ -170,6 +176,11 @@ def check_task(
         _refuse(
             f"{task.full_layers} encoder layer(s) trained whole (method.lora.full_layers), above "
             f"the site's maximum of {policy.max_full_layers} (max_full_layers)"
+        )
+    if task.mlm and not policy.mlm:
+        _refuse(
+            "the run pretrains on the notes (a schedule's mlm stage); this site's policy "
+            "does not allow it (mlm = false)"
         )
     if task.codec not in policy.codecs:
         _refuse(

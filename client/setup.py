@@ -157,6 +157,7 @@ def _policy_from(values: dict[str, Any]) -> SitePolicy:
         codecs=names("codecs"),
         max_upload_bytes=number("max_upload_bytes"),
         max_full_layers=number("max_full_layers") if "max_full_layers" in values else 0,
+        mlm=flag("mlm") if "mlm" in values else False,
         apps=names("apps"),
         require_secure_aggregation=flag("require_secure_aggregation"),
         require_dp=flag("require_dp"),

@@ -67,6 +67,88 @@ class Teacher:
         return self.alpha * t * t * soft + (1 - self.alpha) * hard
 
 
+#: Positions a masked-language target ignores.
+_IGNORE = -100
+
+
+@dataclass(frozen=True)
+class MaskedLm:
+    """Masked-language modelling on a site's notes, a schedule's ``mlm`` stage (domain-adaptive
+    pretraining): BERT's recipe (Devlin et al. 2019). Of each row's tokens but the special ones,
+    ``rate`` are chosen; a chosen token is replaced by the mask token (80 %), a random token
+    (10 %) or kept (10 %), and the model predicts the originals through its masked-language
+    head (common/methods/mlm.py). The labels are not read."""
+
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    rate: float = 0.15
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> MaskedLm | None:
+        """The tokenizer's mask token and vocabulary; None when it has no mask token."""
+        if tokenizer.mask_token_id is None:
+            return None
+        return cls(int(tokenizer.mask_token_id), len(tokenizer), tuple(tokenizer.all_special_ids))
+
+    def masked(
+        self, ids: torch.Tensor, attention: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids`` (CPU) with tokens chosen and replaced, and the targets: the chosen tokens'
+        originals, :data:`_IGNORE` elsewhere."""
+        special = torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype))
+        chosen = (torch.rand(ids.shape, generator=generator) < self.rate) & attention.bool()
+        chosen &= ~special
+        targets = torch.where(chosen, ids, torch.full_like(ids, _IGNORE))
+        roll = torch.rand(ids.shape, generator=generator)
+        out = ids.clone()
+        out[chosen & (roll < 0.8)] = self.mask_id
+        swapped = chosen & (roll >= 0.8) & (roll < 0.9)
+        out[swapped] = torch.randint(
+            self.vocab_size, (int(swapped.sum()),), generator=generator, dtype=ids.dtype
+        )
+        return out, targets
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, int]:
+        """The mean cross-entropy over the batch's chosen tokens, and how many there were."""
+        from fedpeft.common.methods.mlm import vocabulary_logits
+
+        device = batch["input_ids"].device
+        attention = batch["attention_mask"]
+        ids, targets = self.masked(batch["input_ids"].cpu(), attention.cpu(), generator)
+        with _autocast(device):
+            out = model(
+                input_ids=ids.to(device),
+                attention_mask=attention,
+                output_hidden_states=True,
+            )
+            # The notes' own positions: prompt tuning puts its virtual tokens before them.
+            hidden = out.hidden_states[-1][:, -ids.shape[1] :]
+            chosen = (targets != _IGNORE).to(device)
+            if not bool(chosen.any()):
+                return hidden.sum() * 0.0, 0
+            logits = vocabulary_logits(model, hidden[chosen])
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets.to(device)[chosen])
+        return loss, int(chosen.sum())
+
+    def mean_loss(
+        self, model: torch.nn.Module, rows: Encoded, device: torch.device, seed: int
+    ) -> float:
+        """The mean loss per chosen token over ``rows`` (eval mode, no gradient), the same
+        tokens chosen for the same ``seed``: validation loss comparable across epochs."""
+        model.eval()
+        generator = torch.Generator().manual_seed(seed)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(rows), 64):
+                idx = np.arange(start, min(start + 64, len(rows)))
+                loss, n = self.loss(model, _batch(rows, idx, device), generator)
+                total, count = total + float(loss) * n, count + n
+        return total / count if count else float("inf")
+
+
 def encode(tokenizer: Any, texts: list[str], labels: np.ndarray, max_length: int) -> Encoded:
     out = tokenizer(texts, truncation=True, max_length=max_length)
     return Encoded(tuple(tuple(x) for x in out["input_ids"]), np.asarray(labels, dtype=np.int64))
@@ -179,6 +261,7 @@ def train_local(
     seed: int,
     span: tuple[float, float] = (0.0, 1.0),
     teacher: Teacher | None = None,
+    mlm: MaskedLm | None = None,
 ) -> TrainResult:
     """Train the model's shared parameters for up to ``epochs`` epochs; keep the best on ``val``.
 
@@ -186,8 +269,11 @@ def train_local(
     ((r - 1) / R, r / R)); the learning-rate schedule (``train.warmup``, ``train.decay``) follows
     it, each step taking the rate at its midpoint, so that sites and baselines see the same rate
     at the same share of their budget. With a ``teacher`` (distillation), the loss is its
-    :meth:`Teacher.loss`; early stopping still reads the hard labels' loss on ``val``."""
+    :meth:`Teacher.loss`; early stopping still reads the hard labels' loss on ``val``. With
+    ``mlm`` (a schedule's mlm stage), the loss and early stopping's are its masked-language
+    loss on the rows' text (:class:`MaskedLm`); the labels are not read."""
     torch.manual_seed(seed)
+    masking = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -208,11 +294,14 @@ def train_local(
             idx = order[start : start + cfg.batch_size]
             batch = _batch(train, idx, device)
             labels = batch.pop("labels")
-            with _autocast(device):
-                logits = model(**batch).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight)
-            if teacher is not None:
-                loss = teacher.loss(logits.float(), idx, loss)
+            if mlm is not None:
+                loss, _ = mlm.loss(model, batch, masking)
+            else:
+                with _autocast(device):
+                    logits = model(**batch).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight)
+                if teacher is not None:
+                    loss = teacher.loss(logits.float(), idx, loss)
             if anchor is not None:
                 drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                 loss = loss + 0.5 * cfg.prox_mu * drift
@@ -228,7 +317,10 @@ def train_local(
             steps += 1
         train_seconds += time.perf_counter() - epoch_started
         epochs_run += 1
-        _, val_loss = predict(model, val, device)
+        if mlm is not None:
+            val_loss = mlm.mean_loss(model, val, device, seed)
+        else:
+            _, val_loss = predict(model, val, device)
         if val_loss < best_loss:
             best_loss, best_state, stale = val_loss, shared_state(model), 0
         else:

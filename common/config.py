@@ -92,6 +92,10 @@ class MethodConfig:
     #: Other methods in the same model, for a staged run whose stages train different methods
     #: (set from ``[[schedule]]``; common/methods/compose.py). Empty: the method alone.
     compose: tuple[str, ...] = ()
+    #: A masked-language head beside the method, for a staged run's domain-adaptive pretraining
+    #: (a ``[[schedule]]`` stage that trains ``mlm``; common/methods/mlm.py). Set from the
+    #: schedule, like ``compose``.
+    mlm: bool = False
 
     def trains_base_weights(self) -> bool:
         """Whether the method trains weights of the base model itself (``full``, or LoRA with
@@ -125,8 +129,12 @@ class DistillConfig:
 
 
 #: ``[[schedule]]`` ``trains`` values: every shared parameter, the classification head alone,
-#: or the method's own parameters without the head (client/app.py ``stage_trains``).
-STAGE_TRAINS = ("all", "head", "method")
+#: the method's own parameters without the head (client/app.py ``stage_trains``), or the
+#: method's own with a masked-language head on the site's notes, no labels: domain-adaptive
+#: pretraining (``mlm``; client/trainer.py ``MaskedLm``).
+STAGE_TRAINS = ("all", "head", "method", "mlm")
+#: The stage that pretrains on the notes (``[[schedule]]`` ``trains``; ``--dapt-rounds``).
+MLM = "mlm"
 
 
 @dataclass(frozen=True)
@@ -544,6 +552,19 @@ class RunConfig:
         dp = dataclasses.replace(f.dp, noise_multiplier=float(sigma))
         return dataclasses.replace(self, federation=dataclasses.replace(f, dp=dp))
 
+    def with_dapt(self, rounds: int) -> RunConfig:
+        """This config with ``rounds`` rounds of domain-adaptive pretraining first
+        (``--dapt-rounds``): an mlm stage before the run's stages, or before one stage of the
+        run's rounds that trains every shared parameter; checked as a run config is."""
+        if rounds < 1:
+            raise ConfigError(f"--dapt-rounds: must be at least 1, got {rounds}")
+        if any(s.trains == MLM for s in self.schedule):
+            raise ConfigError("--dapt-rounds: the schedule has an mlm stage already")
+        stages = self.schedule or (Stage(rounds=self.federation.rounds, trains="all"),)
+        values = dataclasses.asdict(self)
+        values["schedule"] = [dataclasses.asdict(s) for s in (Stage(rounds, trains=MLM), *stages)]
+        return build_config(values)
+
     def _fixed_point_range(self) -> float:
         """The fixed-point range of a masked update: ``secure_aggregation.clip`` and, with
         distributed DP, six standard deviations of the largest noise share a site adds
@@ -777,6 +798,15 @@ def _check_schedule(
         not method.compose or bool(schedule),
         "method.compose: set by the stages of a [[schedule]] that train other methods, not alone",
     )
+    need(
+        method.mlm == any(s.trains == MLM for s in schedule),
+        "method.mlm: set by a [[schedule]] stage that trains mlm, not alone",
+    )
+    need(
+        not schedule or schedule[-1].trains != MLM,
+        "schedule: the last stage trains mlm, so the classifier would never be trained after "
+        "it; end with a stage that trains the head (all or head)",
+    )
     for i, stage in enumerate(schedule):
         where = f"schedule[{i}]"
         need(stage.rounds >= 1, f"{where}.rounds: must be at least 1")
@@ -853,8 +883,8 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
             "show their updates in the sum; sites train the run's rank there)",
         )
         need(
-            not cfg.method.compose,
-            "site_lora_ranks: not with stages of different methods",
+            not cfg.method.compose and not cfg.method.mlm,
+            "site_lora_ranks: not with stages of different methods or an mlm stage",
         )
         need(
             cfg.method.name == "lora",
@@ -1026,7 +1056,8 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         fed = dataclasses.replace(cfg.federation, rounds=rounds)
         named = [s.method for s in cfg.schedule if s.method and s.method != cfg.method.name]
         compose = tuple(dict.fromkeys(named))
-        method = dataclasses.replace(cfg.method, compose=compose)
+        mlm = any(s.trains == MLM for s in cfg.schedule)
+        method = dataclasses.replace(cfg.method, compose=compose, mlm=mlm)
         cfg = dataclasses.replace(cfg, federation=fed, method=method)
     if not problems:
         _check_ranges(cfg, problems)

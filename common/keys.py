@@ -78,6 +78,9 @@ EPOCHS_RUN: Final = "epochs-run"
 #: The LoRA rank the site trained at: the run's, or lower at a site of less capacity (its
 #: ``lora_rank`` setting; common/methods/lora.py). Only in a LoRA run's train replies.
 LORA_RANK: Final = "lora-rank"
+#: A schedule's mlm stage: the masked-language loss per chosen token on the validation rows
+#: of the local model kept (client/trainer.py ``MaskedLm``).
+MLM_LOSS: Final = "mlm-loss"
 
 # SiteResult.extra keys the coordinator records for a site (besides aggregation's).
 #: A DP run's epsilon for this site after the round, over the rounds it took part in

@@ -49,6 +49,7 @@ TRAIN_METRICS: tuple[str, ...] = (
     keys.EPOCHS_RUN,
     "seconds-per-step",
     keys.LORA_RANK,
+    keys.MLM_LOSS,
 )
 #: What a site's evaluate reply carries besides the histogram.
 EVALUATE_METRICS: tuple[str, ...] = (

@@ -131,6 +131,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "stages' sum, e.g. --schedule head:2:0.01 all:5 (linear probing, then fine-tuning). "
         "Not with --patience",
     )
+    p.add_argument(
+        "--dapt-rounds",
+        type=int,
+        metavar="N",
+        help="domain-adaptive pretraining first: for N rounds the sites train the method's "
+        "parameters with masked-language modelling on their notes' text (training rows only, "
+        "no labels, never test rows), aggregated like any round; the run's stages (or its "
+        "--rounds) then fine-tune from there. The same as a first stage mlm:N in --schedule",
+    )
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
     p.add_argument("--local-epochs", type=int, help="local epochs per round at each site")
@@ -732,9 +741,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulate import record_baselines
 
     started = time.perf_counter()
-    if args.tune_lr and args.schedule:
+    if args.tune_lr and (args.schedule or args.dapt_rounds):
         raise FedpeftError(
-            "--tune-lr varies the run's rate; a --schedule sets each stage's own: give one of them"
+            "--tune-lr varies the run's rate; a --schedule (or --dapt-rounds) sets each stage's "
+            "own: give one of them"
         )
     if args.tune_lr and args.resume is not None:
         raise FedpeftError(
@@ -746,6 +756,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         require_mlflow()  # before any training: a missing extra is found at once
     cfg = load_config(args.config, _overrides(args))
+    if args.dapt_rounds is not None:
+        cfg = cfg.with_dapt(args.dapt_rounds)
     if args.resume is not None:
         cfg = stored_config(cfg.db, args.resume)
     sites = "all" if cfg.federation.sites_per_round == 0 else cfg.federation.sites_per_round

@@ -471,7 +471,8 @@ def render_table(s: Summary) -> str:
     if s.stages:
         out.append(
             "schedule (what the sites trained, all: every shared parameter, head: the head "
-            "alone, method: the method's own): " + "; ".join(s.stages)
+            "alone, method: the method's own, mlm: the method's own on the notes' text, "
+            "masked-language pretraining that leaves the head as it was): " + "; ".join(s.stages)
         )
     if s.distilled is not None:
         out += _distilled_lines(s.distilled, s.distill_settings)

@@ -363,6 +363,7 @@ def _site_policy(p: _Reader, coordinator_key: Path) -> SitePolicy:
         codecs=p.names("codecs", default.codecs, CODECS),
         max_upload_bytes=p.count("max_upload_bytes", default.max_upload_bytes),
         max_full_layers=p.count("max_full_layers", default.max_full_layers, least=0),
+        mlm=p.flag("mlm", False),
         apps=p.names("apps", default.apps),
         require_secure_aggregation=p.flag("require_secure_aggregation", False),
         require_dp=p.flag("require_dp", False),

@@ -34,6 +34,7 @@ EXTRA_METRICS = (
     keys.STEPS,
     keys.EPOCHS_RUN,
     keys.LORA_RANK,
+    keys.MLM_LOSS,
     keys.VAL_LOSS,
     keys.N_VAL,
     "seconds-per-step",

@@ -64,6 +64,12 @@ for _spec in BUILTIN:
 
 def build_method(cfg: MethodConfig, base: torch.nn.Module) -> torch.nn.Module:
     """Wrap ``base`` with the configured method. Only the shared parameters require grad."""
+    if cfg.mlm:  # a masked-language head beside the method, for an mlm stage
+        from dataclasses import replace
+
+        from fedpeft.common.methods import mlm
+
+        return mlm.attach(build_method(replace(cfg, mlm=False), base))
     if cfg.compose:  # a staged run's methods, in one model
         from fedpeft.common.methods import compose
 

@@ -31,6 +31,9 @@ MARKERS = {
     "prompt": "prompt_encoder.",
     "prefix": "prompt_encoder.",
 }
+#: The masked-language head's parameters' names start with this (common/methods/mlm.py
+#: ``attach``, which sets it).
+MLM_HEAD = "mlm_head."
 #: Methods that wrap the model (one at most) and methods injected into its layers (one at most).
 WRAPPERS = ("prompt", "prefix")
 INJECTED = (lora.SPEC.name, ia3.SPEC.name)
@@ -50,10 +53,14 @@ def stage_trains_name(name: str, trains: str, marker: str | None) -> bool:
     """Whether a stage that trains ``trains`` (``[[schedule]]``: all, head, method) trains the
     shared parameter ``name``; ``marker``: in a composed model, the substring of the stage's
     method's parameters (:data:`MARKERS`), None: every parameter but the head is the method's.
-    One rule for the site that freezes and the coordinator that keeps the rest as it was."""
+    An ``mlm`` stage trains the method's parameters and the masked-language head
+    (common/methods/mlm.py), which no other stage trains. One rule for the site that freezes and
+    the coordinator that keeps the rest as it was."""
+    if name.startswith(MLM_HEAD):
+        return trains == "mlm"
     if HEAD in name:
         return trains in ("all", "head")
-    return trains in ("all", "method") and (marker is None or marker in name)
+    return trains in ("all", "method", "mlm") and (marker is None or marker in name)
 
 
 def problems(names: tuple[str, ...]) -> list[str]:
