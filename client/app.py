@@ -56,6 +56,7 @@ from fedpeft.client.trainer import (
     Encoded,
     MaskedLm,
     Teacher,
+    encode,
     encode_site,
     evaluate,
     logits_of,
@@ -73,6 +74,7 @@ from fedpeft.common.config import (
 from fedpeft.common.data import (
     SiteData,
     data_fingerprint,
+    load_notes,
     load_site_file,
     load_sites,
     split_site,
@@ -128,6 +130,9 @@ class SiteSession:
     #: The tokenizer's mask token and vocabulary, for a schedule's mlm stage (None: it has no
     #: mask token).
     mlm: MaskedLm | None = None
+    #: The notes an mlm stage pretrains on: the training rows and the site's unlabeled notes
+    #: (its ``unlabeled`` file), never a test row; None: the training rows alone.
+    pretrain: Encoded | None = None
 
 
 # One process may serve many messages (simulation keeps its actors, each serving any site);
@@ -211,6 +216,7 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
         val=rows["val"],
         test=rows["test"],
         mlm=MaskedLm.of(tokenizer),
+        pretrain=_with_notes(rows["train"], setup, tokenizer, cfg.model.max_length),
     )
     if site.skipped_rows:
         log.warning("site %s: skipped %d bad rows", site.name, site.skipped_rows)
@@ -218,6 +224,16 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
         _SESSIONS.pop(next(iter(_SESSIONS)))  # oldest first
     _SESSIONS[cache_key] = session
     return session
+
+
+def _with_notes(train: Encoded, setup: SiteSetup, tokenizer: Any, max_length: int) -> Encoded:
+    """``train`` and the site's unlabeled notes, tokenized (label 0: an mlm stage reads none);
+    ``train`` alone without an unlabeled file."""
+    if setup.unlabeled_file is None:
+        return train
+    notes = load_notes(setup.unlabeled_file, setup.schema)
+    extra = encode(tokenizer, list(notes), np.zeros(len(notes), dtype=np.int64), max_length)
+    return Encoded(train.ids + extra.ids, np.concatenate([train.labels, extra.labels]))
 
 
 def site_seed(seed: int, rnd: int, site: str) -> int:
@@ -336,9 +352,10 @@ def handle_train(
     mlm = stage.trains == MLM  # domain-adaptive pretraining on the notes, no labels
     if mlm and session.mlm is None:
         raise FedpeftError("schedule: an mlm stage needs a tokenizer with a mask token")
+    notes = session.pretrain if mlm and session.pretrain is not None else session.train
     result = train_local(
         model,
-        session.train,
+        notes,
         session.val,
         dataclasses.replace(cfg.train, lr=stage.lr),
         cfg.train.local_epochs,

@@ -77,10 +77,21 @@ class SiteSetup:
     #: How the site holds its frozen base model: ``none`` (as loaded) or ``int8`` (weights in
     #: int8, a quarter of the memory; common/quantize.py). Nothing shared changes.
     quantize: str = "none"
+    #: The site's unlabeled notes (a text column, no label), which a schedule's mlm stage
+    #: pretrains on beside the training rows' text; None: the training rows alone.
+    unlabeled_file: Path | None = None
 
     def data_key(self) -> tuple[Any, ...]:
         """What decides the site's rows and where they are trained: a session cache key part."""
-        return (self.site, self.data_file, self.partition, self.schema, self.device, self.quantize)
+        return (
+            self.site,
+            self.data_file,
+            self.partition,
+            self.schema,
+            self.device,
+            self.quantize,
+            self.unlabeled_file,
+        )
 
     def coordinator_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
         """The coordinator keys whose global states this site opens, by fingerprint: its
@@ -105,6 +116,7 @@ def write_setup_file(
     policy: SitePolicy,
     lora_rank: int = 0,
     quantize: str = "none",
+    unlabeled_file: Path | None = None,
 ) -> Path:
     """Write a deployed site's setup (from its site.toml) as JSON: names and absolute paths only,
     the keys stay in their own files; the policy as its fields. Returns ``path``."""
@@ -119,6 +131,7 @@ def write_setup_file(
         "policy": _policy_values(policy),
         "lora_rank": lora_rank,
         "quantize": quantize,
+        "unlabeled_file": None if unlabeled_file is None else str(Path(unlabeled_file).resolve()),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
@@ -179,6 +192,7 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
             raise TypeError("lora_rank is not a whole number of 0 or more")
         quantize = str(values.get("quantize", "none"))
+        unlabeled = values.get("unlabeled_file")
         setup = SiteSetup(
             site=str(values["site"]),
             data_file=Path(values["data_file"]),
@@ -190,6 +204,7 @@ def read_setup_file(path: Path, allowed_apps: tuple[str, ...] | None = None) -> 
             policy=policy,
             lora_rank=lora_rank,
             quantize=quantize,
+            unlabeled_file=None if unlabeled is None else Path(unlabeled),
         )
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the site setup ({exc.strerror})") from None

@@ -94,6 +94,11 @@ def _parse_label(value: object) -> int | None:
     return {"0": 0, "1": 1, "0.0": 0, "1.0": 1}.get(text)
 
 
+def _text(value: object) -> str:
+    """A text field as read: "" for a missing value (None, or a NaN from a data frame)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
 def load_site_file(path: Path, cfg: DataSchema, name: str | None = None) -> SiteData:
     """Load one site's file. A bad row raises :class:`DataError` naming the file, row and field,
     unless ``cfg.skip_bad_rows`` is set, in which case it is skipped and counted.
@@ -113,8 +118,7 @@ def load_site_file(path: Path, cfg: DataSchema, name: str | None = None) -> Site
     splits: list[str] = []
     skipped = 0
     for row, record in enumerate(frame.to_dict("records"), start=1):
-        text = record[cfg.text_column]
-        text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
+        text = _text(record[cfg.text_column])
         label = _parse_label(record[cfg.label_column])
         split = str(record[cfg.split_column]).strip().lower() if has_split else "train"
         problem = None
@@ -142,6 +146,28 @@ def load_site_file(path: Path, cfg: DataSchema, name: str | None = None) -> Site
         source=str(path),
         skipped_rows=skipped,
     )
+
+
+def load_notes(path: Path, cfg: DataSchema) -> tuple[str, ...]:
+    """A site's unlabeled notes (its optional ``unlabeled`` file, for a schedule's mlm stage):
+    the text column of each row, no label. An empty text raises :class:`DataError` naming the
+    file and row, unless ``cfg.skip_bad_rows`` is set (then it is skipped)."""
+    path = Path(path)
+    frame = _read_table(path)
+    if cfg.text_column not in frame.columns:
+        raise DataError(
+            f"{path}: missing column {cfg.text_column!r} "
+            f"(columns: {', '.join(map(str, frame.columns))})"
+        )
+    texts = []
+    for row, value in enumerate(frame[cfg.text_column].tolist(), start=1):
+        text = _text(value)
+        if not text.strip():
+            if cfg.skip_bad_rows:
+                continue
+            raise DataError(f"{path}: row {row}: field {cfg.text_column!r} is empty")
+        texts.append(text.strip())
+    return tuple(texts)
 
 
 def load_site_folder(folder: Path, cfg: DataSchema) -> list[SiteData]:

@@ -234,6 +234,7 @@ def write_site_setup(cfg: SiteConfig, folder: Path) -> Path:
         policy=cfg.policy,
         lora_rank=cfg.lora_rank,
         quantize=cfg.quantize,
+        unlabeled_file=cfg.unlabeled,
     )
 
 

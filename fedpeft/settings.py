@@ -289,6 +289,10 @@ class SiteConfig:
     #: How the site holds the frozen base model: none, or int8 (a quarter of the memory; no
     #: method that trains base weights, ``full``) ["none"].
     quantize: str = "none"
+    #: The site's unlabeled notes (.csv, .jsonl or .parquet; the ``[data]`` text column, no
+    #: label), which a schedule's mlm stage pretrains on beside the training rows; never the
+    #: records' test rows [none].
+    unlabeled: Path | None = None
 
 
 def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
@@ -322,6 +326,7 @@ def load_site_config(path: Path, insecure: bool = False) -> SiteConfig:
         schema=_data_schema(d),
         lora_rank=r.count("lora_rank", 0, least=0),
         quantize=r.choice("quantize", "none", QUANTIZE),
+        unlabeled=r.file("unlabeled") if "unlabeled" in r.values else None,
     )
     if not cfg.ledger.parent.is_dir():
         r.problems.append(f"{path}: [site] ledger: {cfg.ledger.parent}: no such folder")
