@@ -741,11 +741,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulate import record_baselines
 
     started = time.perf_counter()
-    if args.tune_lr and (args.schedule or args.dapt_rounds):
-        raise FedpeftError(
-            "--tune-lr varies the run's rate; a --schedule (or --dapt-rounds) sets each stage's "
-            "own: give one of them"
-        )
     if args.tune_lr and args.resume is not None:
         raise FedpeftError(
             "--tune-lr starts new runs, one per rate; --resume takes up one run with its own "
@@ -758,6 +753,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     if args.dapt_rounds is not None:
         cfg = cfg.with_dapt(args.dapt_rounds)
+    if args.tune_lr and cfg.schedule:
+        raise FedpeftError(
+            "--tune-lr varies the run's rate; a schedule (--schedule, --dapt-rounds or the "
+            "config's [[schedule]]) sets each stage's own: give one of them"
+        )
     if args.resume is not None:
         cfg = stored_config(cfg.db, args.resume)
     sites = "all" if cfg.federation.sites_per_round == 0 else cfg.federation.sites_per_round

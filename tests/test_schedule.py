@@ -64,7 +64,7 @@ def test_a_bad_schedule_names_each_problem() -> None:
     for part in (
         "schedule[0].rounds: must be at least 1",
         "schedule[0].lr: must be in [0, 1)",
-        "schedule[0].trains: 'lora' is not one of all, head, method",
+        "schedule[0].trains: 'lora' is not one of all, head, method, mlm",
         "schedule: not with federation.patience",
     ):
         assert part in text, text
@@ -142,13 +142,18 @@ def test_the_cli_reads_stages() -> None:
     assert cfg.method.compose == ("prompt",) and cfg.schedule[0].lr == 3e-2
 
 
-def test_tune_lr_is_refused_with_a_schedule(capsys: pytest.CaptureFixture[str]) -> None:
+def test_tune_lr_is_refused_with_a_schedule(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     from fedpeft.cli import main
 
-    assert main(["simulate", "--tune-lr", "--schedule", "head:1", "all:1"]) == 2
-    assert "--tune-lr varies the run's rate; a --schedule sets each stage's own" in (
-        capsys.readouterr().err
-    )
+    toml = tmp_path / "run.toml"
+    toml.write_text("[[schedule]]\nrounds = 1\ntrains = 'head'\n[[schedule]]\nrounds = 2\n")
+    for flags in (["--schedule", "head:1", "all:1"], ["--config", str(toml)]):
+        assert main(["simulate", "--tune-lr", *flags]) == 2
+        assert "--tune-lr varies the run's rate; a schedule (--schedule, --dapt-rounds or" in (
+            capsys.readouterr().err
+        )
 
 
 # -- stages of different methods: prompt tuning, then LoRA, in one model -----------------------

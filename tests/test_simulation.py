@@ -389,6 +389,20 @@ def test_a_hundred_sites_with_ten_training_a_round(tmp_path: Path) -> None:
     assert sum("100 sites evaluated, site AUC median" in line for line in lines) == 2
 
 
+def _two_rounds(db: str, run_id: int, key_file: Path) -> tuple[str, State, State]:
+    """A two-round run's report table and its global states after rounds 1 and 2, once both
+    rounds took every site's update and applied."""
+    store = open_store(db)
+    try:
+        rounds = store.rounds(run_id)
+        assert [(r.round, r.accepted, r.applied) for r in rounds] == [(1, 2, True), (2, 2, True)]
+        key = read_store_key(key_file)
+        one, two = (open_state(key, run_id, r, store.global_state(run_id, r)[1]) for r in (1, 2))
+        return render_table(summarize(store, run_id)), one, two
+    finally:
+        store.close()
+
+
 def test_a_staged_run_in_simulation(two_sites: Path, tmp_path: Path) -> None:
     """Prompt tuning for a round, then LoRA, in Flower's simulation: both rounds take every
     site and apply, and the report names the stages."""
@@ -403,19 +417,7 @@ def test_a_staged_run_in_simulation(two_sites: Path, tmp_path: Path) -> None:
     )
     result = run_simulation(cfg, cpus=2, progress=lambda _: None)
     initial = to_numpy(shared_state(build_model(cfg.model, cfg.method, cfg.train.dropout, 1)))
-    store = open_store(db)
-    try:
-        rounds = store.rounds(result.run_id)
-        assert [r.round for r in rounds] == [1, 2]
-        assert all(r.accepted == 2 and r.applied for r in rounds)
-        text = render_table(summarize(store, result.run_id))
-        key = read_store_key(tmp_path / "run.db.key")
-        one, two = (
-            open_state(key, result.run_id, r, store.global_state(result.run_id, r)[1])
-            for r in (1, 2)
-        )
-    finally:
-        store.close()
+    text, one, two = _two_rounds(db, result.run_id, tmp_path / "run.db.key")
     prompt = [n for n in initial if "prompt_encoder." in n]
     lora = [n for n in initial if ".lora_" in n]
     assert not any(np.array_equal(one[n], initial[n]) for n in prompt)  # round 1 trained it
@@ -423,3 +425,30 @@ def test_a_staged_run_in_simulation(two_sites: Path, tmp_path: Path) -> None:
     assert all(np.array_equal(two[n], one[n]) for n in prompt)  # round 2 left the prompt
     assert any(not np.array_equal(two[n], one[n]) for n in lora)
     assert "round 1: prompt (all) at lr 0.03; round 2: lora (all) at lr 0.005" in text
+
+
+def test_domain_adaptive_pretraining_in_simulation(two_sites: Path, tmp_path: Path) -> None:
+    """A round of masked-language pretraining, then fine-tuning, in Flower's simulation: the
+    mlm round moves LoRA and the masked-language head but not the classifier, each site's row
+    records its masked-language loss, and the fine-tuning round leaves the head as it was."""
+    db = f"sqlite:///{tmp_path / 'run.db'}"
+    cfg = _config(two_sites, db, rounds=1).with_dapt(1)
+    result = run_simulation(cfg, cpus=2, progress=lambda _: None)
+    initial = to_numpy(shared_state(build_model(cfg.model, cfg.method, cfg.train.dropout, 1)))
+    text, one, two = _two_rounds(db, result.run_id, tmp_path / "run.db.key")
+    store = open_store(db)
+    try:
+        train = [r for r in store.site_results(result.run_id) if r.phase == "train"]
+    finally:
+        store.close()
+    losses = {r.round: r.extra.get(keys.MLM_LOSS) for r in train}
+    assert losses[1] is not None and 0 < losses[1] < 11 and losses[2] is None
+    head = [n for n in initial if "classifier." in n]
+    mlm = [n for n in initial if n.startswith("mlm_head.")]
+    lora = [n for n in initial if ".lora_" in n]
+    assert all(np.array_equal(one[n], initial[n]) for n in head)  # pretraining: no labels
+    assert not any(np.array_equal(one[n], initial[n]) for n in mlm)
+    assert any(not np.array_equal(one[n], initial[n]) for n in lora)
+    assert all(np.array_equal(two[n], one[n]) for n in mlm)  # fine-tuning left the head
+    assert any(not np.array_equal(two[n], one[n]) for n in head)
+    assert "round 1: mlm at lr 0.005; round 2: all at lr 0.005" in text
