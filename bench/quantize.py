@@ -4,9 +4,10 @@ by side with the fp32 base, then the AUC cost on heart over seeds.
 
     .venv/bin/python bench/quantize.py [--seeds 0 1 2] [--steps 20] [--device cpu] [--no-runs]
 
-Part 1, in this process: the default model + LoRA built on the fp32 base and on the int8 base;
+Part 1, in this process: the default model + LoRA built on the fp32 base, on the base in bf16
+and on the int8 base;
 bytes of parameters and buffers held, and seconds per training step (batch 16 of 128 tokens),
-the two models' steps interleaved so that both see the same machine.
+the models' steps interleaved so that all see the same machine.
 Part 2: `fedpeft simulate --baselines none` per seed, every site fp32 and every site int8
 (`--site-quantize int8 ...`), macro and pooled AUC of the delivered round.
 """
@@ -39,6 +40,8 @@ def steps(args: argparse.Namespace) -> None:
     base = load_base_model(cfg.model, 0.0, 0)
     models = {
         "fp32": build_method(cfg.method, copy.deepcopy(base)).to(device),
+        # The base held in bf16 (peft keeps LoRA's own weights in fp32 beside it).
+        "bf16": build_method(cfg.method, copy.deepcopy(base).to(torch.bfloat16)).to(device),
         "int8": build_method(cfg.method, quantize_base(copy.deepcopy(base))).to(device),
     }
     del base
