@@ -140,6 +140,7 @@ def test_the_supernode_tells_a_client_app_its_site_and_its_setup_file(tmp_path: 
         "ledger": str(tmp_path / "ledger.jsonl"),
         "lora_rank": 0,  # the run's
         "quantize": "none",
+        "unlabeled_file": None,  # no unlabeled notes for an mlm stage
     }
     cmd = processes.supernode_command(cfg, insecure=False, setup_file=setup)
     node_config = cmd[cmd.index("--node-config") + 1]
