@@ -3,13 +3,15 @@
 by side with the fp32 base, then the AUC cost on heart over seeds.
 
     .venv/bin/python bench/quantize.py [--seeds 0 1 2] [--steps 20] [--device cpu] [--no-runs]
+        [--bases fp32 int8 nf4]
 
-Part 1, in this process: the default model + LoRA built on the fp32 base, on the base in bf16
-and on the int8 base;
+Part 1, in this process: the default model + LoRA built on the fp32 base, on the base in bf16,
+on the int8 base and on the nf4 base (bitsandbytes);
 bytes of parameters and buffers held, and seconds per training step (batch 16 of 128 tokens),
 the models' steps interleaved so that all see the same machine.
-Part 2: `fedpeft simulate --baselines none` per seed, every site fp32 and every site int8
-(`--site-quantize int8 ...`), macro and pooled AUC of the delivered round.
+Part 2: `fedpeft simulate --baselines none` per seed, every site fp32, every site int8
+(`--site-quantize int8 ...`) and every site nf4 (or those of `--bases`), macro and pooled AUC of
+the delivered round.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def steps(args: argparse.Namespace) -> None:
         # The base held in bf16 (peft keeps LoRA's own weights in fp32 beside it).
         "bf16": build_method(cfg.method, copy.deepcopy(base).to(torch.bfloat16)).to(device),
         "int8": build_method(cfg.method, quantize_base(copy.deepcopy(base))).to(device),
+        "nf4": build_method(cfg.method, quantize_base(copy.deepcopy(base), "nf4")).to(device),
     }
     del base
     g = torch.Generator().manual_seed(0)
@@ -80,7 +83,8 @@ def steps(args: argparse.Namespace) -> None:
 
 def runs(args: argparse.Namespace) -> None:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    settings = {"fp32": [], "int8": ["--site-quantize", "int8", "int8", "int8", "int8"]}
+    every = {"fp32": [], **{k: ["--site-quantize", *[k] * 4] for k in ("int8", "nf4")}}
+    settings = {k: every[k] for k in args.bases}
     found: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in settings.items():
@@ -119,6 +123,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-runs", action="store_true", help="part 1 only")
+    p.add_argument(
+        "--bases", nargs="+", choices=("fp32", "int8", "nf4"), default=["fp32", "int8", "nf4"]
+    )
     args = p.parse_args()
     steps(args)
     if not args.no_runs:

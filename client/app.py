@@ -166,8 +166,8 @@ def _base_model(
             for stale in [k for k, s in _SESSIONS.items() if s.base is dropped]:
                 del _SESSIONS[stale]
         base = load_base_model(model, cfg.train.dropout, cfg.seed)
-        if quantize == "int8":  # the site's own setting: its copy of the base in int8
-            base = quantize_base(base)
+        if quantize != "none":  # the site's own setting: its copy of the base in int8 or nf4
+            base = quantize_base(base, quantize)
         _BASES[key] = base.to(device)
     return _BASES[key]
 
@@ -734,10 +734,10 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
         if setup.policy is not None:
             facts = task_facts(signed, signer, site, trains=kind == Phase.TRAIN)
             check_policy(setup.policy, facts, trusted)
-        if setup.quantize == "int8" and cfg.method.trains_base_weights():
+        if setup.quantize != "none" and cfg.method.trains_base_weights():
             raise TaskRefused(
                 f"method {cfg.method.name!r} trains base weights; this site holds its base model "
-                "in int8"
+                f"in {setup.quantize}"
             )
         context = round_context(signed.run_token, rnd)
         stage = _stage_task(msg, cfg, kind)

@@ -35,7 +35,10 @@ from fedpeft.common.tomlfile import read_toml
 BENCHMARKS = ("heart", "pima", "medpar")
 DEVICES = ("auto", "cpu", "cuda")
 #: How a site holds its frozen base model (its own setting; common/quantize.py).
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "nf4")
+#: ``export --quantize``: the whole model with its base in int8 as well (int8 only: what a site's
+#: nf4 base trains is the same shared state, exported as any other; common/export.py).
+EXPORT_QUANTIZE = ("none", "int8")
 #: Methods that train, and so upload, every base weight: not in a site policy's default methods,
 #: and not on an int8 base (see also ``MethodConfig.trains_base_weights``).
 TRAINS_BASE_WEIGHTS = ("full",)
@@ -900,11 +903,11 @@ def _check_ranges(cfg: RunConfig, problems: list[str]) -> None:
         all(q in QUANTIZE for q in cfg.site_quantize),
         f"site_quantize: each must be one of {', '.join(QUANTIZE)}; got {list(cfg.site_quantize)}",
     )
-    if "int8" in cfg.site_quantize:
+    if any(q != "none" for q in cfg.site_quantize):
         need(
             not cfg.method.trains_base_weights(),
             f"site_quantize: method {cfg.method.name!r} trains base weights (full, or "
-            "method.lora.full_layers), which an int8 base holds frozen",
+            "method.lora.full_layers), which a quantized base holds frozen",
         )
     _check_model_and_training(cfg.model, cfg.method, cfg.train, problems)
     f = cfg.federation

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.common.config import QUANTIZE, RunConfig, SiteRunConfig
+from fedpeft.common.config import EXPORT_QUANTIZE, RunConfig, SiteRunConfig
 from fedpeft.common.errors import FingerprintMismatch, ModelError
 from fedpeft.common.methods import (
     ExportFormat,
@@ -66,8 +66,8 @@ def export_state(
     """Write ``state`` (a global shared state of a run with ``cfg``) to ``out``; return the files
     written. Refuses a base model whose fingerprint differs from the run's. ``quantize`` int8:
     also the whole model with an int8 base, for inference (:data:`INT8_FILE`)."""
-    if quantize not in QUANTIZE:
-        raise ModelError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE)}")
+    if quantize not in EXPORT_QUANTIZE:
+        raise ModelError(f"quantize {quantize!r} is not one of {', '.join(EXPORT_QUANTIZE)}")
     if quantize == "int8" and cfg.method.trains_base_weights():
         raise ModelError(
             f"method {cfg.method.name!r} trained base weights: an int8 export would hold them "

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fedpeft import __version__
 from fedpeft.common.config import (
     DECAYS,
+    EXPORT_QUANTIZE,
     LOWER_RANKS,
     PERSONAL_PARTS,
     QUANTIZE,
@@ -372,9 +373,11 @@ def parser() -> argparse.ArgumentParser:
         choices=QUANTIZE,
         nargs="+",
         metavar="Q",
-        help="how site i holds the frozen base model: none, or int8 (every linear layer and the "
-        "word embeddings in int8, a quarter of the memory; what is trained and shared stays "
-        "fp32 and unchanged; not with --method full). site_quantize; a site past the list: none",
+        help="how site i holds the frozen base model: none, int8 (every linear layer and the "
+        "word embeddings in int8, a quarter of the memory) or nf4 (the linear layers in 4-bit "
+        "NormalFloat, QLoRA's base, the embeddings int8; needs fedpeft[nf4]); what is trained "
+        "and shared stays fp32 and unchanged; not with --method full. site_quantize; a site "
+        "past the list: none",
     )
     sim.add_argument(
         "--probe-epochs",
@@ -508,7 +511,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--round", type=int, help="export this round instead of the delivered one")
     exp.add_argument(
         "--quantize",
-        choices=QUANTIZE,
+        choices=EXPORT_QUANTIZE,
         default="none",
         help="int8: also write fedpeft_int8.safetensors, the whole model for inference with its "
         "base's linear layers and word embeddings in int8 (a quarter of the fp32 bytes); load "

@@ -73,7 +73,9 @@ def test_every_method_module_is_registered_in_order() -> None:
 
 def test_method_config_has_exactly_one_table_per_method_with_settings() -> None:
     tables = {
-        f.name: f for f in dataclasses.fields(MethodConfig) if f.name not in ("name", "compose", "mlm")
+        f.name: f
+        for f in dataclasses.fields(MethodConfig)
+        if f.name not in ("name", "compose", "mlm")
     }
     configured = {s.name: s.config for s in specs() if s.config is not None}
     assert set(tables) == set(configured)

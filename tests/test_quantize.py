@@ -18,7 +18,7 @@ from fedpeft.client.setup import read_setup_file
 from fedpeft.common import keys
 from fedpeft.common.config import RunConfig, build_config, load_config
 from fedpeft.common.envelope import Expected, open_delta
-from fedpeft.common.errors import ConfigError
+from fedpeft.common.errors import ConfigError, ModelError
 from fedpeft.common.methods import build_method, shared_state
 from fedpeft.common.model import load_base_model, model_fingerprint, resolve_model_path
 from fedpeft.common.quantize import Int8Embedding, Int8Linear, quantize_base, weight_bytes
@@ -54,19 +54,49 @@ def test_the_base_is_held_in_int8_but_the_head(
     assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.99
 
 
+@pytest.fixture(scope="module")
+def nf4(bases: tuple[torch.nn.Module, torch.nn.Module]) -> torch.nn.Module:
+    return quantize_base(copy.deepcopy(bases[0]), "nf4").eval()
+
+
+def test_an_nf4_base_holds_its_linear_layers_in_four_bits(
+    bases: tuple[torch.nn.Module, torch.nn.Module], nf4: torch.nn.Module
+) -> None:
+    import bitsandbytes as bnb
+
+    base, _ = bases
+    layers = [m for m in nf4.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 6 * 6 + 1 and all(m.weight.quant_type == "nf4" for m in layers)
+    assert all(m.weight.dtype == torch.uint8 for m in layers)  # two 4-bit values a byte
+    assert type(nf4.classifier) is torch.nn.Linear
+    assert isinstance(nf4.get_input_embeddings(), Int8Embedding)
+    assert weight_bytes(nf4) < 0.21 * weight_bytes(base)
+    with torch.no_grad():
+        a = base(input_ids=IDS, attention_mask=MASK, output_hidden_states=True).hidden_states[-1]
+        b = nf4(input_ids=IDS, attention_mask=MASK, output_hidden_states=True).hidden_states[-1]
+    # Four bits move MiniLM's last hidden state by 28 % (relative norm): much more than int8.
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.9
+    with pytest.raises(ModelError, match="quantize 'int4' is not one of int8, nf4"):
+        quantize_base(copy.deepcopy(base), "int4")
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3", "adapter", "bitfit"])
-def test_every_method_trains_on_an_int8_base_and_shares_the_same_state(
-    bases: tuple[torch.nn.Module, torch.nn.Module], method: str
+def test_every_method_trains_on_a_quantized_base_and_shares_the_same_state(
+    bases: tuple[torch.nn.Module, torch.nn.Module], nf4: torch.nn.Module, method: str, kind: str
 ) -> None:
     base, q = bases
     cfg = replace(load_config().method, name=method)
-    model = build_method(cfg, copy.deepcopy(q))
+    model = build_method(cfg, copy.deepcopy(q if kind == "int8" else nf4))
     reference = shared_state(build_method(cfg, copy.deepcopy(base)))
     before = shared_state(model)
     assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in reference.items()}
-    frozen = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.int8}
+    held = (torch.int8, torch.uint8)  # int8, and nf4's packed pairs
+    frozen = {n: p.clone() for n, p in model.named_parameters() if p.dtype in held}
     assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if n in frozen)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.no_grad():  # an evaluation first, as early stopping makes between epochs
+        model.eval()(input_ids=IDS, attention_mask=MASK)
     model.train()
     for _ in range(2):  # the second step reaches what a zero-initialized part gates at first
         loss = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([1, 0])).loss
@@ -78,12 +108,15 @@ def test_every_method_trains_on_an_int8_base_and_shares_the_same_state(
     assert len(moved) == len(after)  # every shared tensor trained, the head and the method's
     for name, p in model.named_parameters():
         if name in frozen:
-            assert torch.equal(p, frozen[name])  # the int8 base never changes
+            assert torch.equal(p, frozen[name])  # the quantized base never changes
 
 
-def test_a_site_with_an_int8_base_sends_the_runs_delta(tmp_path: Path, cfg: RunConfig) -> None:
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_site_with_a_quantized_base_sends_the_runs_delta(
+    tmp_path: Path, cfg: RunConfig, kind: str
+) -> None:
     fp = model_fingerprint(resolve_model_path(cfg.model))
-    setup = replace(_setup(_site_file(tmp_path)), quantize="int8")
+    setup = replace(_setup(_site_file(tmp_path)), quantize=kind)
     reply = handle(_message(cfg, fp), setup)
     assert reply.content[keys.CONFIG][keys.STATUS] == "ok"
     shapes = {k: v.shape for k, v in _state(cfg).items()}
@@ -96,7 +129,8 @@ def test_a_site_with_an_int8_base_sends_the_runs_delta(tmp_path: Path, cfg: RunC
     from fedpeft.client.app import site_session
 
     base = site_session(cfg.for_sites(), setup).base
-    assert sum(isinstance(m, Int8Linear) for m in base.modules()) == 37
+    layer = Int8Linear if kind == "int8" else __import__("bitsandbytes").nn.Linear4bit
+    assert sum(isinstance(m, layer) for m in base.modules()) == 37
     # A method that trains the base weights is refused, with the reason, before any training.
     full = load_config(overrides={"data.dataset": str(tmp_path), "method.name": "full"})
     refused = handle(_message(full, fp), setup)
@@ -111,13 +145,14 @@ def test_quantize_is_the_sites_setting(tmp_path: Path) -> None:
 
     assert read_setup_file(Path(setup("default"))).quantize == "none"
     assert read_setup_file(Path(setup("int8", 'quantize = "int8"\n'))).quantize == "int8"
-    with pytest.raises(ConfigError, match=r"\[site\] quantize: expected one of none, int8"):
+    assert read_setup_file(Path(setup("nf4", 'quantize = "nf4"\n'))).quantize == "nf4"
+    with pytest.raises(ConfigError, match=r"\[site\] quantize: expected one of none, int8, nf4"):
         setup("int4", 'quantize = "int4"\n')
     assert build_config({"site_quantize": ["int8", "none"]}).site_quantize == ("int8", "none")
-    with pytest.raises(ConfigError, match="site_quantize: each must be one of none, int8"):
+    with pytest.raises(ConfigError, match="site_quantize: each must be one of none, int8, nf4"):
         build_config({"site_quantize": ["int4"]})
     with pytest.raises(ConfigError, match="method 'full' trains base weights"):
-        build_config({"site_quantize": ["int8"], "method": {"name": "full"}})
+        build_config({"site_quantize": ["none", "nf4"], "method": {"name": "full"}})
     # LoRA with fully trained top layers trains base weights too.
     with pytest.raises(ConfigError, match="method 'lora' trains base weights"):
         build_config({"site_quantize": ["int8"], "method": {"lora": {"full_layers": 1}}})
