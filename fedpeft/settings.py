@@ -286,8 +286,8 @@ class SiteConfig:
     #: The highest LoRA rank the site trains, for a site of less capacity than the others: a
     #: LoRA run of a higher rank trains its first components only here [0: the run's rank].
     lora_rank: int = 0
-    #: How the site holds the frozen base model: none, or int8 (a quarter of the memory; no
-    #: method that trains base weights, ``full``) ["none"].
+    #: How the site holds the frozen base model: none, int8 (a quarter of the memory) or nf4
+    #: (a fifth; bitsandbytes); no method that trains base weights, ``full`` ["none"].
     quantize: str = "none"
     #: The site's unlabeled notes (.csv, .jsonl or .parquet; the ``[data]`` text column, no
     #: label), which a schedule's mlm stage pretrains on beside the training rows; never the
