@@ -131,7 +131,8 @@ class SiteSession:
     #: mask token).
     mlm: MaskedLm | None = None
     #: The notes an mlm stage pretrains on: the training rows and the site's unlabeled notes
-    #: (its ``unlabeled`` file), never a test row; None: the training rows alone.
+    #: (its ``unlabeled`` file), never a test row; read on a run's first mlm round
+    #: (:func:`read_notes`; None before).
     pretrain: Encoded | None = None
 
 
@@ -216,7 +217,6 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
         val=rows["val"],
         test=rows["test"],
         mlm=MaskedLm.of(tokenizer),
-        pretrain=_with_notes(rows["train"], setup, tokenizer, cfg.model.max_length),
     )
     if site.skipped_rows:
         log.warning("site %s: skipped %d bad rows", site.name, site.skipped_rows)
@@ -226,14 +226,32 @@ def site_session(cfg: SiteRunConfig, setup: SiteSetup) -> SiteSession:
     return session
 
 
-def _with_notes(train: Encoded, setup: SiteSetup, tokenizer: Any, max_length: int) -> Encoded:
-    """``train`` and the site's unlabeled notes, tokenized (label 0: an mlm stage reads none);
-    ``train`` alone without an unlabeled file."""
+def read_notes(session: SiteSession, setup: SiteSetup, cfg: SiteRunConfig) -> None:
+    """Set ``session.pretrain`` once, on a run's first mlm round: the training rows and the
+    site's unlabeled notes (label 0: an mlm stage reads none), less any note whose tokens are a
+    test or validation row's (those rows stay unseen); the training rows alone without an
+    unlabeled file."""
+    if session.pretrain is not None:
+        return
     if setup.unlabeled_file is None:
-        return train
+        session.pretrain = session.train
+        return
     notes = load_notes(setup.unlabeled_file, setup.schema)
-    extra = encode(tokenizer, list(notes), np.zeros(len(notes), dtype=np.int64), max_length)
-    return Encoded(train.ids + extra.ids, np.concatenate([train.labels, extra.labels]))
+    tokenizer = load_tokenizer(cfg.model)
+    extra = encode(
+        tokenizer, list(notes), np.zeros(len(notes), dtype=np.int64), cfg.model.max_length
+    )
+    held_out = set(session.test.ids) | set(session.val.ids)
+    kept = tuple(ids for ids in extra.ids if ids not in held_out)
+    if len(kept) < len(extra.ids):
+        log.warning(
+            "site %s: %d unlabeled note(s) left out: the same as a test or validation row",
+            session.site,
+            len(extra.ids) - len(kept),
+        )
+    labels = np.zeros(len(session.train) + len(kept), dtype=np.int64)
+    labels[: len(session.train)] = session.train.labels
+    session.pretrain = Encoded(session.train.ids + kept, labels)
 
 
 def site_seed(seed: int, rnd: int, site: str) -> int:
@@ -365,6 +383,7 @@ def handle_train(
         teacher=None if mlm else teacher,
         mlm=session.mlm if mlm else None,
     )
+    finite = math.isfinite(result.best_val_loss)
     local = to_numpy(shared_state(model))  # what trained: a stage may leave a part as it was
     start = lora.truncate(global_state, rank) if rank else global_state
     delta = lora.pad(
@@ -388,7 +407,8 @@ def handle_train(
             keys.EPOCHS_RUN: result.epochs_run,
             "seconds-per-step": result.seconds_per_step,
             **({keys.LORA_RANK: rank} if rank else {}),
-            **({keys.MLM_LOSS: result.best_val_loss} if mlm else {}),
+            # inf when no validation token was chosen: nothing to report then
+            **({keys.MLM_LOSS: result.best_val_loss} if mlm and finite else {}),
         }
     )
     return delta, metrics
@@ -769,6 +789,8 @@ def handle(msg: Any, setup: SiteSetup) -> Any:
                 teacher = None
                 if cfg.distill.enabled:
                     teacher = teacher_of(cfg, signed.teacher, session, setup.quantize)
+                if cfg.stage(rnd).trains == MLM:  # the notes an mlm stage pretrains on
+                    read_notes(session, setup, cfg)
                 delta, metrics = handle_train(
                     cfg, rnd, signed.fingerprint, signed.state, session, setup.lora_rank, teacher
                 )

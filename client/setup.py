@@ -74,8 +74,9 @@ class SiteSetup:
     #: run of a higher rank is trained at this one, its first components only
     #: (common/methods/lora.py); other methods ignore it.
     lora_rank: int = 0
-    #: How the site holds its frozen base model: ``none`` (as loaded) or ``int8`` (weights in
-    #: int8, a quarter of the memory; common/quantize.py). Nothing shared changes.
+    #: How the site holds its frozen base model: ``none`` (as loaded), ``int8`` (weights in
+    #: int8, a quarter of the memory) or ``nf4`` (4-bit linear layers; common/quantize.py).
+    #: Nothing shared changes.
     quantize: str = "none"
     #: The site's unlabeled notes (a text column, no label), which a schedule's mlm stage
     #: pretrains on beside the training rows' text; None: the training rows alone.

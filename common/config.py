@@ -531,7 +531,8 @@ class RunConfig:
     #: the run's ``method.lora.r``. Never signed to a site.
     site_lora_ranks: tuple[int, ...] = ()
     #: Simulation only, standing in for each site's own ``quantize`` (site.toml): how virtual
-    #: site i holds the frozen base model, ``none`` or ``int8``; a site past the list: none.
+    #: site i holds the frozen base model (``QUANTIZE``: none, int8 or nf4); a site past the
+    #: list: none.
     site_quantize: tuple[str, ...] = ()
 
     def to_json(self) -> str:

@@ -13,7 +13,8 @@ usual. The method ``full`` trains the base weights themselves and cannot run on 
   CPU and CUDA. A layer dequantizes its weight for each matmul: the saving is memory at rest,
   not compute.
 - ``nf4``: QLoRA's base (Dettmers et al. 2023): every linear layer's weight in bitsandbytes'
-  4-bit NormalFloat, blocks of 64 values with an fp32 scale each, computed in fp32 (the word
+  4-bit NormalFloat, blocks of 64 values with a scale each (the scales themselves 8-bit, QLoRA's
+  double quantization), computed in fp32 (the word
   embeddings int8 as above: bitsandbytes has no 4-bit embedding). bitsandbytes is an optional
   dependency (``pip install 'fedpeft[nf4]'``); its CPU kernels are used on CPU, its CUDA ones
   on CUDA.
@@ -148,6 +149,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     for p in model.parameters():
         state = getattr(p, "quant_state", None)  # bitsandbytes keeps an nf4 weight's scales here
-        if state is not None:
-            tensors += [state.absmax, state.code]
+        while state is not None:  # the scales, quantized in turn (state2), and their own
+            tensors += [t for t in (state.absmax, state.code, state.offset) if t is not None]
+            state = state.state2 if state.nested else None
     return sum(t.numel() * t.element_size() for t in tensors)

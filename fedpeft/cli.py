@@ -744,6 +744,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulate import record_baselines
 
     started = time.perf_counter()
+    if args.dapt_rounds is not None and args.resume is not None:
+        raise FedpeftError(
+            "--dapt-rounds sets a new run's stages; --resume takes up one run with its stored "
+            "config: give one of them"
+        )
     if args.tune_lr and args.resume is not None:
         raise FedpeftError(
             "--tune-lr starts new runs, one per rate; --resume takes up one run with its own "

@@ -54,9 +54,10 @@ def student_config(
     values = json.loads(teacher.to_json())
     values["model"]["layers"] = layers
     values["federation"]["personalize"] = "none"
-    # One method, every round: a staged teacher's stages are not the student's.
+    # One method, every round: a staged teacher's stages (and pretraining) are not the student's.
     values["schedule"] = []
     values["method"]["compose"] = []
+    values["method"]["mlm"] = False
     if overrides.get("method.name") not in (None, teacher.method.name):
         values["train"]["lr"] = 0.0  # the student's method's own rate, unless --lr
         values["site_lora_ranks"] = []  # LoRA's alone

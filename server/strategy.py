@@ -26,7 +26,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from fedpeft.common import crypto, keys
-from fedpeft.common.config import RunConfig
+from fedpeft.common.config import MLM, RunConfig
 from fedpeft.common.dp import Accountant, dp_average, noise_std_central
 from fedpeft.common.envelope import Expected, sign_global
 from fedpeft.common.errors import FedpeftError, Reason
@@ -365,6 +365,8 @@ class FederatedRun:
             pooled,
         )
         result = replace(result, sample_rate=trained.sample_rate, epsilon=trained.epsilon)
+        if self.site_config.stage(rnd).trains == MLM:  # pretraining left the head untrained:
+            result = replace(result, val_loss=None)  # not a round to deliver (select_round)
         self.store.add_round(
             self.run_id,
             result,

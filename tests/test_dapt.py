@@ -89,12 +89,28 @@ def test_a_bad_mlm_schedule_is_refused() -> None:
 
 
 def test_the_cli_reads_dapt_rounds(capsys: pytest.CaptureFixture[str]) -> None:
-    from fedpeft.cli import main, parser
+    from fedpeft.cli import _overrides, main, parser
 
-    args = parser().parse_args(["simulate", "--dapt-rounds", "3", "--schedule", "mlm:1", "all:2"])
-    assert args.dapt_rounds == 3
+    args = parser().parse_args(["simulate", "--dapt-rounds", "3", "--schedule", "all:2"])
+    cfg = load_config(overrides=_overrides(args)).with_dapt(args.dapt_rounds)
+    assert [(s.trains, s.rounds) for s in cfg.schedule] == [("mlm", 3), ("all", 2)]
     assert main(["simulate", "--dapt-rounds", "2", "--tune-lr"]) == 2
     assert "--tune-lr varies the run's rate" in capsys.readouterr().err
+    assert main(["simulate", "--dapt-rounds", "2", "--resume", "1"]) == 2
+    assert "--dapt-rounds sets a new run's stages" in capsys.readouterr().err
+
+
+def test_pretraining_rounds_are_no_baselines_budget_and_no_students_stage() -> None:
+    from fedpeft.baselines import budget
+    from fedpeft.distilling import student_config
+
+    cfg = load_config(overrides={"federation.rounds": 4, "train.local_epochs": 2})
+    assert budget(cfg.with_dapt(3)) == budget(cfg) == (8, 8)  # the 4 fine-tuning rounds'
+    student = student_config(
+        cfg.with_dapt(3), 7, layers=3, temperature=2.0, alpha=0.5, overrides={}
+    )
+    assert not student.schedule and not student.method.mlm
+    assert student.distill.teacher_method.mlm  # the teacher's state holds its head
 
 
 def test_an_mlm_stage_trains_the_method_and_its_head_not_the_classifier() -> None:
@@ -176,6 +192,20 @@ def test_a_sites_unlabeled_notes_join_the_pretraining(tmp_path: Path, cfg: RunCo
     with_notes = handle(_message(staged, fp, rnd=1), setup)
     steps = [r.content[keys.METRICS][keys.STEPS] for r in (alone, with_notes)]
     assert steps[1] > steps[0]  # 30 more notes: more batches an epoch
+    # Notes that are a test or validation row's text are left out; the rest join the training
+    # rows (which the notes also repeat here).
+    from fedpeft.client import app
+
+    records_text = pd.read_csv(records)["text"].tolist()
+    repeated = tmp_path / "more-notes.csv"
+    pd.DataFrame({"text": text + records_text}).to_csv(repeated, index=False)
+    setup = dataclasses.replace(setup, unlabeled_file=repeated)
+    session = app.site_session(staged.for_sites(), setup)
+    assert session.pretrain is None  # read on the first mlm round, not before
+    handle(_message(staged, fp, rnd=1), setup)
+    assert session.pretrain is not None
+    assert len(session.pretrain) == 2 * len(session.train) + 30
+    assert not set(session.pretrain.ids) & (set(session.test.ids) | set(session.val.ids))
     # A note without text is named with its file and row.
     pd.DataFrame({"id": [1, 2], "text": ["fine", " "]}).to_csv(notes, index=False)
     with pytest.raises(DataError, match=r"notes.csv: row 2: field 'text' is empty"):
@@ -183,37 +213,57 @@ def test_a_sites_unlabeled_notes_join_the_pretraining(tmp_path: Path, cfg: RunCo
     assert load_notes(notes, DataSchema(skip_bad_rows=True)) == ("fine",)
 
 
-def test_a_site_policy_decides_whether_it_pretrains(tmp_path: Path) -> None:
-    from test_policy import KEY, POLICY, _site, _task
+def test_a_site_policy_decides_whether_it_pretrains(tmp_path: Path, cfg: RunConfig) -> None:
+    from test_client import _site_setup
+    from test_policy import _site
 
-    from fedpeft.client.policy import PolicyRefusal, check_task
+    from fedpeft.client.setup import read_setup_file
     from fedpeft.settings import load_site_config
 
-    with pytest.raises(PolicyRefusal, match=r"mlm stage.*\(mlm = false\)"):
-        check_task(POLICY, _task(mlm=True), {}, {KEY})
-    check_task(dataclasses.replace(POLICY, mlm=True), _task(mlm=True), {}, {KEY})
-    check_task(POLICY, _task(), {}, {KEY})
-    assert not load_site_config(_site(tmp_path)).policy.mlm  # off unless the site says so
-    toml = _site(tmp_path, "[policy]\nmlm = true\n")
+    staged = _dapt(cfg)
+    fp = model_fingerprint(resolve_model_path(staged.model))
+    for allowed in (False, True):
+        folder = tmp_path / str(allowed)
+        folder.mkdir()
+        table = f"[policy]\nmlm = {str(allowed).lower()}\n"
+        setup = read_setup_file(Path(_site_setup(_site_file(folder), table)))
+        reply = handle(_message(staged, fp, rnd=1), setup).content[keys.CONFIG]
+        if allowed:
+            assert reply[keys.STATUS] == "ok", reply
+        else:
+            assert reply[keys.STATUS] == "refused"
+            assert "mlm stage" in reply[keys.ERROR] and "(mlm = false)" in reply[keys.ERROR]
+        # A run without mlm stages is not judged by the setting.
+        assert handle(_message(cfg, fp), setup).content[keys.CONFIG][keys.STATUS] == "ok"
+    (tmp_path / "s").mkdir()
+    assert not load_site_config(_site(tmp_path / "s")).policy.mlm  # off unless the site says
+    toml = _site(tmp_path / "s", "[policy]\nmlm = true\n")
     toml.write_text(toml.read_text().replace("[policy]", 'unlabeled = "records.csv"\n[policy]'))
     site = load_site_config(toml)
-    assert site.policy.mlm and site.unlabeled == tmp_path / "records.csv"
+    assert site.policy.mlm and site.unlabeled == tmp_path / "s" / "records.csv"
 
 
-def test_an_mlm_run_exports_and_loads_back(tmp_path: Path) -> None:
-    from fedpeft.common.export import export_state, load_export
+@pytest.mark.parametrize("method", ["lora", "adapter"])  # a peft adapter; fedpeft's state file
+def test_an_mlm_run_exports_and_loads_back(tmp_path: Path, method: str) -> None:
+    from fedpeft.common.export import STATE_FILE, export_state, load_export
     from fedpeft.common.methods import load_shared_state
 
-    cfg = load_config().with_dapt(1)
+    cfg = load_config(overrides={"method.name": method}).with_dapt(1)
     model = build_model(cfg.model, cfg.method, 0.0, cfg.seed).eval()
     state = {k: v + 0.01 for k, v in shared_state(model).items()}
     fp = model_fingerprint(resolve_model_path(cfg.model))
-    export_state(cfg, state, tmp_path / "out", run_id=1, round=2, fingerprint=fp)
-    loaded = load_export(tmp_path / "out").eval()
+    files = export_state(
+        cfg, state, tmp_path / "out", run_id=1, round=2, fingerprint=fp, quantize="int8"
+    )
+    assert (tmp_path / "out" / STATE_FILE in files) == (method == "adapter")
     load_shared_state(model, state)
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
     with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+        expected = torch.softmax(model(input_ids=ids).logits, -1)
+        loaded = load_export(tmp_path / "out").eval()
+        assert torch.allclose(torch.softmax(loaded(input_ids=ids).logits, -1), expected)
+        int8 = load_export(tmp_path / "out", quantized=True).eval()
+        assert torch.allclose(torch.softmax(int8(input_ids=ids).logits, -1), expected, atol=0.05)
 
 
 def test_a_tokenizer_without_a_mask_token_cannot_pretrain(tmp_path: Path, cfg: RunConfig) -> None:

@@ -430,15 +430,19 @@ def test_a_staged_run_in_simulation(two_sites: Path, tmp_path: Path) -> None:
 def test_domain_adaptive_pretraining_in_simulation(two_sites: Path, tmp_path: Path) -> None:
     """A round of masked-language pretraining, then fine-tuning, in Flower's simulation: the
     mlm round moves LoRA and the masked-language head but not the classifier, each site's row
-    records its masked-language loss, and the fine-tuning round leaves the head as it was."""
+    records its masked-language loss, and the fine-tuning round leaves the head as it was,
+    under FedAdam too (whose momentum the coordinator keeps off what a stage froze). The
+    pretraining round is no candidate for the delivered model: it has no validation loss."""
     db = f"sqlite:///{tmp_path / 'run.db'}"
-    cfg = _config(two_sites, db, rounds=1).with_dapt(1)
+    cfg = _config(two_sites, db, rounds=1, server_optimizer="fedadam", server_lr=0.01)
+    cfg = cfg.with_dapt(1)
     result = run_simulation(cfg, cpus=2, progress=lambda _: None)
     initial = to_numpy(shared_state(build_model(cfg.model, cfg.method, cfg.train.dropout, 1)))
     text, one, two = _two_rounds(db, result.run_id, tmp_path / "run.db.key")
     store = open_store(db)
     try:
         train = [r for r in store.site_results(result.run_id) if r.phase == "train"]
+        assert [r.val_loss is None for r in store.rounds(result.run_id)] == [True, False]
     finally:
         store.close()
     losses = {r.round: r.extra.get(keys.MLM_LOSS) for r in train}
