@@ -125,7 +125,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         metavar="PART:ROUNDS[:LR]",
         help="stages ([[schedule]]): for ROUNDS rounds the sites train PART of the shared "
         "parameters at LR (default --lr, or the method's own rate): all, head (the "
-        "classification head alone), method (the method's own without the head), or another "
+        "classification head alone), method (the method's own without the head), mlm (the "
+        "method's own on the notes' text, no labels: see --dapt-rounds), or another "
         "method's name (its parameters and the head: e.g. --method lora --schedule prompt:3 "
         "lora:5 trains prompt tuning, then LoRA, in one model; one of prompt, prefix with one of "
         "lora, ia3). Each stage starts where the one before ended; the run's rounds are the "
