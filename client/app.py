@@ -249,8 +249,7 @@ def read_notes(session: SiteSession, setup: SiteSetup, cfg: SiteRunConfig) -> No
             session.site,
             len(extra.ids) - len(kept),
         )
-    labels = np.zeros(len(session.train) + len(kept), dtype=np.int64)
-    labels[: len(session.train)] = session.train.labels
+    labels = np.concatenate([session.train.labels, np.zeros(len(kept), dtype=np.int64)])
     session.pretrain = Encoded(session.train.ids + kept, labels)
 
 

@@ -142,8 +142,7 @@ class MaskedLm:
         generator = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
         with torch.no_grad():
-            for start in range(0, len(rows), 64):
-                idx = np.arange(start, min(start + 64, len(rows)))
+            for idx in _in_order(len(rows), 64):
                 loss, n = self.loss(model, _batch(rows, idx, device), generator)
                 total, count = total + float(loss) * n, count + n
         return total / count if count else float("inf")
@@ -162,6 +161,12 @@ def encode_site(
         part: encode(tokenizer, *site.subset(getattr(split, part)), max_length)
         for part in ("train", "val", "test")
     }
+
+
+def _in_order(n: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The row indices 0..n-1 in batches of ``batch_size``, in order (evaluation's batches)."""
+    for start in range(0, n, batch_size):
+        yield np.arange(start, min(start + batch_size, n))
 
 
 def _batch(rows: Encoded, idx: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -192,8 +197,7 @@ def _logits(
     no gradient)."""
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(rows)))
+        for idx in _in_order(len(rows), batch_size):
             batch = _batch(rows, idx, device)
             batch.pop("labels")
             with _autocast(device):

@@ -562,7 +562,7 @@ class RunConfig:
         run's rounds that trains every shared parameter; checked as a run config is."""
         if rounds < 1:
             raise ConfigError(f"--dapt-rounds: must be at least 1, got {rounds}")
-        if any(s.trains == MLM for s in self.schedule):
+        if pretraining_rounds(self.schedule):
             raise ConfigError("--dapt-rounds: the schedule has an mlm stage already")
         stages = self.schedule or (Stage(rounds=self.federation.rounds, trains="all"),)
         values = dataclasses.asdict(self)
@@ -652,6 +652,11 @@ def _build(
     if complete and len(kwargs) < len(known):
         return None  # a problem is recorded; a dataclass without defaults cannot be built
     return cls(**kwargs)
+
+
+def pretraining_rounds(schedule: tuple[Stage, ...]) -> int:
+    """The rounds of ``schedule``'s mlm stages: domain-adaptive pretraining, no labels read."""
+    return sum(s.rounds for s in schedule if s.trains == MLM)
 
 
 def stage_of(schedule: tuple[Stage, ...], rnd: int, lr: float) -> Stage:
@@ -803,7 +808,7 @@ def _check_schedule(
         "method.compose: set by the stages of a [[schedule]] that train other methods, not alone",
     )
     need(
-        method.mlm == any(s.trains == MLM for s in schedule),
+        method.mlm == (pretraining_rounds(schedule) > 0),
         "method.mlm: set by a [[schedule]] stage that trains mlm, not alone",
     )
     need(
@@ -1060,7 +1065,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         fed = dataclasses.replace(cfg.federation, rounds=rounds)
         named = [s.method for s in cfg.schedule if s.method and s.method != cfg.method.name]
         compose = tuple(dict.fromkeys(named))
-        mlm = any(s.trains == MLM for s in cfg.schedule)
+        mlm = pretraining_rounds(cfg.schedule) > 0
         method = dataclasses.replace(cfg.method, compose=compose, mlm=mlm)
         cfg = dataclasses.replace(cfg, federation=fed, method=method)
     if not problems:

@@ -42,7 +42,7 @@ __all__ = [
 #: Modules left as they are: the classification head trains and is shared.
 KEEP = ("classifier",)
 #: A site's quantized bases (``QUANTIZE`` less ``none``).
-KINDS = ("int8", "nf4")
+KINDS = tuple(q for q in QUANTIZE if q != "none")
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedpeft.common.config import MLM, RunConfig, probes_used
+from fedpeft.common.config import RunConfig, pretraining_rounds, probes_used
 from fedpeft.common.data import SiteData, SiteSplit, load_sites, split_site
 from fedpeft.common.metrics import (
     auc,
@@ -104,8 +104,7 @@ def budget(cfg: RunConfig) -> tuple[int, int]:
     lower validation loss, as the run stops, and never early when the run does not (patience
     0); either way it keeps its best epoch, as the run delivers its best round. A schedule's
     mlm rounds (pretraining, no labels) are not counted: they fine-tune nothing."""
-    pretraining = sum(s.rounds for s in cfg.schedule if s.trains == MLM)
-    epochs = (cfg.federation.rounds - pretraining) * cfg.train.local_epochs
+    epochs = (cfg.federation.rounds - pretraining_rounds(cfg.schedule)) * cfg.train.local_epochs
     patience = cfg.federation.patience * cfg.train.local_epochs
     return epochs, patience if patience > 0 else epochs
 
