@@ -54,8 +54,10 @@ def rows() -> Encoded:
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> RunConfig:
-    """The default run config over ``tmp_path`` as its data folder, rows cut at 32 tokens: what
-    the site-handler tests sign and send."""
+    """The default run config over ``tmp_path`` as its data folder, rows cut at 32 tokens and
+    5 rounds that all run (tests add schedules, which allow no patience): what the site-handler
+    tests sign and send."""
     from fedpeft.common.config import load_config
 
-    return load_config(overrides={"data.dataset": str(tmp_path), "model.max_length": 32})
+    overrides = {"data.dataset": str(tmp_path), "model.max_length": 32, "federation.rounds": 5}
+    return load_config(overrides=overrides)

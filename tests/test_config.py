@@ -46,6 +46,39 @@ def test_every_problem_is_reported_together(tmp_path: Path) -> None:
     assert len(info.value.problems) == 3
 
 
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [("heart", (5, 0)), ("synthetic:4", (5, 0)), ("pima", (20, 3)), ("medpar", (20, 3))],
+)
+def test_a_run_gets_its_data_sets_rounds_and_patience(
+    dataset: str, expected: tuple[int, int]
+) -> None:
+    """Run to convergence (at most 20 rounds, patience 3) unless the data is the heart demo,
+    whose baselines would not fit its time; a folder of the user's own sites converges too."""
+    cfg = load_config(overrides={"data.dataset": dataset})
+    assert (cfg.federation.rounds, cfg.federation.patience) == expected
+
+
+def test_a_folder_of_sites_runs_to_convergence_unless_told(tmp_path: Path) -> None:
+    def fed(**values: object) -> tuple[int, int]:
+        cfg = load_config(overrides={"data.dataset": str(tmp_path), **values})
+        return cfg.federation.rounds, cfg.federation.patience
+
+    assert fed() == (20, 3)
+    assert fed(**{"federation.rounds": 7}) == (7, 0)  # rounds alone: exactly that many
+    assert fed(**{"federation.patience": 2}) == (20, 2)
+    stages = [{"trains": "head", "rounds": 2}, {"trains": "all", "rounds": 3}]
+    assert fed(schedule=stages) == (5, 0)  # a schedule sets the rounds and runs each one
+    path = tmp_path / "run.toml"
+    path.write_text("[federation]\nrounds = 9\n")
+    cfg = load_config(path, {"data.dataset": str(tmp_path)})
+    assert (cfg.federation.rounds, cfg.federation.patience) == (9, 0)  # the file's choice
+    # A stored run's config keeps what it ran with.
+    stored = load_config(overrides={"data.dataset": "pima", "federation.rounds": 7})
+    again = RunConfig.from_json(stored.to_json())
+    assert (again.federation.rounds, again.federation.patience) == (7, 0)
+
+
 def test_range_checks() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(overrides={"federation.rounds": 0, "train.lr": -1.0, "data.dataset": "nope"})

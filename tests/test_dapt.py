@@ -98,6 +98,14 @@ def test_the_cli_reads_dapt_rounds(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--tune-lr varies the run's rate" in capsys.readouterr().err
     assert main(["simulate", "--dapt-rounds", "2", "--resume", "1"]) == 2
     assert "--dapt-rounds sets a new run's stages" in capsys.readouterr().err
+    assert main(["simulate", "--dapt-rounds", "2", "--patience", "2"]) == 2
+    assert "--patience ends a run early" in capsys.readouterr().err
+    # A data set whose default run stops early (patience 3): its pretrained run runs every round.
+    pima = load_config(overrides={"data.dataset": "pima"})
+    assert pima.federation.patience == 3
+    staged = pima.with_dapt(2)
+    assert [(s.trains, s.rounds) for s in staged.schedule] == [("mlm", 2), ("all", 20)]
+    assert (staged.federation.rounds, staged.federation.patience) == (22, 0)
 
 
 def test_pretraining_rounds_are_no_baselines_budget_and_no_students_stage() -> None:

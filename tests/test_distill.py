@@ -264,7 +264,7 @@ def _stored_teacher(tmp_path: Path, cfg: RunConfig, status: str = "finished") ->
 def test_the_coordinator_takes_the_teachers_delivered_round_from_its_store(
     tmp_path: Path,
 ) -> None:
-    teacher_cfg = load_config(overrides={"data.dataset": str(tmp_path)})
+    teacher_cfg = load_config(overrides={"data.dataset": str(tmp_path), "federation.rounds": 5})
     db, key = _stored_teacher(tmp_path, teacher_cfg)
     cfg = dataclasses.replace(
         student_config(
