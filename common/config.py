@@ -365,9 +365,9 @@ class DataSchema:
     skip_bad_rows: bool = False
 
 
-#: ``federation.rounds`` and ``federation.patience`` a run gets where its config sets them not:
-#: run to convergence, at most 20 rounds, ending after 3 without a lower validation loss. With 5
-#: rounds Pima, medpar and the issue's own CSV folders were still improving (docs/benchmarks.md).
+#: ``federation.rounds`` and ``federation.patience`` of a run whose config sets no rounds: run to
+#: convergence, at most 20 rounds, ending after 3 without a lower validation loss. With 5 rounds
+#: Pima, medpar and a user's folder of four CSV sites were still improving (docs/benchmarks.md).
 CONVERGE_ROUNDS = (20, 3)
 #: The same on the packaged heart demo (and the synthetic scale sets): 5 rounds, every one run.
 #: Its baselines train three whole budgets per model (one per rate of the grid), so 20 rounds
@@ -376,7 +376,7 @@ DEMO_ROUNDS = (5, 0)
 
 
 def default_rounds(dataset: str) -> tuple[int, int]:
-    """The rounds and patience of a run on ``dataset`` whose config sets neither."""
+    """The rounds and patience of a run on ``dataset`` whose config sets no rounds."""
     demo = dataset == "heart" or dataset.startswith("synthetic")
     return DEMO_ROUNDS if demo else CONVERGE_ROUNDS
 
@@ -590,7 +590,8 @@ class RunConfig:
     def with_dapt(self, rounds: int) -> RunConfig:
         """This config with ``rounds`` rounds of domain-adaptive pretraining first
         (``--dapt-rounds``): an mlm stage before the run's stages, or before one stage of the
-        run's rounds that trains every shared parameter; checked as a run config is."""
+        run's rounds that trains every shared parameter; checked as a run config is. A schedule
+        runs every round, so the result has no ``federation.patience``."""
         if rounds < 1:
             raise ConfigError(f"--dapt-rounds: must be at least 1, got {rounds}")
         if pretraining_rounds(self.schedule):

@@ -248,7 +248,7 @@ def test_one_round_over_tls_leaves_no_plaintext_delta_at_the_coordinator(
     # The coordinator's store (coordinator.toml's default, runs.db beside it): a run config names
     # none.
     db = f"sqlite:///{coord / 'runs.db'}"
-    run_config = f'data.dataset="{tmp_path}" federation.rounds=5 federation.min_sites=2'
+    run_config = f'data.dataset="{tmp_path}" federation.min_sites=2'
     run = subprocess.run(
         [str(BIN / "flwr"), "run", str(APP), "coordinator", "--stream", "--run-config", run_config],
         env=_env(coord / "flwr-cli"),
@@ -336,7 +336,7 @@ def test_every_site_refuses_an_app_it_did_not_install_and_none_of_its_code_runs(
     """The coordinator submits a run whose ClientApp is its own module (it would leave a marker
     file on import and when called): each site's worker refuses it by name, the store records
     that per site, and no marker exists anywhere."""
-    run_config = f'data.dataset="{deployment.root}" federation.rounds=5 federation.min_sites=2'
+    run_config = f'data.dataset="{deployment.root}" federation.min_sites=2'
     _, rows = _submit(deployment, EVIL_APP, run_config)
     assert {(r.site, r.phase) for r in rows} == {
         (s, p) for s in SITES for p in ("train", "evaluate")
@@ -357,10 +357,7 @@ def test_a_site_whose_policy_forbids_the_method_refuses_and_the_other_trains(
     a row, the store records the policy's reason for it, and Cleveland trains alone (min_sites
     1): the run finishes. Each site's ledger (the default, ledger.jsonl beside site.toml)
     verifies; Hungary's holds the refusals, Cleveland's the ia3 upload."""
-    run_config = (
-        f'data.dataset="{deployment.root}" federation.rounds=5 federation.min_sites=1 '
-        'method.name="ia3"'
-    )
+    run_config = f'data.dataset="{deployment.root}" federation.min_sites=1 method.name="ia3"'
     info, rows = _submit(deployment, APP, run_config, status="finished")
     allowed = ", ".join(POLICY_METHODS["Hungary"])
     reason = f"refused: policy: method 'ia3' is not allowed at this site (allowed: {allowed})"
