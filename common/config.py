@@ -377,7 +377,7 @@ DEMO_ROUNDS = (5, 0)
 
 def default_rounds(dataset: str) -> tuple[int, int]:
     """The rounds and patience of a run on ``dataset`` whose config sets no rounds."""
-    demo = dataset == "heart" or dataset.startswith("synthetic")
+    demo = dataset == "heart" or dataset.partition(":")[0] == "synthetic"
     return DEMO_ROUNDS if demo else CONVERGE_ROUNDS
 
 

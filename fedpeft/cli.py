@@ -109,15 +109,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rounds",
         type=int,
-        help="federated rounds (with --patience: at most). Default: 20 with --patience 3, "
-        "which runs to convergence; on the heart demo 5, every one run (its baselines would "
-        "take over 12 minutes at 20). Given alone, exactly that many rounds",
+        help="federated rounds (with --patience: at most). Default: the data set's: pima, "
+        "medpar and folders up to 20 with --patience 3 (to convergence); heart (the default "
+        "data set) and synthetic 5, every one run (heart's baselines would take over 12 "
+        "minutes at 20). Given alone (flag or config file), exactly that many rounds",
     )
     p.add_argument(
         "--patience",
         type=int,
         help="end the run once the sites' validation loss has not improved for this many rounds "
-        "(0: run every round; default 3, but 0 on the heart demo or when --rounds is given)",
+        "(0: run every round; default 3 on pima, medpar and folders, 0 on heart and synthetic "
+        "or when the rounds are given or a schedule is)",
     )
     p.add_argument(
         "--schedule",
@@ -141,8 +143,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="domain-adaptive pretraining first: for N rounds the sites train the method's "
         "parameters with masked-language modelling on their notes' text (training rows only, "
         "no labels, never test rows), aggregated like any round; the run's stages (or its "
-        "--rounds) then fine-tune from there, every round run (no --patience). The same as a "
-        "first stage mlm:N in --schedule",
+        "--rounds) then fine-tune from there, every round run (no --patience: on pima, medpar "
+        "or a folder that is all 20 default rounds, and the baselines' 20 epochs). The same as "
+        "a first stage mlm:N in --schedule",
     )
     p.add_argument("--sites-per-round", type=int, help="sites sampled per round (0 = all)")
     p.add_argument("--min-sites", type=int, help="valid updates a round needs to be applied")
@@ -219,7 +222,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=float,
         metavar="EPSILON",
         help="privacy budget: the run stops before a round that would pass it; without "
-        "--dp-noise, sigma is calibrated to reach it after --rounds rounds",
+        "--dp-noise, sigma is calibrated to reach it after --rounds rounds (the maximum: with "
+        "the default 20 of pima, medpar or a folder, give --rounds for less noise a round)",
     )
     dp.add_argument("--dp-clip", type=float, metavar="C", help="L2 clip of each update (1.0)")
     dp.add_argument("--dp-delta", type=float, metavar="DELTA", help="delta of (epsilon, delta)")
@@ -447,7 +451,11 @@ def parser() -> argparse.ArgumentParser:
         "the student on the hard labels alone, with no teacher's help)",
     )
     dis.add_argument("--method", help="the student's PEFT method (default: the teacher's)")
-    dis.add_argument("--rounds", type=int, help="federated rounds (default: the teacher's)")
+    dis.add_argument(
+        "--rounds",
+        type=int,
+        help="federated rounds, every one run (default: the teacher's rounds and patience)",
+    )
     dis.add_argument("--lr", type=float, help="learning rate (default: the teacher's)")
     dis.add_argument(
         "--local-epochs", type=int, help="local epochs per round (default: the teacher's)"
@@ -737,6 +745,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _file_patience(path: Path | None) -> object:
+    """The ``federation.patience`` a run config file sets, if any."""
+    from fedpeft.common.tomlfile import read_toml
+
+    fed = read_toml(path).get("federation") if path is not None else None
+    return fed.get("patience") if isinstance(fed, dict) else None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.baselines import BASELINE_KINDS
     from fedpeft.common.config import load_config
@@ -752,10 +768,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             "--dapt-rounds sets a new run's stages; --resume takes up one run with its stored "
             "config: give one of them"
         )
-    if args.dapt_rounds is not None and args.patience:
+    if args.dapt_rounds is not None and (args.patience or _file_patience(args.config)):
         raise FedpeftError(
-            "--patience ends a run early; --dapt-rounds makes it a schedule, which runs every "
-            "round: give one of them"
+            "--patience (or the config's federation.patience) ends a run early; --dapt-rounds "
+            "makes it a schedule, which runs every round: give one of them"
         )
     if args.tune_lr and args.resume is not None:
         raise FedpeftError(

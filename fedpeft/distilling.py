@@ -62,6 +62,8 @@ def student_config(
         values["train"]["lr"] = 0.0  # the student's method's own rate, unless --lr
         values["site_lora_ranks"] = []  # LoRA's alone
     values["tuning"]["lr_grid"] = []  # resolved anew from the student's rate
+    if overrides.get("federation.rounds") is not None:
+        values["federation"]["patience"] = 0  # rounds given alone run every one, as simulate's
     values["distill"] = dataclasses.asdict(
         DistillConfig(
             teacher_run=teacher_run,

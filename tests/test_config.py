@@ -59,6 +59,16 @@ def test_a_run_gets_its_data_sets_rounds_and_patience(
     assert (cfg.federation.rounds, cfg.federation.patience) == expected
 
 
+@pytest.mark.parametrize("folder", ["synthetic_notes", "synthetic-sites"])
+def test_a_folder_named_synthetic_is_a_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / folder).mkdir()
+    cfg = load_config(overrides={"data.dataset": folder})
+    assert (cfg.federation.rounds, cfg.federation.patience) == (20, 3)
+
+
 def test_a_folder_of_sites_runs_to_convergence_unless_told(tmp_path: Path) -> None:
     def fed(**values: object) -> tuple[int, int]:
         cfg = load_config(overrides={"data.dataset": str(tmp_path), **values})

@@ -88,7 +88,7 @@ def test_a_bad_mlm_schedule_is_refused() -> None:
         build_config({"method": {"mlm": True}})
 
 
-def test_the_cli_reads_dapt_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_reads_dapt_rounds(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from fedpeft.cli import _overrides, main, parser
 
     args = parser().parse_args(["simulate", "--dapt-rounds", "3", "--schedule", "all:2"])
@@ -99,7 +99,11 @@ def test_the_cli_reads_dapt_rounds(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--dapt-rounds", "2", "--resume", "1"]) == 2
     assert "--dapt-rounds sets a new run's stages" in capsys.readouterr().err
     assert main(["simulate", "--dapt-rounds", "2", "--patience", "2"]) == 2
-    assert "--patience ends a run early" in capsys.readouterr().err
+    assert "--patience (or the config's federation.patience) ends" in capsys.readouterr().err
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text("[federation]\npatience = 2\n")
+    assert main(["simulate", "--config", str(run_toml), "--dapt-rounds", "2"]) == 2
+    assert "--patience (or the config's federation.patience) ends" in capsys.readouterr().err
     # A data set whose default run stops early (patience 3): its pretrained run runs every round.
     pima = load_config(overrides={"data.dataset": "pima"})
     assert pima.federation.patience == 3

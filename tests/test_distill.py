@@ -273,6 +273,15 @@ def test_the_coordinator_takes_the_teachers_delivered_round_from_its_store(
         db=db,
     )
     assert (cfg.model.layers, cfg.distill.teacher_run, cfg.train.lr) == (2, 1, 1e-3)
+    # A converging teacher's rounds and patience are the student's, unless it is given rounds:
+    # then it runs every one, as simulate's --rounds alone does.
+    pima = load_config(overrides={"data.dataset": "pima"})
+    kept = student_config(pima, 1, layers=2, temperature=2.0, alpha=0.5, overrides={})
+    assert (kept.federation.rounds, kept.federation.patience) == (20, 3)
+    told = student_config(
+        pima, 1, layers=2, temperature=2.0, alpha=0.5, overrides={"federation.rounds": 8}
+    )
+    assert (told.federation.rounds, told.federation.patience) == (8, 0)
     # A staged teacher's stages are not the student's; another method takes its own rate.
     staged = build_config(
         {**json.loads(teacher_cfg.to_json()), "schedule": [{"method": "prompt"}, {"rounds": 2}]}
