@@ -25,7 +25,7 @@ from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, Phase
 from fedpeft.common.manifest import config_hash
 from fedpeft.common.model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
-from fedpeft.report import summarize
+from fedpeft.report import early_stop, summarize
 from fedpeft.server.rounds import delivered_round
 from fedpeft.server.store import RunStore
 
@@ -166,6 +166,7 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             "finished_at": run.finished_at.isoformat() if run.finished_at else None,
             "rounds_recorded": len(rounds),
             "rounds_planned": fed.get("rounds"),
+            "ended_early": early_stop(run.config_json, len(rounds), run.status),
             "delivered_round": delivered.round if delivered else None,
             "described_round": chosen,
         },
@@ -298,7 +299,8 @@ def to_markdown(card: dict, *, front_matter: bool = True) -> str:
         f"- base model: `{model['name']}`, fingerprint `{model['fingerprint']}`",
         f"- method: {method['name']}",
         f"- run: {run['id']} ({run['status']}), seed {run['seed']}, started {run['created_at']}",
-        f"- rounds: {run['rounds_recorded']} recorded of {run['rounds_planned']} planned; "
+        f"- rounds: {run['rounds_recorded']} recorded of {run['rounds_planned']} planned"
+        f"{f' ({early})' if (early := run['ended_early']) else ''}; "
         f"delivered round {run['delivered_round']}; this card describes round "
         f"{run['described_round']}",
         f"- site config SHA-256 (as in each site's ledger): `{card['site_config_sha256']}`",

@@ -67,6 +67,9 @@ class Summary:
     #: Why a run that did not finish ended (failed) or stopped (interrupted).
     error: str | None = None
     last_round: int | None = None  # the last round recorded
+    #: The run's most rounds (``federation.rounds``), and why it ran fewer (:func:`early_stop`).
+    max_rounds: int | None = None
+    early_stop: str = ""
     #: A DP run's epsilon after each round that recorded one, (round, epsilon), in order.
     epsilons: list[tuple[int, float]] = field(default_factory=list)
     #: The delta those epsilons hold at (the run config's ``federation.dp.delta``).
@@ -211,6 +214,8 @@ def summarize(store: RunStore, run_id: int | None = None) -> Summary:
         wall_seconds=run.wall_seconds,
         error=run.error,
         last_round=max((r.round for r in rounds), default=None),
+        max_rounds=_count(_config_value(run.config_json, "federation", "rounds")),
+        early_stop=early_stop(run.config_json, len(rounds), run.status),
         epsilons=[(r.round, r.epsilon) for r in rounds if r.epsilon is not None],
         delta=_number(_config_value(run.config_json, "federation", "dp", "delta")),
         site_epsilons=site_epsilons,
@@ -362,6 +367,23 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def early_stop(config_json: str, rounds: int, status: str) -> str:
+    """Why a finished run with patience recorded fewer than its most rounds, or "" where it did
+    not (a run without patience that ends early is one whose privacy budget ran out)."""
+    most = _count(_config_value(config_json, "federation", "rounds"))
+    patience = _count(_config_value(config_json, "federation", "patience"))
+    if not patience or most is None or status != "finished" or rounds >= most:
+        return ""
+    why = f"no lower validation loss in {patience} rounds (federation.patience)"
+    if _number(_config_value(config_json, "federation", "dp", "target_epsilon")):
+        why += " or the privacy budget (federation.dp.target_epsilon)"
+    return f"ended early: {why}"
+
+
 def _f(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
@@ -408,7 +430,9 @@ def render_table(s: Summary) -> str:
     out += [line(r) for r in body]
     out.append("")
     out.append(
-        f"run {s.run_id} ({s.status}): method {s.method}, {s.rounds} rounds, {s.trainable:,} of "
+        f"run {s.run_id} ({s.status}): method {s.method}, {s.rounds} rounds"
+        f"{f' of at most {s.max_rounds} ({s.early_stop})' if s.early_stop else ''}, "
+        f"{s.trainable:,} of "
         f"{s.total:,} parameters shared ({100 * s.trainable / s.total:.2f} %)"
     )
     out.append(

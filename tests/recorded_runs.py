@@ -18,10 +18,11 @@ DATA = {"Cleveland": "sha256:" + "c1" * 32, "Hungary": "sha256:" + "4b" * 32}
 T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 
 
-def config(rounds: int, lr: float, personalize: str = "none") -> str:
+def config(rounds: int, lr: float, personalize: str = "none", patience: int = 0) -> str:
     cfg = RunConfig()
     data = json.loads(cfg.to_json())
     data["federation"]["rounds"] = rounds
+    data["federation"]["patience"] = patience
     data["federation"]["personalize"] = personalize
     data["train"]["lr"] = lr
     return json.dumps(data)
@@ -33,9 +34,10 @@ def create(
     lr: float,
     fingerprint: str = "sha256:" + "ab" * 32,
     personalize: str = "none",
+    patience: int = 0,
 ) -> int:
     return store.create_run(
-        config_json=config(rounds, lr, personalize),
+        config_json=config(rounds, lr, personalize, patience),
         dataset="heart",
         method="lora",
         model_name="all-MiniLM-L6-v2",

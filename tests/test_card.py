@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from recorded_runs import DATA, add_round, create, record_runs
+from recorded_runs import DATA, add_round, config, create, record_runs
 
 from fedpeft.card import build_card, hub_id, to_html, to_json, to_markdown
 from fedpeft.cli import main
@@ -94,6 +94,34 @@ def test_the_packaged_default_model_is_named_by_its_hub_id(tmp_path: Path) -> No
     local = tmp_path / "models" / "mine"
     local.mkdir(parents=True)
     assert hub_id(str(local)) is None
+
+
+def test_a_run_ended_by_its_patience_says_so(store: RunStore) -> None:
+    """A finished run with fewer rounds than its most says why: on the card (each format) and
+    in the report; a run that ran every round, or one still running, says nothing of it."""
+    from fedpeft.report import render_table, summarize
+
+    run = create(store, rounds=5, lr=5e-3, patience=2)
+    for n in (1, 2, 3):
+        add_round(store, run, n, 0.7, {"Cleveland": 0.7, "Hungary": 0.8})
+    why = "ended early: no lower validation loss in 2 rounds (federation.patience)"
+    running = build_card(store, run)
+    assert running["run"]["ended_early"] == "" and why not in to_markdown(running)
+    store.finish_run(run, status="finished", wall_seconds=1.0)
+    card = build_card(store, run)
+    assert f"3 recorded of 5 planned ({why})" in to_markdown(card)
+    assert f"3 recorded of 5 ({why})" in to_html(card)
+    assert f"3 rounds of at most 5 ({why})" in render_table(summarize(store, run))
+    every = build_card(store, 1)  # 2 of 2 rounds, no patience
+    assert every["run"]["ended_early"] == "" and "ended early" not in to_markdown(every)
+    assert "ended early" not in render_table(summarize(store, 1))
+    # With a privacy budget as well, either may have ended it.
+    from fedpeft.report import early_stop
+
+    cfg = json.loads(config(5, 5e-3, patience=2))
+    cfg["federation"]["dp"]["target_epsilon"] = 3.0
+    both = early_stop(json.dumps(cfg), 3, "finished")
+    assert both == f"{why} or the privacy budget (federation.dp.target_epsilon)"
 
 
 def test_json_and_html_say_the_same(store: RunStore) -> None:
