@@ -25,7 +25,7 @@ from fedpeft.common.errors import FedpeftError
 from fedpeft.common.keys import AUC_HIGH, AUC_LOW, Phase
 from fedpeft.common.manifest import config_hash
 from fedpeft.common.model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
-from fedpeft.report import early_stop, summarize
+from fedpeft.report import summarize
 from fedpeft.server.rounds import delivered_round
 from fedpeft.server.store import RunStore
 
@@ -166,7 +166,7 @@ def build_card(store: RunStore, run_id: int | None = None, round: int | None = N
             "finished_at": run.finished_at.isoformat() if run.finished_at else None,
             "rounds_recorded": len(rounds),
             "rounds_planned": fed.get("rounds"),
-            "ended_early": early_stop(run.config_json, len(rounds), run.status),
+            "ended_early": summary.early_stop,
             "delivered_round": delivered.round if delivered else None,
             "described_round": chosen,
         },
